@@ -1,0 +1,1 @@
+"""Shards, the InferenceEngine interface and registry, sampling and tokenizers."""

@@ -1,0 +1,75 @@
+"""Per-request generation options, resolved by the API and carried around the ring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What a request asks of token generation.
+
+    Attributes:
+        max_tokens: most tokens to generate (>= 1).
+        temperature: softmax temperature; 0 means greedy (argmax).
+        top_p: nucleus sampling mass in (0, 1]; 1 disables it (Holtzman et al. 2019,
+            "The Curious Case of Neural Text Degeneration").
+        top_k: keep only the k most likely tokens; 0 disables it.
+        seed: seed of the request's random generator; None draws from the OS.
+        stop_token_ids: token ids that end generation (the model's EOS ids); the stop token
+            itself is never shown to the client.
+        presence_penalty, frequency_penalty: OpenAI-style penalties in [-2, 2] applied to the
+            logits of tokens already generated.
+        logprobs: whether to return the chosen token's log-probability.
+        top_logprobs: how many alternatives' log-probabilities to return (0-20).
+
+    Raises:
+        ValueError: naming the first option out of its range.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+
+    def to_dict(self) -> dict:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop_token_ids": list(self.stop_token_ids),
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationOptions":
+        d = dict(d)
+        d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
+        return cls(**d)

@@ -1,0 +1,112 @@
+"""The InferenceEngine interface every engine implements, and the engine registry.
+
+Engines never import networking: tensors cross the wire as numpy arrays through
+``exo.networking.grpc.codec``. On the wire, hidden states are float32 (the agreed dtype and
+layout, whatever each engine computes in) and token ids are int64.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from exo.inference.shard import Shard
+
+logger = logging.getLogger(__name__)
+
+WIRE_HIDDEN_DTYPE = np.float32
+WIRE_TOKEN_DTYPE = np.int64
+
+
+class InferenceEngine(ABC):
+    """Runs one shard of a model for many concurrent requests, each with its own KV cache.
+
+    Input of ``infer_tensor``:
+        - on the first shard: token ids, int64, shape ``(1, T)``;
+        - on any other shard: hidden states, float32, shape ``(1, T, hidden_size)``.
+    Output:
+        - on the last shard: logits of the last position, float32, shape ``(vocab_size,)``;
+        - otherwise: hidden states, float32, shape ``(1, T, hidden_size)``.
+
+    ``position`` is the number of tokens of this request already in the KV cache before ``x``:
+    0 starts (or restarts) the request with a fresh cache (prefill); a decode step passes the
+    current cache length. A mismatch raises ``ValueError`` rather than silently corrupting the
+    cache.
+    """
+
+    name: str = "base"
+
+    @abstractmethod
+    async def ensure_shard(self, shard: Shard) -> None:
+        """Load the weights of ``shard`` (only its own layers), dropping any other shard held.
+
+        Raises:
+            KeyError: unknown model id.
+            FileNotFoundError: the model's weights are not on this machine.
+        """
+
+    @abstractmethod
+    async def infer_tensor(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+        """Run ``shard``'s layers on ``x`` for ``request_id`` (see the class docstring for shapes).
+
+        Raises:
+            ValueError: wrong shape or dtype for this shard, or ``position`` not matching the
+                request's cache length.
+        """
+
+    @abstractmethod
+    async def clear_request(self, request_id: str) -> None:
+        """Free the KV cache of ``request_id``; a no-op for an unknown id."""
+
+    @abstractmethod
+    def cached_request_ids(self) -> set[str]:
+        """Ids of the requests that currently hold a KV cache in this engine."""
+
+    @property
+    @abstractmethod
+    def shard(self) -> Shard | None:
+        """The shard currently loaded, if any."""
+
+    def weight_bytes(self) -> int:
+        """Bytes of model weights this engine holds in memory (0 when nothing is loaded)."""
+        return 0
+
+    async def close(self) -> None:
+        """Release resources (threads, device memory)."""
+
+
+ENGINES: dict[str, str] = {
+    "torch": "exo.inference.torch.engine:TorchInferenceEngine",
+    "dummy": "exo.inference.dummy:DummyInferenceEngine",
+    "tinygrad": "exo.inference.tinygrad.engine:TinygradInferenceEngine",
+    "mlx": "exo.inference.mlx.engine:MLXInferenceEngine",
+}
+
+
+def get_inference_engine(name: str, **kwargs) -> InferenceEngine:
+    """Build the engine registered under ``name``.
+
+    Raises:
+        ValueError: unknown engine name.
+        ImportError: the engine's package is not installed (install the matching extra,
+            e.g. ``pip install -e .[tinygrad]``).
+    """
+    if name not in ENGINES:
+        raise ValueError(f"unknown inference engine {name!r}; choose one of {sorted(ENGINES)}")
+    module_name, cls_name = ENGINES[name].split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name)(**kwargs)
+
+
+def default_engine_name() -> str:
+    """The engine that suits this machine: torch where it imports, else dummy-free fallbacks."""
+    for name, mod in (("torch", "torch"), ("tinygrad", "tinygrad"), ("mlx", "mlx.core")):
+        try:
+            importlib.import_module(mod)
+            return name
+        except ImportError:
+            continue
+    raise ImportError("no inference engine is installed: pip install -e .[torch]")

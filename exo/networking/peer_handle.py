@@ -1,0 +1,60 @@
+"""PeerHandle: a thin client for one peer node."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from exo.orchestration.request import RequestContext, TokenResult
+from exo.topology.device_capabilities import DeviceCapabilities
+from exo.topology.topology import Topology
+
+
+class PeerHandle(ABC):
+    """A connection to one peer. Every call has a timeout and raises on failure
+    (``ConnectionError`` for an unreachable peer, ``RuntimeError`` with the peer's message for an
+    error it reported)."""
+
+    @abstractmethod
+    def id(self) -> str: ...
+
+    @abstractmethod
+    def address(self) -> str:
+        """"host:port" of the peer's gRPC server."""
+
+    @abstractmethod
+    def device_capabilities(self) -> DeviceCapabilities: ...
+
+    @abstractmethod
+    async def connect(self) -> None: ...
+
+    @abstractmethod
+    async def disconnect(self) -> None: ...
+
+    @abstractmethod
+    async def health_check(self) -> bool:
+        """True when the peer answers its health check in time (never raises)."""
+
+    @abstractmethod
+    async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
+        """Start or continue ``ctx``'s request on the peer holding layer 0.
+
+        ``token_ids``: int64, shape (1, T). ``position``: tokens already in the KV cache (0 = prefill).
+        """
+
+    @abstractmethod
+    async def send_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
+        """Hand hidden states (float32, shape (1, T, hidden)) to the peer's shard of ``ctx``'s ring."""
+
+    @abstractmethod
+    async def send_result(self, result: TokenResult) -> None:
+        """Deliver tokens, a finish or an error to the request's origin node."""
+
+    @abstractmethod
+    async def end_request(self, request_id: str) -> None:
+        """Tell the peer the request is over: stop it and free its KV cache."""
+
+    @abstractmethod
+    async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
+        """The topology as seen from the peer, not descending into ``visited`` node ids."""

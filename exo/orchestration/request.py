@@ -1,0 +1,102 @@
+"""What travels around the ring with every message of one request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exo.inference.generation import GenerationOptions
+from exo.inference.shard import Shard
+from exo.topology.partitioning import Partition
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """The plan of one request, fixed by the node that received it from a client (the origin).
+
+    Every node follows the origin's ``ring`` rather than recomputing it, so nodes whose view of
+    the topology briefly differs still agree. A re-partition (a node left) makes a new context
+    with a higher ``epoch``; messages of an older epoch are dropped.
+
+    Attributes:
+        request_id: unique id of the request.
+        origin_node_id: node that streams results to the client.
+        model_id: registry id of the model.
+        n_layers: the model's total number of transformer layers.
+        ring: partitions in ring order; the first holds layer 0, the last the output head.
+        options: generation options.
+        epoch: incremented at each re-partition of this request.
+    """
+
+    request_id: str
+    origin_node_id: str
+    model_id: str
+    n_layers: int
+    ring: tuple[Partition, ...]
+    options: GenerationOptions
+    epoch: int = 0
+
+    def partition_of(self, node_id: str) -> Partition:
+        """The partition of ``node_id``. Raises KeyError if the node is not in the ring."""
+        for p in self.ring:
+            if p.node_id == node_id:
+                return p
+        raise KeyError(f"node {node_id!r} is not in the ring of request {self.request_id}")
+
+    def shard_of(self, node_id: str) -> Shard:
+        p = self.partition_of(node_id)
+        return Shard(self.model_id, p.start_layer, p.end_layer, self.n_layers)
+
+    def next_partition(self, node_id: str) -> Partition:
+        """The partition after ``node_id``'s in the ring (wrapping to the first)."""
+        for i, p in enumerate(self.ring):
+            if p.node_id == node_id:
+                return self.ring[(i + 1) % len(self.ring)]
+        raise KeyError(f"node {node_id!r} is not in the ring of request {self.request_id}")
+
+    def to_dict(self) -> dict:
+        return {
+            "request_id": self.request_id,
+            "origin_node_id": self.origin_node_id,
+            "model_id": self.model_id,
+            "n_layers": self.n_layers,
+            "ring": [p.to_dict() for p in self.ring],
+            "options": self.options.to_dict(),
+            "epoch": self.epoch,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RequestContext":
+        return cls(
+            request_id=d["request_id"],
+            origin_node_id=d["origin_node_id"],
+            model_id=d["model_id"],
+            n_layers=int(d["n_layers"]),
+            ring=tuple(Partition.from_dict(p) for p in d["ring"]),
+            options=GenerationOptions.from_dict(d["options"]),
+            epoch=int(d.get("epoch", 0)),
+        )
+
+
+@dataclass
+class TokenResult:
+    """One or more tokens (or an error) for the origin node of a request.
+
+    Attributes:
+        request_id: the request.
+        tokens: newly generated token ids (may be empty with an error or a finish).
+        finish_reason: None while generating; "stop" (EOS), "length" (max_tokens) or "error".
+        error: message of an error on any node; set together with finish_reason "error".
+        logprobs: log-probability of each token in ``tokens`` (natural log), when asked for.
+        top_logprobs: for each token, the alternatives' (token id, log-probability) pairs.
+    """
+
+    request_id: str
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

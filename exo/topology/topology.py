@@ -1,0 +1,64 @@
+"""The cluster as every node sees it: nodes, their capabilities and addresses, and links."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exo.topology.device_capabilities import DeviceCapabilities
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node of the cluster.
+
+    Attributes:
+        node_id: the node's unique id.
+        address: "host:port" of its gRPC server.
+        capabilities: its device.
+    """
+
+    node_id: str
+    address: str
+    capabilities: DeviceCapabilities
+
+    def to_dict(self) -> dict:
+        return {"node_id": self.node_id, "address": self.address, "capabilities": self.capabilities.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NodeInfo":
+        return cls(d["node_id"], d["address"], DeviceCapabilities.from_dict(d["capabilities"]))
+
+
+@dataclass
+class Topology:
+    """Nodes by id and the directed links between them (``a -> b``: a sees b as a peer)."""
+
+    nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    edges: set[tuple[str, str]] = field(default_factory=set)
+
+    def add_node(self, info: NodeInfo) -> None:
+        self.nodes[info.node_id] = info
+
+    def add_edge(self, from_id: str, to_id: str) -> None:
+        self.edges.add((from_id, to_id))
+
+    def merge(self, other: "Topology") -> None:
+        """Add every node and link of ``other`` (its node entries win for ids in both)."""
+        self.nodes.update(other.nodes)
+        self.edges |= other.edges
+
+    def peers_of(self, node_id: str) -> set[str]:
+        return {b for a, b in self.edges if a == node_id}
+
+    def to_dict(self) -> dict:
+        return {
+            "nodes": {nid: n.to_dict() for nid, n in sorted(self.nodes.items())},
+            "edges": sorted([list(e) for e in self.edges]),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Topology":
+        return cls(
+            nodes={nid: NodeInfo.from_dict(n) for nid, n in d.get("nodes", {}).items()},
+            edges={(a, b) for a, b in d.get("edges", [])},
+        )
