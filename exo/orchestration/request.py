@@ -24,6 +24,7 @@ class RequestContext:
         n_layers: the model's total number of transformer layers.
         ring: partitions in ring order; the first holds layer 0, the last the output head.
         options: generation options.
+        prompt_len: tokens of the prompt; the last shard counts generated tokens from it.
         epoch: incremented at each re-partition of this request.
     """
 
@@ -33,6 +34,7 @@ class RequestContext:
     n_layers: int
     ring: tuple[Partition, ...]
     options: GenerationOptions
+    prompt_len: int = 0
     epoch: int = 0
 
     def partition_of(self, node_id: str) -> Partition:
@@ -61,6 +63,7 @@ class RequestContext:
             "n_layers": self.n_layers,
             "ring": [p.to_dict() for p in self.ring],
             "options": self.options.to_dict(),
+            "prompt_len": self.prompt_len,
             "epoch": self.epoch,
         }
 
@@ -73,6 +76,7 @@ class RequestContext:
             n_layers=int(d["n_layers"]),
             ring=tuple(Partition.from_dict(p) for p in d["ring"]),
             options=GenerationOptions.from_dict(d["options"]),
+            prompt_len=int(d.get("prompt_len", 0)),
             epoch=int(d.get("epoch", 0)),
         )
 
