@@ -1,0 +1,47 @@
+"""exo: a peer-to-peer inference cluster."""
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    "aiohttp>=3.9",
+    "grpcio==1.85.1",
+    "protobuf>=6.31",
+    "numpy>=1.26",
+    "zeroconf>=0.131",
+    "ifaddr>=0.2",
+    "tqdm>=4.66",
+    "gguf>=0.17",
+    "tokenizers>=0.20",
+    "jinja2>=3.1",
+    "pydantic>=2.7",
+    "psutil>=5.9",
+    "pyyaml>=6.0",
+]
+
+extras_require = {
+    # torch is pinned: an unpinned torch resolves to the newest CUDA build (gigabytes)
+    "torch": ["torch==2.13.0"],
+    "tinygrad": ["tinygrad>=0.10"],
+    "mlx": ["mlx>=0.20"],
+    "test": [
+        "pytest>=8",
+        "pytest-asyncio>=0.24",
+        "pytest-timeout>=2.3",
+        "openai>=1.50",
+        "grpcio-tools==1.85.1",
+        "transformers>=4.46",
+        "accelerate>=1.0",
+    ],
+}
+
+setup(
+    name="exo",
+    version="0.1.0",
+    description="Run one model across many machines: a peer-to-peer inference cluster",
+    packages=find_packages(include=["exo", "exo.*"]),
+    package_data={"exo": ["networking/grpc/*.proto"]},
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require=extras_require,
+    entry_points={"console_scripts": ["exo = exo.main:main"]},
+)

@@ -1,0 +1,142 @@
+"""The torch engine and tokenizer against transformers' Llama loaded from the same GGUF."""
+
+import numpy as np
+import pytest
+import torch
+
+from exo.inference.shard import Shard
+from exo.inference.tokenizers import IncrementalDetokenizer, load_tokenizer
+from exo.inference.torch.engine import TorchInferenceEngine
+from exo.models.registry import get_model_card
+
+MODEL = "smollm2-135m"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """transformers' model and tokenizer built from the shipped GGUF (slow: load once)."""
+    transformers = pytest.importorskip("transformers")
+    path = get_model_card(MODEL).gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(MODEL)
+
+
+@pytest.fixture(scope="session")
+def chat_ids(tokenizer):
+    return tokenizer.encode(tokenizer.apply_chat_template(CHAT))
+
+
+async def _engine_logits(engine, shard, ids):
+    return await engine.infer_tensor("ref", shard, np.asarray([ids], dtype=np.int64), 0)
+
+
+def test_chat_template_and_ids_match_reference(reference, tokenizer, chat_ids):
+    _, ref_tok = reference
+    ref_ids = ref_tok.apply_chat_template(CHAT, add_generation_prompt=True)
+    ref_ids = ref_ids["input_ids"] if not isinstance(ref_ids, list) else ref_ids
+    assert chat_ids == list(ref_ids)
+
+
+@pytest.mark.parametrize("text", [
+    "Hello, world! How's it going?",
+    "  leading spaces and\ttabs\nnew lines\n\n",
+    "Ünïcödé — ça va? 日本語のテキスト 🚀",
+    "<|im_start|>user\nhi<|im_end|>",
+    "def f(x):\n    return x ** two",
+])
+def test_tokenizer_matches_reference(reference, tokenizer, text):
+    _, ref_tok = reference
+    assert tokenizer.encode(text) == ref_tok.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False) == text
+
+
+def test_digits_are_split_one_by_one(tokenizer):
+    # SmolLM2 was trained with digits split individually (its tokenizer.json: Digits(individual);
+    # llama.cpp's "smollm" pre-tokenizer does the same); transformers' GGUF converter does not.
+    ids = tokenizer.encode("2024")
+    assert [tokenizer.decode([i]) for i in ids] == ["2", "0", "2", "4"]
+
+
+def test_incremental_detokenizer_is_utf8_safe(tokenizer):
+    text = "naïve café 🚀 日本"
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add(t) for t in tokenizer.encode(text)] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.asyncio
+async def test_logits_match_reference(reference, chat_ids):
+    model, _ = reference
+    engine = TorchInferenceEngine(device="cpu", dtype="float32")
+    shard = Shard.full(MODEL, 30)
+    await engine.ensure_shard(shard)
+    ours = await _engine_logits(engine, shard, chat_ids)
+    with torch.no_grad():
+        ref = model(torch.tensor([chat_ids])).logits[0, -1].numpy()
+    assert ours.shape == ref.shape == (49152,)
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+    # one decode step through the KV cache matches the reference run over the longer sequence
+    nxt = int(ours.argmax())
+    step = await engine.infer_tensor("ref", shard, np.asarray([[nxt]]), len(chat_ids))
+    with torch.no_grad():
+        ref2 = model(torch.tensor([chat_ids + [nxt]])).logits[0, -1].numpy()
+    np.testing.assert_allclose(step, ref2, atol=1e-3, rtol=0)
+    await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_chained_shards_equal_full_model(chat_ids):
+    full_engine = TorchInferenceEngine(device="cpu", dtype="float32")
+    full = Shard.full(MODEL, 30)
+    await full_engine.ensure_shard(full)
+    expected = await _engine_logits(full_engine, full, chat_ids)
+    x = np.asarray([chat_ids], dtype=np.int64)
+    for start, end in [(0, 9), (10, 21), (22, 29)]:
+        engine = TorchInferenceEngine(device="cpu", dtype="float32")
+        shard = Shard(MODEL, start, end, 30)
+        await engine.ensure_shard(shard)
+        x = await engine.infer_tensor("r", shard, x, 0)
+        assert x.dtype == np.float32
+        await engine.close()
+    np.testing.assert_allclose(x, expected, atol=1e-4, rtol=0)
+    await full_engine.close()
+
+
+@pytest.mark.asyncio
+async def test_half_shard_holds_less_weight_memory():
+    engines = {}
+    for name, shard in {"full": Shard.full(MODEL, 30), "first_half": Shard(MODEL, 0, 14, 30), "second_half": Shard(MODEL, 15, 29, 30)}.items():
+        e = TorchInferenceEngine(device="cpu", dtype="float32")
+        await e.ensure_shard(shard)
+        engines[name] = e.weight_bytes()
+        await e.close()
+    # each half holds half the layers plus one copy of the embedding (as input or tied output head)
+    assert engines["first_half"] < 0.65 * engines["full"]
+    assert engines["second_half"] < 0.65 * engines["full"]
+
+
+@pytest.mark.asyncio
+async def test_bad_input_raises_clear_errors(chat_ids):
+    engine = TorchInferenceEngine(device="cpu", dtype="float32")
+    shard = Shard(MODEL, 0, 14, 30)
+    await engine.ensure_shard(shard)
+    with pytest.raises(ValueError, match="token ids"):
+        await engine.infer_tensor("r", shard, np.zeros((1, 3, 576), np.float32), 0)
+    with pytest.raises(ValueError, match=r"\[0, 49152\)"):
+        await engine.infer_tensor("r", shard, np.asarray([[49152]]), 0)
+    await engine.infer_tensor("r", shard, np.asarray([chat_ids]), 0)
+    with pytest.raises(ValueError, match="position"):
+        await engine.infer_tensor("r", shard, np.asarray([[1]]), 3)
+    with pytest.raises(KeyError):
+        await engine.infer_tensor("unknown", shard, np.asarray([[1]]), 5)
+    await engine.clear_request("r")
+    assert engine.cached_request_ids() == set()
+    await engine.close()
