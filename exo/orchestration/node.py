@@ -29,6 +29,7 @@ from exo.inference.tokenizers import Tokenizer, load_tokenizer
 from exo.models.registry import ModelCard, MODELS, get_model_card
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
+from exo.orchestration.errors import GenerationError, GenerationTimeoutError, ModelNotFoundError, NoNodeAvailableError
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.partitioning import Partition, PartitioningStrategy, RingMemoryWeightedPartitioningStrategy
@@ -37,21 +38,6 @@ from exo.topology.topology import NodeInfo, Topology
 logger = logging.getLogger(__name__)
 
 PeerHandleFactory = Callable[[str, str, DeviceCapabilities], PeerHandle]
-
-
-class ModelNotFoundError(KeyError):
-    """The requested model is not in the registry."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "model not found"
-
-
-class NoNodeAvailableError(RuntimeError):
-    """No ring of live nodes can serve the model (e.g. weights missing, no nodes)."""
-
-
-class GenerationError(RuntimeError):
-    """A node of the ring failed while generating; the message names the node and the error."""
 
 
 @dataclass
@@ -283,8 +269,8 @@ class Node:
         Raises:
             ModelNotFoundError: unknown model.
             NoNodeAvailableError: no ring can serve the model.
-            GenerationError: a node of the ring failed, or no token came within
-                ``response_timeout`` seconds.
+            GenerationError: a node of the ring failed.
+            GenerationTimeoutError: no token came within ``response_timeout`` seconds.
             ValueError: empty prompt.
         """
         try:
@@ -306,7 +292,7 @@ class Node:
                 try:
                     result: TokenResult = await asyncio.wait_for(req.queue.get(), self.response_timeout)
                 except asyncio.TimeoutError:
-                    raise GenerationError(f"no token within {self.response_timeout:.0f} s from the ring") from None
+                    raise GenerationTimeoutError(f"no token within {self.response_timeout:.0f} s from the ring") from None
                 if result.error is not None:
                     raise GenerationError(result.error)
                 req.generated.extend(result.tokens)

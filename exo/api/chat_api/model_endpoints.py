@@ -1,0 +1,57 @@
+"""``GET /v1/models``, ``GET /v1/models/{model_id}`` and ``GET /v1/topology``."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from exo.api.chat_api.models import ModelList, ModelObject
+from exo.api.chat_api.state import STATE_KEY, APIState
+from exo.api.chat_api.utils import APIError
+from exo.models.registry import ModelCard
+
+logger = logging.getLogger(__name__)
+
+
+def model_object(card: ModelCard, created: int) -> ModelObject:
+    """OpenAI's model object for ``card`` (plus exo's layer count and context length)."""
+    return ModelObject(id=card.model_id, created=created, name=card.name, n_layers=card.n_layers,
+                       context_length=card.context_length, architecture=card.architecture)
+
+
+def _state(request: web.Request) -> APIState:
+    return request.app[STATE_KEY]
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the models this cluster can serve."""
+    state = _state(request)
+    cards = sorted(state.node.available_models(), key=lambda c: c.model_id)
+    return web.json_response(ModelList(data=[model_object(c, state.created) for c in cards]).model_dump(mode="json"))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model_id}``.
+
+    Raises:
+        APIError: 404 "model_not_found" for a model this cluster cannot serve.
+    """
+    state = _state(request)
+    model_id = request.match_info["model_id"]
+    for card in state.node.available_models():
+        if card.model_id == model_id:
+            return web.json_response(model_object(card, state.created).model_dump(mode="json"))
+    raise APIError(404, f"The model `{model_id}` does not exist or is not available on this cluster",
+                   param="model", code="model_not_found")
+
+
+async def topology(request: web.Request) -> web.Response:
+    """``GET /v1/topology``: nodes, edges and the current partition, as the node reports them."""
+    return web.json_response(_state(request).node.topology_dict())
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id}", get_model)
+    app.router.add_get("/v1/topology", topology)

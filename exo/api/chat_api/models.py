@@ -1,0 +1,498 @@
+"""Request and response data models of the OpenAI-compatible API (pydantic v2).
+
+Requests are validated strictly: wrong types, out-of-range values and unknown fields are
+rejected with a 400 that names the parameter (``parse_request``). A few fields that the
+official OpenAI clients may send and that cannot change our answer (``user``, ``metadata``,
+``store``, ...) are accepted and ignored; fields that would change the answer but that exo does
+not support (``tools``, ``logit_bias``, ``suffix`` ...) are rejected with code
+``"unsupported_parameter"`` rather than silently ignored.
+
+Generation options resolve as request value > server default > OpenAI's default
+(``SamplingRequest.to_generation_options``), the layering of vLLM's ``to_sampling_params``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from exo.api.chat_api.utils import APIError
+from exo.inference.generation import GenerationOptions
+
+# OpenAI's API defaults (https://platform.openai.com/docs/api-reference)
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+OPENAI_DEFAULT_TOP_P = 1.0
+OPENAI_DEFAULT_COMPLETIONS_MAX_TOKENS = 16
+MAX_N = 16  # most choices per request (each is a full generation on the ring)
+MAX_STOP_STRINGS = 16
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class RequestParamError(ValueError):
+    """A cross-field check failed (raised inside validators; ``parse_request`` turns it into a 400).
+
+    Args:
+        param: the parameter at fault (relative to the model validated).
+        message: what is wrong.
+        code: OpenAI-style error code, "invalid_value" or "unsupported_parameter".
+    """
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def _unsupported(param: str, message: str) -> RequestParamError:
+    return RequestParamError(param, message, code="unsupported_parameter")
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+class TextContentPart(BaseModel):
+    """``{"type": "text", "text": ...}``, the only content part our text models take."""
+
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation.
+
+    ``developer`` is OpenAI's newer name for ``system`` and is rendered as ``system``. Content
+    is a string or a list of text parts; it may be null only for an assistant message.
+    """
+
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise RequestParamError("content", f"a {self.role} message needs content")
+        return self
+
+    def text(self) -> str:
+        """The message's text (text parts concatenated; null content is the empty string)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def to_template_dict(self) -> dict[str, str]:
+        """``{"role", "content"}`` as chat templates expect it."""
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # sent by newer clients; nothing to obfuscate here
+
+
+class ResponseFormatText(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+
+
+class SamplingRequest(BaseModel):
+    """Fields shared by chat completions and completions.
+
+    Attributes (all optional):
+        model: model id; the server's default model when missing.
+        temperature: [0, 2], default 1.0 (0 is greedy).
+        top_p: (0, 1], default 1.0.
+        top_k: >= -1; 0 and -1 disable it (an extension beyond OpenAI, as in vLLM).
+        seed: seed of the sampler; choice ``i`` of ``n`` uses ``seed + i``.
+        stop: a string or up to 16 strings ending generation; never part of the output.
+        n: number of choices, 1-16.
+        presence_penalty, frequency_penalty: [-2, 2].
+        stream: answer with server-sent events.
+        stream_options: ``{"include_usage": bool}``, only with ``stream``.
+    """
+
+    model_config = _STRICT
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, int | float] | None = None
+    # accepted and ignored: they cannot change the answer
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> "SamplingRequest":
+        if isinstance(self.stop, list):
+            if len(self.stop) > MAX_STOP_STRINGS:
+                raise RequestParamError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        for s in self.stop_strings():
+            if s == "":
+                raise RequestParamError("stop", "stop strings must not be empty")
+        if self.stream_options is not None and not self.stream:
+            raise RequestParamError("stream_options", "stream_options is only allowed when stream is true")
+        if self.logit_bias:
+            raise _unsupported("logit_bias", "logit_bias is not supported")
+        return self
+
+    def stop_strings(self) -> list[str]:
+        """The stop strings as a list (empty when none)."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
+    def _logprob_options(self) -> tuple[bool, int]:
+        """(logprobs wanted, number of alternatives per token)."""
+        return False, 0
+
+    def to_generation_options(self, max_tokens: int, stop_token_ids: tuple[int, ...], choice_index: int = 0,
+                              defaults: GenerationDefaults | None = None) -> GenerationOptions:
+        """The engine's options for choice ``choice_index``.
+
+        Args:
+            max_tokens: tokens to generate at most (already resolved against the context).
+            stop_token_ids: the model's EOS ids.
+            choice_index: index of the choice among ``n`` (offsets the seed).
+            defaults: server defaults, used where the request leaves a field out.
+
+        Raises:
+            ValueError: an option out of range (GenerationOptions names it).
+        """
+        d = defaults or GenerationDefaults()
+        logprobs, top_logprobs = self._logprob_options()
+        temperature = self.temperature if self.temperature is not None else d.temperature
+        top_p = self.top_p if self.top_p is not None else d.top_p
+        top_k = self.top_k if self.top_k is not None else d.top_k
+        seed = self.seed + choice_index if self.seed is not None else None
+        return GenerationOptions(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=max(top_k, 0),
+            seed=seed,
+            stop_token_ids=tuple(stop_token_ids),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+
+class GenerationDefaults(BaseModel):
+    """Server-side defaults for fields a request leaves out (OpenAI's defaults unless configured).
+
+    Attributes:
+        temperature: default sampling temperature.
+        top_p: default nucleus mass.
+        top_k: default top-k (0 disables it).
+        max_tokens: default cap of generated tokens for chat, or None for "the rest of the
+            model's context" (OpenAI's behaviour).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float = OPENAI_DEFAULT_TEMPERATURE
+    top_p: float = OPENAI_DEFAULT_TOP_P
+    top_k: int = 0
+    max_tokens: int | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions`` body.
+
+    Attributes (beyond SamplingRequest):
+        messages: the conversation, at least one message.
+        max_tokens, max_completion_tokens: cap of generated tokens (>= 1); the latter wins
+            when both are given.
+        logprobs: return the chosen tokens' log-probabilities.
+        top_logprobs: 0-20 alternatives per token; requires ``logprobs``.
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # accepted and ignored (harmless for our text-only models without tools)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    modalities: list[Literal["text"]] | None = None
+    response_format: ResponseFormatText | None = None
+    tool_choice: Literal["none"] | None = None
+    tools: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestParamError("top_logprobs", "top_logprobs requires logprobs to be true")
+        if self.tools:
+            raise _unsupported("tools", "tools are not supported")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprob_options(self) -> tuple[bool, int]:
+        return bool(self.logprobs), (self.top_logprobs or 0) if self.logprobs else 0
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """The messages as ``{"role", "content"}`` dicts for the chat template."""
+        return [m.to_template_dict() for m in self.messages]
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions`` body.
+
+    Attributes (beyond SamplingRequest):
+        prompt: a string, a list of strings, a list of token ids or a list of such lists; each
+            prompt gets ``n`` choices (choice index = prompt index * n + i).
+        max_tokens: >= 1, default 16 (OpenAI's default for this endpoint).
+        echo: prepend the prompt to each choice's text.
+        logprobs: 0-5 alternatives per token (0: only the chosen token's log-probability).
+        suffix: not supported (must be null); best_of: must equal ``n`` when given.
+    """
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=1)
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> "CompletionRequest":
+        if isinstance(self.prompt, list) and len(self.prompt) == 0:
+            raise RequestParamError("prompt", "prompt must not be an empty list")
+        if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):
+            raise RequestParamError("prompt", "prompt token lists must not be empty")
+        if self.suffix:
+            raise _unsupported("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.num_choices:
+            raise _unsupported("best_of", "best_of other than n is not supported")
+        if self.echo and self.logprobs is not None:
+            raise _unsupported("echo", "echo together with logprobs is not supported (no prompt log-probabilities)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt as text or as token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def _logprob_options(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
+
+
+def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
+    """``("messages", 0, "content", "str")`` -> ``"messages[0].content"`` (union tags dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _TYPE_TAGS or "[" in part or "-" in part or (part and part[0].isupper()):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def parse_request(model: type[RequestT], data: Any) -> RequestT:
+    """Validate a decoded JSON body against ``model``.
+
+    Raises:
+        APIError: 400 naming the first offending parameter in ``param`` and in the message;
+            code "unsupported_parameter" for supported-by-OpenAI-but-not-by-exo values.
+    """
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_request_body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        for err in errors:  # our own cross-field checks carry their parameter
+            exc = (err.get("ctx") or {}).get("error")
+            if isinstance(exc, RequestParamError):
+                prefix = _param_from_loc(tuple(err["loc"]))
+                param = f"{prefix}.{exc.param}" if prefix else exc.param
+                raise APIError(400, f"Invalid value for '{param}': {exc}", param=param, code=exc.code) from None
+        # for unions pydantic reports one error per member: the deepest is the most telling
+        err = max(errors, key=lambda x: len(x["loc"]))
+        param = _param_from_loc(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                           code="unknown_parameter") from None
+        if err["type"] == "missing":
+            raise APIError(400, f"Missing required parameter: '{param}'", param=param,
+                           code="missing_required_parameter") from None
+        code = "invalid_type" if err["type"].endswith("_type") else "invalid_value"
+        raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code=code) from None
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    """Token counts of one request (prompt counted once, completion over all choices)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed chat completion (``object == "chat.completion"``)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+def _is_none(v: Any) -> bool:
+    return v is None
+
+
+class ChatDelta(BaseModel):
+    """The new part of a streamed message; absent fields are left out of the JSON."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
+    content: str | None = Field(None, exclude_if=_is_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions log-probabilities; ``text_offset`` in characters of the choice text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    """A completion (``object == "text_completion"``); streamed chunks have the same shape."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelObject(BaseModel):
+    """An entry of ``GET /v1/models`` (OpenAI's fields plus exo's)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "exo"
+    name: str
+    n_layers: int
+    context_length: int
+    architecture: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

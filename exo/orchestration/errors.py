@@ -1,0 +1,22 @@
+"""Errors the Node raises to its callers (the API translates each to a status code)."""
+
+from __future__ import annotations
+
+
+class ModelNotFoundError(KeyError):
+    """The requested model is not in the registry."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "model not found"
+
+
+class NoNodeAvailableError(RuntimeError):
+    """No ring of live nodes can serve the model (weights missing, no node can hold a layer)."""
+
+
+class GenerationError(RuntimeError):
+    """A node of the ring failed while generating; the message names the node and the error."""
+
+
+class GenerationTimeoutError(GenerationError):
+    """No token arrived from the ring within the response timeout."""
