@@ -20,27 +20,6 @@ MODEL = "smollm2-135m"
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
-# TEMPORARY: replace by the ``single_node_api`` fixture of test/conftest.py once it exists
-# (delete this fixture then; a fixture in this module would shadow the conftest one).
-class _SingleNodeAPI:
-    def __init__(self, running):
-        self.running = running
-        self.node = running.node
-        self.base_url = f"{running.api_base_url}/v1"
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def single_node_api() -> AsyncIterator[_SingleNodeAPI]:
-    from exo.orchestration.launcher import NodeConfig, start_node
-
-    running = await start_node(NodeConfig(node_host="127.0.0.1", api_host="127.0.0.1", api_port=0,
-                                          discovery_module="none", interfaces=["127.0.0.1"], tinychat_dir=None))
-    try:
-        yield _SingleNodeAPI(running)
-    finally:
-        await running.stop()
-
-
 @pytest.fixture
 def client(single_node_api) -> openai.OpenAI:
     return openai.OpenAI(base_url=single_node_api.base_url, api_key="x", max_retries=0)

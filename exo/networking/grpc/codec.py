@@ -147,6 +147,7 @@ def ctx_to_proto(ctx: RequestContext) -> pb.RequestContext:
         n_layers=ctx.n_layers,
         ring=[partition_to_proto(p) for p in ctx.ring],
         options=options_to_proto(ctx.options),
+        prompt_len=ctx.prompt_len,
         epoch=ctx.epoch,
     )
 
@@ -154,7 +155,7 @@ def ctx_to_proto(ctx: RequestContext) -> pb.RequestContext:
 def validate_ctx(ctx: RequestContext) -> None:
     """Check a RequestContext is usable.
 
-    Requires non-empty ids, ``n_layers >= 1``, ``epoch >= 0``, and a ring of distinct nodes
+    Requires non-empty ids, ``n_layers >= 1``, ``prompt_len >= 0``, ``epoch >= 0``, and a ring of distinct nodes
     whose layer ranges are contiguous, in order, and cover ``0 .. n_layers-1`` exactly.
 
     Raises:
@@ -165,6 +166,8 @@ def validate_ctx(ctx: RequestContext) -> None:
             raise ValueError(f"request context has an empty {name}")
     if ctx.n_layers < 1:
         raise ValueError(f"request {ctx.request_id}: n_layers must be >= 1, got {ctx.n_layers}")
+    if ctx.prompt_len < 0:
+        raise ValueError(f"request {ctx.request_id}: prompt_len must be >= 0, got {ctx.prompt_len}")
     if ctx.epoch < 0:
         raise ValueError(f"request {ctx.request_id}: epoch must be >= 0, got {ctx.epoch}")
     if not ctx.ring:
@@ -200,6 +203,7 @@ def ctx_from_proto(msg: pb.RequestContext) -> RequestContext:
         n_layers=int(msg.n_layers),
         ring=tuple(partition_from_proto(p) for p in msg.ring),
         options=options_from_proto(msg.options),
+        prompt_len=int(msg.prompt_len),
         epoch=int(msg.epoch),
     )
     validate_ctx(ctx)

@@ -69,7 +69,7 @@ class Partition(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "origin_node_id", "model_id", "n_layers", "ring", "options", "epoch")
+    __slots__ = ("request_id", "origin_node_id", "model_id", "n_layers", "ring", "options", "epoch", "prompt_len")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class RequestContext(_message.Message):
     RING_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     origin_node_id: str
     model_id: str
@@ -84,7 +85,8 @@ class RequestContext(_message.Message):
     ring: _containers.RepeatedCompositeFieldContainer[Partition]
     options: GenerationOptions
     epoch: int
-    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    prompt_len: int
+    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class PromptRequest(_message.Message):
     __slots__ = ("ctx", "token_ids", "position")

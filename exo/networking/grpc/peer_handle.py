@@ -1,0 +1,176 @@
+"""GRPCPeerHandle: the gRPC client for one peer node."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from exo.networking.grpc import codec
+from exo.networking.grpc import node_service_pb2 as pb
+from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
+from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key
+from exo.networking.grpc.server import MAX_MESSAGE_LENGTH
+from exo.networking.peer_handle import PeerHandle
+from exo.orchestration.request import RequestContext, TokenResult
+from exo.topology.device_capabilities import DeviceCapabilities
+from exo.topology.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+#: Options of every channel to a peer.
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_LENGTH),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_LENGTH),
+    # gRPC's default reconnect backoff grows to 120 s; a peer that restarts must be reachable
+    # again within a couple of health-check intervals.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+#: Deadline of a health check, in seconds.
+HEALTH_CHECK_TIMEOUT = 2.0
+#: Deadline of every other call, in seconds.
+CALL_TIMEOUT = 30.0
+#: Longest ``connect()`` waits for the channel to become ready, in seconds.
+CONNECT_TIMEOUT = 5.0
+
+_T = TypeVar("_T")
+
+
+class GRPCPeerHandle(PeerHandle):
+    """A connection to one peer's NodeService.
+
+    The channel is opened lazily on the first call (or by ``connect()``) and must be used from
+    the event loop it was opened on. Every call has a deadline (``HEALTH_CHECK_TIMEOUT`` for
+    health checks, ``CALL_TIMEOUT`` otherwise).
+
+    Args:
+        node_id: the peer's node id.
+        address: "host:port" of the peer's gRPC server.
+        device_capabilities: the peer's device, as discovery learnt it.
+        cluster_secret: when set, every call carries the cluster key derived from it.
+
+    Calls other than ``health_check`` raise ``ConnectionError`` when the peer is unreachable or
+    misses the deadline (UNAVAILABLE, DEADLINE_EXCEEDED), ``RuntimeError(f"peer {id}: {details}")``
+    for any other error it reports, and ``ValueError`` for an argument the codec cannot encode.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        device_capabilities: DeviceCapabilities,
+        cluster_secret: str | None = None,
+    ) -> None:
+        self._id = node_id
+        self._address = address
+        self._device_capabilities = device_capabilities
+        self._metadata: tuple[tuple[str, str], ...] = (
+            ((CLUSTER_KEY_METADATA, cluster_key(cluster_secret)),) if cluster_secret else ()
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.NodeServiceStub | None = None
+
+    def __repr__(self) -> str:
+        return f"GRPCPeerHandle({self._id!r}, {self._address!r})"
+
+    def id(self) -> str:
+        return self._id
+
+    def address(self) -> str:
+        return self._address
+
+    def device_capabilities(self) -> DeviceCapabilities:
+        return self._device_capabilities
+
+    def _get_stub(self) -> pb_grpc.NodeServiceStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
+            self._stub = pb_grpc.NodeServiceStub(self._channel)
+        return self._stub
+
+    async def connect(self) -> None:
+        """Open the channel and wait until it is ready.
+
+        Raises:
+            ConnectionError: the peer is not reachable within ``CONNECT_TIMEOUT`` seconds.
+        """
+        self._get_stub()
+        assert self._channel is not None
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), CONNECT_TIMEOUT)
+        except asyncio.TimeoutError as e:
+            raise ConnectionError(f"peer {self._id} at {self._address}: not reachable within {CONNECT_TIMEOUT} s") from e
+
+    async def is_connected(self) -> bool:
+        """Whether the channel is open and ready (no network traffic)."""
+        return self._channel is not None and self._channel.get_state() == grpc.ChannelConnectivity.READY
+
+    async def disconnect(self) -> None:
+        """Close the channel (calls in flight are cancelled). The next call opens a new one."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def health_check(self) -> bool:
+        """True when the peer answers healthy within ``HEALTH_CHECK_TIMEOUT`` seconds and is the
+        node this handle expects. Never raises."""
+        try:
+            response = await self._get_stub().HealthCheck(
+                pb.HealthCheckRequest(), timeout=HEALTH_CHECK_TIMEOUT, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as e:
+            logger.debug("health check of %s at %s failed: %s %s", self._id, self._address, e.code(), e.details())
+            return False
+        except Exception:
+            logger.debug("health check of %s at %s failed", self._id, self._address, exc_info=True)
+            return False
+        if response.node_id and response.node_id != self._id:
+            logger.warning(
+                "health check: %s answers as node %s, expected %s", self._address, response.node_id, self._id
+            )
+            return False
+        return response.is_healthy
+
+    async def _call(self, method: str, call: Callable[[pb_grpc.NodeServiceStub], Awaitable[_T]]) -> _T:
+        try:
+            return await call(self._get_stub())
+        except grpc.aio.AioRpcError as e:
+            code, details = e.code(), e.details()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}") from e
+            raise RuntimeError(f"peer {self._id}: {details}") from e
+
+    async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
+        request = pb.PromptRequest(ctx=codec.ctx_to_proto(ctx), token_ids=codec.tensor_to_proto(token_ids), position=position)
+        await self._call("SendPrompt", lambda s: s.SendPrompt(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
+
+    async def send_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
+        request = pb.TensorRequest(
+            ctx=codec.ctx_to_proto(ctx), hidden_states=codec.tensor_to_proto(hidden_states), position=position
+        )
+        await self._call("SendTensor", lambda s: s.SendTensor(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
+
+    async def send_result(self, result: TokenResult) -> None:
+        request = codec.result_to_proto(result)
+        await self._call("SendResult", lambda s: s.SendResult(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
+
+    async def end_request(self, request_id: str) -> None:
+        request = pb.EndRequestRequest(request_id=request_id)
+        await self._call("EndRequest", lambda s: s.EndRequest(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
+
+    async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
+        request = pb.CollectTopologyRequest(visited=sorted(visited), max_depth=max_depth)
+        response = await self._call(
+            "CollectTopology", lambda s: s.CollectTopology(request, timeout=CALL_TIMEOUT, metadata=self._metadata)
+        )
+        try:
+            return codec.topology_from_proto(response)
+        except ValueError as e:
+            raise RuntimeError(f"peer {self._id}: invalid topology: {e}") from e

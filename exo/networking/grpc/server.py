@@ -1,0 +1,248 @@
+"""The gRPC server of a node: decodes calls with the codec and hands them to the Node.
+
+The server never crashes on bad input: undecodable or invalid requests are answered with
+``INVALID_ARGUMENT``; exceptions of the node become ``INVALID_ARGUMENT`` (ValueError),
+``NOT_FOUND`` (KeyError) or ``INTERNAL`` (anything else, logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import numpy as np
+
+from exo.networking.grpc import codec
+from exo.networking.grpc import node_service_pb2 as pb
+from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
+from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key, key_matches
+from exo.orchestration.request import RequestContext, TokenResult
+from exo.topology.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+#: Largest message either side sends or accepts, in bytes.
+MAX_MESSAGE_LENGTH = 256 * 1024 * 1024
+
+#: Options of every node's gRPC server.
+SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_LENGTH),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_LENGTH),
+    # gRPC sets SO_REUSEPORT by default on Linux, which would let two nodes bind the same port
+    # and have the kernel split connections between them. One port, one node.
+    ("grpc.so_reuseport", 0),
+)
+
+#: Longest error detail sent back to a caller, in characters.
+MAX_ERROR_DETAIL = 2000
+
+_PROMPT_DTYPES = ("int64", "int32")
+_HIDDEN_DTYPES = ("float32", "float16")
+
+
+class NodeLike(Protocol):
+    """What the server needs of the Node (``exo.orchestration.node.Node``)."""
+
+    id: str
+
+    async def process_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None: ...
+
+    async def process_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None: ...
+
+    async def process_result(self, result: TokenResult) -> None: ...
+
+    async def end_request(self, request_id: str) -> None: ...
+
+    async def collect_topology(self, visited: set[str], max_depth: int) -> Topology: ...
+
+    def is_healthy(self) -> bool: ...
+
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_Handler = Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
+
+
+def _detail(exc: BaseException) -> str:
+    # KeyError's str() wraps its message in quotes; show the message itself
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = text or type(exc).__name__
+    return text[:MAX_ERROR_DETAIL]
+
+
+def _rpc(handler: _Handler) -> _Handler:
+    """Map a handler's exceptions to gRPC status codes (see the module docstring)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except ValueError as e:
+            logger.info("%s: invalid argument: %s", handler.__name__, e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _detail(e))
+        except KeyError as e:
+            logger.info("%s: not found: %s", handler.__name__, _detail(e))
+            await context.abort(grpc.StatusCode.NOT_FOUND, _detail(e))
+        except Exception as e:
+            logger.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {_detail(e)}")
+
+    return wrapper
+
+
+def _check_tensor(name: str, array: np.ndarray, dtypes: tuple[str, ...], ndim: int) -> None:
+    if array.dtype.name not in dtypes:
+        raise ValueError(f"{name} must have dtype {' or '.join(dtypes)}, got {array.dtype.name}")
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {list(array.shape)}")
+
+
+def _check_position(position: int) -> None:
+    if position < 0:
+        raise ValueError(f"position must be >= 0, got {position}")
+
+
+class NodeServicer(pb_grpc.NodeServiceServicer):
+    """NodeService implementation that forwards decoded calls to a node."""
+
+    def __init__(self, node: NodeLike) -> None:
+        self._node = node
+
+    @_rpc
+    async def SendPrompt(self, request: pb.PromptRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        ctx = codec.ctx_from_proto(request.ctx)
+        token_ids = codec.tensor_from_proto(request.token_ids)
+        _check_tensor("token_ids", token_ids, _PROMPT_DTYPES, 2)
+        _check_position(request.position)
+        await self._node.process_prompt(ctx, token_ids.astype(np.int64, copy=False), int(request.position))
+        return pb.Empty()
+
+    @_rpc
+    async def SendTensor(self, request: pb.TensorRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        ctx = codec.ctx_from_proto(request.ctx)
+        hidden_states = codec.tensor_from_proto(request.hidden_states)
+        _check_tensor("hidden_states", hidden_states, _HIDDEN_DTYPES, 3)
+        _check_position(request.position)
+        await self._node.process_tensor(ctx, hidden_states, int(request.position))
+        return pb.Empty()
+
+    @_rpc
+    async def SendResult(self, request: pb.ResultRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        await self._node.process_result(codec.result_from_proto(request))
+        return pb.Empty()
+
+    @_rpc
+    async def EndRequest(self, request: pb.EndRequestRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        if not request.request_id:
+            raise ValueError("request_id is empty")
+        await self._node.end_request(request.request_id)
+        return pb.Empty()
+
+    @_rpc
+    async def HealthCheck(
+        self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthCheckResponse:
+        return pb.HealthCheckResponse(is_healthy=bool(self._node.is_healthy()), node_id=self._node.id)
+
+    @_rpc
+    async def CollectTopology(self, request: pb.CollectTopologyRequest, context: grpc.aio.ServicerContext) -> pb.Topology:
+        if request.max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0, got {request.max_depth}")
+        topology = await self._node.collect_topology(set(request.visited), int(request.max_depth))
+        return codec.topology_to_proto(topology)
+
+
+class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects every call whose ``x-exo-cluster-key`` metadata is not hex sha256 of the secret
+    with ``UNAUTHENTICATED`` ("wrong or missing cluster key")."""
+
+    def __init__(self, cluster_secret: str) -> None:
+        self._key = cluster_key(cluster_secret)
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing cluster key")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._rejected = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        presented = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == CLUSTER_KEY_METADATA:
+                presented = value
+                break
+        if key_matches(self._key, presented):
+            return await continuation(handler_call_details)
+        self._rejected += 1
+        # a foreign node retries every health-check interval: warn on the first and every 100th
+        level = logging.WARNING if self._rejected % 100 == 1 else logging.DEBUG
+        logger.log(level, "rejected %s: wrong or missing cluster key (%d rejected calls)", handler_call_details.method, self._rejected)
+        return self._deny
+
+
+class GRPCServer:
+    """A node's gRPC server (``grpc.aio``).
+
+    Args:
+        node: the Node whose methods serve the calls (see ``NodeLike``).
+        host: address to bind, e.g. "127.0.0.1" or "0.0.0.0" (IPv6 literals without brackets are fine).
+        port: TCP port; 0 binds an ephemeral port, readable from ``.port`` after ``start()``.
+        cluster_secret: when set, calls without the matching cluster key are rejected
+            with ``UNAUTHENTICATED``.
+    """
+
+    def __init__(self, node: NodeLike, host: str, port: int, cluster_secret: str | None = None) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self._cluster_secret = cluster_secret
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        """"host:port" the server is bound to (the actual port once started)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and start serving.
+
+        Raises:
+            RuntimeError: already started.
+            OSError: the address cannot be bound (e.g. the port is in use: servers do not
+                share ports, SO_REUSEPORT is off).
+        """
+        if self._server is not None:
+            raise RuntimeError("GRPCServer already started")
+        interceptors = [ClusterKeyInterceptor(self._cluster_secret)] if self._cluster_secret else []
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+        pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.node), server)
+        try:
+            bound = server.add_insecure_port(self.address)
+        except RuntimeError as e:
+            await server.stop(None)  # an unstopped server warns when garbage-collected
+            raise OSError(f"cannot bind gRPC server to {self.address}: {e}") from e
+        if bound == 0:  # older gRPC versions report failure this way
+            await server.stop(None)
+            raise OSError(f"cannot bind gRPC server to {self.address}")
+        self.port = bound
+        await server.start()
+        self._server = server
+        logger.info("gRPC server of node %s listening on %s", getattr(self.node, "id", "?"), self.address)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving: new calls are refused at once, calls in flight get ``grace`` seconds to
+        finish before being cancelled. Does nothing if not started."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        await server.stop(grace)
+        logger.info("gRPC server on %s stopped", self.address)

@@ -1,0 +1,94 @@
+"""Shared pytest setup for the whole suite: the network rule, and real nodes shared by tests.
+
+Nodes started here are real: torch engine, real SmolLM2-135M weights, real gRPC on 127.0.0.1,
+real zeroconf bound to 127.0.0.1. They are session-scoped because loading a model takes seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference model loads from the shipped GGUF only
+
+import network_guard  # noqa: E402
+from network_guard import check_loopback_interfaces  # noqa: E402,F401  (re-exported for tests)
+
+MODEL = "smollm2-135m"
+
+
+def pytest_sessionstart(session) -> None:
+    network_guard.install()
+
+
+@dataclass
+class NodeUnderTest:
+    """A running node with its API: ``base_url`` ends in /v1, as OpenAI clients want it."""
+
+    running: object
+
+    @property
+    def node(self):
+        return self.running.node
+
+    @property
+    def api_url(self) -> str:
+        return self.running.api_base_url
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.running.api_base_url}/v1"
+
+
+def loopback_config(**overrides):
+    """A NodeConfig bound to loopback everywhere, on free ports."""
+    from exo.orchestration.launcher import NodeConfig
+
+    fields = dict(node_host="127.0.0.1", api_host="127.0.0.1", api_port=0, interfaces=["127.0.0.1"],
+                  default_model=MODEL, health_check_interval=0.5)
+    fields.update(overrides)
+    return NodeConfig(**fields)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def single_node_api() -> AsyncIterator[NodeUnderTest]:
+    """One node alone (no discovery) holding all 30 layers, with its API."""
+    from exo.orchestration.launcher import start_node
+
+    running = await start_node(loopback_config(discovery_module="none"))
+    try:
+        yield NodeUnderTest(running)
+    finally:
+        await running.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def two_node_cluster() -> AsyncIterator[list[NodeUnderTest]]:
+    """Two nodes on loopback that found each other over mDNS and split the layers between them."""
+    from helpers import wait_for
+
+    from exo.models.registry import get_model_card
+    from exo.orchestration.launcher import start_node
+
+    nodes = []
+    try:
+        for name in ("ring-a", "ring-b"):
+            nodes.append(await start_node(loopback_config(node_id=name)))
+        card = get_model_card(MODEL)
+
+        def ring_formed() -> bool:
+            rings = [n.node.partition(card) for n in nodes]
+            return all(len(r) == 2 for r in rings) and rings[0] == rings[1]
+
+        await wait_for(ring_formed, timeout=20)
+        yield [NodeUnderTest(n) for n in nodes]
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)

@@ -1,0 +1,50 @@
+"""Small helpers shared by tests (importable as ``helpers``: ``test/`` is on sys.path through
+its conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+
+from exo.inference.generation import GenerationOptions
+from exo.orchestration.request import RequestContext
+from exo.topology.partitioning import Partition
+
+
+async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, interval: float = 0.01) -> None:
+    """Wait until ``predicate()`` (sync or async) is true, checking every ``interval`` seconds.
+
+    Raises:
+        TimeoutError: still false after ``timeout`` seconds (the predicate's name is in the message).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        if loop.time() >= deadline:
+            raise TimeoutError(f"condition not met within {timeout} s: {getattr(predicate, '__name__', predicate)}")
+        await asyncio.sleep(interval)
+
+
+def make_request_context(**overrides) -> RequestContext:
+    """A valid two-node RequestContext (nodes "a" and "b", 30 layers); keyword arguments override fields."""
+    fields = dict(
+        request_id="req-1",
+        origin_node_id="a",
+        model_id="smollm2-135m",
+        n_layers=30,
+        ring=(Partition("a", "127.0.0.1:5000", 0, 19), Partition("b", "127.0.0.1:5001", 20, 29)),
+        options=GenerationOptions(
+            max_tokens=17, temperature=0.7, top_p=0.9, top_k=40, seed=1234, stop_token_ids=(2, 0),
+            presence_penalty=0.1, frequency_penalty=-0.3, logprobs=True, top_logprobs=5,
+        ),
+        prompt_len=11,
+        epoch=2,
+    )
+    fields.update(overrides)
+    return RequestContext(**fields)

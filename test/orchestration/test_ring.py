@@ -1,0 +1,79 @@
+"""Two real nodes on loopback (mDNS + gRPC + the real model) against one node holding every layer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from helpers import wait_for
+
+from exo.inference.generation import GenerationOptions
+from exo.inference.shard import Shard
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+MODEL = "smollm2-135m"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+async def _greedy_tokens(node, ids, n):
+    options = GenerationOptions(max_tokens=n, temperature=0.0)  # no stop token: exactly n tokens
+    out = []
+    async for r in node.generate(MODEL, ids, options):
+        out.extend(r.tokens)
+    return out
+
+
+async def test_each_node_holds_part_of_the_layers(two_node_cluster):
+    for n in two_node_cluster:
+        await wait_for(lambda n=n: n.node.engine.shard is not None, timeout=30)
+    shards = sorted((n.node.engine.shard for n in two_node_cluster), key=lambda s: s.start_layer)
+    assert shards == [Shard(MODEL, 0, 14, 30), Shard(MODEL, 15, 29, 30)]
+
+
+async def test_two_node_ring_decodes_exactly_like_one_node(two_node_cluster, single_node_api):
+    tok = await single_node_api.node.get_tokenizer(MODEL)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]))
+    expected = await _greedy_tokens(single_node_api.node, ids, 48)
+    assert len(expected) == 48
+    for n in two_node_cluster:  # whichever node the request enters
+        assert await _greedy_tokens(n.node, ids, 48) == expected
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("which", [0, 1])
+async def test_openai_client_on_either_node_answers_paris(two_node_cluster, which, stream):
+    client = openai.AsyncOpenAI(base_url=two_node_cluster[which].base_url, api_key="unused", max_retries=0)
+    if stream:
+        text = ""
+        async for chunk in await client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                                                max_tokens=32, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+    else:
+        resp = await client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+        text = resp.choices[0].message.content
+        assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
+    assert "Paris" in text
+    await client.close()
+
+
+async def test_kv_caches_freed_on_every_node_after_requests(two_node_cluster):
+    tok = await two_node_cluster[0].node.get_tokenizer(MODEL)
+    ids = tok.encode("Hello")
+    await _greedy_tokens(two_node_cluster[0].node, ids, 4)
+    for n in two_node_cluster:
+        await wait_for(lambda n=n: not n.node.engine.cached_request_ids(), timeout=5)
+
+
+async def test_topology_lists_both_nodes_and_their_layers(two_node_cluster):
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{two_node_cluster[0].api_url}/v1/topology") as r:
+            assert r.status == 200
+            topo = await r.json()
+    assert set(topo["nodes"]) == {"ring-a", "ring-b"}
+    layers = {p["node_id"]: (p["start_layer"], p["end_layer"]) for p in topo["partitions"][MODEL]}
+    assert sorted(layers.values()) == [(0, 14), (15, 29)]
