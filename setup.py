@@ -4,8 +4,8 @@ from setuptools import find_packages, setup
 
 install_requires = [
     "aiohttp>=3.9",
-    "grpcio==1.85.1",
-    "protobuf>=6.31",
+    "grpcio>=1.85.1",
+    "protobuf>=7.35.1",
     "numpy>=1.26",
     "zeroconf>=0.131",
     "ifaddr>=0.2",
@@ -28,7 +28,7 @@ extras_require = {
         "pytest-asyncio>=0.24",
         "pytest-timeout>=2.3",
         "openai>=1.50",
-        "grpcio-tools==1.85.1",
+        "grpcio-tools>=1.85.1",
         "transformers>=4.46",
         "accelerate>=1.0",
     ],
