@@ -57,6 +57,7 @@ class NodeConfig:
     discovery_config_path: str | None = None
     interfaces: list[str] | None = None
     inference_engine: str | None = None
+    inference_engine_options: dict = field(default_factory=dict)  # keyword arguments of the engine's constructor
     default_model: str = "smollm2-135m"
     wait_for_peers: int = 0
     cluster_secret: str | None = None
@@ -106,7 +107,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     from exo.topology.device_capabilities import device_capabilities
 
     secret = config.cluster_secret if config.cluster_secret is not None else os.environ.get("EXO_CLUSTER_SECRET") or None
-    engine = get_inference_engine(config.inference_engine or default_engine_name())
+    engine = get_inference_engine(config.inference_engine or default_engine_name(), **config.inference_engine_options)
     caps = device_capabilities(config.memory)
 
     def create_peer_handle(node_id, address, capabilities):
