@@ -39,6 +39,7 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._template = None
+        self._byte_level = _is_byte_level(backend)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token text such as ``<|im_start|>`` maps to its id."""
@@ -53,6 +54,25 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token: a byte-level BPE token may hold part of a UTF-8
+        character, so its bytes need not decode on their own. Special tokens give the UTF-8 of
+        their text (e.g. ``b"<|im_end|>"``).
+
+        Raises:
+            ValueError: ``token_id`` is not in the vocabulary.
+        """
+        piece = self._tok.id_to_token(token_id) if token_id >= 0 else None
+        if piece is None:
+            raise ValueError(f"token id {token_id} is not in the vocabulary")
+        if token_id in self.special_token_ids:
+            return piece.encode("utf-8")
+        if self._byte_level:
+            table = byte_level_decoder()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        return self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render ``messages`` (``{"role", "content"}`` dicts) with the model's chat template.
@@ -95,26 +115,40 @@ class IncrementalDetokenizer:
 
     Multi-byte UTF-8 characters split across tokens are held back until complete (no U+FFFD
     mid-stream); special tokens produce no text. ``add`` returns the new text, ``flush`` the rest.
+
+    Each step decodes only a short window of ids, not the whole sequence (O(window) per token
+    instead of O(tokens so far)): ``ids[prefix_offset:read_offset]`` is text already returned,
+    kept as left context because some decoders (SentencePiece's leading space, byte-level BPE's
+    partial characters) need it; the new text is what decoding ``ids[prefix_offset:]`` adds to
+    it. The scheme of vLLM's ``detokenize_incrementally`` and TGI's ``decode_token``.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0  # characters of the decoded text already returned
+        self._prefix_offset = 0  # start of the context window (ids whose text was returned)
+        self._read_offset = 0  # ids before this index have had their text returned
 
     def add(self, token_id: int) -> str:
+        """Append one token id; the text it completes ("" while a character is incomplete)."""
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[self._emitted:]
-        self._emitted = len(text)
-        return piece
+        return self._step(final=False)
 
     def flush(self) -> str:
-        text = self._tokenizer.decode(self._ids)
-        piece = text[self._emitted:]
-        self._emitted = len(text)
+        """The text still held back (an incomplete character is returned as U+FFFD)."""
+        return self._step(final=True)
+
+    def _step(self, final: bool) -> str:
+        if self._read_offset == len(self._ids):
+            return ""
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = decode(self._ids[self._prefix_offset:])
+        if not final and new_text.endswith("\ufffd"):
+            return ""  # a UTF-8 character continues in the next token
+        piece = new_text[len(prefix_text):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
         return piece
 
     @property
@@ -161,6 +195,28 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
         special_token_ids=special,
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
     )
+
+
+def _is_byte_level(backend) -> bool:
+    from tokenizers import decoders
+
+    return isinstance(backend.decoder, decoders.ByteLevel)
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable character -> byte table (GPT-2's ``bytes_to_unicode``,
+    inverted): bytes that are printable Latin-1 map to themselves, the others to U+0100 on."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) \
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 _cache_lock = threading.Lock()

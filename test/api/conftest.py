@@ -6,8 +6,7 @@ import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from exo.api.chat_api.token_handler import gpt2_byte_decoder
-from exo.inference.tokenizers import Tokenizer
+from exo.inference.tokenizers import Tokenizer, byte_level_decoder
 
 WORDS = ["Hello", "Ġworld", "ĠParis", ".", "!", "ĠThe", "Ġcapital", "STOP", "ĠST", "OP", "Ġend"]
 SPECIAL = "<|im_end|>"
@@ -17,7 +16,7 @@ class TinyVocab:
     """A byte-level BPE vocabulary: ids 0-255 are single bytes, then WORDS, then SPECIAL."""
 
     def __init__(self):
-        byte_to_char = {b: c for c, b in gpt2_byte_decoder().items()}
+        byte_to_char = {b: c for c, b in byte_level_decoder().items()}
         tokens = [byte_to_char[b] for b in range(256)] + WORDS + [SPECIAL]
         self.ids = {t: i for i, t in enumerate(tokens)}
         backend = HFTokenizer(models.BPE(vocab=dict(self.ids), merges=[], fuse_unk=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 
 import pytest
 
@@ -20,6 +21,7 @@ from exo.api.chat_api.token_handler import (
     find_stop,
     stop_prefix_overlap,
 )
+from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from exo.orchestration.request import TokenResult
 
 
@@ -162,6 +164,59 @@ def test_special_tokens_produce_no_text(tiny_vocab):
     out = feed(s, [v.word("Hello"), v.eos, v.word("!")])
     assert "".join(out) == "Hello!"
     assert "<|im_end|>" not in s.text
+
+
+class CountingTokenizer(Tokenizer):
+    """The real Tokenizer, counting the token ids each ``decode`` is given."""
+
+    decoded_ids = 0
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = list(ids)
+        self.decoded_ids += len(ids)
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_incremental_detokenizer_decodes_a_bounded_window(tiny_vocab):
+    v = tiny_vocab
+    tok = CountingTokenizer(v.tokenizer._tok, None, None, [v.eos], [v.eos])
+    text = "Hello café 😀 日本 " * 150
+    ids = v.byte_ids(text)  # ~4000 tokens, one per byte: characters span up to 4 tokens
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    # re-decoding everything each step would decode ~len(ids)**2 / 2 ids (8 million)
+    assert tok.decoded_ids < 12 * len(ids)
+
+
+def test_incremental_detokenizer_equals_full_decode_on_random_streams(tiny_vocab):
+    v = tiny_vocab
+    rng = random.Random(7)
+    pool = list(range(v.eos + 1))  # every byte (valid or not as UTF-8), the words and the special token
+    for _ in range(200):
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 30))]
+        detok = IncrementalDetokenizer(v.tokenizer)
+        text = "".join(detok.add(i) for i in ids) + detok.flush()
+        assert text == v.tokenizer.decode(ids), ids
+
+
+def test_token_bytes(tiny_vocab):
+    v = tiny_vocab
+    text = "naïve café 🚀 日本"
+    assert b"".join(v.tokenizer.token_bytes(i) for i in v.byte_ids(text)) == text.encode("utf-8")
+    assert v.tokenizer.token_bytes(v.word(" world")) == b" world"
+    assert v.tokenizer.token_bytes(v.eos) == b"<|im_end|>"
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        v.tokenizer.token_bytes(10**6)
+
+
+def test_token_bytes_of_the_real_tokenizer():
+    tok = load_tokenizer("smollm2-135m")
+    text = "naïve café 🚀 日本 <|im_end|>"
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert any(len(tok.token_bytes(i).decode("utf-8", errors="ignore")) == 0 for i in ids)  # a split character
 
 
 # ---------------------------------------------------------------------------- logprobs

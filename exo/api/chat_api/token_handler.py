@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import json
 import logging
@@ -73,35 +72,9 @@ def stop_prefix_overlap(text: str, stops: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------- token text / bytes
 
 
-@functools.lru_cache(maxsize=1)
-def gpt2_byte_decoder() -> dict[str, int]:
-    """GPT-2's printable-character -> byte table of byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
-    """The raw bytes of one token (a byte-level BPE token may hold part of a UTF-8 character).
-
-    Uses ``tokenizer.token_bytes`` when the tokenizer has it; otherwise maps a byte-level BPE
-    token's characters back to bytes, falling back to the UTF-8 of its decoded text.
-    """
-    own = getattr(tokenizer, "token_bytes", None)
-    if callable(own):
-        return own(token_id)
-    piece = tokenizer.id_to_token(token_id)
-    if piece is not None:
-        table = gpt2_byte_decoder()
-        if all(ch in table for ch in piece):
-            return bytes(table[ch] for ch in piece)
-    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+    """The raw bytes of one token (a byte-level BPE token may hold part of a UTF-8 character)."""
+    return tokenizer.token_bytes(token_id)
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
