@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -29,33 +28,9 @@ def pytest_sessionstart(session) -> None:
     network_guard.install()
 
 
-@dataclass
-class NodeUnderTest:
-    """A running node with its API: ``base_url`` ends in /v1, as OpenAI clients want it."""
-
-    running: object
-
-    @property
-    def node(self):
-        return self.running.node
-
-    @property
-    def api_url(self) -> str:
-        return self.running.api_base_url
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.running.api_base_url}/v1"
-
-
-def loopback_config(**overrides):
-    """A NodeConfig bound to loopback everywhere, on free ports."""
-    from exo.orchestration.launcher import NodeConfig
-
-    fields = dict(node_host="127.0.0.1", api_host="127.0.0.1", api_port=0, interfaces=["127.0.0.1"],
-                  default_model=MODEL, health_check_interval=0.5)
-    fields.update(overrides)
-    return NodeConfig(**fields)
+# defined in helpers.py: test modules import them from there (``from conftest import`` finds
+# whichever conftest.py was loaded last, e.g. test/api/conftest.py)
+from helpers import NodeUnderTest, loopback_config  # noqa: E402,F401  (re-exported)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

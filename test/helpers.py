@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from exo.inference.generation import GenerationOptions
 from exo.orchestration.request import RequestContext
@@ -29,6 +30,35 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: flo
         if loop.time() >= deadline:
             raise TimeoutError(f"condition not met within {timeout} s: {getattr(predicate, '__name__', predicate)}")
         await asyncio.sleep(interval)
+
+
+@dataclass
+class NodeUnderTest:
+    """A running node with its API: ``base_url`` ends in /v1, as OpenAI clients want it."""
+
+    running: object
+
+    @property
+    def node(self):
+        return self.running.node
+
+    @property
+    def api_url(self) -> str:
+        return self.running.api_base_url
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.running.api_base_url}/v1"
+
+
+def loopback_config(**overrides):
+    """A NodeConfig bound to loopback everywhere, on free ports (default model SmolLM2-135M)."""
+    from exo.orchestration.launcher import NodeConfig
+
+    fields = dict(node_host="127.0.0.1", api_host="127.0.0.1", api_port=0, interfaces=["127.0.0.1"],
+                  default_model="smollm2-135m", health_check_interval=0.5)
+    fields.update(overrides)
+    return NodeConfig(**fields)
 
 
 def make_request_context(**overrides) -> RequestContext:

@@ -1,8 +1,21 @@
-"""Helpers for the API tests: a tiny real byte-level BPE tokenizer (no model files needed)."""
+"""Fixtures of the API tests.
+
+* ``tiny_vocab``: a tiny real byte-level BPE tokenizer (no model files needed), for the
+  token-handler unit tests.
+* ``dummy_api``: a real node (launcher, Node, gRPC server, ChatAPI on 127.0.0.1) generating with
+  the real ``DummyInferenceEngine``: its tokens are known in advance (``expected_tokens``), and
+  its knobs (per-token delay, failing shard, forced tokens) give errors, timeouts and slow
+  generations on demand. Each test gets it with the knobs reset.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import AsyncIterator
+
 import pytest
+import pytest_asyncio
+from helpers import NodeUnderTest, loopback_config
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -38,3 +51,43 @@ class TinyVocab:
 @pytest.fixture(scope="session")
 def tiny_vocab() -> TinyVocab:
     return TinyVocab()
+
+
+@pytest.fixture(scope="session")
+def tinychat_dir(tmp_path_factory) -> Path:
+    """A web UI directory with a file beside it that must never be served."""
+    root = tmp_path_factory.mktemp("webroot")
+    d = root / "tinychat"
+    d.mkdir()
+    (d / "index.html").write_text("<html>tinychat</html>")
+    (d / "app.js").write_text("console.log(1)")
+    (root / "secret.txt").write_text("secret")
+    return d
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def _dummy_api_session(tinychat_dir) -> AsyncIterator[NodeUnderTest]:
+    from exo.orchestration.launcher import start_node
+
+    running = await start_node(loopback_config(node_id="api-dummy", discovery_module="none", inference_engine="dummy",
+                                               tinychat_dir=tinychat_dir))
+    try:
+        yield NodeUnderTest(running)
+    finally:
+        await running.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def dummy_api(_dummy_api_session) -> AsyncIterator[NodeUnderTest]:
+    """The dummy-engine node with default knobs; they and the API's response timeout are reset
+    after the test."""
+    from exo.api.chat_api.state import STATE_KEY
+
+    nut = _dummy_api_session
+    engine, state = nut.node.engine, nut.running.api.app[STATE_KEY]
+    timeout = state.response_timeout
+    try:
+        yield nut
+    finally:
+        engine.token_delay, engine.fail_layer, engine.fail_at_position, engine.forced_tokens = 0.0, None, 0, {}
+        state.response_timeout = timeout

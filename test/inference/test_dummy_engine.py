@@ -124,7 +124,7 @@ async def test_configured_failure_and_forced_tokens():
 
 async def test_node_with_dummy_engine_generates_through_the_launcher():
     from exo.orchestration.launcher import start_node
-    from conftest import loopback_config
+    from helpers import loopback_config
 
     running = await start_node(loopback_config(discovery_module="none", inference_engine="dummy", serve_api=False))
     try:
@@ -149,7 +149,7 @@ async def test_node_with_dummy_engine_generates_through_the_launcher():
 async def test_engine_options_reach_the_engine_and_a_failure_reaches_the_caller():
     from exo.orchestration.errors import GenerationError
     from exo.orchestration.launcher import start_node
-    from conftest import loopback_config
+    from helpers import loopback_config
 
     running = await start_node(loopback_config(discovery_module="none", inference_engine="dummy", serve_api=False,
                                                inference_engine_options={"fail_layer": 29, "fail_at_position": len(PROMPT) + 2}))
