@@ -96,6 +96,7 @@ class Node:
         self._stopping = False
         self._topology_task: asyncio.Task | None = None
         self.active_request_ids: set[str] = set()  # requests this node is computing right now
+        self._loading: dict[str, int] = {}  # model id -> shard loads in progress
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -109,6 +110,8 @@ class Node:
                 discovery.add_peer_listener(self._on_peers_changed)
             await discovery.start()
         await self.update_topology()
+        if discovery is None and self.default_model:  # alone for good: no ring change will preload
+            self._spawn(self._preload(self.default_model), "preload")
         self._topology_task = asyncio.create_task(self._topology_loop(), name=f"topology-{self.id}")
 
     async def stop(self) -> None:
@@ -194,7 +197,7 @@ class Node:
             ring = self.partition(card)
             for p in ring:
                 if p.node_id == self.id:
-                    await self.engine.ensure_shard(Shard(model_id, p.start_layer, p.end_layer, card.n_layers))
+                    await self._ensure_shard(Shard(model_id, p.start_layer, p.end_layer, card.n_layers))
         except Exception:
             logger.exception("preloading %s failed", model_id)
 
@@ -248,6 +251,31 @@ class Node:
     def available_models(self) -> list[ModelCard]:
         """Models whose weights this node has (the cluster serves what its nodes can load)."""
         return [c for c in MODELS.values() if c.is_available()]
+
+    def model_state(self, model_id: str) -> str:
+        """This node's readiness for ``model_id``: "loading" while it loads a shard of it, "ready"
+        when it holds its shard of the current ring, else "available" (loaded on first use)."""
+        if self._loading.get(model_id):
+            return "loading"
+        shard = self.engine.shard
+        if shard is None or shard.model_id != model_id:
+            return "available"
+        try:
+            ring = self.partition(get_model_card(model_id))
+        except (KeyError, NoNodeAvailableError):
+            return "available"
+        mine = [(p.start_layer, p.end_layer) for p in ring if p.node_id == self.id]
+        return "ready" if mine == [(shard.start_layer, shard.end_layer)] else "available"
+
+    async def _ensure_shard(self, shard: Shard) -> None:
+        """Have the engine hold ``shard``, counting the load for ``model_state``."""
+        if self.engine.shard == shard:
+            return
+        self._loading[shard.model_id] = self._loading.get(shard.model_id, 0) + 1
+        try:
+            await self.engine.ensure_shard(shard)
+        finally:
+            self._loading[shard.model_id] -= 1
 
     async def get_tokenizer(self, model_id: str) -> Tokenizer:
         """The tokenizer of ``model_id``. Raises ModelNotFoundError; FileNotFoundError (no weights)."""
@@ -377,7 +405,7 @@ class Node:
         self.active_request_ids.add(rid)
         try:
             shard = ctx.shard_of(self.id)
-            await self.engine.ensure_shard(shard)
+            await self._ensure_shard(shard)
             out = await self.engine.infer_tensor(rid, shard, x, position)
             if rid in self._ended:
                 await self.engine.clear_request(rid)

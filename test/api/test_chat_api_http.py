@@ -1,126 +1,62 @@
-"""HTTP-level tests of ChatAPI against a scripted fake node (fast, deterministic).
+"""HTTP-level tests of the ChatAPI on a real node generating with the real DummyInferenceEngine.
 
-They cover what the real node rarely produces on demand: failures before and during a stream,
-no node available, silence past the response timeout, and that every way a request ends
-(finish, stop string, client disconnect) closes the node's generator. The end-to-end tests
-with the real node and model are in test_chat_api.py.
+The node is real (launcher, Node, gRPC server, aiohttp on 127.0.0.1); only the engine computes
+nothing learned, so every answer is known in advance (``expected_tokens``) and decoded with
+SmolLM2's real tokenizer. The engine's knobs give what a real model rarely produces on demand:
+a failing shard (before and during a stream), silence past the response timeout, slow
+generations to disconnect from. End-to-end tests with the real model are in test_chat_api.py
+(one node) and test_chat_api_cluster.py (a ring of two).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import aiohttp
 import openai
 import pytest
-import pytest_asyncio
 from helpers import wait_for
 
-from exo.api.chat_api import ChatAPI
 from exo.api.chat_api.state import STATE_KEY
 from exo.api.chatgpt_api import ChatGPTAPI
-from exo.inference.generation import GenerationOptions
-from exo.inference.tokenizers import Tokenizer
-from exo.models.registry import ModelCard
-from exo.orchestration.errors import GenerationError, ModelNotFoundError, NoNodeAvailableError
-from exo.orchestration.request import TokenResult
+from exo.inference.dummy import PEAK, expected_tokens
+from exo.inference.tokenizers import load_tokenizer
+from exo.models.registry import MODELS, ModelCard
 
-TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
-CARD = ModelCard("tiny", "Tiny test model", n_layers=2, architecture="llama", context_length=64)
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-Script = Callable[[list[int], GenerationOptions], AsyncIterator[TokenResult]]
-
-
-class FakeNode:
-    """The API-facing surface of Node, generating what ``script`` yields (default: "Hello world!")."""
-
-    id = "fake-node"
-
-    def __init__(self, tokenizer: Tokenizer, words: list[int]):
-        self.tokenizer = tokenizer
-        self.words = words
-        self.script: Script | None = None
-        self.calls: list[tuple[str | None, list[int], GenerationOptions]] = []
-        self.closed: list[str | None] = []
-
-    def available_models(self) -> list[ModelCard]:
-        return [CARD]
-
-    def topology_dict(self) -> dict:
-        return {"nodes": {self.id: {}}, "edges": [], "partitions": {"tiny": [{"node_id": self.id, "start_layer": 0, "end_layer": 1}]}}
-
-    async def get_tokenizer(self, model_id: str) -> Tokenizer:
-        if model_id != CARD.model_id:
-            raise ModelNotFoundError(f"unknown model {model_id!r}")
-        return self.tokenizer
-
-    async def _default(self, prompt_ids: list[int], options: GenerationOptions) -> AsyncIterator[TokenResult]:
-        for i, tok in enumerate(self.words):
-            last = i + 1 >= options.max_tokens
-            yield TokenResult("r", [tok], finish_reason="length" if last else None,
-                              logprobs=[-0.5] if options.logprobs else [],
-                              top_logprobs=[[(tok, -0.5)][: options.top_logprobs]] if options.logprobs else [])
-            if last:
-                return
-        yield TokenResult("r", [], finish_reason="stop")
-
-    async def generate(self, model_id: str, prompt_token_ids: list[int], options: GenerationOptions,
-                       request_id: str | None = None) -> AsyncIterator[TokenResult]:
-        self.calls.append((request_id, list(prompt_token_ids), options))
-        try:
-            script = self.script or self._default
-            async for r in script(prompt_token_ids, options):
-                yield r
-        finally:
-            self.closed.append(request_id)
+MODEL = "smollm2-135m"
+HI = [{"role": "user", "content": "hi"}]
+CHAT = {"model": MODEL, "messages": HI, "max_tokens": 5}
+EOS = 2  # SmolLM2's <|im_end|>
 
 
-class Server:
-    def __init__(self, api: ChatAPI, node: FakeNode):
-        self.api, self.node = api, node
-        self.root = f"http://127.0.0.1:{api.port}"
-        self.base_url = f"{self.root}/v1"
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(MODEL)
 
 
-@pytest.fixture
-def tinychat_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "tinychat"
-    d.mkdir()
-    (d / "index.html").write_text("<html>tinychat</html>")
-    (d / "app.js").write_text("console.log(1)")
-    (tmp_path / "secret.txt").write_text("secret")
-    return d
+def chat_ids(tok, messages) -> list[int]:
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
 
 
-@pytest_asyncio.fixture
-async def server(tiny_vocab, tinychat_dir) -> AsyncIterator[Server]:
-    v = tiny_vocab
-    tok = Tokenizer(v.tokenizer._tok, chat_template=TEMPLATE, bos_token_id=None, eos_token_ids=[v.eos],
-                    special_token_ids=[v.eos])
-    node = FakeNode(tok, [v.word("Hello"), v.word(" world"), v.word("!")])
-    api = ChatGPTAPI(node, default_model="tiny", response_timeout=2.0, tinychat_dir=tinychat_dir)
-    await api.run("127.0.0.1", 0)
-    try:
-        yield Server(api, node)
-    finally:
-        await api.stop()
+def client(nut) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=nut.base_url, api_key="unused", max_retries=0)
 
 
-async def post(srv: Server, path: str, body, raw: bool = False) -> tuple[int, dict]:
+async def post(nut, path: str, body, raw: bool = False) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as s:
         data = body if raw else json.dumps(body)
-        async with s.post(srv.root + path, data=data, headers={"Content-Type": "application/json"}) as r:
+        async with s.post(nut.api_url + path, data=data, headers={"Content-Type": "application/json"}) as r:
             return r.status, await r.json()
 
 
-async def sse_events(srv: Server, path: str, body: dict) -> list:
+async def sse_events(nut, path: str, body: dict) -> list:
     """The decoded ``data:`` payloads of a streamed answer ("[DONE]" kept as a string)."""
     events = []
     async with aiohttp.ClientSession() as s:
-        async with s.post(srv.root + path, json=body) as r:
+        async with s.post(nut.api_url + path, json=body) as r:
             assert r.status == 200, await r.text()
             assert r.headers["Content-Type"].startswith("text/event-stream")
             async for line in r.content:
@@ -131,350 +67,446 @@ async def sse_events(srv: Server, path: str, body: dict) -> list:
     return events
 
 
-CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+async def no_request_left(nut) -> None:
+    """Wait until the node holds no KV cache, computes nothing and the API answers nothing."""
+    state = nut.running.api.app[STATE_KEY]
+    await wait_for(lambda: not nut.node.engine.cached_request_ids() and not nut.node.active_request_ids
+                   and not state.active_requests, 10.0)
 
 
 # ---------------------------------------------------------------------------- basics
 
 
-@pytest.mark.asyncio
-async def test_healthcheck_models_topology(server):
+async def test_healthcheck_models_topology(dummy_api):
     async with aiohttp.ClientSession() as s:
-        async with s.get(server.root + "/healthcheck") as r:
+        async with s.get(dummy_api.api_url + "/healthcheck") as r:
             assert r.status == 200 and await r.json() == {"status": "ok"}
-        async with s.get(server.base_url + "/topology") as r:
-            assert (await r.json())["partitions"]["tiny"][0]["node_id"] == "fake-node"
-        async with s.get(server.base_url + "/models/nope") as r:
+        async with s.get(dummy_api.base_url + "/topology") as r:
+            parts = (await r.json())["partitions"][MODEL]
+            assert [(p["node_id"], p["start_layer"], p["end_layer"]) for p in parts] == [("api-dummy", 0, 29)]
+        async with s.get(dummy_api.base_url + "/models/nope") as r:
             body = await r.json()
-            assert r.status == 404 and body["error"]["code"] == "model_not_found"
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-    models = await client.models.list()
-    assert [m.id for m in models.data] == ["tiny"]
-    m = await client.models.retrieve("tiny")
-    assert m.id == "tiny" and m.owned_by == "exo"
+            assert r.status == 404 and body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
+    c = client(dummy_api)
+    await wait_for(lambda: dummy_api.node.model_state(MODEL) == "ready", 10.0)  # preloaded at start
+    models = await c.models.list()
+    assert [(m.id, m.state) for m in models.data] == [(MODEL, "ready")]
+    m = await c.models.retrieve(MODEL)
+    assert m.id == MODEL and m.owned_by == "exo" and m.n_layers == 30 and m.state == "ready"
 
 
-@pytest.mark.asyncio
-async def test_chat_non_streaming(server):
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-    r = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0)
-    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
-    assert r.choices[0].message.content == "Hello world!"
+async def test_a_node_alone_loads_its_model_before_the_first_request():
+    from helpers import loopback_config
+
+    from exo.orchestration.launcher import start_node
+
+    running = await start_node(loopback_config(node_id="api-dummy-fresh", discovery_module="none", inference_engine="dummy"))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def ready() -> bool:
+                async with s.get(running.api_base_url + "/v1/models") as r:
+                    return [(m["id"], m["state"]) for m in (await r.json())["data"]] == [(MODEL, "ready")]
+
+            await wait_for(ready, 10.0)
+        assert running.node.engine.calls == 0  # no request ran
+    finally:
+        await running.stop()
+
+
+async def test_model_state_follows_the_shard(dummy_api):
+    from exo.inference.shard import Shard
+
+    node, c = dummy_api.node, client(dummy_api)
+    await wait_for(lambda: node.model_state(MODEL) == "ready", 10.0)
+    await node.engine.ensure_shard(Shard(MODEL, 0, 9, 30))  # not this node's part of the ring
+    assert (await c.models.retrieve(MODEL)).state == "available"
+    await c.chat.completions.create(model=MODEL, messages=HI, max_tokens=1)  # loads its shard again
+    assert (await c.models.retrieve(MODEL)).state == "ready"
+
+
+async def test_chatgpt_api_name_serves_the_same_api(dummy_api, tok):
+    api = ChatGPTAPI(dummy_api.node, default_model=MODEL)
+    await api.run("127.0.0.1", 0)
+    try:
+        c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{api.port}/v1", api_key="x", max_retries=0)
+        r = await c.chat.completions.create(model=MODEL, messages=HI, max_tokens=3)
+        assert r.choices[0].message.content == tok.decode(expected_tokens(chat_ids(tok, HI), 3))
+    finally:
+        await api.stop()
+
+
+async def test_chat_answer_and_usage_are_exact(dummy_api, tok):
+    ids = chat_ids(tok, HI)
+    r = await client(dummy_api).chat.completions.create(model=MODEL, messages=HI, max_tokens=6, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].finish_reason == "stop"
-    prompt_ids = server.node.tokenizer.encode("user: hi\nassistant:")
-    assert server.node.calls[0][1] == prompt_ids
-    assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.completion_tokens == 3
-    opts = server.node.calls[0][2]
-    assert opts.temperature == 0 and opts.stop_token_ids == (server.node.tokenizer.eos_token_ids[0],)
-    assert opts.max_tokens == CARD.context_length - len(prompt_ids)  # default: the rest of the context
-    await wait_for(lambda: len(server.node.closed) == 1, 5.0)
+    assert r.choices[0].message.content == tok.decode(expected_tokens(ids, 6))
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 6, len(ids) + 6)
+    await no_request_left(dummy_api)
 
 
-@pytest.mark.asyncio
-async def test_missing_model_means_the_default_model(server):
-    status, r = await post(server, "/v1/chat/completions", {"messages": [{"role": "developer", "content": "be brief"},
-                                                                         {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+@pytest.mark.parametrize("stream", [False, True])
+async def test_eos_ends_with_stop_and_its_text_never_shows(dummy_api, tok, stream):
+    ids = chat_ids(tok, HI)
+    dummy_api.node.engine.forced_tokens = {len(ids) + 3: EOS}  # the 4th generated token is EOS
+    want = tok.decode(expected_tokens(ids, 3))
+    c = client(dummy_api)
+    if stream:
+        chunks = [ch async for ch in await c.chat.completions.create(
+            model=MODEL, messages=HI, max_tokens=50, stream=True, stream_options={"include_usage": True})]
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        usage = chunks[-1].usage
+    else:
+        r = await c.chat.completions.create(model=MODEL, messages=HI, max_tokens=50)
+        text, finish, usage = r.choices[0].message.content, [r.choices[0].finish_reason], r.usage
+    assert text == want and "<|im_end|>" not in text
+    assert finish == ["stop"] and usage.completion_tokens == 3
+
+
+async def test_default_model_roles_and_content_parts(dummy_api, tok):
+    messages = [{"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": None},
+                {"role": "user", "content": "again"}]
+    status, r = await post(dummy_api, "/v1/chat/completions", {"messages": messages, "max_tokens": 4})
     assert status == 200, r
-    assert r["model"] == "tiny"
-    assert server.node.calls[0][1] == server.node.tokenizer.encode("system: be brief\nuser: hi\nassistant:")
+    assert r["model"] == MODEL
+    rendered = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
+                {"role": "assistant", "content": ""}, {"role": "user", "content": "again"}]
+    ids = chat_ids(tok, rendered)  # the dummy's answer depends on every prompt token
+    assert r["usage"]["prompt_tokens"] == len(ids)
+    assert r["choices"][0]["message"]["content"] == tok.decode(expected_tokens(ids, 4))
 
 
-@pytest.mark.asyncio
-async def test_chat_defaults_and_options_reach_the_node(server):
-    body = dict(CHAT, max_completion_tokens=2, max_tokens=7, top_p=0.5, top_k=3, seed=11, presence_penalty=0.5,
-                frequency_penalty=-1, n=2, user="u", metadata={"a": "b"}, store=False)
-    status, r = await post(server, "/v1/chat/completions", body)
+async def test_max_completion_tokens_wins_and_n_choices(dummy_api, tok):
+    body = dict(CHAT, max_completion_tokens=2, max_tokens=7, n=2, top_p=0.5, top_k=3, seed=11, temperature=0.5,
+                presence_penalty=0.5, frequency_penalty=-1, user="u", metadata={"a": "b"}, store=False)
+    status, r = await post(dummy_api, "/v1/chat/completions", body)
     assert status == 200, r
-    assert [c["message"]["content"] for c in r["choices"]] == ["Hello world", "Hello world"]
-    assert [c["finish_reason"] for c in r["choices"]] == ["length", "length"]
-    assert r["usage"]["completion_tokens"] == 4
-    opts = sorted((c[2] for c in server.node.calls), key=lambda o: o.seed)
-    assert [o.seed for o in opts] == [11, 12]
-    assert opts[0].max_tokens == 2 and opts[0].top_p == 0.5 and opts[0].top_k == 3
-    assert opts[0].temperature == 1.0  # OpenAI's default
-    assert opts[0].presence_penalty == 0.5 and opts[0].frequency_penalty == -1
+    want = tok.decode(expected_tokens(chat_ids(tok, HI), 2))
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in r["choices"]] == \
+        [(0, want, "length"), (1, want, "length")]
+    assert r["usage"]["completion_tokens"] == 4  # counted over both choices
 
 
-@pytest.mark.asyncio
-async def test_chat_streaming_with_openai_client(server):
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-    stream = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                  stream=True, stream_options={"include_usage": True})
-    chunks = [c async for c in stream]
+async def test_streaming_equals_non_streaming(dummy_api):
+    c = client(dummy_api)
+    full = await c.chat.completions.create(model=MODEL, messages=HI, max_tokens=9)
+    stream = await c.chat.completions.create(model=MODEL, messages=HI, max_tokens=9, stream=True,
+                                             stream_options={"include_usage": True})
+    chunks = [ch async for ch in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "Hello world!"
-    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == full.choices[0].message.content
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert all(ch.usage is None for ch in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
 
 
-@pytest.mark.asyncio
-async def test_streaming_n_choices(server):
-    events = await sse_events(server, "/v1/chat/completions", dict(CHAT, stream=True, n=2))
+async def test_streaming_n_choices_and_done(dummy_api, tok):
+    events = await sse_events(dummy_api, "/v1/chat/completions", dict(CHAT, stream=True, n=2))
     assert events[-1] == "[DONE]"
+    assert all(e["object"] == "chat.completion.chunk" and "usage" not in e for e in events[:-1])
     texts = {0: "", 1: ""}
     for e in events[:-1]:
-        assert len(e["choices"]) == 1  # one choice per chunk
+        assert len(e["choices"]) == 1  # one choice per chunk, as OpenAI streams them
         texts[e["choices"][0]["index"]] += e["choices"][0]["delta"].get("content", "")
-    assert texts == {0: "Hello world!", 1: "Hello world!"}
-    await wait_for(lambda: len(server.node.closed) == 2, 5.0)
+    want = tok.decode(expected_tokens(chat_ids(tok, HI), 5))
+    assert texts == {0: want, 1: want}
 
 
-@pytest.mark.asyncio
-async def test_stream_ends_with_done(server):
-    events = await sse_events(server, "/v1/chat/completions", dict(CHAT, stream=True))
-    assert events[-1] == "[DONE]"
-    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
-    assert "usage" not in events[0]
+def _stop_across_tokens(tok, tokens: list[int]) -> tuple[str, int, int]:
+    """A 2-character stop string made of the last character of one token's text and the first
+    of the next one's, occurring first at that boundary: (stop, its index, tokens up to it)."""
+    text, prev = "", ""
+    for k in range(1, len(tokens)):
+        prev = tok.decode(tokens[:k])
+        cur = tok.decode(tokens[: k + 1])
+        if prev and len(cur) > len(prev) and "\ufffd" not in cur and not prev[-1].isspace():
+            stop = prev[-1] + cur[len(prev)]
+            if cur.find(stop) == len(prev) - 1:
+                return stop, len(prev) - 1, k + 1
+    raise AssertionError(f"no token boundary to put a stop string on in {text!r}")
 
 
-@pytest.mark.asyncio
-async def test_stop_string_spanning_tokens_closes_the_generation(server):
-    status, r = await post(server, "/v1/chat/completions", dict(CHAT, stop=["lo wor"]))
-    assert status == 200
-    assert r["choices"][0]["message"]["content"] == "Hel"
-    assert r["choices"][0]["finish_reason"] == "stop"
-    assert r["usage"]["completion_tokens"] == 2
-    await wait_for(lambda: len(server.node.closed) == 1, 5.0)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_string_spanning_tokens(dummy_api, tok, stream):
+    tokens = expected_tokens(chat_ids(tok, HI), 12)
+    stop, at, consumed = _stop_across_tokens(tok, tokens)
+    full = tok.decode(tokens)
+    body = dict(CHAT, max_tokens=12, stop=["never-generated-zz", stop])
+    if stream:
+        events = await sse_events(dummy_api, "/v1/chat/completions", dict(body, stream=True))
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"][0]["finish_reason"]]
+    else:
+        status, r = await post(dummy_api, "/v1/chat/completions", body)
+        assert status == 200, r
+        text, finish = r["choices"][0]["message"]["content"], [r["choices"][0]["finish_reason"]]
+        assert r["usage"]["completion_tokens"] == consumed
+    assert text == full[:at] and stop not in text
+    assert finish == ["stop"]
+    await no_request_left(dummy_api)  # the generation was ended on the node
 
 
-@pytest.mark.asyncio
-async def test_logprobs(server):
-    status, r = await post(server, "/v1/chat/completions", dict(CHAT, logprobs=True, top_logprobs=1))
-    assert status == 200, r
-    content = r["choices"][0]["logprobs"]["content"]
-    assert [c["token"] for c in content] == ["Hello", " world", "!"]
-    assert content[1]["logprob"] == -0.5 and content[1]["top_logprobs"][0]["token"] == " world"
-    assert server.node.calls[0][2].logprobs and server.node.calls[0][2].top_logprobs == 1
+async def test_logprobs(dummy_api, tok):
+    tokens = expected_tokens(chat_ids(tok, HI), 5)
+    r = await client(dummy_api).chat.completions.create(model=MODEL, messages=HI, max_tokens=5, logprobs=True,
+                                                        top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [bytes(c.bytes) for c in content] == [tok.token_bytes(t) for t in tokens]
+    assert "".join(c.token for c in content if "\ufffd" not in c.token) in r.choices[0].message.content
+    for c in content:
+        assert c.logprob == pytest.approx(0.0, abs=1e-9)  # the dummy puts all the mass on its token
+        assert [t.token for t in c.top_logprobs][0] == c.token and len(c.top_logprobs) == 2
+        assert c.top_logprobs[1].logprob == pytest.approx(-PEAK, abs=1e-3)
+    status, r = await post(dummy_api, "/v1/chat/completions", CHAT)
+    assert r["choices"][0]["logprobs"] is None
 
 
 # ---------------------------------------------------------------------------- completions
 
 
-@pytest.mark.asyncio
-async def test_completions(server):
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-    r = await client.completions.create(model="tiny", prompt=["A", "B"], max_tokens=2, echo=True)
-    assert [c.text for c in r.choices] == ["AHello world", "BHello world"]
-    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].finish_reason == "length"
-    assert r.usage.prompt_tokens == 2 and r.usage.completion_tokens == 4
-    r = await client.completions.create(model="tiny", prompt="A", logprobs=1, stop="!")
+async def test_completions(dummy_api, tok):
+    c = client(dummy_api)
+    r = await c.completions.create(model=MODEL, prompt=["A", "B"], max_tokens=2, echo=True)
+    assert [ch.text for ch in r.choices] == [p + tok.decode(expected_tokens(tok.encode(p), 2)) for p in "AB"]
+    assert [ch.index for ch in r.choices] == [0, 1] and r.choices[0].finish_reason == "length"
+    assert r.object == "text_completion" and r.usage.prompt_tokens == 2 and r.usage.completion_tokens == 4
+    # a prompt of token ids, with log-probabilities
+    ids = tok.encode("The capital of France is")
+    tokens = expected_tokens(ids, 4)
+    r = await c.completions.create(model=MODEL, prompt=ids, max_tokens=4, logprobs=1)
     lp = r.choices[0].logprobs
-    assert r.choices[0].text == "Hello world" and lp.tokens == ["Hello", " world"] and lp.text_offset == [0, 5]
-    stream = await client.completions.create(model="tiny", prompt="A", stream=True, echo=True)
-    texts = [c.choices[0].text async for c in stream]
-    assert "".join(texts) == "AHello world!"
+    assert r.choices[0].text == tok.decode(tokens) and len(lp.tokens) == 4
+    assert lp.text_offset[0] == 0 and all(x == pytest.approx(0.0, abs=1e-9) for x in lp.token_logprobs)
+    # streamed, with the prompt echoed first
+    stream = await c.completions.create(model=MODEL, prompt="A", max_tokens=3, stream=True, echo=True)
+    texts = [ch.choices[0].text async for ch in stream]
+    assert texts[0] == "A" and "".join(texts) == "A" + tok.decode(expected_tokens(tok.encode("A"), 3))
+
+
+async def test_completions_stop(dummy_api, tok):
+    tokens = expected_tokens(tok.encode("A"), 12)
+    stop, at, _ = _stop_across_tokens(tok, tokens)
+    r = await client(dummy_api).completions.create(model=MODEL, prompt="A", max_tokens=12, stop=stop)
+    assert r.choices[0].text == tok.decode(tokens)[:at] and r.choices[0].finish_reason == "stop"
 
 
 # ---------------------------------------------------------------------------- errors
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("body, param", [
     (dict(CHAT, temperature="hot"), "temperature"),
     (dict(CHAT, temperature=3), "temperature"),
     (dict(CHAT, max_tokens=0), "max_tokens"),
+    (dict(CHAT, max_completion_tokens=-1), "max_completion_tokens"),
     (dict(CHAT, top_p=0), "top_p"),
+    (dict(CHAT, top_k=-2), "top_k"),
     (dict(CHAT, n=0), "n"),
+    (dict(CHAT, n=17), "n"),
+    (dict(CHAT, seed="1"), "seed"),
+    (dict(CHAT, presence_penalty=2.5), "presence_penalty"),
+    (dict(CHAT, frequency_penalty=-3), "frequency_penalty"),
     (dict(CHAT, stream="yes"), "stream"),
     (dict(CHAT, frobnicate=1), "frobnicate"),
     (dict(CHAT, stop=""), "stop"),
+    (dict(CHAT, stop=[1]), "stop[0]"),
+    (dict(CHAT, stop=["x"] * 17), "stop"),
+    (dict(CHAT, logprobs="yes"), "logprobs"),
     (dict(CHAT, top_logprobs=2), "top_logprobs"),
+    (dict(CHAT, logprobs=True, top_logprobs=21), "top_logprobs"),
     (dict(CHAT, stream_options={"include_usage": True}), "stream_options"),
+    (dict(CHAT, stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
     (dict(CHAT, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (dict(CHAT, logit_bias={"1": 5}), "logit_bias"),
+    (dict(CHAT, model=7), "model"),
     (dict(CHAT, messages=[]), "messages"),
+    (dict(CHAT, messages="hi"), "messages"),
     (dict(CHAT, messages=[{"role": "robot", "content": "x"}]), "messages[0].role"),
     (dict(CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "messages[0].content[0].type"),
     (dict(CHAT, messages=[{"role": "user"}]), "messages[0].content"),
-    ({"model": "tiny"}, "messages"),
+    (dict(CHAT, messages=[{"role": "user", "content": "x", "extra": 1}]), "messages[0].extra"),
+    ({"model": MODEL}, "messages"),
 ])
-async def test_400_names_the_parameter(server, body, param):
-    status, r = await post(server, "/v1/chat/completions", body)
+async def test_chat_400_names_the_parameter(dummy_api, body, param):
+    calls = dummy_api.node.engine.calls
+    status, r = await post(dummy_api, "/v1/chat/completions", body)
     assert status == 400, r
     assert r["error"]["param"] == param
     assert param in r["error"]["message"]
     assert r["error"]["type"] == "invalid_request_error"
-    assert server.node.calls == []
+    assert dummy_api.node.engine.calls == calls  # nothing reached the ring
 
 
-@pytest.mark.asyncio
-async def test_400_invalid_json_and_completion_params(server):
-    status, r = await post(server, "/v1/chat/completions", "{not json", raw=True)
-    assert status == 400 and r["error"]["code"] == "invalid_json"
-    status, r = await post(server, "/v1/chat/completions", [1, 2])
-    assert status == 400
-    status, r = await post(server, "/v1/completions", {"model": "tiny", "prompt": "A", "suffix": "x"})
-    assert status == 400 and r["error"]["param"] == "suffix" and r["error"]["code"] == "unsupported_parameter"
-    status, r = await post(server, "/v1/completions", {"model": "tiny", "prompt": [999999]})
-    assert status == 400 and r["error"]["param"] == "prompt"
-    status, r = await post(server, "/v1/completions", {"model": "tiny", "prompt": "A", "logprobs": 6})
-    assert status == 400 and r["error"]["param"] == "logprobs"
+@pytest.mark.parametrize("body, param", [
+    ({"model": MODEL}, "prompt"),
+    ({"model": MODEL, "prompt": []}, "prompt"),
+    ({"model": MODEL, "prompt": [[]]}, "prompt"),
+    ({"model": MODEL, "prompt": [999999]}, "prompt"),
+    ({"model": MODEL, "prompt": ["a", [5]]}, "prompt[1]"),
+    ({"model": MODEL, "prompt": "A", "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "prompt": "A", "logprobs": 6}, "logprobs"),
+    ({"model": MODEL, "prompt": "A", "logprobs": True}, "logprobs"),
+    ({"model": MODEL, "prompt": "A", "echo": 1}, "echo"),
+    ({"model": MODEL, "prompt": "A", "suffix": "x"}, "suffix"),
+    ({"model": MODEL, "prompt": "A", "best_of": 3}, "best_of"),
+    ({"model": MODEL, "prompt": "A", "frobnicate": True}, "frobnicate"),
+])
+async def test_completions_400_names_the_parameter(dummy_api, body, param):
+    calls = dummy_api.node.engine.calls
+    status, r = await post(dummy_api, "/v1/completions", body)
+    assert status == 400, r
+    assert r["error"]["param"] == param and param in r["error"]["message"]
+    assert dummy_api.node.engine.calls == calls
 
 
-@pytest.mark.asyncio
-async def test_404_unknown_model_and_route(server):
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+async def test_malformed_bodies_then_the_node_keeps_serving(dummy_api, tok):
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        status, r = await post(dummy_api, path, "{not json", raw=True)
+        assert status == 400 and r["error"]["code"] == "invalid_json"
+        status, r = await post(dummy_api, path, [1, 2])
+        assert status == 400 and r["error"]["code"] == "invalid_request_body"
+        status, r = await post(dummy_api, path, b"\xff\xfe", raw=True)
+        assert status == 400
+    status, r = await post(dummy_api, "/v1/chat/completions", CHAT)
+    assert status == 200 and r["choices"][0]["message"]["content"] == tok.decode(expected_tokens(chat_ids(tok, HI), 5))
+
+
+async def test_404_unknown_model_and_route(dummy_api):
+    c = client(dummy_api)
     with pytest.raises(openai.NotFoundError) as e:
-        await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        await c.chat.completions.create(model="gpt-4o", messages=HI)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
-    status, r = await post(server, "/v1/nothing/here", {})
+    with pytest.raises(openai.NotFoundError) as e:
+        await c.completions.create(model="gpt-3.5-turbo-instruct", prompt="x")
+    assert e.value.body["code"] == "model_not_found"
+    status, r = await post(dummy_api, "/v1/nothing/here", {})
     assert status == 404 and r["error"]["code"] == "not_found"
     async with aiohttp.ClientSession() as s:
-        async with s.get(server.base_url + "/chat/completions") as resp:
+        async with s.get(dummy_api.base_url + "/chat/completions") as resp:
             assert resp.status == 405 and (await resp.json())["error"]["code"] == "method_not_allowed"
 
 
-@pytest.mark.asyncio
-async def test_413_prompt_longer_than_context(server):
-    status, r = await post(server, "/v1/chat/completions", dict(CHAT, messages=[{"role": "user", "content": "x" * 100}]))
-    assert status == 413 and r["error"]["code"] == "context_length_exceeded"
-    assert server.node.calls == []
+async def test_413_prompt_longer_than_the_context(dummy_api):
+    calls = dummy_api.node.engine.calls
+    long = "x " * 9000  # > 8192 tokens
+    status, r = await post(dummy_api, "/v1/chat/completions", dict(CHAT, messages=[{"role": "user", "content": long}]))
+    assert status == 413 and r["error"]["code"] == "context_length_exceeded" and r["error"]["param"] == "messages"
+    status, r = await post(dummy_api, "/v1/completions", {"model": MODEL, "prompt": long})
+    assert status == 413 and r["error"]["param"] == "prompt"
+    assert dummy_api.node.engine.calls == calls
 
 
-@pytest.mark.asyncio
-async def test_503_when_no_node_can_serve(server):
-    async def none_available(prompt_ids, options):
-        raise NoNodeAvailableError("weights missing everywhere")
-        yield  # pragma: no cover
+async def test_503_when_no_node_has_the_weights(dummy_api, monkeypatch):
+    monkeypatch.setitem(MODELS, "ghost-1b", ModelCard("ghost-1b", "Ghost 1B", n_layers=16, architecture="llama",
+                                                      gguf_package="exo_test_no_such_weights", gguf_filename="g.gguf"))
+    c = client(dummy_api)
+    assert "ghost-1b" not in [m.id for m in (await c.models.list()).data]
+    for path, body in (("/v1/chat/completions", {"model": "ghost-1b", "messages": HI}),
+                       ("/v1/completions", {"model": "ghost-1b", "prompt": "x"})):
+        status, r = await post(dummy_api, path, body)
+        assert status == 503 and r["error"]["code"] == "model_not_available" and "ghost-1b" in r["error"]["message"]
+        assert r["error"]["type"] == "service_unavailable_error"
 
-    server.node.script = none_available
-    status, r = await post(server, "/v1/chat/completions", CHAT)
-    assert status == 503 and "weights missing" in r["error"]["message"]
-    status, r = await post(server, "/v1/chat/completions", dict(CHAT, stream=True))
-    assert status == 503
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_500_when_the_shard_fails_before_the_first_token(dummy_api, stream):
+    dummy_api.node.engine.fail_layer = 0
+    status, r = await post(dummy_api, "/v1/chat/completions", dict(CHAT, stream=stream))
+    assert status == 500 and r["error"]["code"] == "generation_error"
+    assert "api-dummy" in r["error"]["message"] and "DummyEngineError" in r["error"]["message"]
+    await no_request_left(dummy_api)
 
 
-@pytest.mark.asyncio
-async def test_generation_error_before_and_during_stream(server):
-    v_hello = server.node.words[0]
-
-    async def fail_first(prompt_ids, options):
-        raise GenerationError("node b: out of memory")
-        yield  # pragma: no cover
-
-    server.node.script = fail_first
-    status, r = await post(server, "/v1/chat/completions", dict(CHAT, stream=True))
-    assert status == 500 and "out of memory" in r["error"]["message"]
-
-    async def fail_later(prompt_ids, options):
-        yield TokenResult("r", [v_hello])
-        raise GenerationError("node b: lost")
-
-    async def error_result(prompt_ids, options):
-        yield TokenResult("r", [], finish_reason="error", error="node c: crashed")
-
-    server.node.script = error_result
-    status, r = await post(server, "/v1/chat/completions", dict(CHAT, stream=True))
-    assert status == 500 and "crashed" in r["error"]["message"]
-
-    server.node.script = fail_later
-    events = await sse_events(server, "/v1/chat/completions", dict(CHAT, stream=True))
+async def test_error_mid_stream_is_an_error_event(dummy_api, tok):
+    ids = chat_ids(tok, HI)
+    dummy_api.node.engine.fail_layer, dummy_api.node.engine.fail_at_position = 29, len(ids) + 2
+    events = await sse_events(dummy_api, "/v1/chat/completions", dict(CHAT, max_tokens=20, stream=True))
     assert events[-1] == "[DONE]"
-    assert events[-2]["error"]["code"] == "generation_error" and "lost" in events[-2]["error"]["message"]
-    assert events[1]["choices"][0]["delta"]["content"] == "Hello"
+    assert events[-2]["error"]["code"] == "generation_error" and "DummyEngineError" in events[-2]["error"]["message"]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
+    assert text == tok.decode(expected_tokens(ids, 3))[: len(text)] and len(text) > 0
+    status, r = await post(dummy_api, "/v1/chat/completions", dict(CHAT, max_tokens=20))
+    assert status == 500 and "DummyEngineError" in r["error"]["message"]
+    await no_request_left(dummy_api)
 
 
-@pytest.mark.asyncio
-async def test_504_when_the_node_is_silent(server):
-    server.api.app[STATE_KEY].response_timeout = 0.2
-
-    async def silent(prompt_ids, options):
-        await asyncio.Event().wait()
-        yield  # pragma: no cover
-
-    server.node.script = silent
-    status, r = await post(server, "/v1/chat/completions", CHAT)
-    assert status == 504 and r["error"]["code"] == "timeout" and "0.2 s" in r["error"]["message"]
-    await wait_for(lambda: len(server.node.closed) == 1, 5.0)
+async def test_504_when_no_token_comes_in_time(dummy_api):
+    dummy_api.node.engine.token_delay = 2.0
+    dummy_api.running.api.app[STATE_KEY].response_timeout = 0.3
+    status, r = await post(dummy_api, "/v1/chat/completions", CHAT)
+    assert status == 504 and r["error"]["code"] == "timeout" and "0.3 s" in r["error"]["message"]
+    await no_request_left(dummy_api)  # freed once the engine's step ends
 
 
-@pytest.mark.asyncio
-async def test_client_disconnect_closes_the_generation(server):
-    server.api.app[STATE_KEY].response_timeout = 60.0  # only the disconnect may end it
-    first_sent = asyncio.Event()
-
-    async def endless(prompt_ids, options):
-        while True:
-            yield TokenResult("r", [server.node.words[0]])
-            first_sent.set()
-            await asyncio.sleep(0.01)
-
-    server.node.script = endless
+async def test_client_disconnect_mid_stream_ends_the_request(dummy_api):
+    engine = dummy_api.node.engine
+    engine.token_delay = 0.02
     async with aiohttp.ClientSession() as s:
-        async with s.post(server.base_url + "/chat/completions", json=dict(CHAT, stream=True)) as r:
+        async with s.post(dummy_api.base_url + "/chat/completions", json=dict(CHAT, max_tokens=5000, stream=True)) as r:
             assert r.status == 200
-            await r.content.readline()
-            await asyncio.wait_for(first_sent.wait(), 5.0)
+            for _ in range(4):
+                await r.content.readline()
+            assert engine.cached_request_ids()  # generating
             r.close()  # drop the connection mid-stream
-    await wait_for(lambda: len(server.node.closed) == 1, 5.0)
-    await wait_for(lambda: not server.api.app[STATE_KEY].active_requests, 5.0)
+    await no_request_left(dummy_api)
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("stream", [True, False])
-async def test_client_disconnect_before_the_first_token_closes_the_generation(server, stream):
-    server.api.app[STATE_KEY].response_timeout = 60.0  # only the disconnect may end it
-    started = asyncio.Event()
-
-    async def slow_prefill(prompt_ids, options):
-        started.set()
-        await asyncio.Event().wait()
-        yield  # pragma: no cover
-
-    server.node.script = slow_prefill
+async def test_client_disconnect_before_the_first_token_ends_the_request(dummy_api, stream):
+    dummy_api.node.engine.token_delay = 1.0  # a slow prefill
+    state = dummy_api.running.api.app[STATE_KEY]
     async with aiohttp.ClientSession() as s:
-        task = asyncio.create_task(s.post(server.base_url + "/chat/completions", json=dict(CHAT, stream=stream)))
-        await asyncio.wait_for(started.wait(), 5.0)
+        task = asyncio.create_task(s.post(dummy_api.base_url + "/chat/completions", json=dict(CHAT, stream=stream)))
+        await wait_for(lambda: dummy_api.node.active_request_ids, 5.0)
         task.cancel()  # the client gives up while the node is still on the prompt
         await asyncio.gather(task, return_exceptions=True)
-    await wait_for(lambda: len(server.node.closed) == 1, 5.0)
-    await wait_for(lambda: not server.api.app[STATE_KEY].active_requests, 5.0)
+    await wait_for(lambda: not state.active_requests, 5.0)
+    await no_request_left(dummy_api)
 
 
-@pytest.mark.asyncio
-async def test_images_are_unsupported(server):
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+async def test_images_are_unsupported(dummy_api):
+    c = client(dummy_api)
     with pytest.raises(openai.BadRequestError) as e:
-        await client.images.generate(prompt="a cat")
+        await c.images.generate(prompt="a cat")
     assert e.value.body["code"] == "unsupported"
     with pytest.raises(openai.NotFoundError) as e:
-        await client.images.generate(prompt="a cat", model="dall-e-3")
+        await c.images.generate(prompt="a cat", model="dall-e-3")
     assert e.value.body["code"] == "model_not_found"
 
 
 # ---------------------------------------------------------------------------- CORS and web UI
 
 
-@pytest.mark.asyncio
-async def test_cors(server):
+async def test_cors(dummy_api):
     async with aiohttp.ClientSession() as s:
         headers = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST",
                    "Access-Control-Request-Headers": "content-type,authorization"}
-        async with s.options(server.base_url + "/chat/completions", headers=headers) as r:
+        async with s.options(dummy_api.base_url + "/chat/completions", headers=headers) as r:
             assert r.status == 204
             assert r.headers["Access-Control-Allow-Origin"] == "*"
             assert "POST" in r.headers["Access-Control-Allow-Methods"]
             assert r.headers["Access-Control-Allow-Headers"] == "content-type,authorization"
-        async with s.post(server.base_url + "/chat/completions", json=dict(CHAT, stream=True)) as r:
+        async with s.post(dummy_api.base_url + "/chat/completions", json=dict(CHAT, stream=True)) as r:
             assert r.headers["Access-Control-Allow-Origin"] == "*"
             await r.read()
-        async with s.get(server.base_url + "/models/nope") as r:
+        async with s.get(dummy_api.base_url + "/models/nope") as r:
             assert r.headers["Access-Control-Allow-Origin"] == "*"
 
 
-@pytest.mark.asyncio
-async def test_tinychat_static_files(server):
+async def test_tinychat_static_files(dummy_api):
+    root = dummy_api.api_url
     async with aiohttp.ClientSession() as s:
-        async with s.get(server.root + "/") as r:
+        async with s.get(root + "/") as r:
             assert r.status == 200 and "tinychat" in await r.text()
-        async with s.get(server.root + "/app.js") as r:
+        async with s.get(root + "/app.js") as r:
             assert r.status == 200 and await r.text() == "console.log(1)"
-        async with s.get(server.root + "/../secret.txt") as r:
-            assert r.status == 404
-        async with s.get(server.root + "/%2e%2e/secret.txt") as r:
-            assert r.status == 404
-        async with s.get(server.root + "/missing.css") as r:
+        for path in ("/../secret.txt", "/%2e%2e/secret.txt"):
+            async with s.get(root + path) as r:
+                assert r.status == 404
+        async with s.get(root + "/missing.css") as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"

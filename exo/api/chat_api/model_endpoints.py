@@ -14,10 +14,11 @@ from exo.models.registry import ModelCard
 logger = logging.getLogger(__name__)
 
 
-def model_object(card: ModelCard, created: int) -> ModelObject:
-    """OpenAI's model object for ``card`` (plus exo's layer count and context length)."""
+def model_object(card: ModelCard, created: int, state: str) -> ModelObject:
+    """OpenAI's model object for ``card`` (plus exo's layer count, context length and ``state``:
+    "ready", "loading" or "available")."""
     return ModelObject(id=card.model_id, created=created, name=card.name, n_layers=card.n_layers,
-                       context_length=card.context_length, architecture=card.architecture)
+                       context_length=card.context_length, architecture=card.architecture, state=state)
 
 
 def _state(request: web.Request) -> APIState:
@@ -25,10 +26,11 @@ def _state(request: web.Request) -> APIState:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models this cluster can serve."""
+    """``GET /v1/models``: the models this cluster can serve, each with its ``state``."""
     state = _state(request)
     cards = sorted(state.node.available_models(), key=lambda c: c.model_id)
-    return web.json_response(ModelList(data=[model_object(c, state.created) for c in cards]).model_dump(mode="json"))
+    data = [model_object(c, state.created, state.node.model_state(c.model_id)) for c in cards]
+    return web.json_response(ModelList(data=data).model_dump(mode="json"))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -41,7 +43,8 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     for card in state.node.available_models():
         if card.model_id == model_id:
-            return web.json_response(model_object(card, state.created).model_dump(mode="json"))
+            obj = model_object(card, state.created, state.node.model_state(model_id))
+            return web.json_response(obj.model_dump(mode="json"))
     raise APIError(404, f"The model `{model_id}` does not exist or is not available on this cluster",
                    param="model", code="model_not_found")
 

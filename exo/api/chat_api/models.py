@@ -480,8 +480,15 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+ModelState = Literal["ready", "loading", "available"]
+
+
 class ModelObject(BaseModel):
-    """An entry of ``GET /v1/models`` (OpenAI's fields plus exo's)."""
+    """An entry of ``GET /v1/models`` (OpenAI's fields plus exo's).
+
+    ``state``, as the answering node sees it: "ready" (its shard of the current ring is
+    loaded), "loading" (being loaded), "available" (weights present, loaded on first use).
+    """
 
     id: str
     object: Literal["model"] = "model"
@@ -491,6 +498,7 @@ class ModelObject(BaseModel):
     n_layers: int
     context_length: int
     architecture: str
+    state: ModelState
 
 
 class ModelList(BaseModel):

@@ -47,7 +47,7 @@ from exo.api.chat_api.token_handler import (
 from exo.api.chat_api.utils import APIError, new_id, unix_time
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
-from exo.models.registry import ModelCard
+from exo.models.registry import MODELS, ModelCard
 from exo.orchestration.errors import GenerationError, GenerationTimeoutError, ModelNotFoundError, NoNodeAvailableError
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ def resolve_model(state: APIState, requested: str | None) -> ModelCard:
     """The card of the requested model (the default when None), if this cluster serves it.
 
     Raises:
-        APIError: 404 "model_not_found" for a model the cluster cannot serve; 503 when the
-            default model is not available.
+        APIError: 404 "model_not_found" for a model not in the registry (never a silent
+            fallback to another model); 503 "model_not_available" for a registered model (or
+            the default model) whose weights no node has.
     """
     cards = {c.model_id: c for c in state.node.available_models()}
     model_id = requested if requested is not None else state.default_model
@@ -89,8 +90,9 @@ def resolve_model(state: APIState, requested: str | None) -> ModelCard:
     if card is not None:
         return card
     available = ", ".join(sorted(cards)) or "none"
-    if requested is None:
-        raise APIError(503, f"the default model {model_id!r} is not available on this cluster (available: {available})",
+    if requested is None or model_id in MODELS:  # known, but no node has its weights
+        raise APIError(503, f"no node can serve the model {model_id!r}: its weights are not installed on this cluster "
+                            f"(available: {available})", param=None if requested is None else "model",
                        code="model_not_available")
     raise APIError(404, f"The model `{model_id}` does not exist or is not available on this cluster "
                         f"(available: {available})", param="model", code="model_not_found")
