@@ -16,6 +16,7 @@ install_requires = [
     "pydantic>=2.7",
     "psutil>=5.9",
     "pyyaml>=6.0",
+    "prometheus-client>=0.20",
 ]
 
 extras_require = {
@@ -28,6 +29,8 @@ extras_require = {
         "pytest-asyncio>=0.24",
         "pytest-timeout>=2.3",
         "openai>=1.50",
+        "ollama>=0.4",
+        "anthropic>=0.40",
         "grpcio-tools>=1.85.1",
         "transformers>=4.46",
         "accelerate>=1.0",

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of memory this node offers for weights (default: detected; env EXO_MEMORY_BYTES)")
     p.add_argument("--response-timeout", type=float, default=60.0, help="seconds to wait for the next token")
     p.add_argument("--log-level", default=os.environ.get("EXO_LOG_LEVEL", "INFO"), help="logging level")
+    p.add_argument("--config", default=None,
+                   help="YAML configuration file (env EXO_CONFIG; see config.example.yaml); flags given override it")
     return p
 
 
@@ -102,10 +104,19 @@ async def run_prompt(config: NodeConfig, prompt: str, max_tokens: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    from exo.config import ConfigError, apply_config, setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        file_config = apply_config(parser, args, argv)  # the file's values where no flag was given
+        setup_logging(file_config.logging)
+    except (ConfigError, OSError) as e:
+        logging.basicConfig(stream=sys.stderr)
+        logger.error("%s", e)
+        return 2
     config = config_from_args(args)
+    config.api_options = file_config.api_options()
     try:
         if args.command == "run":
             return asyncio.run(run_prompt(config, args.prompt, args.max_tokens))

@@ -58,6 +58,7 @@ class NodeConfig:
     interfaces: list[str] | None = None
     inference_engine: str | None = None
     inference_engine_options: dict = field(default_factory=dict)  # keyword arguments of the engine's constructor
+    api_options: dict = field(default_factory=dict)  # keyword arguments of ChatAPI (auth, rate_limit, defaults, cors_allow_origin)
     default_model: str = "smollm2-135m"
     wait_for_peers: int = 0
     cluster_secret: str | None = None
@@ -149,7 +150,8 @@ async def start_node(config: NodeConfig) -> RunningNode:
         from exo.api.chat_api.api import ChatAPI
 
         tinychat = config.tinychat_dir if config.tinychat_dir and Path(config.tinychat_dir).is_dir() else None
-        api = ChatAPI(node, default_model=config.default_model, response_timeout=config.response_timeout, tinychat_dir=tinychat)
+        api = ChatAPI(node, default_model=config.default_model, response_timeout=config.response_timeout, tinychat_dir=tinychat,
+                      **config.api_options)
         await api.run(config.resolved_host(config.api_host), config.api_port)
     return RunningNode(config, node, server, discovery, api)
 

@@ -13,11 +13,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from exo.api.chat_api import image_endpoints, model_endpoints, route_handlers
+from exo.api.chat_api import anthropic_endpoints, health, image_endpoints, metrics, model_endpoints, ollama_endpoints, route_handlers
+from exo.api.chat_api.auth import setup as setup_auth
+from exo.api.chat_api.dialects import dialect_error_middleware
+from exo.api.chat_api.rate_limit import setup as setup_rate_limit
 from exo.api.chat_api.middlewares import cors_preflight_middleware, error_middleware, make_cors_on_prepare
 from exo.api.chat_api.models import GenerationDefaults
 from exo.api.chat_api.state import STATE_KEY, APINode, APIState
 from exo.api.chat_api.utils import unix_time
+from exo.config import AuthConfig, RateLimitConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class ChatAPI:
         defaults: server defaults of generation options (OpenAI's when None).
         cors_allow_origin: value of ``Access-Control-Allow-Origin`` ("*": any origin).
         shutdown_timeout: seconds ``stop`` lets requests in flight finish before cancelling them.
+        auth: API keys and public paths (no keys: everything open).
+        rate_limit: per-client rate and the bounded generation queue.
 
     Attributes:
         port: the TCP port listened on, once ``run`` returned (useful with port 0).
@@ -74,7 +80,8 @@ class ChatAPI:
 
     def __init__(self, node: APINode, default_model: str, response_timeout: float = 90.0,
                  tinychat_dir: Path | None = None, *, defaults: GenerationDefaults | None = None,
-                 cors_allow_origin: str = "*", shutdown_timeout: float = 5.0):
+                 cors_allow_origin: str = "*", shutdown_timeout: float = 5.0,
+                 auth: AuthConfig | None = None, rate_limit: RateLimitConfig | None = None):
         if response_timeout <= 0:
             raise ValueError(f"response_timeout must be > 0 seconds, got {response_timeout}")
         self.node = node
@@ -84,6 +91,8 @@ class ChatAPI:
         self.defaults = defaults or GenerationDefaults()
         self.cors_allow_origin = cors_allow_origin
         self.shutdown_timeout = shutdown_timeout
+        self.auth = auth or AuthConfig()
+        self.rate_limit = rate_limit or RateLimitConfig()
         self.port: int | None = None
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
@@ -106,6 +115,14 @@ class ChatAPI:
         )
         app.on_response_prepare.append(make_cors_on_prepare(self.cors_allow_origin))
         app.router.add_get("/healthcheck", healthcheck)
+        # Ollama and Anthropic dialects, keys, limits, metrics, health (middlewares run in this order)
+        app.middlewares.append(dialect_error_middleware)
+        setup_auth(app, self.auth)
+        setup_rate_limit(app, self.rate_limit)
+        metrics.setup(app)
+        health.setup(app)
+        ollama_endpoints.setup_routes(app)
+        anthropic_endpoints.setup_routes(app)
         route_handlers.setup_routes(app)
         model_endpoints.setup_routes(app)
         image_endpoints.setup_routes(app)

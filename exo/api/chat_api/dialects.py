@@ -1,0 +1,112 @@
+"""Which API dialect a path speaks, and errors in each dialect's own format.
+
+* OpenAI (``/v1/*``, the un-prefixed completions paths, everything else):
+  ``{"error": {"message", "type", "param", "code"}}`` (``utils.error_body``).
+* Anthropic (``/v1/messages*``): ``{"type": "error", "error": {"type", "message"}}``
+  (https://docs.anthropic.com/en/api/errors).
+* Ollama (``/api/*``): ``{"error": "message"}`` (ollama ``api/types.go`` ``StatusError``).
+
+``dialect_error_middleware`` answers every error of an Anthropic or Ollama path in its own
+format (handlers raise ``APIError`` as the OpenAI modules do); OpenAI paths pass through to the
+OpenAI ``error_middleware``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal, Mapping
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from exo.api.chat_api.utils import APIError
+
+logger = logging.getLogger(__name__)
+
+Dialect = Literal["openai", "anthropic", "ollama"]
+
+ANTHROPIC_PREFIX = "/v1/messages"
+OLLAMA_PREFIX = "/api/"
+
+# HTTP status -> Anthropic error type
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def dialect_of(path: str) -> Dialect:
+    """The dialect of a request path."""
+    if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
+        return "anthropic"
+    if path.startswith(OLLAMA_PREFIX):
+        return "ollama"
+    return "openai"
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's error ``type`` for an HTTP status."""
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def error_payload(dialect: Dialect, status: int, message: str, *, param: str | None = None,
+                  code: str | None = None) -> dict[str, Any]:
+    """The JSON body of an error in ``dialect``."""
+    if dialect == "anthropic":
+        return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+    if dialect == "ollama":
+        return {"error": message}
+    return APIError(status, message, param=param, code=code).body()
+
+
+def error_response(dialect: Dialect, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON error response in ``dialect`` with ``status`` and extra ``headers``."""
+    return web.json_response(error_payload(dialect, status, message, param=param, code=code), status=status,
+                             headers=dict(headers or {}))
+
+
+def api_error_response(dialect: Dialect, e: APIError, headers: Mapping[str, str] | None = None) -> web.Response:
+    """``e`` answered in ``dialect``."""
+    return error_response(dialect, e.status, e.message, param=e.param, code=e.code, headers=headers)
+
+
+@web.middleware
+async def dialect_error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer errors of Anthropic and Ollama paths in their own format (404 of an unknown
+    ``/api/...`` route included); OpenAI paths are left to ``error_middleware``."""
+    dialect = dialect_of(request.path)
+    if dialect == "openai":
+        return await handler(request)
+    try:
+        return await handler(request)
+    except APIError as e:
+        return api_error_response(dialect, e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 404:
+            message = f"Unknown route: {request.method} {request.path}"
+        elif e.status == 405:
+            message = f"Method {request.method} is not allowed on {request.path}"
+        elif e.status == 413:
+            message = "request body too large"
+        else:
+            message = e.reason or e.text or "error"
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return error_response(dialect, e.status, message, headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(dialect, 500, f"internal server error: {type(e).__name__}: {e}")
