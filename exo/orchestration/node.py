@@ -16,8 +16,8 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -32,21 +32,58 @@ from exo.networking.peer_handle import PeerHandle
 from exo.orchestration.errors import GenerationError, GenerationTimeoutError, ModelNotFoundError, NoNodeAvailableError
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
-from exo.topology.partitioning import Partition, PartitioningStrategy, RingMemoryWeightedPartitioningStrategy
+from exo.topology.model_memory import layer_bytes
+from exo.topology.partitioning import Partition, PartitioningStrategy, PartitionPlan, RingMemoryWeightedPartitioningStrategy
 from exo.topology.topology import NodeInfo, Topology
 
 logger = logging.getLogger(__name__)
 
 PeerHandleFactory = Callable[[str, str, DeviceCapabilities], PeerHandle]
 
+#: Seconds without a token after which the origin checks that every ring member still answers.
+STALL_PROBE_INTERVAL = 3.0
+#: Most re-partitions of one request before it fails.
+MAX_FAILOVERS = 4
+#: Seconds a peer that left stays out of the topology even if another peer still reports it
+#: (that peer's own health checks have not noticed yet).
+LOST_PEER_MEMORY = 15.0
+
 
 @dataclass
 class _OriginRequest:
+    """The origin's state of one request: its current context (ring and epoch), the tokens so
+    far, and what failover learnt."""
+
     ctx: RequestContext
     queue: asyncio.Queue
     prompt_ids: list[int]
     generated: list[int] = field(default_factory=list)
     finished: bool = False
+    excluded: set[str] = field(default_factory=set)  # nodes left out after they stopped answering
+    failovers: int = 0
+    retried_live_ring: bool = False  # one replay on a ring whose members all answered was done
+    members: dict[str, Partition] = field(default_factory=dict)  # every node of every epoch's ring
+
+
+@dataclass(frozen=True)
+class _RingChanged:
+    """Queued to an origin request when discovery removed members of its ring."""
+
+    epoch: int
+    gone: frozenset[str]
+
+
+def replayed_sampler(options: GenerationOptions, generated: Sequence[int]) -> Sampler:
+    """A Sampler in the state one had after sampling the tokens ``generated``: their penalty
+    counts, and at temperature > 0 its random generator advanced by one uniform draw per token
+    (``Sampler`` draws exactly one through ``Generator.choice`` per sampled token), so a seeded
+    request continues with the same draws after a re-partition."""
+    sampler = Sampler(options)
+    for t in generated:
+        sampler.counts[t] = sampler.counts.get(t, 0) + 1
+    if options.temperature > 0.0 and generated:
+        sampler.rng.random(len(generated))
+    return sampler
 
 
 class Node:
@@ -89,13 +126,17 @@ class Node:
         self.topology = Topology()
         self._extra_handles: dict[str, PeerHandle] = {}
         self._origin_requests: dict[str, _OriginRequest] = {}
-        self._samplers: dict[str, Sampler] = {}
+        self._samplers: dict[str, tuple[int, Sampler]] = {}  # request id -> (epoch, its sampler)
         self._ended: OrderedDict[str, float] = OrderedDict()  # request ids ended recently
         self._tasks: set[asyncio.Task] = set()
         self._topology_lock = asyncio.Lock()
         self._stopping = False
         self._topology_task: asyncio.Task | None = None
         self.active_request_ids: set[str] = set()  # requests this node is computing right now
+        self._epochs: OrderedDict[str, int] = OrderedDict()  # request id -> latest epoch seen here
+        self._lost_peers: dict[str, float] = {}  # node id -> monotonic time it stopped being a peer
+        self._layer_bytes: dict[str, int] = {}  # model id -> bytes of one layer (0: unknown)
+        self._left_out_logged: dict[str, str] = {}  # model id -> reason this node holds no layer
         self._loading: dict[str, int] = {}  # model id -> shard loads in progress
 
     # ---------------------------------------------------------------- lifecycle
@@ -109,6 +150,8 @@ class Node:
             if hasattr(discovery, "add_peer_listener"):
                 discovery.add_peer_listener(self._on_peers_changed)
             await discovery.start()
+        if self.default_model:
+            self._spawn(self._warm_layer_bytes(self.default_model), "layer-bytes")
         await self.update_topology()
         if discovery is None and self.default_model:  # alone for good: no ring change will preload
             self._spawn(self._preload(self.default_model), "preload")
@@ -118,7 +161,8 @@ class Node:
         """Stop discovery and background tasks, end requests in flight."""
         self._stopping = True
         for req in list(self._origin_requests.values()):
-            req.queue.put_nowait(TokenResult(req.ctx.request_id, finish_reason="error", error=f"node {self.id} is shutting down"))
+            req.queue.put_nowait(TokenResult(req.ctx.request_id, finish_reason="error", error=f"node {self.id} is shutting down",
+                                             epoch=req.ctx.epoch))
         tasks = [t for t in [self._topology_task, *self._tasks] if t is not None]
         for t in tasks:
             t.cancel()
@@ -162,10 +206,24 @@ class Node:
 
     async def update_topology(self) -> Topology:
         """Rebuild the topology from the live peers and what they see, and preload this node's
-        shard of the default model when the ring changed."""
+        shard of the default model when the ring changed.
+
+        Every node sees every node of the cluster, not only its direct peers: each peer answers
+        ``collect_topology`` with its own latest view (its peers, and what it learnt from them),
+        so nodes and links several hops away arrive within a few refreshes. A peer that left is
+        kept out for ``LOST_PEER_MEMORY`` seconds even while other peers' older views still list
+        it. Requests this node is the origin of are told when members of their ring left.
+        """
         async with self._topology_lock:
             peers = await self.discovery.discover_peers(0) if self.discovery is not None else []
+            now = time.monotonic()
+            previous_peers = set(self.peers)
             self.peers = {p.id(): p for p in peers}
+            for gone in previous_peers - set(self.peers):
+                self._lost_peers[gone] = now
+            for nid, since in list(self._lost_peers.items()):
+                if nid in self.peers or now - since > LOST_PEER_MEMORY:
+                    del self._lost_peers[nid]
             topo = Topology()
             topo.add_node(self.node_info())
             for p in peers:
@@ -175,14 +233,20 @@ class Node:
             results = await asyncio.gather(*(p.collect_topology(set(visited), 4) for p in peers), return_exceptions=True)
             for p, r in zip(peers, results):
                 if isinstance(r, Topology):
+                    own = r.nodes.get(p.id())
+                    if own is not None:  # a peer knows its own device best (a manual peer file may not say)
+                        topo.add_node(NodeInfo(p.id(), p.address(), own.capabilities))
                     for nid, info in r.nodes.items():
-                        if nid not in topo.nodes:
+                        if nid not in topo.nodes and nid not in self._lost_peers:
                             topo.add_node(info)
-                    topo.edges |= r.edges
+                    topo.edges |= {(a, b) for a, b in r.edges if a in topo.nodes and b in topo.nodes}
                 else:
                     logger.debug("collect_topology from %s failed: %s", p.id(), r)
             changed = set(topo.nodes) != set(self.topology.nodes)
+            gone = (set(self.topology.nodes) - set(topo.nodes)) | (previous_peers - set(self.peers))
             self.topology = topo
+        if gone:
+            self._notify_ring_loss(gone)
         if changed:
             logger.info("node %s: topology now has %d nodes: %s", self.id, len(topo.nodes), sorted(topo.nodes))
             if self.default_model:
@@ -194,12 +258,37 @@ class Node:
         if not card.is_available():
             return
         try:
-            ring = self.partition(card)
-            for p in ring:
+            await self._warm_layer_bytes(model_id)
+            plan = self.partition_plan(card)
+            reason = plan.left_out.get(self.id, "")
+            if reason != self._left_out_logged.get(model_id, ""):
+                if reason:
+                    logger.warning("node %s holds no layer of %s: %s", self.id, model_id, reason)
+                else:
+                    logger.info("node %s is back in the ring of %s", self.id, model_id)
+                self._left_out_logged[model_id] = reason
+            for p in plan.ring:
                 if p.node_id == self.id:
                     await self._ensure_shard(Shard(model_id, p.start_layer, p.end_layer, card.n_layers))
         except Exception:
             logger.exception("preloading %s failed", model_id)
+
+    async def _warm_layer_bytes(self, model_id: str) -> int:
+        """Read (once, in a thread) the bytes one layer of ``model_id`` takes; 0 when unknown."""
+        if model_id not in self._layer_bytes:
+            try:
+                card = get_model_card(model_id)
+            except KeyError:
+                return 0
+            self._layer_bytes[model_id] = await asyncio.to_thread(layer_bytes, card)
+        return self._layer_bytes[model_id]
+
+    def _notify_ring_loss(self, gone: set[str]) -> None:
+        """Tell this node's requests in flight whose ring has a member in ``gone``."""
+        for req in self._origin_requests.values():
+            lost = {p.node_id for p in req.ctx.ring if p.node_id in gone and p.node_id != self.id}
+            if lost and not req.finished:
+                req.queue.put_nowait(_RingChanged(req.ctx.epoch, frozenset(lost)))
 
     async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
         """This node, its live peers, and what its last refresh learned from them.
@@ -213,38 +302,77 @@ class Node:
                 topo.add_node(info)
         topo.add_node(self.node_info())
         for pid, p in self.peers.items():
-            topo.add_node(NodeInfo(pid, p.address(), p.device_capabilities()))
+            known = self.topology.nodes.get(pid)
+            topo.add_node(known if known is not None and known.address == p.address()
+                          else NodeInfo(pid, p.address(), p.device_capabilities()))
             topo.add_edge(self.id, pid)
         topo.edges |= self.topology.edges
         return topo
 
-    def partition(self, card: ModelCard) -> list[Partition]:
-        """The ring for ``card`` over the current topology.
+    def partition(self, card: ModelCard, exclude: Collection[str] = ()) -> list[Partition]:
+        """The ring for ``card`` over the current topology, without the nodes in ``exclude``.
 
         Raises:
             NoNodeAvailableError: no node can hold a layer.
         """
+        return self.partition_plan(card, exclude).ring
+
+    def partition_plan(self, card: ModelCard, exclude: Collection[str] = ()) -> PartitionPlan:
+        """The ring for ``card`` and the nodes left out of it (see ``PartitioningStrategy.plan``),
+        over the current topology without the nodes in ``exclude``; layer sizes are known once
+        ``_warm_layer_bytes`` read them.
+
+        Raises:
+            NoNodeAvailableError: no node can hold a layer.
+        """
+        topo = self.topology
+        if exclude:
+            gone = set(exclude)
+            topo = Topology({nid: n for nid, n in topo.nodes.items() if nid not in gone},
+                            {(a, b) for a, b in topo.edges if a not in gone and b not in gone})
         try:
-            return self.partitioning_strategy.partition(self.topology, card.n_layers)
+            return self.partitioning_strategy.plan(topo, card.n_layers, self._layer_bytes.get(card.model_id, 0))
         except ValueError as e:
             raise NoNodeAvailableError(str(e)) from e
 
     def topology_dict(self) -> dict:
-        """JSON-able topology with the current ring of the default model and active requests."""
+        """The cluster as this node sees it, JSON-able (``GET /v1/topology``).
+
+        Keys: ``node_id`` (this node); ``nodes`` (id -> address and capabilities, every node of
+        the cluster, not only direct peers); ``edges`` ([a, b]: a sees b as a peer); ``partitions``
+        (model id -> the ring new requests get: node id, address, inclusive layer range);
+        ``left_out`` (model id -> node id -> why it holds no layer); ``active_node_ids`` (nodes
+        working on a request now, as far as this node knows: itself while it computes, and the
+        rings of the requests it streams); ``requests`` (those requests: id, epoch, ring);
+        ``shard`` (the layers this node's engine holds, or None).
+        """
         d = self.topology.to_dict()
         d["node_id"] = self.id
-        model_id = self.default_model
-        if model_id:
+        d["partitions"], d["left_out"] = {}, {}
+        model_ids = ([self.default_model] if self.default_model else []) + sorted(
+            {r.ctx.model_id for r in self._origin_requests.values()} - {self.default_model})
+        for model_id in model_ids:
             try:
-                card = get_model_card(model_id)
-                d["partitions"] = {model_id: [p.to_dict() for p in self.partition(card)]}
-            except Exception:
-                d["partitions"] = {}
+                plan = self.partition_plan(get_model_card(model_id))
+            except (KeyError, NoNodeAvailableError):
+                continue
+            d["partitions"][model_id] = [p.to_dict() for p in plan.ring]
+            if plan.left_out:
+                d["left_out"][model_id] = dict(sorted(plan.left_out.items()))
         d["active_node_ids"] = sorted(self._active_nodes())
+        d["requests"] = [{"request_id": r.ctx.request_id, "model_id": r.ctx.model_id, "epoch": r.ctx.epoch,
+                          "ring": [p.to_dict() for p in r.ctx.ring]}
+                         for r in sorted(self._origin_requests.values(), key=lambda r: r.ctx.request_id)]
+        shard = self.engine.shard
+        d["shard"] = None if shard is None else {"model_id": shard.model_id, "start_layer": shard.start_layer,
+                                                 "end_layer": shard.end_layer, "n_layers": shard.n_layers}
         return d
 
     def _active_nodes(self) -> set[str]:
-        return {self.id} if self.active_request_ids else set()
+        active = {self.id} if self.active_request_ids else set()
+        for req in self._origin_requests.values():
+            active |= {p.node_id for p in req.ctx.ring}
+        return active
 
     # ---------------------------------------------------------------- API-facing
 
@@ -294,6 +422,18 @@ class Node:
         last result has finish_reason "stop" or "length". Closing the iterator early cancels the
         request on every node of the ring.
 
+        Failover: when a member of the ring leaves (discovery removed it, a send to it failed and
+        it no longer answers a health check, or no token came for ``STALL_PROBE_INTERVAL``
+        seconds and it does not answer), the request is re-partitioned over the nodes that
+        remain: a new RequestContext with ``epoch + 1`` (same request id and prompt length) whose
+        first message replays the prompt and every token generated so far as one prefill at
+        position 0, rebuilding each node's KV cache; the last shard then samples the next token
+        after the replayed sequence, with its sampler rebuilt from the replayed tokens. Results
+        and messages of older epochs are dropped. The caller sees one uninterrupted stream; at
+        temperature 0 the tokens are those of a run without the failure (up to float rounding
+        between one batched prefill and step-by-step decoding). At most ``MAX_FAILOVERS``
+        re-partitions per request.
+
         Raises:
             ModelNotFoundError: unknown model.
             NoNodeAvailableError: no ring can serve the model.
@@ -310,19 +450,41 @@ class Node:
         if not card.is_available():
             raise NoNodeAvailableError(f"the weights of {model_id} are not installed on node {self.id}")
         request_id = request_id or str(uuid.uuid4())
+        await self._warm_layer_bytes(model_id)
         ring = self.partition(card)
         ctx = RequestContext(request_id, self.id, model_id, card.n_layers, tuple(ring), options, prompt_len=len(prompt_token_ids))
-        req = _OriginRequest(ctx, asyncio.Queue(), list(prompt_token_ids))
+        req = _OriginRequest(ctx, asyncio.Queue(), list(prompt_token_ids), members={p.node_id: p for p in ring})
         self._origin_requests[request_id] = req
+        loop = asyncio.get_running_loop()
         try:
-            await self._send_prompt(ctx, np.asarray([prompt_token_ids], dtype=WIRE_TOKEN_DTYPE), 0)
+            await self._send_first_prompt(req, card)
+            last_progress = loop.time()
             while True:
                 try:
-                    result: TokenResult = await asyncio.wait_for(req.queue.get(), self.response_timeout)
+                    item = await asyncio.wait_for(req.queue.get(), min(STALL_PROBE_INTERVAL, self.response_timeout))
                 except asyncio.TimeoutError:
-                    raise GenerationTimeoutError(f"no token within {self.response_timeout:.0f} s from the ring") from None
+                    dead = await self._unreachable_members(req.ctx)
+                    if dead:
+                        await self._failover(req, card, dead, f"no token for {loop.time() - last_progress:.1f} s and "
+                                                              f"{sorted(dead)} do not answer")
+                        last_progress = loop.time()
+                    elif loop.time() - last_progress >= self.response_timeout:
+                        raise GenerationTimeoutError(f"no token within {self.response_timeout:.0f} s from the ring") from None
+                    continue
+                if isinstance(item, _RingChanged):
+                    if item.epoch == req.ctx.epoch:
+                        await self._failover(req, card, set(item.gone), f"{sorted(item.gone)} left the cluster")
+                        last_progress = loop.time()
+                    continue
+                result: TokenResult = item
+                if result.epoch != req.ctx.epoch:
+                    logger.debug("request %s: dropping a result of epoch %d (now %d)", request_id, result.epoch, req.ctx.epoch)
+                    continue
                 if result.error is not None:
-                    raise GenerationError(result.error)
+                    await self._recover(req, card, result.error)
+                    last_progress = loop.time()
+                    continue
+                last_progress = loop.time()
                 req.generated.extend(result.tokens)
                 if result.is_finished:
                     req.finished = True
@@ -331,21 +493,97 @@ class Node:
                     return
         finally:
             self._origin_requests.pop(request_id, None)
-            await self._end_everywhere(ctx)
+            await self._end_everywhere(req)
 
-    async def _end_everywhere(self, ctx: RequestContext) -> None:
-        """Tell every node of the ring that the request is over (they free its KV cache)."""
+    async def _send_first_prompt(self, req: _OriginRequest, card: ModelCard) -> None:
+        """Send the prompt to the first node of the ring; fail over if that node is gone."""
+        first = req.ctx.ring[0]
+        try:
+            await self._send_prompt(req.ctx, np.asarray([req.prompt_ids], dtype=WIRE_TOKEN_DTYPE), 0)
+        except Exception as e:
+            if first.node_id == self.id:
+                raise
+            if await self._peer(first).health_check():
+                raise GenerationError(f"node {first.node_id}: {e}") from e
+            await self._failover(req, card, {first.node_id}, f"{first.node_id} is unreachable ({e})")
+
+    async def _unreachable_members(self, ctx: RequestContext) -> set[str]:
+        """Members of ``ctx``'s ring (other than this node) that fail a health check now."""
+        others = [p for p in ctx.ring if p.node_id != self.id]
+        if not others:
+            return set()
+        answers = await asyncio.gather(*(self._peer(p).health_check() for p in others))
+        return {p.node_id for p, ok in zip(others, answers) if not ok}
+
+    async def _recover(self, req: _OriginRequest, card: ModelCard, error: str) -> None:
+        """A node of the ring reported ``error``: fail over when members stopped answering, or
+        replay once when the cluster changed since the ring was fixed (a node joined, a shard
+        was swapped under the request); otherwise the error is the request's.
+
+        Raises:
+            GenerationError: the error stands.
+        """
+        dead = await self._unreachable_members(req.ctx)
+        if not dead:
+            try:
+                unchanged = tuple(self.partition(card, req.excluded)) == req.ctx.ring
+            except NoNodeAvailableError:
+                unchanged = True
+            if unchanged or req.retried_live_ring:
+                raise GenerationError(error)
+            req.retried_live_ring = True
+        await self._failover(req, card, dead, error)
+
+    async def _failover(self, req: _OriginRequest, card: ModelCard, gone: set[str], reason: str) -> None:
+        """Re-partition ``req`` over the live nodes (without ``gone`` and every node excluded
+        before) and replay its prompt and generated tokens as one prefill (see ``generate``).
+
+        Raises:
+            GenerationError: more than ``MAX_FAILOVERS`` re-partitions, no node left that can
+                hold a layer, or the replay could not be sent to a first node that still answers.
+        """
+        rid = req.ctx.request_id
+        req.excluded |= set(gone) - {self.id}
+        while True:
+            req.failovers += 1
+            if req.failovers > MAX_FAILOVERS:
+                raise GenerationError(f"request {rid}: gave up after {MAX_FAILOVERS} re-partitions; last cause: {reason}")
+            try:
+                ring = self.partition(card, req.excluded)
+            except NoNodeAvailableError as e:
+                raise GenerationError(f"request {rid}: no ring of live nodes after {reason}: {e}") from None
+            req.ctx = replace(req.ctx, ring=tuple(ring), epoch=req.ctx.epoch + 1, generated_tokens=tuple(req.generated))
+            req.members.update({p.node_id: p for p in ring})
+            logger.warning("request %s: %s; re-partitioned (epoch %d) over %s, replaying %d prompt + %d generated tokens",
+                           rid, reason, req.ctx.epoch, [(p.node_id, p.start_layer, p.end_layer) for p in ring],
+                           len(req.prompt_ids), len(req.generated))
+            tokens = np.asarray([req.prompt_ids + req.generated], dtype=WIRE_TOKEN_DTYPE)
+            try:
+                await self._send_prompt(req.ctx, tokens, 0)
+                return
+            except Exception as e:
+                first = ring[0]
+                if first.node_id == self.id or await self._peer(first).health_check():
+                    raise GenerationError(f"request {rid}: replay on node {first.node_id} failed: {e}") from e
+                req.excluded.add(first.node_id)
+                reason = f"{first.node_id} is unreachable ({e})"
+
+    async def _end_everywhere(self, req: _OriginRequest) -> None:
+        """Tell every node of every ring the request used (but those that stopped answering)
+        that it is over: they free its KV cache."""
+        rid = req.ctx.request_id
 
         async def end(p: Partition) -> None:
             try:
                 if p.node_id == self.id:
-                    await self.end_request(ctx.request_id)
+                    await self.end_request(rid)
                 else:
-                    await self._peer(p).end_request(ctx.request_id)
+                    await self._peer(p).end_request(rid)
             except Exception as e:
-                logger.warning("could not end request %s on %s: %s", ctx.request_id, p.node_id, e)
+                logger.warning("could not end request %s on %s: %s", rid, p.node_id, e)
 
-        await asyncio.shield(asyncio.gather(*(end(p) for p in ctx.ring)))
+        targets = [p for nid, p in req.members.items() if nid not in req.excluded]
+        await asyncio.shield(asyncio.gather(*(end(p) for p in targets)))
 
     # ---------------------------------------------------------------- ring-facing
 
@@ -395,10 +633,24 @@ class Node:
         self._schedule(ctx, hidden_states, position)
 
     def _schedule(self, ctx: RequestContext, x: np.ndarray, position: int) -> None:
-        if ctx.request_id in self._ended:
-            logger.debug("dropping a message of ended request %s", ctx.request_id)
+        rid = ctx.request_id
+        if rid in self._ended:
+            logger.debug("dropping a message of ended request %s", rid)
             return
-        self._spawn(self._run_shard(ctx, x, position), f"shard-{ctx.request_id}")
+        latest = self._epochs.get(rid)
+        if latest is not None and ctx.epoch < latest:
+            logger.debug("dropping a message of request %s from epoch %d (now %d)", rid, ctx.epoch, latest)
+            return
+        if latest is None or ctx.epoch > latest:
+            self._epochs[rid] = ctx.epoch
+            self._epochs.move_to_end(rid)
+            while len(self._epochs) > 10_000:
+                self._epochs.popitem(last=False)
+        self._spawn(self._run_shard(ctx, x, position), f"shard-{rid}")
+
+    def _is_stale(self, ctx: RequestContext) -> bool:
+        """True when a newer epoch of ``ctx``'s request reached this node (a re-partition)."""
+        return self._epochs.get(ctx.request_id, ctx.epoch) > ctx.epoch
 
     async def _run_shard(self, ctx: RequestContext, x: np.ndarray, position: int) -> None:
         rid = ctx.request_id
@@ -406,43 +658,54 @@ class Node:
         try:
             shard = ctx.shard_of(self.id)
             await self._ensure_shard(shard)
+            if self._is_stale(ctx):
+                return
             out = await self.engine.infer_tensor(rid, shard, x, position)
             if rid in self._ended:
                 await self.engine.clear_request(rid)
+                return
+            if self._is_stale(ctx):
                 return
             next_position = position + x.shape[1]
             if not shard.is_last_layer:
                 await self._peer(ctx.next_partition(self.id)).send_tensor(ctx, out, position)
                 return
-            await self._sample_and_continue(ctx, out, next_position)
+            await self._sample_and_continue(ctx, out, position, next_position)
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            if self._is_stale(ctx) or rid in self._ended:
+                logger.debug("request %s: a message of an old epoch failed on node %s: %s", rid, self.id, e)
+                return
             logger.exception("request %s failed on node %s", rid, self.id)
-            await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}"))
+            await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}",
+                                                epoch=ctx.epoch))
         finally:
             self.active_request_ids.discard(rid)
 
-    async def _sample_and_continue(self, ctx: RequestContext, logits: np.ndarray, next_position: int) -> None:
+    async def _sample_and_continue(self, ctx: RequestContext, logits: np.ndarray, position: int, next_position: int) -> None:
         rid = ctx.request_id
-        sampler = self._samplers.get(rid)
-        if sampler is None or next_position == ctx.prompt_len:
-            sampler = self._samplers[rid] = Sampler(ctx.options)
+        entry = self._samplers.get(rid)
+        if entry is None or position == 0 or entry[0] != ctx.epoch:
+            # a prefill: the request's first, or the replay of a re-partition
+            entry = self._samplers[rid] = (ctx.epoch, replayed_sampler(ctx.options, ctx.generated_tokens))
+        sampler = entry[1]
         s = sampler.sample(logits)
         n_generated = next_position - ctx.prompt_len + 1
         card_ctx = get_model_card(ctx.model_id).context_length
         if s.token in ctx.options.stop_token_ids:
-            result = TokenResult(rid, finish_reason="stop")
+            result = TokenResult(rid, finish_reason="stop", epoch=ctx.epoch)
         else:
             finish = "length" if n_generated >= ctx.options.max_tokens or next_position + 1 >= card_ctx else None
-            result = TokenResult(rid, [s.token], finish_reason=finish)
+            result = TokenResult(rid, [s.token], finish_reason=finish, epoch=ctx.epoch)
             if s.logprob is not None:
                 result.logprobs = [s.logprob]
                 result.top_logprobs = [s.top_logprobs]
         if result.is_finished:
             self._samplers.pop(rid, None)
         else:
-            await self._send_prompt(ctx, np.asarray([[s.token]], dtype=WIRE_TOKEN_DTYPE), next_position)
+            next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx  # only the replay carries them
+            await self._send_prompt(next_ctx, np.asarray([[s.token]], dtype=WIRE_TOKEN_DTYPE), next_position)
         await self._report(ctx, result)
 
     async def _report(self, ctx: RequestContext, result: TokenResult) -> None:
@@ -474,4 +737,5 @@ class Node:
         while len(self._ended) > 10_000:
             self._ended.popitem(last=False)
         self._samplers.pop(request_id, None)
+        self._epochs.pop(request_id, None)
         await self.engine.clear_request(request_id)

@@ -26,6 +26,10 @@ class RequestContext:
         options: generation options.
         prompt_len: tokens of the prompt; the last shard counts generated tokens from it.
         epoch: incremented at each re-partition of this request.
+        generated_tokens: on the replay prefill of a re-partition only, the tokens generated
+            before it (the prefill's input is the prompt followed by them); the last shard
+            rebuilds the sampler's state (penalty counts, random generator) from them. Empty on
+            every other message, so decode steps stay small.
     """
 
     request_id: str
@@ -36,6 +40,7 @@ class RequestContext:
     options: GenerationOptions
     prompt_len: int = 0
     epoch: int = 0
+    generated_tokens: tuple[int, ...] = ()
 
     def partition_of(self, node_id: str) -> Partition:
         """The partition of ``node_id``. Raises KeyError if the node is not in the ring."""
@@ -65,6 +70,7 @@ class RequestContext:
             "options": self.options.to_dict(),
             "prompt_len": self.prompt_len,
             "epoch": self.epoch,
+            "generated_tokens": list(self.generated_tokens),
         }
 
     @classmethod
@@ -78,6 +84,7 @@ class RequestContext:
             options=GenerationOptions.from_dict(d["options"]),
             prompt_len=int(d.get("prompt_len", 0)),
             epoch=int(d.get("epoch", 0)),
+            generated_tokens=tuple(int(t) for t in d.get("generated_tokens", ())),
         )
 
 
@@ -92,6 +99,8 @@ class TokenResult:
         error: message of an error on any node; set together with finish_reason "error".
         logprobs: log-probability of each token in ``tokens`` (natural log), when asked for.
         top_logprobs: for each token, the alternatives' (token id, log-probability) pairs.
+        epoch: the epoch of the request context the result was computed in; the origin drops
+            results of an epoch other than its current one (sent before a re-partition).
     """
 
     request_id: str
@@ -100,6 +109,7 @@ class TokenResult:
     error: str | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    epoch: int = 0
 
     @property
     def is_finished(self) -> bool:

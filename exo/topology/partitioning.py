@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 
-from exo.topology.topology import Topology
+from exo.topology.topology import NodeInfo, Topology
 
 logger = logging.getLogger(__name__)
 
@@ -32,59 +33,150 @@ class Partition:
         return cls(d["node_id"], d["address"], int(d["start_layer"]), int(d["end_layer"]))
 
 
+@dataclass(frozen=True)
+class PartitionPlan:
+    """A ring and the nodes of the topology left out of it.
+
+    Attributes:
+        ring: partitions in ring order, each with at least one layer, covering every layer once.
+        left_out: node id -> why it holds no layer (too small for one layer, a share that rounds
+            to zero layers, unknown memory).
+    """
+
+    ring: list[Partition]
+    left_out: dict[str, str] = field(default_factory=dict)
+
+
 class PartitioningStrategy(ABC):
     """Maps a topology and a model's layer count to a ring of partitions.
 
     Every node must compute the same ring from the same topology, so the result depends only on
-    the topology's contents, never on which node computes it.
+    the topology's contents (and the model's sizes), never on which node computes it.
     """
 
-    @abstractmethod
-    def partition(self, topology: Topology, n_layers: int) -> list[Partition]:
-        """Partitions in ring order, covering layers ``0 .. n_layers-1`` exactly once.
+    def partition(self, topology: Topology, n_layers: int, layer_bytes: int = 0) -> list[Partition]:
+        """Partitions in ring order, covering layers ``0 .. n_layers-1`` exactly once (see ``plan``).
 
         Raises:
             ValueError: no node can hold a layer, or ``n_layers < 1``.
+        """
+        return self.plan(topology, n_layers, layer_bytes).ring
+
+    @abstractmethod
+    def plan(self, topology: Topology, n_layers: int, layer_bytes: int = 0) -> PartitionPlan:
+        """The ring and the nodes left out of it.
+
+        Args:
+            topology: the cluster.
+            n_layers: the model's transformer layers.
+            layer_bytes: bytes one layer takes in memory (0: unknown, no size check).
+
+        Raises:
+            ValueError: no node can hold a layer, ``n_layers < 1`` or ``layer_bytes < 0``.
         """
 
 
 class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
     """Ring ordered by memory (descending, then node id), layers in proportion to memory.
 
-    Layer counts come from the largest-remainder method (Hamilton apportionment), so they sum
-    to ``n_layers`` exactly. A node whose share rounds to zero layers is left out of the ring
-    (and logged) instead of being counted with an empty range; if there are more nodes than
-    layers, the smallest are left out.
+    Layer counts come from the largest-remainder method (Hamilton apportionment) in exact
+    rational arithmetic, so they sum to ``n_layers`` exactly and every node computes the same
+    counts. With ``layer_bytes`` known:
+    - a node whose memory is below one layer is left out ("too small to hold a layer");
+    - no node gets more layers than its memory holds (``memory // layer_bytes``): a node whose
+      proportional share exceeds that gets exactly its capacity, and the rest of the layers are
+      apportioned among the others. When the whole cluster cannot hold the model, capacities are
+      ignored (plain proportional shares) and a warning is logged.
+    A node whose share rounds to zero layers is left out of the ring instead of being counted
+    with an empty range; if there are more nodes than layers, the smallest are left out.
+    Nodes with unknown memory (0 bytes) are left out unless no node's memory is known, in which
+    case all share the layers equally.
     """
 
-    def partition(self, topology: Topology, n_layers: int) -> list[Partition]:
+    def plan(self, topology: Topology, n_layers: int, layer_bytes: int = 0) -> PartitionPlan:
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if layer_bytes < 0:
+            raise ValueError(f"layer_bytes must be >= 0, got {layer_bytes}")
         nodes = sorted(topology.nodes.values(), key=lambda n: (-n.capabilities.memory, n.node_id))
-        nodes = [n for n in nodes if n.capabilities.memory > 0] or nodes
         if not nodes:
             raise ValueError("the topology has no nodes")
+        left_out: dict[str, str] = {}
+        known = [n for n in nodes if n.capabilities.memory > 0]
+        if known:
+            for n in nodes:
+                if n.capabilities.memory <= 0:
+                    left_out[n.node_id] = "its memory is unknown (0 bytes)"
+            nodes = known
+            if layer_bytes:
+                for n in nodes:
+                    if n.capabilities.memory < layer_bytes:
+                        left_out[n.node_id] = (f"too small to hold a layer: {n.capabilities.memory} bytes of memory, "
+                                               f"one layer needs {layer_bytes}")
+                nodes = [n for n in nodes if n.capabilities.memory >= layer_bytes]
+                if not nodes:
+                    raise ValueError(f"no node can hold a layer of {layer_bytes} bytes: {left_out}")
         while True:
-            counts = self._apportion([max(n.capabilities.memory, 1) for n in nodes], n_layers)
+            weights = [max(n.capabilities.memory, 1) for n in nodes]
+            capacities = [n.capabilities.memory // layer_bytes for n in nodes] if layer_bytes and known else None
+            if capacities is not None and sum(capacities) < n_layers:
+                logger.warning("the model's %d layers of %d bytes do not fit in the memory of %s; ignoring capacities",
+                               n_layers, layer_bytes, [n.node_id for n in nodes])
+                capacities = None
+            counts = apportion(weights, n_layers, capacities)
             if all(c > 0 for c in counts):
                 break
-            dropped = [n.node_id for n, c in zip(nodes, counts) if c == 0]
-            logger.warning("nodes %s are too small for a layer of this model; leaving them out of the ring", dropped)
+            total = sum(n.capabilities.memory for n in nodes)
+            for n, c in zip(nodes, counts):
+                if c == 0:
+                    left_out[n.node_id] = (f"its share of {n_layers} layers rounds to 0 ({n.capabilities.memory} of "
+                                           f"{total} bytes of memory in the ring)")
             nodes = [n for n, c in zip(nodes, counts) if c > 0]
-        ring, start = [], 0
-        for node, count in zip(nodes, counts):
-            ring.append(Partition(node.node_id, node.address, start, start + count - 1))
-            start += count
-        return ring
+        if left_out:
+            logger.debug("left out of the ring: %s", left_out)
+        return PartitionPlan(_ring(nodes, counts), left_out)
 
-    @staticmethod
-    def _apportion(weights: list[int], total: int) -> list[int]:
-        s = sum(weights)
-        quotas = [w * total / s for w in weights]
-        counts = [int(q) for q in quotas]
-        remainder = total - sum(counts)
-        # ties broken by ring order (larger memory first), deterministic on every node
-        order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
-        for i in order[:remainder]:
-            counts[i] += 1
-        return counts
+
+def _ring(nodes: list[NodeInfo], counts: list[int]) -> list[Partition]:
+    ring, start = [], 0
+    for node, count in zip(nodes, counts):
+        ring.append(Partition(node.node_id, node.address, start, start + count - 1))
+        start += count
+    return ring
+
+
+def apportion(weights: list[int], total: int, capacities: list[int] | None = None) -> list[int]:
+    """Split ``total`` items in proportion to ``weights`` (largest-remainder method).
+
+    Remainders are compared exactly (``Fraction``); ties go to the earlier index. With
+    ``capacities`` (whose sum must be >= ``total``), an index whose share reaches its capacity
+    gets exactly its capacity and the rest is apportioned among the others, repeatedly.
+
+    Raises:
+        ValueError: empty or non-positive weights, or capacities that cannot hold ``total``.
+    """
+    if not weights or any(w <= 0 for w in weights):
+        raise ValueError(f"weights must be positive, got {weights}")
+    if capacities is not None and (len(capacities) != len(weights) or sum(capacities) < total):
+        raise ValueError(f"capacities {capacities} cannot hold {total} items")
+    counts = [0] * len(weights)
+    active = list(range(len(weights)))
+    remaining = total
+    while active:
+        s = sum(weights[i] for i in active)
+        quotas = {i: Fraction(weights[i] * remaining, s) for i in active}
+        capped = [i for i in active if capacities is not None and quotas[i] >= capacities[i]]
+        if not capped:
+            floors = {i: int(quotas[i]) for i in active}
+            extra = remaining - sum(floors.values())
+            order = sorted(active, key=lambda i: (-(quotas[i] - floors[i]), i))
+            for i in order[:extra]:
+                floors[i] += 1
+            for i in active:
+                counts[i] = floors[i]
+            break
+        for i in capped:
+            counts[i] = capacities[i]
+            remaining -= capacities[i]
+            active.remove(i)
+    return counts

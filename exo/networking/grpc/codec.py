@@ -149,6 +149,7 @@ def ctx_to_proto(ctx: RequestContext) -> pb.RequestContext:
         options=options_to_proto(ctx.options),
         prompt_len=ctx.prompt_len,
         epoch=ctx.epoch,
+        generated_tokens=[int(t) for t in ctx.generated_tokens],
     )
 
 
@@ -170,6 +171,8 @@ def validate_ctx(ctx: RequestContext) -> None:
         raise ValueError(f"request {ctx.request_id}: prompt_len must be >= 0, got {ctx.prompt_len}")
     if ctx.epoch < 0:
         raise ValueError(f"request {ctx.request_id}: epoch must be >= 0, got {ctx.epoch}")
+    if any(t < 0 for t in ctx.generated_tokens):
+        raise ValueError(f"request {ctx.request_id}: generated_tokens has a negative token id")
     if not ctx.ring:
         raise ValueError(f"request {ctx.request_id}: the ring is empty")
     seen: set[str] = set()
@@ -205,6 +208,7 @@ def ctx_from_proto(msg: pb.RequestContext) -> RequestContext:
         options=options_from_proto(msg.options),
         prompt_len=int(msg.prompt_len),
         epoch=int(msg.epoch),
+        generated_tokens=tuple(int(t) for t in msg.generated_tokens),
     )
     validate_ctx(ctx)
     return ctx
@@ -217,6 +221,7 @@ def result_to_proto(result: TokenResult) -> pb.ResultRequest:
     """Encode a TokenResult (``None`` finish_reason / error leave the optional fields unset)."""
     msg = pb.ResultRequest(
         request_id=result.request_id,
+        epoch=result.epoch,
         tokens=[int(t) for t in result.tokens],
         logprobs=[float(lp) for lp in result.logprobs],
         top_logprobs=[
@@ -239,6 +244,8 @@ def result_from_proto(msg: pb.ResultRequest) -> TokenResult:
     """
     if not msg.request_id:
         raise ValueError("result has an empty request_id")
+    if msg.epoch < 0:
+        raise ValueError(f"result of {msg.request_id}: epoch must be >= 0, got {msg.epoch}")
     top: list[list[tuple[int, float]]] = []
     for i, alts in enumerate(msg.top_logprobs):
         if len(alts.token_ids) != len(alts.logprobs):
@@ -254,6 +261,7 @@ def result_from_proto(msg: pb.ResultRequest) -> TokenResult:
         error=msg.error if msg.HasField("error") else None,
         logprobs=[float(lp) for lp in msg.logprobs],
         top_logprobs=top,
+        epoch=int(msg.epoch),
     )
 
 

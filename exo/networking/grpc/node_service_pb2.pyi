@@ -69,7 +69,7 @@ class Partition(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "origin_node_id", "model_id", "n_layers", "ring", "options", "epoch", "prompt_len")
+    __slots__ = ("request_id", "origin_node_id", "model_id", "n_layers", "ring", "options", "epoch", "prompt_len", "generated_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class RequestContext(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     origin_node_id: str
     model_id: str
@@ -86,7 +87,8 @@ class RequestContext(_message.Message):
     options: GenerationOptions
     epoch: int
     prompt_len: int
-    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ..., prompt_len: _Optional[int] = ...) -> None: ...
+    generated_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ..., prompt_len: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PromptRequest(_message.Message):
     __slots__ = ("ctx", "token_ids", "position")
@@ -117,20 +119,22 @@ class TopLogprobs(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ResultRequest(_message.Message):
-    __slots__ = ("request_id", "tokens", "finish_reason", "error", "logprobs", "top_logprobs")
+    __slots__ = ("request_id", "tokens", "finish_reason", "error", "logprobs", "top_logprobs", "epoch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     error: str
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
-    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class EndRequestRequest(_message.Message):
     __slots__ = ("request_id",)
