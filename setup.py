@@ -22,8 +22,10 @@ install_requires = [
 extras_require = {
     # torch is pinned: an unpinned torch resolves to the newest CUDA build (gigabytes)
     "torch": ["torch==2.13.0"],
-    "tinygrad": ["tinygrad>=0.10"],
-    "mlx": ["mlx>=0.20"],
+    # tinygrad changes its API between minor versions; its CPU device needs a system clang
+    "tinygrad": ["tinygrad>=0.14,<0.15"],
+    # Metal on macOS; the CPU build on Linux (exo.inference.mlx preloads the system OpenBLAS)
+    "mlx": ["mlx>=0.32,<0.33; sys_platform == 'darwin'", "mlx[cpu]>=0.32,<0.33; sys_platform == 'linux'"],
     "test": [
         "pytest>=8",
         "pytest-asyncio>=0.24",

@@ -3,7 +3,15 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup_env.sh torch,test
+# clang for tinygrad's CPU device; OpenBLAS for mlx's CPU build (exo.inference.mlx preloads it)
+missing=()
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0' || missing+=(libopenblas0-pthread)
+if [ ${#missing[@]} -gt 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+        || echo "warning: could not install ${missing[*]}; the tinygrad/mlx engine tests will be skipped or slow" >&2
+fi
+scripts/setup_env.sh torch,test,tinygrad,mlx
 # shellcheck disable=SC1091
 . .venv/bin/activate
 exec python -m pytest test "$@"

@@ -8,6 +8,7 @@ layout, whatever each engine computes in) and token ids are int64.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from abc import ABC, abstractmethod
 
@@ -101,12 +102,30 @@ def get_inference_engine(name: str, **kwargs) -> InferenceEngine:
     return getattr(module, cls_name)(**kwargs)
 
 
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def default_engine_name() -> str:
-    """The engine that suits this machine: torch where it imports, else dummy-free fallbacks."""
-    for name, mod in (("torch", "torch"), ("tinygrad", "tinygrad"), ("mlx", "mlx.core")):
-        try:
-            importlib.import_module(mod)
-            return name
-        except ImportError:
-            continue
-    raise ImportError("no inference engine is installed: pip install -e .[torch]")
+    """The engine that suits this machine.
+
+    MLX on Apple silicon (Metal), else torch where it is installed (CPU or CUDA), else tinygrad
+    (with ``clang`` for its CPU device, or a GPU), else MLX's CPU build. Only presence is checked
+    (no package is imported), so the choice is cheap.
+
+    Raises:
+        ImportError: no engine package is installed (the message says how to install one).
+    """
+    import platform
+    import shutil
+    import sys
+
+    if sys.platform == "darwin" and platform.machine() == "arm64" and _importable("mlx"):
+        return "mlx"
+    if _importable("torch"):
+        return "torch"
+    if _importable("tinygrad") and (shutil.which("clang") or sys.platform == "darwin"):
+        return "tinygrad"
+    if _importable("mlx"):
+        return "mlx"
+    raise ImportError("no inference engine is installed: pip install -e .[torch] (or .[tinygrad], .[mlx])")

@@ -1,0 +1,44 @@
+"""The MLX InferenceEngine: a ShardedLlama in MLX plus one KV cache per request.
+
+Environment (install with ``pip install -e .[mlx]``): Metal on Apple silicon; on Linux the
+``mlx[cpu]`` wheel, which this package speeds up with the system OpenBLAS (see
+``exo.inference.mlx``). Everything runs in float32, on MLX's default device.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import exo.inference.mlx as exo_mlx  # noqa: F401  (loads OpenBLAS before mlx.core on Linux)
+import mlx.core as mx
+
+from exo.inference.engine_common import ShardedLlamaEngine
+from exo.inference.mlx.model import ShardedLlama
+from exo.inference.shard import Shard
+from exo.models.llama import LlamaArgs
+
+logger = logging.getLogger(__name__)
+
+# MLX's default stream and its caches are per process; one thread runs every MLX call.
+_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-engine")
+
+
+class MLXInferenceEngine(ShardedLlamaEngine):
+    """Runs a shard of a Llama model with MLX, in float32 (see ``exo.inference.mlx.model``).
+
+    Args:
+        max_requests: most requests holding a KV cache at once; the least recently used is
+            evicted beyond it.
+        request_ttl: seconds after which an idle request's KV cache is freed.
+    """
+
+    name = "mlx"
+    executor = _EXECUTOR
+
+    def _describe(self) -> str:
+        blas = f", BLAS {exo_mlx.blas_library}" if exo_mlx.blas_library else ""
+        return f"mlx {mx.__version__} {mx.default_device()}{blas}"
+
+    def _build_model(self, args: LlamaArgs, shard: Shard) -> ShardedLlama:
+        return ShardedLlama(args, shard)
