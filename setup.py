@@ -36,6 +36,7 @@ extras_require = {
         "grpcio-tools>=1.85.1",
         "transformers>=4.46",
         "accelerate>=1.0",
+        "playwright>=1.49",  # drives Debian's chromium (scripts/test.sh); never `playwright install`
     ],
 }
 

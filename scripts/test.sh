@@ -3,6 +3,11 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's Chromium for tinychat's browser tests (driven by Playwright; no browser download)
+if ! command -v chromium >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+        || echo "warning: could not install chromium; the tinychat browser tests will be skipped" >&2
+fi
 # clang for tinygrad's CPU device; OpenBLAS for mlx's CPU build (exo.inference.mlx preloads it)
 missing=()
 command -v clang >/dev/null 2>&1 || missing+=(clang)

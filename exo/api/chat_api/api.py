@@ -40,12 +40,17 @@ def _static_root(request: web.Request) -> Path:
     return root
 
 
+# revalidate every time (a 304 when unchanged): after an upgrade of exo the browser must not mix
+# cached modules of the old web UI with new ones
+TINYCHAT_HEADERS = {"Cache-Control": "no-cache"}
+
+
 async def tinychat_index(request: web.Request) -> web.FileResponse:
     """``GET /``: the web UI's ``index.html``."""
     index = _static_root(request) / "index.html"
     if not index.is_file():
         raise web.HTTPNotFound()
-    return web.FileResponse(index)
+    return web.FileResponse(index, headers=TINYCHAT_HEADERS)
 
 
 async def tinychat_file(request: web.Request) -> web.FileResponse:
@@ -54,7 +59,7 @@ async def tinychat_file(request: web.Request) -> web.FileResponse:
     target = (root / request.match_info["path"]).resolve()
     if not target.is_relative_to(root) or not target.is_file():
         raise web.HTTPNotFound()
-    return web.FileResponse(target)
+    return web.FileResponse(target, headers=TINYCHAT_HEADERS)
 
 
 class ChatAPI:

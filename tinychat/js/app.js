@@ -1,0 +1,447 @@
+// tinychat: the web UI every exo node serves at `/`. Plain ES modules, no build step; the
+// libraries it uses are vendored in ../vendor (see vendor/README.md).
+
+import { FriendlyError, fetchModels, fetchTopology, streamChat } from "./api.js";
+import { renderInto, renderMarkdown } from "./markdown.js";
+import { Store } from "./store.js";
+import { h, renderTopology } from "./topology.js";
+
+const $ = (id) => document.getElementById(id);
+const store = new Store();
+
+const ui = {
+  models: [],
+  live: null,            // {conv, msg, el, controller, waitTimer, renderQueued}
+  error: null,           // {text, source}
+  topology: null,
+  topologyOpen: false,
+  colors: new Map(),
+};
+
+// ------------------------------------------------------------------ errors
+
+function showError(text, source = "chat") {
+  ui.error = { text, source };
+  $("error-text").textContent = text;
+  $("error").hidden = false;
+}
+
+function clearError(source = null) {
+  if (source && ui.error && ui.error.source !== source) return;
+  ui.error = null;
+  $("error").hidden = true;
+}
+
+function plainMessage(e) {
+  if (e instanceof FriendlyError) return e.message;
+  return `Something went wrong in the page: ${e && e.message ? e.message : e}`;
+}
+
+// ------------------------------------------------------------------ models
+
+/**
+ * {label, kind, progress (0..1 or null)} of a model object of `GET /v1/models`. Its `state` is
+ * "ready" (the answering node holds its shard), "loading", or "available" (weights present,
+ * loaded on first use); a download in progress may come as "downloading" with a progress.
+ * kind: "ready" | "loading" | "downloading" | "idle" | "unavailable".
+ */
+export function modelStatus(m) {
+  let raw = m.state ?? m.status ?? (m.ready === true ? "ready" : m.ready === false ? "not ready" : null);
+  if (raw && typeof raw === "object") raw = raw.state ?? raw.status ?? null;
+  let p = m.download_progress ?? m.progress ?? (m.download && m.download.progress) ?? null;
+  if (p && typeof p === "object") {
+    p = p.fraction ?? p.progress ?? (p.total_bytes ? p.downloaded_bytes / p.total_bytes : null);
+  }
+  if (typeof p === "number") p = p > 1 ? p / 100 : p;
+  else p = null;
+  const s = String(raw ?? (p !== null && p < 1 ? "downloading" : "ready")).toLowerCase().replace(/_/g, " ");
+  if (/download/.test(s) && !/not|need/.test(s)) {
+    return { kind: "downloading", progress: p, label: p !== null ? `downloading ${Math.floor(p * 100)}%` : "downloading" };
+  }
+  if (/load|warm|start/.test(s) && !/not|un/.test(s)) return { kind: "loading", progress: p, label: "loading" };
+  if (/^(ready|serving|ok)$/.test(s)) return { kind: "ready", progress: p, label: "ready" };
+  if (/available|idle|cold/.test(s) && !/not|un/.test(s)) return { kind: "idle", progress: p, label: "loads on first use" };
+  return { kind: "unavailable", progress: p, label: s };
+}
+
+function renderModels() {
+  const sel = $("model");
+  const want = sel.value || store.settings.model;
+  sel.replaceChildren(...ui.models.map((m) => {
+    const st = modelStatus(m);
+    const name = m.name && m.name !== m.id ? `${m.name}` : m.id;
+    return h("option", { value: m.id, "data-state": st.kind, text: `${name} — ${st.label}` });
+  }));
+  if (!ui.models.length) sel.append(h("option", { value: "", text: "no model available" }));
+  if (ui.models.some((m) => m.id === want)) sel.value = want;
+  sel.disabled = !ui.models.length;
+  renderModelBadge();
+}
+
+function renderModelBadge() {
+  const m = ui.models.find((x) => x.id === $("model").value);
+  const badge = $("model-state");
+  if (!m) { badge.textContent = ""; badge.dataset.state = "none"; return; }
+  const st = modelStatus(m);
+  badge.dataset.state = st.kind;
+  badge.textContent = st.label;
+  badge.title = `${m.id}: ${st.label}`;
+}
+
+let modelTimer = null;
+async function refreshModels() {
+  clearTimeout(modelTimer);
+  let delay = 15000;
+  try {
+    ui.models = await fetchModels();
+    renderModels();
+    clearError("models");
+    if (!ui.models.length) showError("This cluster has no model it can serve. Install a model's weights on a node, then reload.", "models");
+    if (ui.models.some((m) => ["loading", "downloading"].includes(modelStatus(m).kind))) delay = 2000;
+  } catch (e) {
+    showError(plainMessage(e), "models");
+    delay = 5000;
+  }
+  modelTimer = setTimeout(refreshModels, document.hidden ? delay * 4 : delay);
+}
+
+// ------------------------------------------------------------------ conversations
+
+function renderSidebar() {
+  const list = $("conversations");
+  const items = store.list().filter((c) => c.messages.length);
+  list.replaceChildren(...items.map((c) => {
+    const current = c.id === store.currentId;
+    const open = h("button", { type: "button", class: "conv-open", "aria-current": current ? "true" : null, title: c.title },
+      h("span", { class: "conv-title", text: c.title }),
+      h("span", { class: "conv-meta", text: `${plural(c.messages.filter((m) => m.role === "user").length, "question")} · ${relativeTime(c.updatedAt)}` }));
+    open.addEventListener("click", () => { store.select(c.id); renderConversation(); renderSidebar(); closeSidebar(); });
+    const del = h("button", { type: "button", class: "conv-delete", "aria-label": `Delete the conversation “${c.title}”`, title: "Delete" }, "✕");
+    del.addEventListener("click", () => deleteConversation(c.id));
+    return h("li", { class: `conv${current ? " current" : ""}`, "data-id": c.id }, open, del);
+  }));
+  if (!items.length) list.append(h("li", { class: "conv-empty", text: "No conversations yet" }));
+}
+
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
+function relativeTime(ms) {
+  const s = (Date.now() - ms) / 1000;
+  if (s < 60) return "just now";
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return new Date(ms).toLocaleDateString();
+}
+
+function deleteConversation(id) {
+  if (ui.live && ui.live.conv.id === id) ui.live.controller.abort();
+  store.remove(id);
+  renderSidebar();
+  renderConversation();
+}
+
+function newConversation() {
+  if (ui.live) return;  // finish or stop the current answer first
+  store.currentId = null;
+  store.save();
+  renderSidebar();
+  renderConversation();
+  closeSidebar();
+  $("input").focus();
+}
+
+function renderConversation() {
+  const box = $("messages");
+  const conv = store.current();
+  const welcome = $("welcome");
+  box.replaceChildren(welcome);
+  welcome.hidden = !!(conv && conv.messages.length);
+  if (!conv) return;
+  conv.messages.forEach((m, i) => {
+    const el = messageElement(m, conv, i);
+    box.append(el);
+    if (ui.live && ui.live.msg === m) ui.live.el = el;
+  });
+  box.scrollTop = box.scrollHeight;
+}
+
+function messageElement(m, conv, index) {
+  const content = h("div", { class: "content" });
+  const el = h("article", { class: `msg ${m.role}`, "data-role": m.role }, h("div", { class: "bubble" }, content));
+  if (m.role === "user") {
+    content.textContent = m.content;
+  } else {
+    const streaming = !!(ui.live && ui.live.msg === m);
+    updateAssistant(el, m, !streaming);
+    el.classList.toggle("streaming", streaming);
+  }
+  return el;
+}
+
+/** Redraw an assistant message: Markdown content, stats line, stop/error notes. */
+function updateAssistant(el, m, final) {
+  const content = el.querySelector(".content");
+  if (m.content) renderInto(content, m.content, { final });
+  else if (!final) content.replaceChildren(h("span", { class: "waiting", text: "Waiting for the first token…" }));
+  else content.replaceChildren();
+  el.querySelector(".stats")?.remove();
+  el.querySelector(".note")?.remove();
+  const bubble = el.querySelector(".bubble");
+  if (m.stats) bubble.append(statsElement(m.stats));
+  if (m.stopped) bubble.append(h("div", { class: "note", text: "Stopped." }));
+  if (m.error) {
+    const retry = h("button", { type: "button", class: "btn small", text: "Retry" });
+    retry.addEventListener("click", () => retryLast());
+    bubble.append(h("div", { class: "note error", role: "note" }, h("span", { text: m.error }), retry));
+  }
+}
+
+function statsElement(s) {
+  const parts = [];
+  if (Number.isFinite(s.ttft)) parts.push(h("span", { class: "ttft", title: "Time to first token", text: `TTFT ${s.ttft.toFixed(2)} s` }));
+  parts.push(h("span", { class: "tps", title: "Tokens per second while decoding",
+                         text: Number.isFinite(s.tps) ? `${s.tps.toFixed(1)} tok/s` : "– tok/s" }));
+  if (s.tokens) parts.push(h("span", { class: "tokens", text: `${s.tokens} tokens` }));
+  if (s.finish === "length") parts.push(h("span", { class: "finish", text: "hit the max tokens limit" }));
+  return h("div", { class: "stats" }, parts);
+}
+
+// ------------------------------------------------------------------ generation
+
+function setGenerating(on) {
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+  $("composer").classList.toggle("busy", on);
+  $("new-chat").disabled = on;
+  document.body.dataset.generating = on ? "true" : "false";
+  scheduleTopology();
+}
+
+function scheduleRender() {
+  const live = ui.live;
+  if (!live || live.renderQueued) return;
+  live.renderQueued = true;
+  requestAnimationFrame(() => {
+    live.renderQueued = false;
+    if (!live.el || !live.el.isConnected) return;
+    const box = $("messages");
+    const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+    updateAssistant(live.el, live.msg, false);
+    live.el.dataset.renders = String(Number(live.el.dataset.renders || 0) + 1);
+    if (atBottom) box.scrollTop = box.scrollHeight;
+  });
+}
+
+async function send(text) {
+  if (ui.live) return;
+  const model = $("model").value;
+  if (!model) { showError("There is no model to chat with: this cluster lists none.", "chat"); return; }
+  clearError("chat");
+  let conv = store.current();
+  if (!conv) conv = store.create(model);
+  conv.model = model;
+  conv.messages.push({ role: "user", content: text });
+  const msg = { role: "assistant", content: "", model };
+  conv.messages.push(msg);
+  store.touch(conv);
+  store.save();
+
+  const history = conv.messages.slice(0, -1)
+    .filter((m) => m.role === "user" || (m.content && !m.error))
+    .map(({ role, content }) => ({ role, content }));
+  const system = store.settings.systemPrompt.trim();
+  if (system) history.unshift({ role: "system", content: system });
+
+  const controller = new AbortController();
+  ui.live = { conv, msg, el: null, controller, renderQueued: false };
+  renderConversation();
+  renderSidebar();
+  setGenerating(true);
+  refreshModels();  // shows "loading" while the first answer loads the model
+
+  const t0 = performance.now();
+  let first = null, last = null, chunks = 0, usageTokens = null, finish = null;
+  const waitStart = Date.now();
+  const waitTimer = setInterval(() => {
+    const w = ui.live && ui.live.el && ui.live.el.querySelector(".waiting");
+    if (w) w.textContent = `Waiting for the first token… ${Math.round((Date.now() - waitStart) / 1000)} s`;
+  }, 1000);
+  try {
+    for await (const ev of streamChat({ model, messages: history, temperature: store.settings.temperature, maxTokens: store.settings.maxTokens }, controller.signal)) {
+      if (ev.type === "delta") {
+        const now = performance.now();
+        if (first === null) first = now;
+        last = now;
+        chunks += 1;
+        msg.content += ev.text;
+        msg.stats = liveStats(t0, first, last, chunks);
+        scheduleRender();
+      } else if (ev.type === "finish") {
+        finish = ev.reason;
+      } else if (ev.type === "usage") {
+        usageTokens = ev.usage.completion_tokens ?? null;
+      }
+    }
+  } catch (e) {
+    if (e && e.name === "AbortError") msg.stopped = true;
+    else {
+      msg.error = plainMessage(e);
+      showError(msg.error, "chat");
+    }
+  } finally {
+    clearInterval(waitTimer);
+    const tokens = usageTokens ?? chunks;
+    msg.stats = first === null ? null : { ...liveStats(t0, first, last, tokens), finish: msg.stopped ? "stopped" : finish };
+    store.touch(conv);
+    store.save();
+    const el = ui.live.el;
+    ui.live = null;
+    if (el && el.isConnected) {
+      el.classList.remove("streaming");
+      updateAssistant(el, msg, true);
+    }
+    setGenerating(false);
+    renderSidebar();
+    refreshModels();  // the model may have loaded for this answer
+  }
+}
+
+/** TTFT (s) from the request to the first token; tokens/s over decoding (after the first token). */
+function liveStats(t0, first, last, tokens) {
+  const ttft = (first - t0) / 1000;
+  const span = (last - first) / 1000;
+  const tps = tokens > 1 && span > 0 ? (tokens - 1) / span : null;
+  return { ttft, tps, tokens };
+}
+
+function retryLast() {
+  const conv = store.current();
+  if (!conv || ui.live) return;
+  while (conv.messages.length && conv.messages[conv.messages.length - 1].role === "assistant") conv.messages.pop();
+  const user = conv.messages.pop();
+  if (!user) return;
+  send(user.content);
+}
+
+// ------------------------------------------------------------------ topology
+
+let topoTimer = null;
+function scheduleTopology(delay = 0) {
+  clearTimeout(topoTimer);
+  topoTimer = setTimeout(refreshTopology, delay);
+}
+
+async function refreshTopology() {
+  try {
+    ui.topology = await fetchTopology();
+    const n = Object.keys(ui.topology.nodes || {}).length;
+    $("node-count").textContent = String(n);
+    const working = (ui.topology.active_node_ids || []).length;
+    $("toggle-topology").title = `${n} ${n === 1 ? "node" : "nodes"} in this cluster${working ? `, ${working} working` : ""}`;
+    $("toggle-topology").classList.toggle("working", working > 0);
+    if (ui.topologyOpen) renderTopology($("topology-body"), ui.topology, ui.colors);
+    clearError("topology");
+  } catch (e) {
+    if (ui.topologyOpen) {
+      $("topology-body").replaceChildren(h("p", { class: "note error", text: plainMessage(e) }));
+    }
+  }
+  // fast while someone watches or an answer is being computed, slow otherwise
+  const fast = ui.topologyOpen || ui.live;
+  scheduleTopology(document.hidden ? 30000 : fast ? 1000 : 10000);
+}
+
+function setTopologyOpen(open) {
+  ui.topologyOpen = open;
+  $("topology").hidden = !open;
+  $("toggle-topology").setAttribute("aria-expanded", String(open));
+  document.getElementById("app").classList.toggle("topology-open", open);
+  if (open) {
+    if (ui.topology) renderTopology($("topology-body"), ui.topology, ui.colors);
+    else $("topology-body").replaceChildren(h("p", { class: "muted", text: "Asking the node for the cluster…" }));
+    scheduleTopology();
+  }
+}
+
+// ------------------------------------------------------------------ layout and events
+
+function closeSidebar() {
+  document.getElementById("app").classList.remove("sidebar-open");
+  $("scrim").hidden = true;
+  $("toggle-sidebar").setAttribute("aria-expanded", "false");
+}
+
+function toggleSidebar() {
+  const open = !document.getElementById("app").classList.contains("sidebar-open");
+  document.getElementById("app").classList.toggle("sidebar-open", open);
+  $("scrim").hidden = !open;
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+}
+
+function autoGrow() {
+  const ta = $("input");
+  ta.style.height = "auto";
+  ta.style.height = `${Math.min(ta.scrollHeight, 200)}px`;
+}
+
+function initSettings() {
+  const s = store.settings;
+  $("temperature").value = s.temperature;
+  $("temperature-value").textContent = Number(s.temperature).toFixed(1);
+  $("max-tokens").value = s.maxTokens;
+  $("system-prompt").value = s.systemPrompt;
+  $("temperature").addEventListener("input", (e) => {
+    s.temperature = Number(e.target.value);
+    $("temperature-value").textContent = s.temperature.toFixed(1);
+    store.saveSettings();
+  });
+  $("max-tokens").addEventListener("change", (e) => {
+    const v = Math.round(Number(e.target.value));
+    s.maxTokens = Number.isFinite(v) && v >= 1 ? v : 1024;
+    e.target.value = s.maxTokens;
+    store.saveSettings();
+  });
+  $("system-prompt").addEventListener("input", (e) => { s.systemPrompt = e.target.value; store.saveSettings(); });
+}
+
+function init() {
+  initSettings();
+  $("composer").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = $("input").value.trim();
+    if (!text || ui.live) return;
+    $("input").value = "";
+    autoGrow();
+    send(text);
+  });
+  $("input").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); $("composer").requestSubmit(); }
+  });
+  $("input").addEventListener("input", autoGrow);
+  $("stop").addEventListener("click", () => ui.live && ui.live.controller.abort());
+  $("new-chat").addEventListener("click", newConversation);
+  $("model").addEventListener("change", () => { store.settings.model = $("model").value; store.saveSettings(); renderModelBadge(); });
+  $("error-close").addEventListener("click", () => clearError());
+  $("toggle-topology").addEventListener("click", () => setTopologyOpen(!ui.topologyOpen));
+  $("close-topology").addEventListener("click", () => setTopologyOpen(false));
+  $("toggle-sidebar").addEventListener("click", toggleSidebar);
+  $("scrim").addEventListener("click", closeSidebar);
+  for (const b of document.querySelectorAll(".suggestion")) {
+    b.addEventListener("click", () => { if (!ui.live) send(b.textContent); });
+  }
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") { if (ui.topologyOpen) setTopologyOpen(false); closeSidebar(); }
+  });
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) { refreshModels(); scheduleTopology(); } });
+  renderSidebar();
+  renderConversation();
+  setGenerating(false);
+  refreshModels();
+  $("input").focus();
+}
+
+// a small handle for debugging from the console (and for the browser tests)
+window.tinychat = { store, ui, renderMarkdown, modelStatus };
+init();
