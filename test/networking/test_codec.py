@@ -172,3 +172,18 @@ def test_proto_has_every_dataclass_field(cls: type, message: type) -> None:
     proto_fields = set(message.DESCRIPTOR.fields_by_name)
     missing = {f.name for f in dataclasses.fields(cls)} - proto_fields
     assert not missing, f"{message.DESCRIPTOR.full_name} lacks {sorted(missing)}: update node_service.proto and codec.py"
+
+
+def test_failover_fields_round_trip() -> None:
+    replay = make_ctx(epoch=3, generated_tokens=(5, 0, 49151))
+    back = codec.ctx_from_proto(codec.ctx_to_proto(replay))
+    assert back == replay and back.generated_tokens == (5, 0, 49151)
+    msg = codec.ctx_to_proto(make_ctx(generated_tokens=(1, -2)))
+    with pytest.raises(ValueError, match="generated_tokens"):
+        codec.ctx_from_proto(msg)
+    result = TokenResult("r", [7], epoch=4)
+    assert codec.result_from_proto(codec.result_to_proto(result)).epoch == 4
+    bad = codec.result_to_proto(result)
+    bad.epoch = -1
+    with pytest.raises(ValueError, match="epoch"):
+        codec.result_from_proto(bad)

@@ -35,7 +35,7 @@ PROMPT = [40, 41, 42, 43, 44]
 async def cluster(memories: dict[str, int], token_delay: float = 0.01) -> AsyncIterator[dict]:
     """Dummy-engine nodes named by ``memories`` (short name -> bytes), found over mDNS on
     loopback; yields short name -> RunningNode once every node sees the same ring of them all."""
-    from conftest import loopback_config
+    from helpers import loopback_config
 
     from exo.orchestration.launcher import start_node
 
@@ -114,7 +114,7 @@ async def test_last_node_killed_the_origin_fails_over_to_the_ring_that_remains()
 @asyncio_test
 async def test_a_node_joining_mid_generation_does_not_break_the_stream():
     async with cluster({"a": 2 * GiB, "b": 1 * GiB}, token_delay=0.02) as nodes:
-        from conftest import loopback_config
+        from helpers import loopback_config
 
         from exo.orchestration.launcher import start_node
 

@@ -62,3 +62,94 @@ def test_same_ring_whatever_the_insertion_order():
 def test_empty_topology_raises():
     with pytest.raises(ValueError):
         strategy.partition(Topology(), 30)
+
+
+MiB = 1 << 20
+LAYER = 14 * MiB  # about one SmolLM2 layer in float32
+
+
+def plan(layer_bytes=LAYER, n_layers=30, **memories):
+    return strategy.plan(topology(**memories), n_layers, layer_bytes)
+
+
+def test_node_too_small_for_one_layer_is_left_out_and_says_why():
+    p = plan(a=1 * GiB, b=1 * GiB, tiny=10 * MiB)
+    assert ranges(p.ring) == [("a", 0, 14), ("b", 15, 29)]
+    assert set(p.left_out) == {"tiny"}
+    assert "too small to hold a layer" in p.left_out["tiny"] and str(LAYER) in p.left_out["tiny"]
+
+
+def test_no_node_can_hold_a_layer_raises():
+    with pytest.raises(ValueError, match="no node can hold a layer"):
+        plan(a=10 * MiB, b=5 * MiB)
+
+
+def test_capacity_caps_a_node_at_what_its_memory_holds():
+    # proportional shares 27.3 / 2.7; "small" holds only 2 layers of 14 MiB, so it gets 2 and big the rest
+    p = plan(big=400 * MiB, small=40 * MiB)
+    assert ranges(p.ring) == [("big", 0, 27), ("small", 28, 29)]
+    assert p.left_out == {}
+
+
+def test_capacities_redistribute_over_several_nodes():
+    # c's share is 30 * 41 / 491 = 2.5 layers but 41 MiB hold only 2 of 14 MiB: c gets 2, and a and b
+    # share the other 28 by memory (18.7 / 9.3)
+    p = plan(a=300 * MiB, b=150 * MiB, c=41 * MiB)
+    assert ranges(p.ring) == [("a", 0, 18), ("b", 19, 27), ("c", 28, 29)]
+    # without the cap the largest remainder would have given c 3 layers
+    assert ranges(plan(layer_bytes=0, a=300 * MiB, b=150 * MiB, c=41 * MiB).ring) == [("a", 0, 17), ("b", 18, 26), ("c", 27, 29)]
+
+
+def test_cluster_too_small_for_the_model_falls_back_to_proportional_shares():
+    p = plan(a=200 * MiB, b=100 * MiB)  # holds 14 + 7 of 30 layers
+    assert ranges(p.ring) == [("a", 0, 19), ("b", 20, 29)]
+
+
+def test_unknown_memory_is_left_out_when_others_are_known():
+    p = plan(layer_bytes=0, a=8 * GiB, ghost=0)
+    assert ranges(p.ring) == [("a", 0, 29)] and "unknown" in p.left_out["ghost"]
+
+
+def test_all_unknown_memory_shares_equally():
+    assert ranges(strategy.partition(topology(a=0, b=0, c=0), 30)) == [("a", 0, 9), ("b", 10, 19), ("c", 20, 29)]
+
+
+def test_share_rounding_to_zero_is_reported():
+    p = plan(layer_bytes=0, huge=64 * GiB, tiny=256 << 20)
+    assert "rounds to 0" in p.left_out["tiny"]
+
+
+def test_apportion_is_exact_and_capped():
+    from exo.topology.partitioning import apportion
+
+    assert apportion([1, 1, 1], 32) == [11, 11, 10]
+    assert apportion([3, 1], 30) == [23, 7]  # 22.5 / 7.5: the tie goes to the first
+    assert apportion([10, 1], 30, [30, 2]) == [28, 2]
+    assert apportion([1, 1], 3, [1, 5]) == [1, 2]
+    with pytest.raises(ValueError):
+        apportion([1, 1], 10, [2, 2])
+    with pytest.raises(ValueError):
+        apportion([0, 1], 10)
+
+
+def test_very_uneven_memory_with_many_nodes_never_counts_an_empty_range():
+    memories = {f"n{i}": (1 << (i * 2)) * MiB for i in range(8)}  # 1 MiB .. 16 GiB
+    p = plan(layer_bytes=LAYER, **memories)
+    assert all(r.n_layers > 0 for r in p.ring)
+    assert sum(r.n_layers for r in p.ring) == 30
+    assert [r.node_id for r in p.ring] == ["n7", "n6", "n5"]
+    assert ranges(p.ring) == [("n7", 0, 22), ("n6", 23, 28), ("n5", 29, 29)]
+    assert set(p.left_out) == {"n0", "n1", "n2", "n3", "n4"}
+
+
+def test_layer_bytes_of_the_shipped_model():
+    from exo.models.registry import get_model_card
+    from exo.topology.model_memory import BYTES_PER_PARAM, layer_bytes, layer_params_from_shapes
+
+    # SmolLM2-135M: hidden 576, 9 heads of 64 (3 KV heads), FFN 1536
+    per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536 + 2 * 576
+    assert layer_params_from_shapes({"blk.0.attn_q.weight": (576, 576), "blk.0.ffn_up.weight": (576, 1536),
+                                     "token_embd.weight": (576, 49152)}) == 576 * 576 + 576 * 1536
+    card = get_model_card("smollm2-135m")
+    if card.is_available():
+        assert layer_bytes(card) == per_layer * BYTES_PER_PARAM
