@@ -177,6 +177,26 @@ async def test_api_error_is_shown_in_plain_words(single_node_api, open_page):
     await expect(page.locator("#error")).to_be_hidden()
 
 
+async def test_lost_connection_is_shown_and_retry_recovers(single_node_api, open_page):
+    """The browser loses the node (network down): the person is told so in words, and Retry
+    sends the question again once the network is back."""
+    put = await open_page(single_node_api.api_url + "/")
+    page = put.page
+    await expect(page.locator("#model")).to_have_value(MODEL)
+    await set_options(page, temperature=0, max_tokens=4)
+    await put.context.set_offline(True)
+    await ask(page, "Name a colour.")
+    await expect(page.locator("#error-text")).to_contain_text("Can't reach the exo node")
+    await expect(page.locator("#stop")).to_be_hidden()
+    await put.context.set_offline(False)
+    await page.locator(".msg.assistant .note.error button").click()
+    await wait_answered(page, 1)
+    await expect(page.locator(".msg.assistant")).to_have_count(1)
+    await expect(page.locator(".msg.assistant .stats .tps")).to_be_visible()
+    await expect(page.locator(".msg.assistant .note.error")).to_have_count(0)
+    await expect(page.locator("#error")).to_be_hidden()
+
+
 async def test_model_selector_shows_state(single_node_api, open_page):
     async with aiohttp.ClientSession() as http:
         async with http.get(single_node_api.base_url + "/models") as r:
