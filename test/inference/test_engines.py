@@ -69,14 +69,32 @@ async def load_pair(name: str):
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def reference():
-    """Prefill logits and greedy tokens of the torch engine."""
+async def torch_pair():
+    """The reference: two torch engines holding the same halves."""
     pytest.importorskip("torch", reason="the torch engine is the reference: pip install -e .[torch]")
     engines = await load_pair("torch")
-    prompt = chat_prompt()
-    logits, tokens = await run(engines, prompt, N_TOKENS)
+    yield engines
     for e in engines:
         await e.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def reference(torch_pair):
+    """The chat prompt, and the torch engine's prefill logits and greedy tokens for it."""
+    prompt = chat_prompt()
+    logits, tokens = await run(torch_pair, prompt, N_TOKENS)
+    return prompt, logits, tokens
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def long_reference(torch_pair):
+    """A ~300-token prompt (past the engines' first KV cache capacity of 256), with torch's
+    prefill logits and 3 greedy tokens."""
+    tok = load_tokenizer(MODEL)
+    text = "The lighthouse keeper counted the ships that passed his rock every night. " * 20
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text + "How many ships?"}]))
+    assert 256 < len(prompt) < 400
+    logits, tokens = await run(torch_pair, prompt, 3)
     return prompt, logits, tokens
 
 
@@ -169,3 +187,14 @@ def test_default_engine_choice_is_installed():
     assert name in ENGINES and name != "dummy"
     module = {"torch": "torch", "tinygrad": "tinygrad", "mlx": "mlx"}[name]
     assert importlib.util.find_spec(module) is not None
+
+
+@asyncio_test
+async def test_engine_kv_cache_grows_past_its_first_capacity(engine_pair, long_reference):
+    """Outgrowing the first KV cache buffers (a new capacity: new graphs in tinygrad) keeps the
+    logits and the next tokens equal to torch's."""
+    _, engines = engine_pair
+    prompt, ref_logits, ref_tokens = long_reference
+    logits, tokens = await run(engines, prompt, 3)
+    assert float(np.abs(logits - ref_logits).max()) < LOGITS_ATOL
+    assert tokens == ref_tokens

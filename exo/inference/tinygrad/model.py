@@ -169,6 +169,7 @@ class ShardedLlama:
         self.eps = Tensor([args.rms_norm_eps], dtype=dtypes.float32).realize()
         self.cos, self.sin = rope_tables(args.head_dim, args.rope_theta, args.max_seq_len + PREFILL_CHUNK)
         self._jits: dict[tuple[str, int], TinyJit] = {}  # (kind, KV cache capacity) -> graph
+        self._const_inputs: list[tuple[UOp, ...]] = []  # per layer: buffers of the graph's inputs after h and kv
         self._head_jit = TinyJit(head_forward)
 
     @property
@@ -189,7 +190,12 @@ class ShardedLlama:
         kind = "decode" if t == 1 else "prefill"
         jit = self._graph(kind, cache.capacity)
         pos = UOp.variable("start_pos", 0, cache.capacity - t).bind(position)
-        for weights, kv in zip(self.layers, cache.kv):
+        for i, (weights, kv) in enumerate(zip(self.layers, cache.kv)):
+            if jit.captured is not None and jit.cnt >= 2:
+                # replay the captured graph directly: TinyJit's own argument checks cost ~0.4 ms per
+                # input on every call, and the inputs are the same realized buffers in the same order
+                h = jit.captured([h.uop.base, kv.uop.base, *self._const_inputs[i]], {"start_pos": position})
+                continue
             h = jit(h, pos, kv, self.cos, self.sin, self.eps, *weights)
         return h
 
@@ -245,6 +251,7 @@ class ShardedLlama:
             self.lm_head = Tensor(get("lm_head.weight", (a.vocab_size, a.hidden_size)))
         self.layers = layers
         Tensor.realize(*[w for ws in layers for w in ws], *[w for w in (self.norm, self.lm_head) if w is not None])
+        self._const_inputs = [(self.cos.uop.base, self.sin.uop.base, self.eps.uop.base, *[w.uop.base for w in ws]) for ws in layers]
 
     def weight_bytes(self) -> int:
         """Bytes of weights held (device tensors plus the host embedding)."""
