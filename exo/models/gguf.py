@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -18,42 +19,62 @@ logger = logging.getLogger(__name__)
 
 _open_lock = threading.Lock()
 
+#: Metadata arrays longer than this (the vocabulary, its token types and the BPE merges) are
+#: dropped from the reader once their values are cached: ``GGUFReader`` keeps several numpy
+#: views per element, ~85 MB for a 49k-token vocabulary.
+_TRIM_ARRAY_PARTS = 1000
+
 
 @functools.lru_cache(maxsize=4)
-def _open_reader(path: str):
+def _open(path: str) -> tuple[Any, tuple]:
     import gguf
 
     logger.info("opening GGUF %s", path)
-    return gguf.GGUFReader(path, "r")
+    reader = gguf.GGUFReader(path, "r")
+    meta = tuple((key, f.contents()) for key, f in reader.fields.items() if not key.startswith("GGUF."))
+    for key in [k for k, f in reader.fields.items() if len(f.parts) > _TRIM_ARRAY_PARTS]:
+        del reader.fields[key]
+    return reader, meta
 
 
 def open_gguf(path: str | Path):
     """The process-wide ``gguf.GGUFReader`` of ``path`` (memory-mapped, opened once).
 
+    Its ``tensors`` are complete; metadata arrays of more than ``_TRIM_ARRAY_PARTS`` parts are
+    removed from its ``fields`` to save memory: read metadata through ``gguf_metadata``.
+
     Raises:
         FileNotFoundError: no file at ``path``.
     """
+    return _open_checked(path)[0]
+
+
+def _open_checked(path: str | Path) -> tuple[Any, tuple]:
     path = str(Path(path).resolve())
     if not Path(path).is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with _open_lock:
-        return _open_reader(path)
+        return _open(path)
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
     """Every metadata key of the file with its value (strings decoded, arrays as lists)."""
-    return dict(_metadata(str(Path(path).resolve())))
+    return dict(_open_checked(path)[1])
 
 
-@functools.lru_cache(maxsize=4)
-def _metadata(path: str) -> tuple:
-    reader = open_gguf(path)
-    out = []
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        out.append((key, f.contents()))
-    return tuple(out)
+def _drop_pages(reader: Any, array: np.ndarray) -> None:
+    """Drop the file pages under ``array`` (a view of the reader's memory map) from this process's
+    resident memory once they have been read; they stay in the OS page cache. Best effort."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not array.nbytes:
+        return
+    try:
+        start = array.__array_interface__["data"][0] - reader.data.__array_interface__["data"][0]
+        page = mmap.PAGESIZE
+        begin = start // page * page
+        mm.madvise(mmap.MADV_DONTNEED, begin, start + array.nbytes - begin)
+    except (ValueError, OSError, AttributeError):
+        pass
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -81,15 +102,27 @@ LLAMA_LAYER_TENSORS = {
 }
 
 
-def load_llama_shard_tensors(
-    path: str | Path, start_layer: int, end_layer: int, n_layers: int, n_heads: int, n_kv_heads: int
-) -> dict[str, np.ndarray]:
-    """Dequantize only the tensors a shard of layers ``[start_layer, end_layer]`` needs.
+#: Rows dequantized at a time: bounds the float32 temporaries of one tensor (the 49152-row
+#: embedding would otherwise need several full-size intermediates).
+DEQUANT_CHUNK_ROWS = 4096
 
-    Returns float32 arrays keyed by HF-style names (``embed_tokens.weight`` (vocab, hidden) on
-    the first shard; ``norm.weight`` (hidden,) and ``lm_head.weight`` (vocab, hidden) on the last,
-    tied to the embedding when the file has no ``output.weight``), Q/K rows restored to the HF
-    rotary layout.
+
+def gguf_tensor_names(path: str | Path) -> set[str]:
+    """Names of the tensors in the GGUF file at ``path`` (e.g. ``"output.weight"``)."""
+    return {t.name for t in open_gguf(path).tensors}
+
+
+def iter_llama_shard_chunks(
+    path: str | Path, start_layer: int, end_layer: int, n_layers: int, n_heads: int, n_kv_heads: int
+) -> Iterator[tuple[str, tuple[int, ...], int, np.ndarray]]:
+    """Dequantize the tensors a shard of layers ``[start_layer, end_layer]`` needs, a block of
+    rows at a time, so a loader can copy each block into its final storage and drop it.
+
+    Yields ``(name, shape, row, block)``: the HF-style name (see ``load_llama_shard_tensors``),
+    the tensor's full shape, the index of the block's first row, and the block itself
+    (float32, shape ``(rows,) + shape[1:]``, at most ``DEQUANT_CHUNK_ROWS`` rows). Tied output
+    heads are yielded under ``lm_head.weight`` only when the shard does not also hold the
+    embedding (``embed_tokens.weight``), since then both are the same tensor.
 
     Raises:
         KeyError: a tensor the shard needs is missing from the file (named in the message).
@@ -99,31 +132,67 @@ def load_llama_shard_tensors(
     reader = open_gguf(path)
     by_name = {t.name: t for t in reader.tensors}
 
-    def get(name: str) -> np.ndarray:
+    def tensor(name: str):
         if name not in by_name:
             raise KeyError(f"tensor {name!r} not found in {path}")
-        t = by_name[name]
-        arr = dequantize(t.data, t.tensor_type)
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return by_name[name]
 
-    out: dict[str, np.ndarray] = {}
+    def whole(name: str) -> np.ndarray:
+        t = tensor(name)
+        out = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: never a view of the map
+        _drop_pages(reader, t.data)
+        return out
+
+    def chunks(gguf_name: str, name: str):
+        t = tensor(gguf_name)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions fastest first
+        if len(shape) == 1:
+            yield name, shape, 0, whole(gguf_name)
+            return
+        for row in range(0, shape[0], DEQUANT_CHUNK_ROWS):
+            data = t.data[row:row + DEQUANT_CHUNK_ROWS]
+            block = np.array(dequantize(data, t.tensor_type), dtype=np.float32).reshape(-1, *shape[1:])
+            _drop_pages(reader, data)
+            yield name, shape, row, block
+
     is_first, is_last = start_layer == 0, end_layer == n_layers - 1
-    if is_first or (is_last and "output.weight" not in by_name):
-        emb = get("token_embd.weight")
-        if is_first:
-            out["embed_tokens.weight"] = emb
-        if is_last and "output.weight" not in by_name:
-            out["lm_head.weight"] = emb
-    if is_last:
-        out["norm.weight"] = get("output_norm.weight")
-        if "output.weight" in by_name:
-            out["lm_head.weight"] = get("output.weight")
+    tied = "output.weight" not in by_name
+    if is_first:
+        yield from chunks("token_embd.weight", "embed_tokens.weight")
     for i in range(start_layer, end_layer + 1):
         for gguf_name, name in LLAMA_LAYER_TENSORS.items():
-            w = get(gguf_name.format(i=i))
-            if gguf_name.endswith("attn_q.weight"):
-                w = _unpermute(w, n_heads)
-            elif gguf_name.endswith("attn_k.weight"):
-                w = _unpermute(w, n_kv_heads)
-            out[name.format(i=i)] = w
+            gguf_name, name = gguf_name.format(i=i), name.format(i=i)
+            if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                w = _unpermute(whole(gguf_name), n_heads if gguf_name.endswith("attn_q.weight") else n_kv_heads)
+                yield name, w.shape, 0, w
+            else:
+                yield from chunks(gguf_name, name)
+    if is_last:
+        yield from chunks("output_norm.weight", "norm.weight")
+        if not tied:
+            yield from chunks("output.weight", "lm_head.weight")
+        elif not is_first:
+            yield from chunks("token_embd.weight", "lm_head.weight")
+
+
+def load_llama_shard_tensors(
+    path: str | Path, start_layer: int, end_layer: int, n_layers: int, n_heads: int, n_kv_heads: int
+) -> dict[str, np.ndarray]:
+    """Dequantize only the tensors a shard of layers ``[start_layer, end_layer]`` needs.
+
+    Returns float32 arrays keyed by HF-style names (``embed_tokens.weight`` (vocab, hidden) on
+    the first shard; ``norm.weight`` (hidden,) and ``lm_head.weight`` (vocab, hidden) on the last,
+    the same array as the embedding when the file has no ``output.weight``), Q/K rows restored
+    to the HF rotary layout. Loaders that care about peak memory use ``iter_llama_shard_chunks``.
+
+    Raises:
+        KeyError: a tensor the shard needs is missing from the file (named in the message).
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, shape, row, block in iter_llama_shard_chunks(path, start_layer, end_layer, n_layers, n_heads, n_kv_heads):
+        if name not in out:
+            out[name] = np.empty(shape, dtype=np.float32)
+        out[name][row:row + block.shape[0]] = block
+    if end_layer == n_layers - 1 and "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["embed_tokens.weight"]  # tied: the same array
     return out

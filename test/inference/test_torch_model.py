@@ -1,5 +1,7 @@
 """The torch engine and tokenizer against transformers' Llama loaded from the same GGUF."""
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,87 @@ async def test_bad_input_raises_clear_errors(chat_ids):
     await engine.clear_request("r")
     assert engine.cached_request_ids() == set()
     await engine.close()
+
+
+async def _greedy(engine, shard, rid, ids, n):
+    """n greedy tokens of request ``rid`` (prefill, then n - 1 decode steps) and their logits."""
+    logits = await engine.infer_tensor(rid, shard, np.asarray([ids]), 0)
+    tokens, all_logits, pos = [int(logits.argmax())], [logits], len(ids)
+    for _ in range(n - 1):
+        logits = await engine.infer_tensor(rid, shard, np.asarray([[tokens[-1]]]), pos)
+        tokens.append(int(logits.argmax()))
+        all_logits.append(logits)
+        pos += 1
+    return tokens, np.stack(all_logits)
+
+
+@pytest.mark.asyncio
+async def test_default_cpu_dtype_is_the_one_the_logits_check_uses(monkeypatch):
+    # the logits check above runs float32: the CPU default must be the dtype it checks
+    monkeypatch.delenv("EXO_TORCH_DTYPE", raising=False)
+    engine = TorchInferenceEngine(device="cpu")
+    assert engine.dtype == torch.float32
+    await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_batched_decode_equals_sequential_decode(chat_ids):
+    """Concurrent requests at different positions decode in one batched forward pass and get
+    exactly the tokens (and, to float32 rounding, the logits) each gets alone."""
+    shard = Shard.full(MODEL, 30)
+    prompts = [chat_ids, chat_ids[:-7], list(range(200, 212)), chat_ids[5:]]
+    alone = TorchInferenceEngine(device="cpu", dtype="float32", max_batch=1)
+    await alone.ensure_shard(shard)
+    expected = [await _greedy(alone, shard, f"a{i}", p, 6) for i, p in enumerate(prompts)]
+    await alone.close()
+    assert alone.batch_sizes == []
+
+    batched = TorchInferenceEngine(device="cpu", dtype="float32")
+    await batched.ensure_shard(shard)
+    got = await asyncio.gather(*(_greedy(batched, shard, f"b{i}", p, 6) for i, p in enumerate(prompts)))
+    assert max(batched.batch_sizes) > 1  # the steps really ran batched
+    for (tokens, logits), (exp_tokens, exp_logits) in zip(got, expected):
+        assert tokens == exp_tokens
+        np.testing.assert_allclose(logits, exp_logits, atol=1e-4, rtol=0)
+    assert batched.cached_request_ids() == {f"b{i}" for i in range(len(prompts))}
+
+    # a bad step fails alone; the others of its batch go on
+    results = await asyncio.gather(
+        batched.infer_tensor("b0", shard, np.asarray([[1]]), len(prompts[0]) + 6 - 1),
+        batched.infer_tensor("b1", shard, np.asarray([[1]]), 999),
+        batched.infer_tensor("unknown", shard, np.asarray([[1]]), 3),
+        return_exceptions=True)
+    assert results[0].shape == (49152,)
+    assert isinstance(results[1], ValueError) and "position" in str(results[1])
+    assert isinstance(results[2], KeyError)
+    await batched.close()
+
+
+@pytest.mark.asyncio
+async def test_batched_decode_through_a_split_ring(chat_ids):
+    """Batched decode steps of hidden states on a later shard equal the full model's."""
+    first, last = Shard(MODEL, 0, 11, 30), Shard(MODEL, 12, 29, 30)
+    e1 = TorchInferenceEngine(device="cpu", dtype="float32")
+    e2 = TorchInferenceEngine(device="cpu", dtype="float32")
+    await e1.ensure_shard(first)
+    await e2.ensure_shard(last)
+
+    async def ring_greedy(rid, ids, n):
+        pos, x, tokens = 0, np.asarray([ids]), []
+        for _ in range(n):
+            h = await e1.infer_tensor(rid, first, x, pos)
+            logits = await e2.infer_tensor(rid, last, h, pos)
+            pos += x.shape[1]
+            tokens.append(int(logits.argmax()))
+            x = np.asarray([[tokens[-1]]])
+        return tokens
+
+    prompts = [chat_ids, list(range(300, 305)), chat_ids[3:]]
+    got = await asyncio.gather(*(ring_greedy(f"r{i}", p, 5) for i, p in enumerate(prompts)))
+    assert max(e2.batch_sizes) > 1
+    full = TorchInferenceEngine(device="cpu", dtype="float32", max_batch=1)
+    await full.ensure_shard(Shard.full(MODEL, 30))
+    for i, p in enumerate(prompts):
+        assert got[i] == (await _greedy(full, Shard.full(MODEL, 30), f"f{i}", p, 5))[0]
+    for e in (e1, e2, full):
+        await e.close()

@@ -1,8 +1,16 @@
-"""The torch InferenceEngine: a ShardedLlama plus one KV cache per request."""
+"""The torch InferenceEngine: a ShardedLlama plus one KV cache per request.
+
+Decode steps of concurrent requests that reach the engine together run as one batched forward
+pass (``ShardedLlama.decode``): the weights are read once for the whole batch, which is what
+bounds decode speed on a CPU. Prefills run one at a time. All model work happens on one worker
+thread, in arrival order.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -16,12 +24,16 @@ import torch
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.torch.model import KVCache, LlamaArgs, ShardedLlama
-from exo.models.gguf import gguf_metadata, load_llama_shard_tensors
+from exo.models.gguf import gguf_metadata, gguf_tensor_names, iter_llama_shard_chunks
 from exo.models.registry import get_model_card
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: Event-loop turns a decode step waits for the steps of other requests woken in the same turn
+#: before its batch starts (the batch starts as soon as a turn adds no step).
+_GATHER_TURNS = 8
 
 
 @dataclass
@@ -34,21 +46,36 @@ class _RequestState:
         return self.caches[0].offset if self.caches else 0
 
 
+@dataclass
+class _DecodeStep:
+    """One request's decode step waiting for the next batch: x (1, 1) or (1, 1, hidden)."""
+
+    request_id: str
+    x: np.ndarray
+    position: int
+    future: asyncio.Future
+
+
 class TorchInferenceEngine(InferenceEngine):
     """Runs a shard of a Llama model with PyTorch on CPU or CUDA.
 
     Args:
         device: "cpu", "cuda", ...; default CUDA when available.
         dtype: compute dtype name ("float32", "bfloat16", "float16"); default float32 on CPU,
-            bfloat16 on CUDA; ``EXO_TORCH_DTYPE`` overrides the default.
+            bfloat16 on CUDA; ``EXO_TORCH_DTYPE`` overrides the default. float32 is the CPU
+            default because it is the only one whose logits stay within 1e-3 of the float32
+            reference (test/inference/test_torch_model.py); bfloat16 reads half the bytes per
+            token and is faster where the CPU has bf16 matrix units, at ~1e-1 logit error.
         max_requests: most requests holding a KV cache at once; the least recently used is
             evicted beyond it.
         request_ttl: seconds after which an idle request's KV cache is freed.
+        max_batch: most decode steps run in one forward pass (1 disables batching).
     """
 
     name = "torch"
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, max_requests: int = 64, request_ttl: float = 600.0):
+    def __init__(self, device: str | None = None, dtype: str | None = None, max_requests: int = 64, request_ttl: float = 600.0,
+                 max_batch: int = 32):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or os.environ.get("EXO_TORCH_DTYPE") or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
@@ -56,6 +83,12 @@ class TorchInferenceEngine(InferenceEngine):
         self.dtype = _DTYPES[dtype]
         self.max_requests = max_requests
         self.request_ttl = request_ttl
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.batch_sizes: list[int] = []  # sizes of the last decode batches (most recent last), for benchmarks
+        self._pending: list[_DecodeStep] = []
+        self._drainer: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
         self._model: ShardedLlama | None = None
         self._shard: Shard | None = None
@@ -82,14 +115,15 @@ class TorchInferenceEngine(InferenceEngine):
         args = LlamaArgs.from_gguf_metadata(gguf_metadata(path))
         if args.n_layers != shard.n_layers:
             raise ValueError(f"shard says {shard.n_layers} layers but {shard.model_id} has {args.n_layers}")
+        tied = "output.weight" not in gguf_tensor_names(path)
         self._model = None  # drop the previous shard's weights before loading the next
         with torch.device("meta"):
-            model = ShardedLlama(args, shard)
-        model = model.to_empty(device="cpu")
-        tensors = load_llama_shard_tensors(path, shard.start_layer, shard.end_layer, shard.n_layers, args.n_heads, args.n_kv_heads)
-        model.load_tensors(tensors)
-        del tensors
-        model = model.to(device=self.device, dtype=self.dtype).eval()
+            model = ShardedLlama(args, shard, tie_word_embeddings=tied).to(dtype=self.dtype)
+        model = model.to_empty(device=self.device)  # uninitialised storage, in the final dtype and place
+        model.tie_weights()
+        model.load_weights(iter_llama_shard_chunks(path, shard.start_layer, shard.end_layer, shard.n_layers, args.n_heads, args.n_kv_heads))
+        model.eval()
+        _release_freed_memory()
         logger.info("loaded %s layers %d-%d on %s (%s) in %.1f s, %.1f MiB of weights",
                     shard.model_id, shard.start_layer, shard.end_layer, self.device, self.dtype,
                     time.perf_counter() - t0, _weight_bytes(model) / 2**20)
@@ -103,7 +137,45 @@ class TorchInferenceEngine(InferenceEngine):
             await self.ensure_shard(shard)
         self._validate_input(shard, x)
         loop = asyncio.get_running_loop()
+        if x.shape[1] == 1 and position > 0 and self.max_batch > 1:
+            step = _DecodeStep(request_id, x, position, loop.create_future())
+            self._pending.append(step)
+            if self._drainer is None or self._drainer.done():
+                self._drainer = loop.create_task(self._drain(), name="torch-decode-batches")
+            return await step.future
         return await loop.run_in_executor(self._executor, self._infer, request_id, x, position)
+
+    async def _drain(self) -> None:
+        """Run the queued decode steps in batches until none is left."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            seen = -1
+            for _ in range(_GATHER_TURNS):  # let steps woken in the same turn join this batch
+                if len(self._pending) == seen:
+                    break
+                seen = len(self._pending)
+                await asyncio.sleep(0)
+            batch = [s for s in self._pending[:self.max_batch] if not s.future.done()]
+            del self._pending[:self.max_batch]
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._decode_batch, batch)
+            except BaseException as e:
+                for s in batch:
+                    if not s.future.done():
+                        s.future.set_exception(e if isinstance(e, Exception) else RuntimeError("the engine stopped"))
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+            for s, r in zip(batch, results):
+                if s.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    s.future.set_exception(r)
+                else:
+                    s.future.set_result(r)
 
     def _validate_input(self, shard: Shard, x: np.ndarray) -> None:
         args = self._model.args
@@ -116,31 +188,72 @@ class TorchInferenceEngine(InferenceEngine):
             raise ValueError(f"shard {shard.start_layer}-{shard.end_layer} takes hidden states of shape (1, T, {args.hidden_size}) "
                              f"and a float dtype, got {x.shape} {x.dtype}")
 
-    def _infer(self, request_id: str, x: np.ndarray, position: int) -> np.ndarray:
+    def _state_for(self, request_id: str, position: int, n_tokens: int) -> _RequestState:
+        """The request's KV cache state for ``n_tokens`` new tokens at ``position`` (a fresh one
+        at position 0). Raises KeyError / ValueError as ``infer_tensor`` documents."""
         model = self._model
-        self._evict_idle()
         state = self._requests.get(request_id)
+        if position + n_tokens > model.args.max_seq_len:
+            raise ValueError(f"request {request_id}: {position + n_tokens} tokens exceed the context of {model.args.max_seq_len}")
         if position == 0:
-            state = _RequestState(model.new_caches(1))
+            state = _RequestState(model.new_caches(1, capacity=n_tokens + 1))
             self._requests[request_id] = state
         elif state is None:
             raise KeyError(f"request {request_id} has no KV cache on this node (position {position})")
         elif state.offset != position:
             raise ValueError(f"request {request_id}: position {position} but the KV cache holds {state.offset} tokens")
-        if position + x.shape[1] > model.args.max_seq_len:
-            raise ValueError(f"request {request_id}: {position + x.shape[1]} tokens exceed the context of {model.args.max_seq_len}")
         self._requests.move_to_end(request_id)
         state.last_used = time.monotonic()
         while len(self._requests) > self.max_requests:
             evicted, _ = self._requests.popitem(last=False)
             logger.warning("evicting the KV cache of request %s (more than %d requests)", evicted, self.max_requests)
+        return state
+
+    def _to_input(self, x: np.ndarray) -> torch.Tensor:
+        inp = torch.from_numpy(np.ascontiguousarray(x))
+        if self._model.embed_tokens is not None:
+            return inp.to(self.device, dtype=torch.long)
+        return inp.to(self.device)
+
+    def _to_output(self, out: torch.Tensor) -> np.ndarray:
+        """Logits (B, vocab) or hidden states (B, T, hidden) as float32 numpy arrays."""
+        return out.to(torch.float32).cpu().numpy().astype(WIRE_HIDDEN_DTYPE, copy=False)
+
+    def _infer(self, request_id: str, x: np.ndarray, position: int) -> np.ndarray:
+        self._evict_idle()
+        state = self._state_for(request_id, position, x.shape[1])
         with torch.inference_mode():
-            inp = torch.from_numpy(np.ascontiguousarray(x))
-            inp = inp.to(self.device, dtype=torch.long) if model.embed_tokens is not None else inp.to(self.device)
-            out = model(inp, state.caches, position)
-            if model.lm_head is not None:
-                return out[0].float().cpu().numpy()
-            return out.to(torch.float32).cpu().numpy().astype(WIRE_HIDDEN_DTYPE, copy=False)
+            out = self._to_output(self._model(self._to_input(x), state.caches, position))
+        return out[0] if self._model.lm_head is not None else out
+
+    def _decode_batch(self, steps: list[_DecodeStep]) -> list[np.ndarray | Exception]:
+        """One forward pass for the decode steps of several requests; per step its output or
+        the exception that step raises (a bad step fails alone)."""
+        self._evict_idle()
+        results: list[np.ndarray | Exception | None] = [None] * len(steps)
+        ok: list[tuple[int, _DecodeStep, _RequestState]] = []
+        seen: set[str] = set()
+        for i, s in enumerate(steps):
+            try:
+                if s.request_id in seen:
+                    raise ValueError(f"request {s.request_id}: two decode steps at once")
+                ok.append((i, s, self._state_for(s.request_id, s.position, 1)))
+                seen.add(s.request_id)
+            except Exception as e:
+                results[i] = e
+        if ok:
+            try:
+                x = np.concatenate([s.x for _, s, _ in ok]) if len(ok) > 1 else ok[0][1].x
+                with torch.inference_mode():
+                    out = self._to_output(self._model.decode(self._to_input(x), [st.caches for _, _, st in ok], [s.position for _, s, _ in ok]))
+                last = self._model.lm_head is not None
+                for j, (i, _, _) in enumerate(ok):
+                    results[i] = out[j] if last else out[j:j + 1]
+            except Exception as e:
+                logger.exception("a decode batch of %d requests failed", len(ok))
+                for i, _, _ in ok:
+                    results[i] = e
+        return results
 
     def _evict_idle(self) -> None:
         now = time.monotonic()
@@ -155,7 +268,22 @@ class TorchInferenceEngine(InferenceEngine):
         return set(self._requests)
 
     async def close(self) -> None:
+        if self._drainer is not None:
+            self._drainer.cancel()
+        for s in self._pending:
+            if not s.future.done():
+                s.future.set_exception(RuntimeError("the engine is closed"))
+        self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the allocator (loading temporaries) back to the OS (glibc only)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -62,26 +62,46 @@ class LlamaArgs:
         )
 
 
-class KVCache:
-    """Keys and values of one request for one layer, in buffers grown by doubling.
+#: KV cache capacity is allocated in multiples of this many tokens.
+KV_BLOCK = 256
 
-    Buffers: (B, n_kv_heads, capacity, head_dim); ``offset`` tokens are filled.
+
+class KVCache:
+    """Keys and values of one request for one layer, in preallocated buffers.
+
+    Buffers: (B, n_kv_heads, capacity, head_dim); ``offset`` tokens are filled. Capacity is a
+    multiple of ``KV_BLOCK`` tokens and at least doubles when exceeded, so appending a decode
+    step never allocates (amortised O(1) per token); ``reserve`` sizes it ahead of a prefill.
     """
 
-    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, capacity: int = 256):
-        self.k = torch.zeros(batch, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, capacity: int = KV_BLOCK):
+        capacity = _round_up(max(capacity, 1), KV_BLOCK)
+        self.k = torch.empty(batch, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
         self.offset = 0
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffers hold before they must grow."""
+        return self.k.shape[2]
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for ``n_tokens`` tokens in total, keeping the ``offset`` tokens held."""
+        if n_tokens <= self.capacity:
+            return
+        cap = _round_up(max(n_tokens, 2 * self.capacity), KV_BLOCK)
+        k = self.k.new_empty(*self.k.shape[:2], cap, self.k.shape[3])
+        v = torch.empty_like(k)
+        k[:, :, :self.offset] = self.k[:, :, :self.offset]
+        v[:, :, :self.offset] = self.v[:, :, :self.offset]
+        self.k, self.v = k, v
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``, ``v`` (B, n_kv_heads, T, head_dim); return all keys and values so far
-        (B, n_kv_heads, offset + T, head_dim)."""
-        t = k.shape[2]
-        end = self.offset + t
-        if end > self.k.shape[2]:
-            cap = max(end, 2 * self.k.shape[2])
-            grow = lambda buf: torch.cat([buf, buf.new_zeros(*buf.shape[:2], cap - buf.shape[2], buf.shape[3])], dim=2)
-            self.k, self.v = grow(self.k), grow(self.v)
+        (B, n_kv_heads, offset + T, head_dim), as views of the buffers."""
+        end = self.offset + k.shape[2]
+        if end > self.capacity:
+            self.reserve(end)
         self.k[:, :, self.offset:end] = k
         self.v[:, :, self.offset:end] = v
         self.offset = end
@@ -89,6 +109,10 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class RMSNorm(nn.Module):
@@ -109,49 +133,80 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding:
     """cos/sin tables of RoPE with base ``theta``, grown on demand.
 
-    Plain tensors, not module buffers: a model built on the meta device never holds
-    uninitialised tables.
+    The sin table is stored with the first half of each row negated, so that
+    ``x * cos + swap_halves(x) * sin`` equals HF's ``x * cos + rotate_half(x) * sin`` exactly
+    (negating a factor commutes with rounding). Plain tensors, not module buffers: a model built
+    on the meta device never holds uninitialised tables.
     """
 
     def __init__(self, head_dim: int, theta: float):
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
         self._cos = self._sin = None
 
-    def __call__(self, position: int, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (length, head_dim) for positions [position, position + length)."""
-        end = position + length
+    def _tables(self, end: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype or self._cos.device != device:
             n = max(end, 2 * (self._cos.shape[0] if self._cos is not None else 256))
             t = torch.arange(n, dtype=torch.float64, device="cpu")
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
-            self._cos, self._sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
-        return self._cos[position:end], self._sin[position:end]
+            half = emb.shape[-1] // 2
+            sin = emb.sin()
+            sin[:, :half] = -sin[:, :half]
+            self._cos, self._sin = emb.cos().to(device, dtype), sin.to(device, dtype)
+        return self._cos, self._sin
+
+    def __call__(self, position: int, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin of shape (length, 1, head_dim) for positions [position, position + length)."""
+        cos, sin = self._tables(position + length, dtype, device)
+        return cos[position:position + length, None], sin[position:position + length, None]
+
+    def at(self, positions: list[int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin of shape (B, 1, 1, head_dim) for one position per row of a batch."""
+        cos, sin = self._tables(max(positions) + 1, dtype, device)
+        if len(positions) == 1:
+            p = positions[0]
+            return cos[p:p + 1, None, None], sin[p:p + 1, None, None]
+        idx = torch.tensor(positions, device=device)
+        return cos[idx][:, None, None], sin[idx][:, None, None]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (RoFormer eq. 34, HF "rotate half" layout).
+
+    x: (B, T, heads, head_dim); cos, sin (signed, see ``RotaryEmbedding``): broadcastable to x.
+    """
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + swapped * sin
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention with RoPE and a KV cache."""
+    """Grouped-query causal self-attention with RoPE and a KV cache.
+
+    Q, K and V come from one fused projection ``qkv_proj`` (rows: n_heads * head_dim of Q, then
+    n_kv_heads * head_dim of K, then of V), one matrix multiply instead of three.
+    """
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.hidden_size, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.hidden_size, args.n_kv_heads * args.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(args.hidden_size, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape  # (B, T, hidden)
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        nh, nkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(b, t, nh + 2 * nkv, self.head_dim)
+        qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)  # (B, T, n_heads + n_kv, head_dim)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, n_kv, T, head_dim)
+        v = qkv[:, :, nh + nkv:].transpose(1, 2)  # (B, n_kv, T, head_dim)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Prefill (or any chunk) of one sequence: x (B, T, hidden), cos/sin (T, 1, head_dim)."""
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         past = cache.offset
         k, v = cache.update(k, v)  # (B, n_kv, past + T, head_dim)
         if t == 1:
@@ -164,18 +219,32 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of B independent requests: x (B, 1, hidden), cos/sin (B, 1, 1, head_dim),
+        ``caches[i]`` the KV cache of row i (each at its own length). Projections run batched;
+        attention runs per row over that row's own keys, so no padding or mask is needed."""
+        b = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)  # q (B, n_heads, 1, head_dim), k/v (B, n_kv, 1, head_dim)
+        outs = []
+        for i, cache in enumerate(caches):
+            ki, vi = cache.update(k[i:i + 1], v[i:i + 1])  # (1, n_kv, len_i, head_dim)
+            outs.append(F.scaled_dot_product_attention(q[i:i + 1], ki, vi, enable_gqa=True))
+        out = outs[0] if b == 1 else torch.cat(outs)  # (B, n_heads, 1, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
+
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one ``gate_up_proj``
+    (rows: intermediate_size of gate, then of up)."""
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -190,67 +259,141 @@ class TransformerBlock(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        h = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, caches)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _weight_targets(args: LlamaArgs, shard: Shard) -> dict[str, tuple[str, int, int]]:
+    """Checkpoint tensor name (HF-style, global layer index) -> (parameter name, first row, rows).
+
+    The explicit mapping of checkpoint tensors onto this model's parameters, fused projections
+    included. Output head excluded (see ``ShardedLlama.load_weights``).
+    """
+    q_rows, kv_rows, ffn = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    per_layer = {
+        "input_layernorm.weight": ("input_layernorm.weight", 0, args.hidden_size),
+        "self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0, q_rows),
+        "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", q_rows, kv_rows),
+        "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", q_rows + kv_rows, kv_rows),
+        "self_attn.o_proj.weight": ("self_attn.o_proj.weight", 0, args.hidden_size),
+        "post_attention_layernorm.weight": ("post_attention_layernorm.weight", 0, args.hidden_size),
+        "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0, ffn),
+        "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", ffn, ffn),
+        "mlp.down_proj.weight": ("mlp.down_proj.weight", 0, args.hidden_size),
+    }
+    out = {}
+    if shard.is_first_layer:
+        out["embed_tokens.weight"] = ("embed_tokens.weight", 0, args.vocab_size)
+    for local, layer in enumerate(range(shard.start_layer, shard.end_layer + 1)):
+        for src, (param, row, rows) in per_layer.items():
+            out[f"layers.{layer}.{src}"] = (f"layers.{local}.{param}", row, rows)
+    if shard.is_last_layer:
+        out["norm.weight"] = ("norm.weight", 0, args.hidden_size)
+    return out
+
 
 class ShardedLlama(nn.Module):
     """Layers ``[shard.start_layer, shard.end_layer]`` of a Llama model.
 
-    ``forward(x, caches, position)``:
+    ``forward(x, caches, position)`` (prefill, or one step of one request):
         x: token ids (B, T) int64 on the first shard, else hidden states (B, T, hidden).
         caches: one ``KVCache`` per layer of the shard.
         position: tokens already in the caches.
-    Returns hidden states (B, T, hidden), or on the last shard the logits of the last position
-    (B, vocab) in float32.
+    ``decode(x, caches, positions)`` (one decode step of B independent requests):
+        x: (B, 1) token ids or (B, 1, hidden) hidden states, one row per request;
+        caches[i]: the per-layer caches of request i; positions[i]: its tokens so far.
+    Both return hidden states (B, T, hidden), or on the last shard the logits of the last
+    position (B, vocab) in float32.
+
+    ``tie_word_embeddings``: the output head shares the embedding's weights (SmolLM2); a shard
+    holding both keeps one copy.
     """
 
-    def __init__(self, args: LlamaArgs, shard: Shard):
+    def __init__(self, args: LlamaArgs, shard: Shard, tie_word_embeddings: bool = True):
         super().__init__()
         if shard.n_layers != args.n_layers:
             raise ValueError(f"shard has n_layers={shard.n_layers} but the model has {args.n_layers}")
-        self.args, self.shard = args, shard
+        self.args, self.shard, self.tie_word_embeddings = args, shard, tie_word_embeddings
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if shard.is_first_layer else None
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(shard.n_shard_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if shard.is_last_layer else None
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last_layer else None
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
+        self.tie_weights()
 
-    def new_caches(self, batch: int = 1, capacity: int = 256) -> list[KVCache]:
-        p = next(self.parameters())
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when tied and both are here (call again
+        after ``to_empty``, which allocates each parameter separately)."""
+        if self.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].input_layernorm.weight.dtype
+
+    def new_caches(self, batch: int = 1, capacity: int = KV_BLOCK) -> list[KVCache]:
+        p = self.layers[0].input_layernorm.weight
         return [KVCache(batch, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device, capacity) for _ in self.layers]
 
-    def forward(self, x: torch.Tensor, caches: list[KVCache], position: int) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is not None:
-            h = self.embed_tokens(x)  # (B, T, hidden)
-        else:
-            h = x.to(self.layers[0].input_layernorm.weight.dtype)
-        cos, sin = self.rotary(position, h.shape[1], h.dtype, h.device)  # (T, head_dim)
-        for layer, cache in zip(self.layers, caches):
-            h = layer(h, cos, sin, cache)
+            return self.embed_tokens(x)  # (B, T, hidden)
+        return x.to(self.dtype)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return h
         return self.lm_head(self.norm(h[:, -1, :])).float()  # (B, vocab)
 
-    def load_tensors(self, tensors: dict[str, "Any"]) -> None:
-        """Load HF-named float32 arrays (layer names global, e.g. ``layers.17.mlp.up_proj.weight``).
+    def forward(self, x: torch.Tensor, caches: list[KVCache], position: int) -> torch.Tensor:
+        h = self._embed(x)
+        cos, sin = self.rotary(position, h.shape[1], h.dtype, h.device)  # (T, 1, head_dim)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, cache)
+        return self._head(h)
+
+    def decode(self, x: torch.Tensor, caches: list[list[KVCache]], positions: list[int]) -> torch.Tensor:
+        if not len(caches) == len(positions) == x.shape[0] or x.shape[1] != 1:
+            raise ValueError(f"decode takes one token per request: x {tuple(x.shape)}, {len(caches)} caches, {len(positions)} positions")
+        h = self._embed(x)  # (B, 1, hidden)
+        cos, sin = self.rotary.at(positions, h.dtype, h.device)  # (B, 1, 1, head_dim)
+        for layer, layer_caches in zip(self.layers, zip(*caches)):
+            h = layer.decode(h, cos, sin, layer_caches)
+        return self._head(h)
+
+    def load_weights(self, chunks: Iterable[tuple[str, tuple[int, ...], int, np.ndarray]]) -> None:
+        """Copy checkpoint tensors, a block of rows at a time, into the parameters (converting to
+        their dtype and device), so no second full copy of the weights is ever held.
+
+        ``chunks`` yields ``(name, shape, row, block)`` as ``exo.models.gguf.iter_llama_shard_chunks``:
+        HF-style name with the global layer index, the tensor's full shape, the first row of
+        ``block`` (float32, ``(rows,) + shape[1:]``). Tensors this shard does not hold are skipped.
 
         Raises:
-            KeyError: a parameter of the shard has no tensor (named in the message).
+            KeyError: a parameter of the shard got no (or partial) weights (named in the message).
             ValueError: a tensor's shape differs from the parameter's (both named).
         """
+        targets = _weight_targets(self.args, self.shard)
+        if self.lm_head is not None and self.lm_head.weight is not getattr(self.embed_tokens, "weight", None):
+            targets["lm_head.weight"] = ("lm_head.weight", 0, self.args.vocab_size)
         params = dict(self.named_parameters())
-        tied = None
-        for name, param in params.items():
-            src = name
-            if name.startswith("layers."):
-                _, idx, rest = name.split(".", 2)
-                src = f"layers.{int(idx) + self.shard.start_layer}.{rest}"
-            if src not in tensors:
-                raise KeyError(f"no weights for {src!r}")
-            arr = tensors[src]
-            if tuple(arr.shape) != tuple(param.shape):
-                raise ValueError(f"tensor {src!r} has shape {tuple(arr.shape)}, expected {tuple(param.shape)}")
-            with torch.no_grad():
-                param.data = torch.from_numpy(np.require(arr, requirements="W")).to(dtype=param.dtype, device=param.device)
-            if src == "lm_head.weight" and self.embed_tokens is not None and tensors[src] is tensors.get("embed_tokens.weight"):
-                tied = True
-        if tied:
-            self.lm_head.weight = self.embed_tokens.weight  # tied embeddings: one copy in memory
+        filled = dict.fromkeys(targets, 0)
+        with torch.no_grad():
+            for name, shape, row, block in chunks:
+                if name not in targets:
+                    continue
+                pname, base, rows = targets[name]
+                param = params[pname]
+                if tuple(shape) != (rows, *param.shape[1:]):
+                    raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, expected {(rows, *param.shape[1:])} for {pname!r}")
+                n = block.shape[0]
+                param[base + row:base + row + n].copy_(torch.from_numpy(block))
+                filled[name] += n
+        for name, (pname, _, rows) in targets.items():
+            if filled[name] != rows:
+                raise KeyError(f"no weights for {name!r}" if not filled[name] else f"only {filled[name]} of {rows} rows of {name!r}")
+
+    def load_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Load whole HF-named float32 arrays (``layers.17.mlp.up_proj.weight``); see ``load_weights``."""
+        self.load_weights((name, arr.shape, 0, arr) for name, arr in tensors.items())

@@ -1,0 +1,158 @@
+"""Ring and concurrency measurements: nodes as separate processes on loopback.
+
+    python -m bench.ring node  --node-id n1 --port P --peers peers.json [--max-seconds 900]
+    python -m bench.ring drive --node-id n0 --port P --peers peers.json --nodes N [--streams 1,4,16]
+
+Every node binds 127.0.0.1 only and finds the others through a manual peer file (no mDNS, so
+nodes of other clusters on this machine never join). All nodes offer the same memory, so the
+ring splits the layers evenly. The ``drive`` node is also the origin of every request: after
+the ring has formed and one warm-up request has loaded every shard, it measures
+- decode tokens/s of one stream (greedy, ``--decode-tokens`` tokens, EOS ignored), and the time
+  to first token;
+- aggregate tokens/s of k simultaneous streams for each k of ``--streams``: k * tokens / the
+  wall time from starting them until the last one finishes (prefills included);
+each the median of ``--runs`` runs, and prints one BENCH-RESULT line. ``bench.run`` starts the
+processes, reads each one's peak memory (VmHWM) and stops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import statistics
+import time
+
+from bench.common import MODEL, emit, median, peak_rss_bytes, prompts
+
+logger = logging.getLogger(__name__)
+
+#: Memory every benchmark node offers, in bytes (equal: the ring splits layers evenly).
+NODE_MEMORY = 8 * 2**30
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def write_peer_file(path: str, ports: dict[str, int]) -> None:
+    """The manual-discovery peer file for nodes ``{node_id: port}`` on 127.0.0.1."""
+    caps = {"model": "bench", "chip": "cpu", "memory": NODE_MEMORY}
+    peers = {nid: {"address": "127.0.0.1", "port": port, "device_capabilities": caps} for nid, port in ports.items()}
+    with open(path, "w") as f:
+        json.dump({"peers": peers}, f)
+
+
+async def _start(args):
+    from exo.orchestration.launcher import NodeConfig, start_node
+
+    config = NodeConfig(node_id=args.node_id, node_host="127.0.0.1", node_port=args.port, interfaces=["127.0.0.1"],
+                        discovery_module="manual", discovery_config_path=args.peers, serve_api=False,
+                        memory=NODE_MEMORY, inference_engine="torch",
+                        inference_engine_options={"dtype": args.dtype}, health_check_interval=0.5)
+    return await start_node(config)
+
+
+async def run_node(args) -> None:
+    running = await _start(args)
+    try:
+        await asyncio.sleep(args.max_seconds)
+    finally:
+        await running.stop()
+
+
+async def _generate(node, ids: list[int], n_tokens: int) -> list[float]:
+    """Times (perf_counter) at which each of ``n_tokens`` greedy tokens arrived."""
+    from exo.inference.generation import GenerationOptions
+
+    options = GenerationOptions(max_tokens=n_tokens, temperature=0.0, stop_token_ids=())
+    stamps: list[float] = []
+    async for r in node.generate(MODEL, ids, options):
+        stamps += [time.perf_counter()] * len(r.tokens)
+    return stamps
+
+
+async def drive(args) -> dict:
+    from exo.models.registry import get_model_card
+
+    running = await _start(args)
+    node = running.node
+    try:
+        deadline = time.monotonic() + 60
+        while len(node.topology.nodes) < args.nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the ring did not form: {len(node.topology.nodes)} of {args.nodes} nodes")
+            await node.update_topology()
+            await asyncio.sleep(0.2)
+        ring = node.partition(get_model_card(MODEL))
+        ids = prompts()["short"]
+        await _generate(node, ids, 8)  # warm-up: every node loads its shard
+        ttft, decode = [], []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            stamps = await _generate(node, ids, args.decode_tokens)
+            ttft.append(stamps[0] - t)
+            decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        concurrency: dict[str, dict] = {}
+        for k in args.streams:
+            agg, batches = [], []
+            for _ in range(args.runs):
+                engine = node.engine
+                before = len(getattr(engine, "batch_sizes", []))
+                t = time.perf_counter()
+                results = await asyncio.gather(*(_generate(node, ids, args.decode_tokens) for _ in range(k)))
+                wall = time.perf_counter() - t
+                agg.append(sum(len(s) for s in results) / wall)
+                sizes = getattr(engine, "batch_sizes", [])[before:]
+                if sizes:
+                    batches.append(statistics.mean(sizes))
+            concurrency[str(k)] = {"aggregate_tps": median(agg), "runs": agg, "mean_batch": median(batches)}
+        return {
+            "nodes": args.nodes,
+            "ring": [{"node_id": p.node_id, "start_layer": p.start_layer, "end_layer": p.end_layer} for p in ring],
+            "ttft_s": median(ttft),
+            "decode_tps": median(decode),
+            "runs": {"ttft_s": ttft, "decode_tps": decode},
+            "concurrency": concurrency,
+            "driver_peak_rss": peak_rss_bytes(),
+            "driver_weight_bytes": node.engine.weight_bytes(),
+        }
+    finally:
+        await running.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("role", choices=["node", "drive"])
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--peers", required=True, help="manual-discovery peer file")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-seconds", type=float, default=900.0, help="a plain node stops after this long")
+    parser.add_argument("--nodes", type=int, default=1, help="ring size the driver waits for")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
+    args = parser.parse_args()
+    logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"))
+    if args.role == "node":
+        asyncio.run(run_node(args))
+    else:
+        emit(asyncio.run(drive(args)))
+
+
+if __name__ == "__main__":
+    main()

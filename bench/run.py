@@ -1,0 +1,253 @@
+"""exo against llama.cpp and transformers, the ring and concurrency: one command, one table.
+
+    scripts/bench.sh                   # sets up .venv (with llama-cpp-python), then runs this
+    python -m bench.run [--runs 3] [--decode-tokens 64] [--skip llamacpp,bf16] [--markdown bench/results.md]
+
+Everything runs on this machine, in this one run, on the same prompt token ids and the same
+model (SmolLM2-135M-Instruct from the shipped GGUF); each measurement process starts fresh, so
+its peak memory is its own. Ratios compare figures of this run only. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Table, fmt, median, parse_emitted, peak_rss_bytes, ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 2**20
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run(cmd: list[str], timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return parse_emitted(proc.stdout)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def single(engine: str, runs: int, tokens: int, dtype: str = "float32") -> dict | None:
+    print(f"  single node: {engine} {dtype if engine == 'exo' else ''} ...", file=sys.stderr, flush=True)
+    try:
+        return _run(["bench.single", engine, "--dtype", dtype, "--runs", str(runs), "--decode-tokens", str(tokens)], timeout=1200)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"  {engine}: {e}", file=sys.stderr)
+        return None
+
+
+def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str) -> dict:
+    """A ring of ``n_nodes`` node processes on loopback; the first drives the measurements."""
+    from bench.ring import free_ports, write_peer_file
+
+    print(f"  ring of {n_nodes} node(s), streams {streams or '-'} ...", file=sys.stderr, flush=True)
+    ids = [f"n{i}" for i in range(n_nodes)]
+    ports = dict(zip(ids, free_ports(n_nodes)))
+    procs: dict[str, subprocess.Popen] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        peers = os.path.join(tmp, "peers.json")
+        write_peer_file(peers, ports)
+        common = ["--peers", peers, "--dtype", dtype]
+        try:
+            for nid in ids[1:]:
+                procs[nid] = subprocess.Popen(
+                    [sys.executable, "-m", "bench.ring", "node", "--node-id", nid, "--port", str(ports[nid]), *common, "--max-seconds", "1200"],
+                    cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            driver = subprocess.run(
+                [sys.executable, "-m", "bench.ring", "drive", "--node-id", ids[0], "--port", str(ports[ids[0]]), *common,
+                 "--nodes", str(n_nodes), "--runs", str(runs), "--decode-tokens", str(tokens),
+                 "--streams", ",".join(map(str, streams))],
+                cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+            peaks = {ids[0]: None}
+            for nid, p in procs.items():
+                try:
+                    peaks[nid] = peak_rss_bytes(p.pid) if p.poll() is None else None
+                except (OSError, RuntimeError):
+                    peaks[nid] = None
+            if driver.returncode != 0:
+                raise RuntimeError(f"ring of {n_nodes} failed:\n{driver.stderr[-3000:]}")
+            result = parse_emitted(driver.stdout)
+            peaks[ids[0]] = result["driver_peak_rss"]
+            result["peak_rss"] = peaks
+            return result
+        finally:
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def _mib(v: int | None) -> str:
+    return "-" if v is None else f"{v / MiB:.0f}"
+
+
+def single_table(rows: dict[str, dict], prompt_lens: dict) -> Table:
+    ref_tf = rows.get("transformers", {}) or {}
+    ref_cpp = rows.get("llamacpp", {}) or {}
+    out = []
+    for key, r in rows.items():
+        if not r:
+            continue
+        out.append([
+            r["engine"], fmt(r["prefill_tps"]["short"], 0), fmt(r["prefill_tps"]["long"], 0),
+            fmt(r["ttft_s"] * 1000 if r["ttft_s"] is not None else None, 0), fmt(r["decode_tps"]),
+            ratio(r["decode_tps"], ref_tf.get("decode_tps")), ratio(r["decode_tps"], ref_cpp.get("decode_tps")),
+            _mib(r["peak_rss"]), _mib(r["peak_rss"] - r["baseline_rss"]),
+        ])
+    return Table(
+        f"Single node (prompts of {prompt_lens['short']} and {prompt_lens['long']} tokens; decode greedy, EOS ignored)",
+        ["engine", "prefill tok/s (short)", "prefill tok/s (long)", "TTFT ms", "decode tok/s", "vs transformers",
+         "vs llama.cpp", "peak RSS MiB", "RSS growth MiB"],
+        out)
+
+
+def ring_table(rings: dict[int, dict]) -> Table:
+    base = rings.get(1, {}).get("decode_tps")
+    out = []
+    for n, r in sorted(rings.items()):
+        hop = None
+        if base and r.get("decode_tps") and n > 1:
+            hop = (1 / r["decode_tps"] - 1 / base) / n * 1000  # a token crosses n links per step
+        layers = " / ".join(f"{p['end_layer'] - p['start_layer'] + 1}" for p in r["ring"])
+        mem = " / ".join(_mib(r["peak_rss"].get(p["node_id"])) for p in r["ring"])
+        out.append([str(n), layers, fmt(r["decode_tps"]), ratio(r["decode_tps"], base), fmt(hop, 2),
+                    fmt(r["ttft_s"] * 1000, 0), mem])
+    return Table("Ring on loopback (one stream; nodes are separate processes)",
+                 ["nodes", "layers per node", "decode tok/s", "vs 1 node", "added ms per hop", "TTFT ms", "peak RSS per node MiB"],
+                 out)
+
+
+def concurrency_table(rings: dict[int, dict]) -> Table:
+    out = []
+    for n, r in sorted(rings.items()):
+        conc = r.get("concurrency") or {}
+        one = (conc.get("1") or {}).get("aggregate_tps")
+        for k, c in sorted(conc.items(), key=lambda kv: int(kv[0])):
+            out.append([f"{n} node{'s' if n > 1 else ''}", k, fmt(c["aggregate_tps"]), ratio(c["aggregate_tps"], one),
+                        fmt(c.get("mean_batch"), 1)])
+    return Table("Concurrency: aggregate tokens/s of simultaneous streams (prefills included)",
+                 ["ring", "streams", "aggregate tok/s", "vs 1 stream", "mean decode batch (first node)"], out)
+
+
+def targets_table(rows: dict, rings: dict) -> Table:
+    exo = (rows.get("exo") or {}).get("decode_tps")
+    tf = (rows.get("transformers") or {}).get("decode_tps")
+    cpp = (rows.get("llamacpp") or {}).get("decode_tps")
+    out = []
+
+    def check(name, value, goal, ok):
+        out.append([name, value, goal, "-" if ok is None else ("met" if ok else "NOT met")])
+
+    check("exo decode vs transformers generate", ratio(exo, tf), ">= 2x", None if not (exo and tf) else exo / tf >= 2)
+    check("exo decode vs llama.cpp", ratio(exo, cpp), ">= 0.5x (aim 1.0x)", None if not (exo and cpp) else exo / cpp >= 0.5)
+    r1, r2 = (rings.get(1) or {}).get("decode_tps"), (rings.get(2) or {}).get("decode_tps")
+    check("2-node ring decode vs 1 node", ratio(r2, r1), ">= 0.90x", None if not (r1 and r2) else r2 / r1 >= 0.9)
+    conc = (rings.get(1) or {}).get("concurrency") or {}
+    c1, c16 = (conc.get("1") or {}).get("aggregate_tps"), (conc.get("16") or {}).get("aggregate_tps")
+    check("16 streams vs 1 stream, one node", ratio(c16, c1), ">= 4x", None if not (c1 and c16) else c16 / c1 >= 4)
+    mem = []
+    for n in sorted(rings):
+        r = rings[n]
+        vals = [r["peak_rss"].get(p["node_id"]) for p in r["ring"]]
+        if all(vals):
+            mem.append(f"{n}: {max(vals) / MiB:.0f}")
+    grows = None
+    if 1 in rings and 2 in rings and mem:
+        m1 = max(v for v in rings[1]["peak_rss"].values() if v)
+        m2 = max(v for v in rings[2]["peak_rss"].values() if v)
+        grows = m2 < m1
+    check("largest node peak RSS MiB by ring size", ", ".join(mem) or "-", "falls with fewer layers per node", grows)
+    return Table("Targets (issue 7)", ["target", "measured", "goal", "status"], out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is reported)")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,bf16,engines,ring,concurrency")
+    parser.add_argument("--markdown", default=str(ROOT / "bench" / "results.md"), help="also write the tables here ('' = no)")
+    parser.add_argument("--json", default="", help="also write the raw measurements here")
+    args = parser.parse_args()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    started = time.time()
+    load_start = load_average()
+    print(f"benchmarking on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load_start}", file=sys.stderr)
+
+    from bench.common import prompts
+
+    prompt_lens = {k: len(v) for k, v in prompts().items()}
+    rows: dict[str, dict | None] = {"exo": single("exo", args.runs, args.decode_tokens)}
+    if "bf16" not in skip:
+        rows["exo-bf16"] = single("exo", args.runs, args.decode_tokens, "bfloat16")
+    if "transformers" not in skip:
+        rows["transformers"] = single("transformers", args.runs, args.decode_tokens)
+    if "llamacpp" not in skip:
+        if importlib.util.find_spec("llama_cpp") is None:
+            print("  llama-cpp-python is not installed (scripts/bench.sh installs it): skipping llama.cpp", file=sys.stderr)
+        else:
+            rows["llamacpp"] = single("llamacpp", args.runs, args.decode_tokens)
+    engines_md = ""
+    if "engines" not in skip and (ROOT / "bench" / "engines.py").is_file():
+        # tinygrad / mlx (bench/engines.py, its own table): the engine alone, no node around it
+        print("  other engines (bench.engines) ...", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "bench.engines", "--engines", "torch,tinygrad,mlx", "--runs", str(args.runs),
+                                   "--tokens", str(args.decode_tokens)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1800)
+            engines_md = proc.stdout.strip() if proc.returncode == 0 else ""
+            if proc.returncode != 0:
+                print(f"  bench.engines failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        except subprocess.TimeoutExpired:
+            print("  bench.engines timed out", file=sys.stderr)
+
+    rings: dict[int, dict] = {}
+    if "ring" not in skip:
+        streams = [] if "concurrency" in skip else [1, 4, 16]
+        for n in (1, 2, 3):
+            try:
+                rings[n] = ring(n, args.runs, args.decode_tokens, streams if n <= 2 else [], "float32")
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"  ring of {n}: {e}", file=sys.stderr)
+
+    tables = [single_table(rows, prompt_lens)]
+    if rings:
+        tables += [ring_table(rings)]
+        if any(r.get("concurrency") for r in rings.values()):
+            tables += [concurrency_table(rings)]
+    tables.append(targets_table(rows, rings))
+    footer = (f"Machine: {platform.machine()}, {os.cpu_count()} cores; load average {load_start} at the start, "
+              f"{load_average()} at the end; {time.time() - started:.0f} s in all; median of {args.runs} runs; "
+              f"{args.decode_tokens} decode tokens per stream.")
+    extra = f"\n\nOther engines, engine alone (bench/engines.py):\n{engines_md}" if engines_md else ""
+    print("\n\n".join(t.text() for t in tables) + extra + "\n\n" + footer)
+    if args.markdown:
+        md = "\n\n".join(t.markdown() for t in tables)
+        if engines_md:
+            md += "\n\n### Other engines, engine alone (bench/engines.py)\n\n" + engines_md
+        Path(args.markdown).write_text("# Benchmark results\n\n" + md + "\n\n" + footer + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "load": [load_start, load_average()]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
