@@ -198,3 +198,30 @@ async def test_engine_kv_cache_grows_past_its_first_capacity(engine_pair, long_r
     logits, tokens = await run(engines, prompt, 3)
     assert float(np.abs(logits - ref_logits).max()) < LOGITS_ATOL
     assert tokens == ref_tokens
+
+
+def test_mlx_binds_openblas_on_linux():
+    """On Linux, mlx's bundled reference BLAS is ~50x slower: the engine package loads OpenBLAS
+    before mlx.core whenever the system has it (scripts/test.sh installs it)."""
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("only the Linux CPU build of mlx bundles the slow BLAS")
+    pytest.importorskip("exo.inference.mlx.engine", reason="mlx is not installed: pip install -e .[mlx]")
+    if ctypes.util.find_library("openblas") is None:
+        pytest.skip("no system OpenBLAS (apt-get install libopenblas0-pthread)")
+    import exo.inference.mlx as exo_mlx
+
+    assert exo_mlx.blas_library, "mlx.core was imported before exo.inference.mlx, or OpenBLAS failed to load"
+
+
+def test_tinygrad_cpu_without_clang_is_a_clear_error(monkeypatch):
+    pytest.importorskip("tinygrad", reason="tinygrad is not installed: pip install -e .[tinygrad]")
+    from exo.inference.tinygrad.engine import _EXECUTOR, tinygrad_device
+
+    if shutil.which("clang") and _EXECUTOR.submit(tinygrad_device).result().split(":")[0] != "CPU":
+        pytest.skip("tinygrad runs on a GPU here")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(RuntimeError, match="clang"):
+        _EXECUTOR.submit(tinygrad_device).result()  # tinygrad calls stay on the tinygrad thread
