@@ -27,7 +27,8 @@ from exo.config import AuthConfig
 logger = logging.getLogger(__name__)
 
 AUTH_CONFIG_KEY: web.AppKey[AuthConfig] = web.AppKey("exo_auth_config", AuthConfig)
-KEY_ID = "exo_api_key_id"  # request item: digest of the valid key the request carried, if any
+# request item: digest of the valid key the request carried, if any
+KEY_ID = web.RequestKey("exo_api_key_id", str) if hasattr(web, "RequestKey") else "exo_api_key_id"
 
 # paths served by the API itself (everything else is the web page and its files)
 _SERVICE_PREFIXES = ("/v1/", "/api/", "/chat/")
@@ -90,7 +91,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     key = presented_key(request)
     valid = check_key(key, cfg.api_keys)
     if valid:
-        request[KEY_ID] = key_id(key)  # type: ignore[arg-type]
+        request[KEY_ID] = key_id(key)  # type: ignore[index,arg-type]
     if valid or request.method == "OPTIONS" or is_public(request.path, cfg):
         return await handler(request)
     if key is None:

@@ -1,0 +1,166 @@
+"""config.yaml: its values take effect (in a running node), a flag given on the command line
+overrides one, environment variables sit between the two, bad files are named errors, and
+logging writes rotating files split by level."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from exo.config import ConfigError, ExoConfig, apply_config, load_config, parse_config, setup_logging
+from exo.main import build_parser, config_from_args, main
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    return p
+
+
+def resolve(argv: list[str], environ: dict | None = None):
+    """What ``exo.main.main`` does before starting the node: (args, effective config)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = apply_config(parser, args, argv, environ=environ or {})
+    return args, cfg
+
+
+async def test_example_file_is_valid_and_documents_the_defaults():
+    cfg = load_config(REPO / "config.example.yaml")
+    assert cfg == ExoConfig()
+
+
+async def test_file_values_take_effect_and_flags_override(tmp_path):
+    path = write(tmp_path, """
+server: {port: 8123, response_timeout: 5}
+node: {id: from-file, discovery_module: none, interfaces: [127.0.0.1, lo]}
+model: {default: from-file-model}
+generation: {temperature: 0.3, max_tokens: 7}
+auth: {api_keys: [k1]}
+rate_limit: {requests_per_minute: 30}
+cors: {allow_origin: "http://ui.example"}
+""")
+    args, cfg = resolve(["--config", str(path), "--response-timeout", "30", "--default-model", "smollm2-135m"])
+    node = config_from_args(args)
+    assert node.api_port == 8123 and node.node_id == "from-file" and node.discovery_module == "none"
+    assert node.interfaces == ["127.0.0.1", "lo"]
+    assert node.response_timeout == 30  # the flag beats the file's 5
+    assert node.default_model == "smollm2-135m"
+    opts = cfg.api_options()
+    assert opts["auth"].api_keys == ["k1"] and opts["rate_limit"].requests_per_minute == 30
+    assert opts["defaults"].temperature == 0.3 and opts["defaults"].max_tokens == 7
+    assert opts["cors_allow_origin"] == "http://ui.example"
+    # a flag given with its default value still overrides the file
+    args, _ = resolve(["--config", str(path), "--chatgpt-api-port", "52415"])
+    assert args.chatgpt_api_port == 52415
+    # no flag: the file; no file: the flag defaults
+    args, _ = resolve(["--config", str(path)])
+    assert args.chatgpt_api_port == 8123 and args.response_timeout == 5
+    args, cfg = resolve([])
+    assert args.chatgpt_api_port == 52415 and cfg == ExoConfig()
+
+
+async def test_environment_sits_between_flags_and_file(tmp_path):
+    path = write(tmp_path, "node: {interfaces: all}\nlogging: {level: warning}\nauth: {api_keys: [file-key]}\n")
+    args, cfg = resolve([], environ={"EXO_CONFIG": str(path), "EXO_INTERFACES": "127.0.0.1", "EXO_API_KEYS": "a, b"})
+    assert cfg.auth.api_keys == ["a", "b"]  # EXO_API_KEYS replaces the file's keys
+    assert cfg.logging.level == "WARNING"  # from the file (EXO_LOG_LEVEL unset)
+    args, cfg = resolve(["--log-level", "debug"], environ={"EXO_CONFIG": str(path)})
+    assert cfg.logging.level == "DEBUG" and cfg.auth.api_keys == ["file-key"]
+
+
+async def test_bad_files_are_named_errors(tmp_path):
+    cases = {
+        "auth: {api_key: [x]}\n": "auth.api_key: unknown field",
+        "server: {port: 70000}\n": "server.port",
+        "rate_limit: {requests_per_minute: -1}\n": "rate_limit.requests_per_minute",
+        "logging: {level: LOUD}\n": "logging.level",
+        "gpu: {}\n": "gpu: unknown field",
+        "- a\n- b\n": "top level must be a mapping",
+        "server: [\n": "not valid YAML",
+    }
+    for text, needle in cases.items():
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
+            load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    assert parse_config(None) == ExoConfig()  # an empty file
+    assert parse_config({"auth": None}) == ExoConfig()  # an empty section
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2  # the CLI refuses to start
+
+
+async def test_a_node_started_from_a_config_file(tmp_path):
+    """The file's keys, generation default and rate limit are live; the flag picks the model."""
+    from exo.orchestration.launcher import start_node
+
+    path = write(tmp_path, """
+server: {host: 127.0.0.1, port: 0}
+node: {host: 127.0.0.1, interfaces: [127.0.0.1], discovery_module: none}
+model: {default: no-such-model, inference_engine: dummy}
+generation: {max_tokens: 3}
+auth: {api_keys: [file-secret]}
+rate_limit: {requests_per_minute: 1, burst: 3}
+""")
+    args, cfg = resolve(["--config", str(path), "--default-model", "smollm2-135m"])
+    node_config = config_from_args(args)
+    node_config.api_options = cfg.api_options()
+    node_config.tinychat_dir = None
+    running = await start_node(node_config)
+    try:
+        url = f"{running.api_base_url}/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "hi"}]}  # no model: the default (from the flag)
+        key = {"Authorization": "Bearer file-secret"}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=body) as resp:
+                assert resp.status == 401
+            async with s.post(url, json=body, headers=key) as resp:
+                assert resp.status == 200, await resp.text()
+                r = await resp.json()
+            assert r["model"] == "smollm2-135m" and r["usage"]["completion_tokens"] == 3  # generation.max_tokens
+            statuses = []
+            for _ in range(3):
+                async with s.get(f"{running.api_base_url}/v1/models", headers=key) as resp:
+                    statuses.append(resp.status)
+            assert statuses == [200, 200, 429]  # burst 3: the chat above took the first token
+    finally:
+        await running.stop()
+
+
+async def test_logging_to_rotating_files_split_by_level(tmp_path):
+    from exo.config import LoggingConfig
+
+    logger = logging.getLogger("exo-test-config-logging")
+    logger.propagate = False
+    cfg = LoggingConfig(level="DEBUG", dir=tmp_path / "logs", max_bytes=1024, backup_count=2)
+    try:
+        setup_logging(cfg, root=logger)
+        handlers = setup_logging(cfg, root=logger)  # twice: no duplicated handlers
+        assert len(logger.handlers) == len(handlers) == 5  # console + 4 files
+        logger.debug("a debug line")
+        logger.info("an info line")
+        logger.warning("a warning line")
+        logger.error("an error line")
+        logger.critical("a critical line")
+        for h in logger.handlers:
+            h.flush()
+        d = tmp_path / "logs"
+        assert (d / "exo.debug.log").read_text().count("\n") == 1 and "a debug line" in (d / "exo.debug.log").read_text()
+        assert "an info line" in (d / "exo.info.log").read_text() and "warning" not in (d / "exo.info.log").read_text()
+        assert "a warning line" in (d / "exo.warning.log").read_text()
+        errors = (d / "exo.error.log").read_text()
+        assert "an error line" in errors and "a critical line" in errors and "info" not in errors
+        for i in range(100):
+            logger.info("filler line %d to make the info file rotate", i)
+        assert (d / "exo.info.log.1").exists() and not (d / "exo.info.log.3").exists()
+        assert (d / "exo.info.log").stat().st_size <= 1024
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+            h.close()
