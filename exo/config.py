@@ -419,7 +419,8 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
             setattr(args, dest, value)
     if hasattr(args, "log_level"):  # the effective level (flag, env or file)
         try:
-            cfg.logging = cfg.logging.model_validate({**cfg.logging.model_dump(), "level": args.log_level})
+            level = args.log_level or cfg.logging.level  # EXO_LOG_LEVEL set but empty: the file's or INFO
+            cfg.logging = cfg.logging.model_validate({**cfg.logging.model_dump(), "level": level})
         except ValidationError as e:
             raise ConfigError(f"--log-level: {e.errors(include_url=False)[0]['msg']}") from None
     keys = api_keys_from_env(dict(env))

@@ -40,16 +40,21 @@ async def test_chat_non_streaming_says_paris(client):
     assert "<|im_end|>" not in r.message.content
 
 
-async def test_chat_streaming_says_paris_and_matches(client):
-    full = await client.chat(model=MODEL, messages=PARIS, options=GREEDY)
+async def test_chat_streaming_says_paris(client):
     parts = [p async for p in await client.chat(model=f"{MODEL}:latest", messages=PARIS, options=GREEDY, stream=True)]
     assert len(parts) >= 2
     assert all(not p.done for p in parts[:-1]) and parts[-1].done
-    assert parts[-1].done_reason == full.done_reason
+    assert parts[-1].done_reason in ("stop", "length") and parts[-1].message.content == ""
     text = "".join(p.message.content for p in parts)
     assert "Paris" in text
-    assert text == full.message.content
-    assert parts[-1].eval_count == full.eval_count
+    assert 1 <= parts[-1].eval_count <= 10
+
+
+async def test_streaming_matches_non_streaming(dclient):
+    full = await dclient.chat(model=MODEL, messages=PARIS, options=GREEDY)
+    parts = [p async for p in await dclient.chat(model=MODEL, messages=PARIS, options=GREEDY, stream=True)]
+    assert "".join(p.message.content for p in parts) == full.message.content
+    assert parts[-1].done_reason == full.done_reason and parts[-1].eval_count == full.eval_count
 
 
 async def test_generate_streaming_and_not(dclient):
