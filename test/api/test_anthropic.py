@@ -122,3 +122,36 @@ async def test_errors_in_anthropic_format(dclient, dummy_api):
         async with s.post(f"{dummy_api.api_url}/v1/messages", json={"model": MODEL, "max_tokens": 3, "messages": PARIS,
                                                                      "surprise": 1}) as resp:
             assert resp.status == 400 and "surprise" in (await resp.json())["error"]["message"]
+
+
+async def test_failures_before_and_during_the_stream(dclient, dummy_api):
+    from helpers import wait_for
+
+    engine = dummy_api.node.engine
+    engine.fail_layer = 0  # the prefill fails (the fixture resets the knobs)
+    with pytest.raises(anthropic.InternalServerError) as e:
+        await dclient.messages.create(model=MODEL, max_tokens=5, messages=PARIS)
+    assert e.value.body["error"]["type"] == "api_error" and "DummyEngineError" in e.value.body["error"]["message"]
+    tok = await dummy_api.node.get_tokenizer(MODEL)
+    prompt_len = len(tok.encode(tok.apply_chat_template(PARIS)))
+    engine.fail_layer, engine.fail_at_position = 29, prompt_len + 2  # the 3rd decode step fails
+    types = []
+    with pytest.raises(anthropic.APIStatusError) as e:
+        async for ev in await dclient.messages.create(model=MODEL, max_tokens=100, messages=PARIS, stream=True):
+            types.append(ev.type)
+    assert types[:3] == ["message_start", "content_block_start", "content_block_delta"]
+    assert "message_stop" not in types and "DummyEngineError" in str(e.value)
+    await wait_for(lambda: not engine.cached_request_ids() and not dummy_api.node.active_request_ids, 15)
+
+
+async def test_client_disconnect_ends_the_request(dummy_api):
+    from helpers import wait_for
+
+    engine = dummy_api.node.engine
+    engine.token_delay = 0.05
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(f"{dummy_api.api_url}/v1/messages",
+                            json={"model": MODEL, "max_tokens": 1000, "messages": PARIS, "stream": True})
+        assert (await resp.content.readline()).startswith(b"event: message_start")
+        resp.close()
+    await wait_for(lambda: not engine.cached_request_ids() and not dummy_api.node.active_request_ids, 15)

@@ -141,3 +141,43 @@ async def test_ndjson_framing(dummy_api):
             lines = [json.loads(line) for line in (await resp.text()).splitlines() if line]
     assert lines[-1]["done"] is True and lines[-1]["message"]["content"] == ""
     assert all(line["done"] is False for line in lines[:-1])
+
+
+async def _no_request_left(nut) -> None:
+    from helpers import wait_for
+
+    from exo.api.chat_api.state import STATE_KEY
+
+    state = nut.running.api.app[STATE_KEY]
+    await wait_for(lambda: not state.active_requests and not nut.node.engine.cached_request_ids()
+                   and not nut.node.active_request_ids, 15)
+
+
+async def test_failures_before_and_during_the_stream(dclient, dummy_api):
+    engine = dummy_api.node.engine
+    engine.fail_layer = 0  # the prefill fails: a plain HTTP error (the fixture resets the knobs)
+    for stream in (False, True):
+        with pytest.raises(ollama.ResponseError) as e:
+            r = await dclient.chat(model=MODEL, messages=PARIS, stream=stream)
+            if stream:
+                [p async for p in r]
+        assert e.value.status_code == 500 and "DummyEngineError" in e.value.error
+    tok = await dummy_api.node.get_tokenizer(MODEL)
+    prompt_len = len(tok.encode(tok.apply_chat_template(PARIS)))
+    engine.fail_layer, engine.fail_at_position = 29, prompt_len + 2  # the 3rd decode step fails
+    parts = []
+    with pytest.raises(ollama.ResponseError) as e:
+        async for p in await dclient.chat(model=MODEL, messages=PARIS, stream=True, options={"num_predict": 100}):
+            parts.append(p)
+    assert parts and not parts[-1].done and "DummyEngineError" in e.value.error
+    await _no_request_left(dummy_api)
+
+
+async def test_client_disconnect_ends_the_request(dummy_api):
+    dummy_api.node.engine.token_delay = 0.05
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(f"{dummy_api.api_url}/api/generate",
+                            json={"model": MODEL, "prompt": "go on", "options": {"num_predict": 1000}})
+        assert json.loads(await resp.content.readline())["done"] is False
+        resp.close()  # the client goes away mid-stream
+    await _no_request_left(dummy_api)

@@ -286,5 +286,6 @@ async def count_tokens(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application) -> None:
+    """Register ``/v1/messages`` and ``/v1/messages/count_tokens`` on ``app``."""
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)

@@ -77,4 +77,5 @@ async def health(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
+    """Serve ``GET /health`` on ``app``."""
     app.router.add_get("/health", health)

@@ -485,6 +485,7 @@ async def version(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application) -> None:
+    """Register the Ollama routes (``/api/*``) on ``app``."""
     app.router.add_post("/api/chat", chat)
     app.router.add_post("/api/generate", generate)
     app.router.add_get("/api/tags", tags)
