@@ -138,6 +138,7 @@ class Node:
         self._layer_bytes: dict[str, int] = {}  # model id -> bytes of one layer (0: unknown)
         self._left_out_logged: dict[str, str] = {}  # model id -> reason this node holds no layer
         self._loading: dict[str, int] = {}  # model id -> shard loads in progress
+        self._deliveries: dict[str, asyncio.Future] = {}  # request id -> its latest result's delivery
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -678,6 +679,9 @@ class Node:
                 logger.debug("request %s: a message of an old epoch failed on node %s: %s", rid, self.id, e)
                 return
             logger.exception("request %s failed on node %s", rid, self.id)
+            previous = self._deliveries.get(rid)
+            if previous is not None:  # after the tokens this node already sent (see _sample_and_continue)
+                await asyncio.wait([previous])
             await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}",
                                                 epoch=ctx.epoch))
         finally:
@@ -703,10 +707,21 @@ class Node:
                 result.top_logprobs = [s.top_logprobs]
         if result.is_finished:
             self._samplers.pop(rid, None)
-        else:
-            next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx  # only the replay carries them
-            await self._send_prompt(next_ctx, np.asarray([[s.token]], dtype=WIRE_TOKEN_DTYPE), next_position)
-        await self._report(ctx, result)
+        # The next step starts before this result is delivered and may report its own first: each
+        # delivery of a request waits for the one before, so the origin gets tokens in order.
+        previous = self._deliveries.get(rid)
+        delivered = self._deliveries[rid] = asyncio.get_running_loop().create_future()
+        try:
+            if not result.is_finished:
+                next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx  # only the replay carries them
+                await self._send_prompt(next_ctx, np.asarray([[s.token]], dtype=WIRE_TOKEN_DTYPE), next_position)
+            if previous is not None:
+                await asyncio.wait([previous])
+            await self._report(ctx, result)
+        finally:
+            delivered.set_result(None)
+            if self._deliveries.get(rid) is delivered:
+                del self._deliveries[rid]
 
     async def _report(self, ctx: RequestContext, result: TokenResult) -> None:
         try:
