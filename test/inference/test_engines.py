@@ -225,3 +225,29 @@ def test_tinygrad_cpu_without_clang_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(RuntimeError, match="clang"):
         _EXECUTOR.submit(tinygrad_device).result()  # tinygrad calls stay on the tinygrad thread
+
+
+def test_tinygrad_kv_cache_grows_by_doubling_up_to_its_maximum():
+    pytest.importorskip("tinygrad", reason="tinygrad is not installed: pip install -e .[tinygrad]")
+    if shutil.which("clang") is None:
+        pytest.skip("tinygrad's CPU device needs clang (apt-get install clang)")
+    from exo.inference.tinygrad.engine import _EXECUTOR
+    from exo.inference.tinygrad.model import KVCache
+
+    def grow():  # on the tinygrad thread, as the engine runs it
+        from tinygrad import Tensor
+
+        cache = KVCache(1, 1, 2, capacity=4, max_capacity=10)
+        cache.kv[0] = Tensor.arange(16, dtype="float32").reshape(2, 1, 1, 4, 2).contiguous().realize()
+        sizes = []
+        for n in (4, 5, 9):
+            cache.reserve(n)
+            sizes.append(cache.capacity)
+        with pytest.raises(ValueError, match="maximum of 10"):
+            cache.reserve(11)
+        return sizes, cache.kv[0].numpy()
+
+    sizes, kv = _EXECUTOR.submit(grow).result()
+    assert sizes == [4, 8, 10]
+    assert kv.shape == (2, 1, 1, 10, 2)
+    assert np.array_equal(kv[:, :, :, :4].reshape(-1), np.arange(16, dtype=np.float32)) and not kv[:, :, :, 4:].any()

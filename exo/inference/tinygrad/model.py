@@ -67,22 +67,30 @@ class KVCache:
 
     ``kv[i]``: float32 tensor (2, 1, n_kv_heads, capacity, head_dim) of the shard's i-th layer
     (0: keys, 1: values); ``offset`` tokens are filled. Capacity (tokens) grows by doubling,
-    with a copy.
+    with a copy, up to ``max_capacity``.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int):
-        self.n_kv_heads, self.head_dim, self.capacity = n_kv_heads, head_dim, capacity
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, max_capacity: int):
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.capacity, self.max_capacity = min(capacity, max_capacity), max_capacity
         self.kv = [Tensor.zeros(2, 1, n_kv_heads, capacity, head_dim, dtype=dtypes.float32).contiguous().realize()
                    for _ in range(n_layers)]
         self.offset = 0
 
     def reserve(self, n_tokens: int) -> None:
-        """Make room for ``n_tokens`` in total, doubling the capacity as often as needed."""
+        """Make room for ``n_tokens`` in total, doubling the capacity as often as needed.
+
+        Raises:
+            ValueError: more than ``max_capacity`` tokens.
+        """
         if n_tokens <= self.capacity:
             return
+        if n_tokens > self.max_capacity:
+            raise ValueError(f"{n_tokens} tokens exceed the KV cache's maximum of {self.max_capacity}")
         cap = self.capacity
         while cap < n_tokens:
             cap *= 2
+        cap = min(cap, self.max_capacity)
         pad = ((0, 0), (0, 0), (0, 0), (0, cap - self.capacity), (0, 0))
         self.kv = [c.pad(pad).contiguous().realize() for c in self.kv]
         self.capacity = cap
@@ -172,12 +180,10 @@ class ShardedLlama:
         self._const_inputs: list[tuple[UOp, ...]] = []  # per layer: buffers of the graph's inputs after h and kv
         self._head_jit = TinyJit(head_forward)
 
-    @property
-    def is_loaded(self) -> bool:
-        return len(self.layers) == self.shard.n_shard_layers
-
     def new_cache(self) -> KVCache:
-        return KVCache(self.shard.n_shard_layers, self.args.n_kv_heads, self.args.head_dim, INITIAL_CACHE_CAPACITY)
+        # prefill chunks are padded to PREFILL_CHUNK tokens: the cache (and RoPE tables) hold that much past the context
+        return KVCache(self.shard.n_shard_layers, self.args.n_kv_heads, self.args.head_dim, INITIAL_CACHE_CAPACITY,
+                       self.args.max_seq_len + PREFILL_CHUNK)
 
     def _graph(self, kind: str, capacity: int) -> TinyJit:
         jit = self._jits.get((kind, capacity))
