@@ -16,6 +16,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
         || echo "warning: could not install ${missing[*]}; the tinygrad/mlx engine tests will be skipped or slow" >&2
 fi
+# iproute2 (`ip netns`) for the multi-host tests in network namespaces (test/cluster)
+if ! command -v ip >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } \
+        || echo "warning: could not install iproute2; the network-namespace cluster tests will be skipped" >&2
+fi
 scripts/setup_env.sh torch,test,tinygrad,mlx
 # shellcheck disable=SC1091
 . .venv/bin/activate

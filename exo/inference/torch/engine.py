@@ -24,7 +24,7 @@ import torch
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.torch.model import KVCache, LlamaArgs, ShardedLlama
-from exo.models.gguf import gguf_metadata, gguf_tensor_names, iter_llama_shard_chunks
+from exo.models.gguf import gguf_metadata, gguf_tensor_names, iter_llama_shard_chunks, open_gguf
 from exo.models.registry import get_model_card
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class TorchInferenceEngine(InferenceEngine):
         self._shard: Shard | None = None
         self._requests: OrderedDict[str, _RequestState] = OrderedDict()
         self._load_lock = asyncio.Lock()
+        #: What the latest shard change did: {"shard": [start, end], "loaded_layers": [...],
+        #: "reused_layers": [...], "seconds": s}; layers kept from the previous shard are not re-read.
+        self.last_load: dict | None = None
 
     @property
     def shard(self) -> Shard | None:
@@ -116,6 +119,9 @@ class TorchInferenceEngine(InferenceEngine):
         if args.n_layers != shard.n_layers:
             raise ValueError(f"shard says {shard.n_layers} layers but {shard.model_id} has {args.n_layers}")
         tied = "output.weight" not in gguf_tensor_names(path)
+        reused = self._load_reusing(shard, args, path, tied)
+        if reused is not None:
+            return reused
         self._model = None  # drop the previous shard's weights before loading the next
         with torch.device("meta"):
             model = ShardedLlama(args, shard, tie_word_embeddings=tied).to(dtype=self.dtype)
@@ -127,6 +133,61 @@ class TorchInferenceEngine(InferenceEngine):
         logger.info("loaded %s layers %d-%d on %s (%s) in %.1f s, %.1f MiB of weights",
                     shard.model_id, shard.start_layer, shard.end_layer, self.device, self.dtype,
                     time.perf_counter() - t0, _weight_bytes(model) / 2**20)
+        self.last_load = {"shard": [shard.start_layer, shard.end_layer], "seconds": time.perf_counter() - t0,
+                          "loaded_layers": list(range(shard.start_layer, shard.end_layer + 1)), "reused_layers": []}
+        return model
+
+    def _load_reusing(self, shard: Shard, args, path, tied: bool) -> ShardedLlama | None:
+        """Build ``shard`` from the model held now, reading only the layers it lacks.
+
+        When the ring re-partitions, a node's new layer range usually overlaps its old one: the
+        common transformer blocks (and the embedding / output head when the shard still holds
+        layer 0 / the last layer) move to the new model as they are, already in place, and each
+        run of missing layers is loaded like a shard of its own (a run starting at layer 0 brings
+        the embedding, one ending at the last layer the final norm and head). None when nothing
+        can be reused (no model held, another model, no common layer) or the assembled model
+        would lack a tensor: the caller then loads the shard in full.
+        """
+        old = self._model
+        if old is None or old.shard.model_id != shard.model_id or old.shard.n_layers != shard.n_layers:
+            return None
+        keep = range(max(old.shard.start_layer, shard.start_layer), min(old.shard.end_layer, shard.end_layer) + 1)
+        if not keep:
+            return None
+        t0 = time.perf_counter()
+        loaded = [i for i in range(shard.start_layer, shard.end_layer + 1) if i not in keep]
+        donors = [(old.shard.start_layer, old)]
+        self._model = old = None  # free the blocks that are not kept before reading new ones
+        for start, end in _runs(loaded):
+            part = Shard(shard.model_id, start, end, shard.n_layers)
+            with torch.device("meta"):
+                piece = ShardedLlama(args, part, tie_word_embeddings=tied).to(dtype=self.dtype)
+            piece = piece.to_empty(device=self.device)
+            piece.tie_weights()
+            piece.load_weights(iter_llama_shard_chunks(path, start, end, shard.n_layers, args.n_heads, args.n_kv_heads))
+            donors.append((start, piece))
+        with torch.device("meta"):
+            model = ShardedLlama(args, shard, tie_word_embeddings=tied).to(dtype=self.dtype)
+        for first, donor in donors:
+            for j, block in enumerate(donor.layers):
+                if shard.start_layer <= first + j <= shard.end_layer:
+                    model.layers[first + j - shard.start_layer] = block
+            if model.embed_tokens is not None and donor.embed_tokens is not None:
+                model.embed_tokens = donor.embed_tokens
+            if model.lm_head is not None and donor.lm_head is not None:
+                model.norm, model.lm_head = donor.norm, donor.lm_head
+        model.tie_weights()
+        del donors
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            logger.warning("could not reuse the layers held for %s; loading it in full", shard)
+            return None
+        model.eval()
+        _release_freed_memory()
+        self.last_load = {"shard": [shard.start_layer, shard.end_layer], "seconds": time.perf_counter() - t0,
+                          "loaded_layers": loaded, "reused_layers": list(keep)}
+        logger.info("loaded %s layers %d-%d on %s in %.1f s: read layers %s, kept layers %d-%d",
+                    shard.model_id, shard.start_layer, shard.end_layer, self.device, time.perf_counter() - t0,
+                    _runs(loaded) or "none", keep.start, keep.stop - 1)
         return model
 
     def weight_bytes(self) -> int:
@@ -275,6 +336,17 @@ class TorchInferenceEngine(InferenceEngine):
                 s.future.set_exception(RuntimeError("the engine is closed"))
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _runs(layers: list[int]) -> list[tuple[int, int]]:
+    """Sorted layer indices as inclusive contiguous ranges: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for i in layers:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def _release_freed_memory() -> None:
