@@ -345,7 +345,8 @@ class Node:
         ``left_out`` (model id -> node id -> why it holds no layer); ``active_node_ids`` (nodes
         working on a request now, as far as this node knows: itself while it computes, and the
         rings of the requests it streams); ``requests`` (those requests: id, epoch, ring);
-        ``shard`` (the layers this node's engine holds, or None).
+        ``shard`` (the layers this node's engine holds, or None); ``last_load`` (what the
+        engine's latest shard change read and what it kept, where the engine reports it).
         """
         d = self.topology.to_dict()
         d["node_id"] = self.id
@@ -367,6 +368,7 @@ class Node:
         shard = self.engine.shard
         d["shard"] = None if shard is None else {"model_id": shard.model_id, "start_layer": shard.start_layer,
                                                  "end_layer": shard.end_layer, "n_layers": shard.n_layers}
+        d["last_load"] = getattr(self.engine, "last_load", None)
         return d
 
     def _active_nodes(self) -> set[str]:
