@@ -436,7 +436,7 @@ async def test_error_mid_stream_is_an_error_event(dummy_api, tok):
 
 
 async def test_504_when_no_token_comes_in_time(dummy_api):
-    dummy_api.node.engine.token_delay = 2.0
+    dummy_api.node.engine.token_delay = 1.0
     dummy_api.running.api.app[STATE_KEY].response_timeout = 0.3
     status, r = await post(dummy_api, "/v1/chat/completions", CHAT)
     assert status == 504 and r["error"]["code"] == "timeout" and "0.3 s" in r["error"]["message"]
@@ -458,7 +458,7 @@ async def test_client_disconnect_mid_stream_ends_the_request(dummy_api):
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_before_the_first_token_ends_the_request(dummy_api, stream):
-    dummy_api.node.engine.token_delay = 1.0  # a slow prefill
+    dummy_api.node.engine.token_delay = 0.5  # a slow prefill
     state = dummy_api.running.api.app[STATE_KEY]
     async with aiohttp.ClientSession() as s:
         task = asyncio.create_task(s.post(dummy_api.base_url + "/chat/completions", json=dict(CHAT, stream=stream)))
