@@ -458,6 +458,7 @@ class Node:
         ctx = RequestContext(request_id, self.id, model_id, card.n_layers, tuple(ring), options, prompt_len=len(prompt_token_ids))
         req = _OriginRequest(ctx, asyncio.Queue(), list(prompt_token_ids), members={p.node_id: p for p in ring})
         self._origin_requests[request_id] = req
+        self._ended.pop(request_id, None)
         loop = asyncio.get_running_loop()
         try:
             await self._send_first_prompt(req, card)
@@ -496,7 +497,16 @@ class Node:
                     return
         finally:
             self._origin_requests.pop(request_id, None)
+            self._mark_ended(request_id)
             await self._end_everywhere(req)
+
+    def _mark_ended(self, request_id: str) -> None:
+        """Remember (bounded, oldest forgotten first) that ``request_id`` is over on this node:
+        its late messages and results are dropped."""
+        self._ended[request_id] = time.monotonic()
+        self._ended.move_to_end(request_id)
+        while len(self._ended) > 10_000:
+            self._ended.popitem(last=False)
 
     async def _send_first_prompt(self, req: _OriginRequest, card: ModelCard) -> None:
         """Send the prompt to the first node of the ring; fail over if that node is gone."""
@@ -612,7 +622,8 @@ class Node:
 
         Raises:
             ValueError: this node's shard of ``ctx`` does not start at layer 0, or bad shape.
-            KeyError: this node is not in the request's ring.
+            KeyError: this node is not in the request's ring, or ``position > 0`` for a request it has
+                no KV cache of (an unknown request id).
         """
         shard = ctx.shard_of(self.id)
         if not shard.is_first_layer:
@@ -626,7 +637,8 @@ class Node:
 
         Raises:
             ValueError: bad shape, or this node's shard holds layer 0 (it takes token ids).
-            KeyError: this node is not in the request's ring.
+            KeyError: this node is not in the request's ring, or ``position > 0`` for a request it has
+                no KV cache of (an unknown request id).
         """
         shard = ctx.shard_of(self.id)
         if shard.is_first_layer:
@@ -644,6 +656,8 @@ class Node:
         if latest is not None and ctx.epoch < latest:
             logger.debug("dropping a message of request %s from epoch %d (now %d)", rid, ctx.epoch, latest)
             return
+        if position > 0 and rid not in self.engine.cached_request_ids():
+            raise KeyError(f"unknown request {rid}: node {self.id} has no KV cache to continue it at position {position}")
         if latest is None or ctx.epoch > latest:
             self._epochs[rid] = ctx.epoch
             self._epochs.move_to_end(rid)
@@ -741,18 +755,23 @@ class Node:
             logger.exception("could not deliver a result of request %s to %s", ctx.request_id, ctx.origin_node_id)
 
     async def process_result(self, result: TokenResult) -> None:
-        """Deliver a result to the local request it belongs to (unknown ids are ignored)."""
+        """Deliver a result to the local request it belongs to; results of requests that ended
+        here are dropped.
+
+        Raises:
+            KeyError: this node never had a request of that id (the gRPC caller gets NOT_FOUND).
+        """
         req = self._origin_requests.get(result.request_id)
         if req is None:
-            logger.debug("result for unknown or finished request %s", result.request_id)
-            return
+            if result.request_id in self._ended:
+                logger.debug("result for finished request %s", result.request_id)
+                return
+            raise KeyError(f"unknown request {result.request_id}")
         req.queue.put_nowait(result)
 
     async def end_request(self, request_id: str) -> None:
         """Stop ``request_id`` on this node and free its KV cache and sampler."""
-        self._ended[request_id] = time.monotonic()
-        while len(self._ended) > 10_000:
-            self._ended.popitem(last=False)
+        self._mark_ended(request_id)
         self._samplers.pop(request_id, None)
         self._epochs.pop(request_id, None)
         await self.engine.clear_request(request_id)

@@ -32,7 +32,7 @@ PROMPT = [40, 41, 42, 43, 44]
 
 
 @contextlib.asynccontextmanager
-async def cluster(memories: dict[str, int], token_delay: float = 0.01) -> AsyncIterator[dict]:
+async def cluster(memories: dict[str, int], token_delay: float = 0.01, health_check_interval: float = 0.3) -> AsyncIterator[dict]:
     """Dummy-engine nodes named by ``memories`` (short name -> bytes), found over mDNS on
     loopback; yields short name -> RunningNode once every node sees the same ring of them all."""
     from helpers import loopback_config
@@ -45,7 +45,7 @@ async def cluster(memories: dict[str, int], token_delay: float = 0.01) -> AsyncI
         results = await asyncio.gather(*(
             start_node(loopback_config(node_id=f"fo{tag}-{name}", discovery_module="mdns", cluster_secret=secret,
                                        inference_engine="dummy", inference_engine_options={"token_delay": token_delay},
-                                       memory=mem, serve_api=False, health_check_interval=0.3))
+                                       memory=mem, serve_api=False, health_check_interval=health_check_interval))
             for name, mem in memories.items()), return_exceptions=True)
         for name, r in zip(memories, results):
             if not isinstance(r, BaseException):
@@ -109,6 +109,23 @@ async def test_last_node_killed_the_origin_fails_over_to_the_ring_that_remains()
         # the dummy's logits peak so sharply that sampling picks the same token as greedy
         assert tokens == expected_tokens(PROMPT, 40)
         await wait_for(lambda: not a.engine.cached_request_ids(), timeout=5)
+
+
+@asyncio_test
+async def test_a_node_dying_while_it_holds_the_step_is_found_by_the_stall_probe(caplog):
+    # no send fails (b already has the step) and discovery would need 3 x 30 s to notice: only the
+    # origin's health check of the ring after STALL_PROBE_INTERVAL seconds without a token finds it
+    async with cluster({"a": 2 * GiB, "b": 1 * GiB}, token_delay=0.2, health_check_interval=30) as nodes:
+        a, b = nodes["a"].node, nodes["b"]
+        tokens = []
+        async for r in a.generate(MODEL, PROMPT, GenerationOptions(max_tokens=8, temperature=0.0), request_id="stall"):
+            tokens.extend(r.tokens)
+            if len(tokens) == 3:
+                # b computes step 4 and a is done handing it over
+                await wait_for(lambda: bool(b.node.active_request_ids) and not a.active_request_ids, timeout=5)
+                await kill(b)
+        assert tokens == expected_tokens(PROMPT, 8)
+        assert any("do not answer" in rec.getMessage() for rec in caplog.records)
 
 
 @asyncio_test
