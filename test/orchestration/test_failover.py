@@ -112,6 +112,28 @@ async def test_last_node_killed_the_origin_fails_over_to_the_ring_that_remains()
 
 
 @asyncio_test
+async def test_clean_shutdown_of_the_middle_node_during_two_concurrent_requests():
+    async with cluster({"a": 3 * GiB, "b": 2 * GiB, "c": 1 * GiB}, token_delay=0.02) as nodes:
+        a = nodes["a"].node
+        prompts = [PROMPT, [50, 51, 52]]
+        started = asyncio.Event()
+
+        async def run(prompt):
+            out = []
+            async for r in a.generate(MODEL, prompt, GenerationOptions(max_tokens=40, temperature=0.0)):
+                out.extend(r.tokens)
+                if len(out) == 10:
+                    started.set()
+            return out
+
+        tasks = [asyncio.create_task(run(p)) for p in prompts]
+        await asyncio.wait_for(started.wait(), 30)
+        await nodes.pop("b").stop()  # mDNS goodbye: the ring loses b while both requests run
+        results = await asyncio.gather(*tasks)
+        assert results == [expected_tokens(p, 40) for p in prompts]
+
+
+@asyncio_test
 async def test_a_node_dying_while_it_holds_the_step_is_found_by_the_stall_probe(caplog):
     # no send fails (b already has the step) and discovery would need 3 x 30 s to notice: only the
     # origin's health check of the ring after STALL_PROBE_INTERVAL seconds without a token finds it
