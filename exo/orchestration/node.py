@@ -694,7 +694,10 @@ class Node:
             if self._is_stale(ctx) or rid in self._ended:
                 logger.debug("request %s: a message of an old epoch failed on node %s: %s", rid, self.id, e)
                 return
-            logger.exception("request %s failed on node %s", rid, self.id)
+            if isinstance(e, ConnectionError):  # the next node is gone: the origin fails over
+                logger.warning("request %s on node %s: %s", rid, self.id, e)
+            else:
+                logger.exception("request %s failed on node %s", rid, self.id)
             previous = self._deliveries.get(rid)
             if previous is not None:  # after the tokens this node already sent (see _sample_and_continue)
                 await asyncio.wait([previous])
