@@ -30,7 +30,7 @@ def pytest_sessionstart(session) -> None:
 
 # defined in helpers.py: test modules import them from there (``from conftest import`` finds
 # whichever conftest.py was loaded last, e.g. test/api/conftest.py)
-from helpers import NodeUnderTest, loopback_config  # noqa: E402,F401  (re-exported)
+from helpers import SESSION_TAG, NodeUnderTest, loopback_config  # noqa: E402,F401  (re-exported)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -56,7 +56,7 @@ async def two_node_cluster() -> AsyncIterator[list[NodeUnderTest]]:
     nodes = []
     try:
         for name in ("ring-a", "ring-b"):
-            nodes.append(await start_node(loopback_config(node_id=name)))
+            nodes.append(await start_node(loopback_config(node_id=f"{name}-{SESSION_TAG}")))
         card = get_model_card(MODEL)
 
         def ring_formed() -> bool:

@@ -4,6 +4,7 @@ its conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,12 +52,19 @@ class NodeUnderTest:
         return f"{self.running.api_base_url}/v1"
 
 
+# One random cluster secret per test session: nodes of two test runs on the same machine (both on
+# loopback mDNS) never join each other's rings; a test that needs another key passes its own.
+SESSION_CLUSTER_SECRET = f"test-session-{uuid.uuid4().hex}"
+SESSION_TAG = uuid.uuid4().hex[:6]
+
+
 def loopback_config(**overrides):
-    """A NodeConfig bound to loopback everywhere, on free ports (default model SmolLM2-135M)."""
+    """A NodeConfig bound to loopback everywhere, on free ports (default model SmolLM2-135M), in
+    this test session's cluster (``SESSION_CLUSTER_SECRET``)."""
     from exo.orchestration.launcher import NodeConfig
 
     fields = dict(node_host="127.0.0.1", api_host="127.0.0.1", api_port=0, interfaces=["127.0.0.1"],
-                  default_model="smollm2-135m", health_check_interval=0.5)
+                  default_model="smollm2-135m", health_check_interval=0.5, cluster_secret=SESSION_CLUSTER_SECRET)
     fields.update(overrides)
     return NodeConfig(**fields)
 

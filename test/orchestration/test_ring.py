@@ -74,6 +74,6 @@ async def test_topology_lists_both_nodes_and_their_layers(two_node_cluster):
         async with s.get(f"{two_node_cluster[0].api_url}/v1/topology") as r:
             assert r.status == 200
             topo = await r.json()
-    assert set(topo["nodes"]) == {"ring-a", "ring-b"}
+    assert set(topo["nodes"]) == {n.node.id for n in two_node_cluster}
     layers = {p["node_id"]: (p["start_layer"], p["end_layer"]) for p in topo["partitions"][MODEL]}
     assert sorted(layers.values()) == [(0, 14), (15, 29)]
