@@ -215,3 +215,25 @@ class Topology(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     edges: _containers.RepeatedCompositeFieldContainer[Edge]
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ...) -> None: ...
+
+class RingMessage(_message.Message):
+    __slots__ = ("seq", "prompt", "tensor", "result")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    prompt: PromptRequest
+    tensor: TensorRequest
+    result: ResultRequest
+    def __init__(self, seq: _Optional[int] = ..., prompt: _Optional[_Union[PromptRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorRequest, _Mapping]] = ..., result: _Optional[_Union[ResultRequest, _Mapping]] = ...) -> None: ...
+
+class RingAck(_message.Message):
+    __slots__ = ("seq", "code", "details")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    code: int
+    details: str
+    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...

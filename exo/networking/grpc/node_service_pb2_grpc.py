@@ -64,6 +64,11 @@ class NodeServiceStub:
                 request_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.CollectTopologyRequest.SerializeToString,
                 response_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.Topology.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/exo.node_service.NodeService/Stream',
+                request_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.RingMessage.SerializeToString,
+                response_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.RingAck.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -109,6 +114,16 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """A persistent stream of ring messages (prompt, tensor, result) from one peer: every step of
+        every request rides one HTTP/2 stream instead of a new call per token. The server answers
+        each message, in order, with the status its unary counterpart (SendPrompt, SendTensor,
+        SendResult) would have returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +156,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.CollectTopology,
                     request_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.CollectTopologyRequest.FromString,
                     response_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.Topology.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.RingMessage.FromString,
+                    response_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.RingAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +325,33 @@ class NodeService:
             '/exo.node_service.NodeService/CollectTopology',
             exo_dot_networking_dot_grpc_dot_node__service__pb2.CollectTopologyRequest.SerializeToString,
             exo_dot_networking_dot_grpc_dot_node__service__pb2.Topology.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/exo.node_service.NodeService/Stream',
+            exo_dot_networking_dot_grpc_dot_node__service__pb2.RingMessage.SerializeToString,
+            exo_dot_networking_dot_grpc_dot_node__service__pb2.RingAck.FromString,
             options,
             channel_credentials,
             insecure,

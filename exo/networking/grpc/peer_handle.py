@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -43,6 +44,90 @@ CONNECT_TIMEOUT = 5.0
 _T = TypeVar("_T")
 
 
+def stream_by_default() -> bool:
+    """Whether ring messages ride a persistent stream unless a handle says otherwise
+    (``EXO_GRPC_STREAM=0`` turns it off, e.g. to compare with one call per message)."""
+    return os.environ.get("EXO_GRPC_STREAM", "1") != "0"
+
+
+class _RingStream:
+    """One open ``Stream`` call to a peer: writes are serialised, acks matched to writes by seq.
+
+    When the call ends (the peer went away, or ``close``), every message still waiting for its
+    ack fails with that error, and so does every later ``send``; the handle then opens a new one.
+    """
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.call = call
+        self.error: BaseException | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._seq = 0
+        self._write_lock = asyncio.Lock()
+        self._reader = asyncio.create_task(self._read(), name="grpc-ring-stream-acks")
+
+    async def _read(self) -> None:
+        error: BaseException = ConnectionError("the stream was closed")
+        try:
+            async for ack in self.call:
+                fut = self._pending.pop(ack.seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(ack)
+            error = ConnectionError("the peer closed the stream")
+        except grpc.aio.AioRpcError as e:
+            error = e
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(self.error)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and not self.call.done()
+
+    async def send(self, message: pb.RingMessage, timeout: float) -> pb.RingAck:
+        """Write ``message`` and wait for its ack. Raises the stream's error (an ``AioRpcError``
+        from the peer, or ``ConnectionError`` when the stream broke or was closed), or
+        ``asyncio.TimeoutError``."""
+        async with self._write_lock:
+            if self.error is not None:
+                raise self.error
+            self._seq += 1
+            message.seq = self._seq
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[self._seq] = fut
+            try:
+                await self.call.write(message)
+            except BaseException as e:
+                self._pending.pop(message.seq, None)
+                if fut.done():
+                    fut.exception()  # retrieved: the error is raised below instead
+                else:
+                    fut.cancel()
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                # the call ended under the write (the peer went away): the message was not sent
+                self._fail(ConnectionError(f"the stream broke: {e}"))
+                raise self.error from e
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(message.seq, None)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        self._fail(ConnectionError("the stream was closed"))
+
+
 class GRPCPeerHandle(PeerHandle):
     """A connection to one peer's NodeService.
 
@@ -55,6 +140,9 @@ class GRPCPeerHandle(PeerHandle):
         address: "host:port" of the peer's gRPC server.
         device_capabilities: the peer's device, as discovery learnt it.
         cluster_secret: when set, every call carries the cluster key derived from it.
+        stream: send prompts, tensors and results over one persistent bidirectional ``Stream``
+            call (default: ``stream_by_default()``) instead of one unary call each; every message
+            is still acknowledged with its own status, so errors are raised the same way.
 
     Calls other than ``health_check`` raise ``ConnectionError`` when the peer is unreachable or
     misses the deadline (UNAVAILABLE, DEADLINE_EXCEEDED), ``RuntimeError(f"peer {id}: {details}")``
@@ -67,8 +155,12 @@ class GRPCPeerHandle(PeerHandle):
         address: str,
         device_capabilities: DeviceCapabilities,
         cluster_secret: str | None = None,
+        stream: bool | None = None,
     ) -> None:
         self._id = node_id
+        self._use_stream = stream_by_default() if stream is None else stream
+        self._stream: _RingStream | None = None
+        self._stream_lock = asyncio.Lock()
         self._address = address
         self._device_capabilities = device_capabilities
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -114,6 +206,9 @@ class GRPCPeerHandle(PeerHandle):
 
     async def disconnect(self) -> None:
         """Close the channel (calls in flight are cancelled). The next call opens a new one."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
             await channel.close()
@@ -147,18 +242,49 @@ class GRPCPeerHandle(PeerHandle):
                 raise ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}") from e
             raise RuntimeError(f"peer {self._id}: {details}") from e
 
+    async def _open_stream(self) -> _RingStream:
+        async with self._stream_lock:
+            if self._stream is None or not self._stream.alive:
+                if self._stream is not None:
+                    await self._stream.close()
+                self._stream = _RingStream(self._get_stub().Stream(metadata=self._metadata))
+            return self._stream
+
+    async def _send_ring(self, method: str, message: pb.RingMessage) -> None:
+        """Send over the persistent stream; errors as ``_call`` raises them."""
+        stream = await self._open_stream()
+        try:
+            ack = await stream.send(message, CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            code, details = e.code(), e.details()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                raise ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}") from e
+            raise RuntimeError(f"peer {self._id}: {details}") from e
+        except asyncio.TimeoutError as e:
+            raise ConnectionError(f"peer {self._id} at {self._address}: {method}: no answer within {CALL_TIMEOUT} s") from e
+        except ConnectionError as e:
+            raise ConnectionError(f"peer {self._id} at {self._address}: {method}: {e}") from e
+        if ack.code != grpc.StatusCode.OK.value[0]:
+            raise RuntimeError(f"peer {self._id}: {ack.details}")
+
     async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
         request = pb.PromptRequest(ctx=codec.ctx_to_proto(ctx), token_ids=codec.tensor_to_proto(token_ids), position=position)
+        if self._use_stream:
+            return await self._send_ring("SendPrompt", pb.RingMessage(prompt=request))
         await self._call("SendPrompt", lambda s: s.SendPrompt(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
 
     async def send_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
         request = pb.TensorRequest(
             ctx=codec.ctx_to_proto(ctx), hidden_states=codec.tensor_to_proto(hidden_states), position=position
         )
+        if self._use_stream:
+            return await self._send_ring("SendTensor", pb.RingMessage(tensor=request))
         await self._call("SendTensor", lambda s: s.SendTensor(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
 
     async def send_result(self, result: TokenResult) -> None:
         request = codec.result_to_proto(result)
+        if self._use_stream:
+            return await self._send_ring("SendResult", pb.RingMessage(result=request))
         await self._call("SendResult", lambda s: s.SendResult(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
 
     async def end_request(self, request_id: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -73,6 +73,18 @@ def _detail(exc: BaseException) -> str:
     return text[:MAX_ERROR_DETAIL]
 
 
+def _status(exc: Exception, name: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and detail of a handler's exception (see the module docstring), logged."""
+    if isinstance(exc, ValueError):
+        logger.info("%s: invalid argument: %s", name, exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, _detail(exc)
+    if isinstance(exc, KeyError):
+        logger.info("%s: not found: %s", name, _detail(exc))
+        return grpc.StatusCode.NOT_FOUND, _detail(exc)
+    logger.error("%s failed", name, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {_detail(exc)}"
+
+
 def _rpc(handler: _Handler) -> _Handler:
     """Map a handler's exceptions to gRPC status codes (see the module docstring)."""
 
@@ -82,15 +94,9 @@ def _rpc(handler: _Handler) -> _Handler:
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except ValueError as e:
-            logger.info("%s: invalid argument: %s", handler.__name__, e)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _detail(e))
-        except KeyError as e:
-            logger.info("%s: not found: %s", handler.__name__, _detail(e))
-            await context.abort(grpc.StatusCode.NOT_FOUND, _detail(e))
         except Exception as e:
-            logger.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {_detail(e)}")
+            code, details = _status(e, handler.__name__)
+            await context.abort(code, details)
 
     return wrapper
 
@@ -113,28 +119,53 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     def __init__(self, node: NodeLike) -> None:
         self._node = node
 
-    @_rpc
-    async def SendPrompt(self, request: pb.PromptRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+    async def _prompt(self, request: pb.PromptRequest) -> None:
         ctx = codec.ctx_from_proto(request.ctx)
         token_ids = codec.tensor_from_proto(request.token_ids)
         _check_tensor("token_ids", token_ids, _PROMPT_DTYPES, 2)
         _check_position(request.position)
         await self._node.process_prompt(ctx, token_ids.astype(np.int64, copy=False), int(request.position))
-        return pb.Empty()
 
-    @_rpc
-    async def SendTensor(self, request: pb.TensorRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+    async def _tensor(self, request: pb.TensorRequest) -> None:
         ctx = codec.ctx_from_proto(request.ctx)
         hidden_states = codec.tensor_from_proto(request.hidden_states)
         _check_tensor("hidden_states", hidden_states, _HIDDEN_DTYPES, 3)
         _check_position(request.position)
         await self._node.process_tensor(ctx, hidden_states, int(request.position))
+
+    async def _result(self, request: pb.ResultRequest) -> None:
+        await self._node.process_result(codec.result_from_proto(request))
+
+    @_rpc
+    async def SendPrompt(self, request: pb.PromptRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        await self._prompt(request)
+        return pb.Empty()
+
+    @_rpc
+    async def SendTensor(self, request: pb.TensorRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        await self._tensor(request)
         return pb.Empty()
 
     @_rpc
     async def SendResult(self, request: pb.ResultRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
-        await self._node.process_result(codec.result_from_proto(request))
+        await self._result(request)
         return pb.Empty()
+
+    async def Stream(self, request_iterator: AsyncIterator[pb.RingMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RingAck]:
+        """Serve a peer's persistent stream: each message is handled like its unary counterpart
+        and answered, in order, with a RingAck carrying that call's status."""
+        handlers = {"prompt": self._prompt, "tensor": self._tensor, "result": self._result}
+        async for message in request_iterator:
+            kind = message.WhichOneof("body")
+            try:
+                if kind is None:
+                    raise ValueError("a ring message needs a prompt, tensor or result")
+                await handlers[kind](getattr(message, kind))
+            except Exception as e:
+                code, details = _status(e, f"Stream/{kind}")
+                yield pb.RingAck(seq=message.seq, code=code.value[0], details=details)
+            else:
+                yield pb.RingAck(seq=message.seq)
 
     @_rpc
     async def EndRequest(self, request: pb.EndRequestRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
@@ -167,7 +198,11 @@ class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing cluster key")
 
+        async def deny_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing cluster key")
+
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
         self._rejected = 0
 
     async def intercept_service(
@@ -186,7 +221,7 @@ class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):
         # a foreign node retries every health-check interval: warn on the first and every 100th
         level = logging.WARNING if self._rejected % 100 == 1 else logging.DEBUG
         logger.log(level, "rejected %s: wrong or missing cluster key (%d rejected calls)", handler_call_details.method, self._rejected)
-        return self._deny
+        return self._deny_stream if handler_call_details.method.endswith("/Stream") else self._deny
 
 
 class GRPCServer:

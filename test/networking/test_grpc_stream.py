@@ -1,0 +1,119 @@
+"""Ring messages over the persistent bidirectional ``Stream``: order, per-message errors, one
+stream reused, a peer that goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from exo.networking.grpc.peer_handle import GRPCPeerHandle
+from exo.networking.grpc.server import GRPCServer
+from exo.orchestration.request import RequestContext, TokenResult
+from exo.topology.device_capabilities import DeviceCapabilities
+from exo.topology.topology import Topology
+
+from helpers import make_request_context as make_ctx
+from helpers import wait_for
+
+CAPS = DeviceCapabilities("test", "cpu", 1 << 30)
+
+
+class Recorder:
+    """Stands in for the Node: records ring messages; a result for request "bad" fails."""
+
+    def __init__(self) -> None:
+        self.id = "b"
+        self.calls: list[tuple] = []
+
+    async def process_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
+        self.calls.append(("prompt", position))
+
+    async def process_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
+        self.calls.append(("tensor", position))
+
+    async def process_result(self, result: TokenResult) -> None:
+        if result.request_id == "bad":
+            raise KeyError("no request bad here")
+        self.calls.append(("result", result.tokens[0] if result.tokens else None))
+
+    async def end_request(self, request_id: str) -> None: ...
+
+    async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
+        return Topology()
+
+    def is_healthy(self) -> bool:
+        return True
+
+
+@pytest.mark.asyncio
+async def test_stream_keeps_order_reports_errors_per_message_and_is_reused() -> None:
+    node = Recorder()
+    server = GRPCServer(node, "127.0.0.1", 0)
+    await server.start()
+    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=True)
+    try:
+        ctx = make_ctx()
+        await handle.send_prompt(ctx, np.array([[1, 2, 3]], dtype=np.int64), 0)
+        stream = handle._stream
+        assert stream is not None and stream.alive
+        # many messages at once from concurrent tasks: all delivered, in the order written
+        await asyncio.gather(*(handle.send_result(TokenResult("r", tokens=[i])) for i in range(50)))
+        assert [c for c in node.calls if c[0] == "result"] == [("result", i) for i in range(50)]
+        # a message the peer rejects raises like the unary call would; the stream stays usable
+        with pytest.raises(RuntimeError, match="peer b: no request bad here"):
+            await handle.send_result(TokenResult("bad", tokens=[1]))
+        with pytest.raises(RuntimeError, match="peer b: hidden_states must have 3 dimensions"):
+            await handle.send_tensor(ctx, np.zeros((2, 576), np.float32), 3)
+        await handle.send_tensor(ctx, np.zeros((1, 1, 576), np.float32), 3)
+        assert node.calls[-1] == ("tensor", 3)
+        assert handle._stream is stream and stream.alive  # one stream for all of it
+    finally:
+        await handle.disconnect()
+        await server.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_stream_to_a_peer_that_restarts() -> None:
+    node = Recorder()
+    server = GRPCServer(node, "127.0.0.1", 0)
+    await server.start()
+    port = server.port
+    handle = GRPCPeerHandle("b", f"127.0.0.1:{port}", CAPS, stream=True)
+    try:
+        await handle.send_result(TokenResult("r", tokens=[1]))
+        await server.stop(grace=0)
+        with pytest.raises(ConnectionError, match="peer b"):
+            await handle.send_result(TokenResult("r", tokens=[2]))
+        server = GRPCServer(node, "127.0.0.1", port)
+        await server.start()
+
+        async def delivered() -> bool:
+            try:
+                await handle.send_result(TokenResult("r", tokens=[3]))
+                return True
+            except ConnectionError:
+                return False
+
+        await wait_for(delivered, timeout=20, interval=0.1)  # the channel reconnects with a short backoff
+        assert node.calls[0] == ("result", 1) and node.calls[-1] == ("result", 3)
+    finally:
+        await handle.disconnect()
+        await server.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_unary_calls_when_streaming_is_off() -> None:
+    node = Recorder()
+    server = GRPCServer(node, "127.0.0.1", 0)
+    await server.start()
+    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=False)
+    try:
+        await handle.send_prompt(make_ctx(), np.array([[1]], dtype=np.int64), 0)
+        with pytest.raises(RuntimeError, match="peer b: no request bad here"):
+            await handle.send_result(TokenResult("bad", tokens=[1]))
+        assert handle._stream is None and node.calls == [("prompt", 0)]
+    finally:
+        await handle.disconnect()
+        await server.stop(grace=0)
