@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
 from exo.topology.device_capabilities import DeviceCapabilities
 
@@ -256,3 +257,27 @@ class PeerTracker:
                 if entry.admitted or now >= entry.next_attempt:
                     self._check_soon(entry)
             await asyncio.sleep(self._interval)
+
+
+class TrackedDiscovery(Discovery):
+    """Base of the discoveries whose live peers a ``PeerTracker`` (``self._tracker``) keeps:
+    the peer queries and listener registration are the tracker's."""
+
+    _tracker: PeerTracker
+
+    async def discover_peers(self, wait_for_peers: int = 0, timeout: float | None = None) -> list[PeerHandle]:
+        """The live peers; with ``wait_for_peers > 0`` first wait until that many are live or
+        ``timeout`` seconds passed (returns what there is then, never raises on timeout)."""
+        return await self._tracker.wait_for_peers(wait_for_peers, timeout)
+
+    def peers(self) -> list[PeerHandle]:
+        """The live peers now, sorted by node id (no waiting)."""
+        return self._tracker.peers()
+
+    def add_peer_listener(self, listener: PeerListener) -> None:
+        """Call ``listener()`` (sync or async, no arguments) whenever the live peer set changes."""
+        self._tracker.add_listener(listener)
+
+    def remove_peer_listener(self, listener: PeerListener) -> None:
+        """Stop calling ``listener``. Raises ValueError if it was not added."""
+        self._tracker.remove_listener(listener)

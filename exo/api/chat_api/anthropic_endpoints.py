@@ -32,7 +32,7 @@ from exo.api.chat_api.dialects import anthropic_error_type
 from exo.api.chat_api.models import RequestParamError, parse_request
 from exo.api.chat_api.route_handlers import get_tokenizer, read_json, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
-from exo.api.chat_api.text_generation import GenerationStats, TextStep, generate_text
+from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
@@ -232,11 +232,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     try:
         first = await steps.__anext__()  # errors before anything is sent are plain HTTP errors
         if not req.stream:
-            texts, step = [first.text], first
-            while step.finish_reason is None:
-                step = await steps.__anext__()
-                texts.append(step.text)
-            return web.json_response(message_object(msg_id, req.model, "".join(texts), stats, step))
+            text, step = await collect_text(first, steps)
+            return web.json_response(message_object(msg_id, req.model, text, stats, step))
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         try:

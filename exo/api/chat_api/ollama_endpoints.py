@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from exo.api.chat_api.models import parse_request
 from exo.api.chat_api.route_handlers import get_tokenizer, read_json, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
-from exo.api.chat_api.text_generation import GenerationStats, TextStep, generate_text
+from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError, new_id
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
@@ -291,11 +291,8 @@ async def _answer(request: web.Request, state: APIState, req: _OllamaBase, card:
     try:
         first = await steps.__anext__()  # errors before anything is sent are plain HTTP errors
         if not req.stream:
-            texts, step = [first.text], first
-            while step.finish_reason is None:
-                step = await steps.__anext__()
-                texts.append(step.text)
-            return web.json_response(final(step, "".join(texts)))
+            text, step = await collect_text(first, steps)
+            return web.json_response(final(step, text))
         resp = web.StreamResponse(headers=NDJSON_HEADERS)
         await resp.prepare(request)
         try:

@@ -63,6 +63,16 @@ class TextStep:
     stop_string: str | None = None
 
 
+async def collect_text(first: TextStep, steps: AsyncIterator[TextStep]) -> tuple[str, TextStep]:
+    """The whole text of a non-streamed generation: ``first`` and the rest of ``steps`` up to
+    the step with a ``finish_reason``, which is returned with the text."""
+    texts, step = [first.text], first
+    while step.finish_reason is None:
+        step = await steps.__anext__()
+        texts.append(step.text)
+    return "".join(texts), step
+
+
 def matched_stop(tokenizer: Tokenizer, token_ids: Sequence[int], stops: Sequence[str]) -> str | None:
     """The stop string that ended a generation of ``token_ids`` (the earliest in the decoded
     text; the first listed on a tie, as ``ChoiceTextStream`` cuts), or None."""

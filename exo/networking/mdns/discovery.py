@@ -26,9 +26,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from exo.networking.address import join_host_port
-from exo.networking.discovery import Discovery
-from exo.networking.peer_handle import PeerHandle
-from exo.networking.peer_tracker import PeerHandleFactory, PeerListener, PeerTracker
+from exo.networking.peer_tracker import PeerHandleFactory, PeerTracker, TrackedDiscovery
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
 
 logger = logging.getLogger(__name__)
@@ -122,7 +120,7 @@ def _instance_name(node_id: str) -> str:
     return f"{label}.{SERVICE_TYPE}"
 
 
-class MDNSDiscovery(Discovery):
+class MDNSDiscovery(TrackedDiscovery):
     """Discovery over mDNS on the given interfaces.
 
     Args:
@@ -241,23 +239,6 @@ class MDNSDiscovery(Discovery):
         self._names.clear()
         self._present.clear()
         logger.info("mDNS discovery of node %s stopped", self.node_id)
-
-    async def discover_peers(self, wait_for_peers: int = 0, timeout: float | None = None) -> list[PeerHandle]:
-        """The live peers; with ``wait_for_peers > 0`` first wait until that many are live or
-        ``timeout`` seconds passed (returns what there is then, never raises on timeout)."""
-        return await self._tracker.wait_for_peers(wait_for_peers, timeout)
-
-    def peers(self) -> list[PeerHandle]:
-        """The live peers now, sorted by node id (no waiting)."""
-        return self._tracker.peers()
-
-    def add_peer_listener(self, listener: PeerListener) -> None:
-        """Call ``listener()`` (sync or async, no arguments) whenever the live peer set changes."""
-        self._tracker.add_listener(listener)
-
-    def remove_peer_listener(self, listener: PeerListener) -> None:
-        """Stop calling ``listener``. Raises ValueError if it was not added."""
-        self._tracker.remove_listener(listener)
 
     # --- internals ---------------------------------------------------------------------------
 
