@@ -61,8 +61,9 @@ async def _start(args):
 
     config = NodeConfig(node_id=args.node_id, node_host="127.0.0.1", node_port=args.port, interfaces=["127.0.0.1"],
                         discovery_module="manual", discovery_config_path=args.peers, serve_api=False,
-                        memory=NODE_MEMORY, inference_engine="torch",
-                        inference_engine_options={"dtype": args.dtype}, health_check_interval=0.5)
+                        memory=NODE_MEMORY, inference_engine=args.engine,
+                        inference_engine_options={"dtype": args.dtype} if args.engine == "torch" else {},
+                        health_check_interval=0.5)
     return await start_node(config)
 
 
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--peers", required=True, help="manual-discovery peer file")
+    parser.add_argument("--engine", default="torch", choices=["torch", "dummy"],
+                        help="dummy: no weights, no compute, so a token's time is the ring's own cost")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-seconds", type=float, default=900.0, help="a plain node stops after this long")
     parser.add_argument("--nodes", type=int, default=1, help="ring size the driver waits for")

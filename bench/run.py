@@ -53,8 +53,9 @@ def single(engine: str, runs: int, tokens: int, dtype: str = "float32") -> dict 
         return None
 
 
-def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str) -> dict:
-    """A ring of ``n_nodes`` node processes on loopback; the first drives the measurements."""
+def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, engine: str = "torch", env: dict | None = None) -> dict:
+    """A ring of ``n_nodes`` node processes on loopback; the first drives the measurements.
+    ``env``: extra environment variables of the node processes."""
     from bench.ring import free_ports, write_peer_file
 
     print(f"  ring of {n_nodes} node(s), streams {streams or '-'} ...", file=sys.stderr, flush=True)
@@ -64,17 +65,18 @@ def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str) -
     with tempfile.TemporaryDirectory() as tmp:
         peers = os.path.join(tmp, "peers.json")
         write_peer_file(peers, ports)
-        common = ["--peers", peers, "--dtype", dtype]
+        common = ["--peers", peers, "--dtype", dtype, "--engine", engine]
+        penv = {**_env(), **(env or {})}
         try:
             for nid in ids[1:]:
                 procs[nid] = subprocess.Popen(
                     [sys.executable, "-m", "bench.ring", "node", "--node-id", nid, "--port", str(ports[nid]), *common, "--max-seconds", "1200"],
-                    cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    cwd=ROOT, env=penv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             driver = subprocess.run(
                 [sys.executable, "-m", "bench.ring", "drive", "--node-id", ids[0], "--port", str(ports[ids[0]]), *common,
                  "--nodes", str(n_nodes), "--runs", str(runs), "--decode-tokens", str(tokens),
                  "--streams", ",".join(map(str, streams))],
-                cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+                cwd=ROOT, env=penv, capture_output=True, text=True, timeout=1500)
             peaks = {ids[0]: None}
             for nid, p in procs.items():
                 try:

@@ -31,9 +31,13 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-#: Event-loop turns a decode step waits for the steps of other requests woken in the same turn
-#: before its batch starts (the batch starts as soon as a turn adds no step).
-_GATHER_TURNS = 8
+#: A decode batch starts once no step has joined for this many event-loop turns: the steps of
+#: the requests a batch just served come back within a few turns (sampling, then the node
+#: schedules the next step), and waiting for them keeps concurrent requests in one batch
+#: instead of alternating between a straggler and the rest. An idle turn costs microseconds.
+_GATHER_STABLE_TURNS = 3
+#: Most event-loop turns a batch waits for more steps.
+_GATHER_MAX_TURNS = 32
 
 
 @dataclass
@@ -89,6 +93,7 @@ class TorchInferenceEngine(InferenceEngine):
         self.batch_sizes: list[int] = []  # sizes of the last decode batches (most recent last), for benchmarks
         self._pending: list[_DecodeStep] = []
         self._drainer: asyncio.Task | None = None
+        self._last_compute_s = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
         self._model: ShardedLlama | None = None
         self._shard: Shard | None = None
@@ -210,16 +215,17 @@ class TorchInferenceEngine(InferenceEngine):
         """Run the queued decode steps in batches until none is left."""
         loop = asyncio.get_running_loop()
         while self._pending:
-            seen = -1
-            for _ in range(_GATHER_TURNS):  # let steps woken in the same turn join this batch
-                if len(self._pending) == seen:
-                    break
+            seen, stable, turns = len(self._pending), 0, 0
+            while stable < _GATHER_STABLE_TURNS and seen < self.max_batch and turns < _GATHER_MAX_TURNS:
+                await asyncio.sleep(0)  # let the steps of requests woken meanwhile join this batch
+                turns += 1
+                stable = stable + 1 if len(self._pending) == seen else 0
                 seen = len(self._pending)
-                await asyncio.sleep(0)
             batch = [s for s in self._pending[:self.max_batch] if not s.future.done()]
             del self._pending[:self.max_batch]
             if not batch:
                 continue
+            t0 = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._decode_batch, batch)
             except BaseException as e:
@@ -230,6 +236,9 @@ class TorchInferenceEngine(InferenceEngine):
                     raise
                 continue
             self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("decode batch of %d: %.2f ms on the worker, %.2f ms round trip", len(batch),
+                             self._last_compute_s * 1000, (time.perf_counter() - t0) * 1000)
             for s, r in zip(batch, results):
                 if s.future.done():
                     continue
@@ -290,6 +299,7 @@ class TorchInferenceEngine(InferenceEngine):
     def _decode_batch(self, steps: list[_DecodeStep]) -> list[np.ndarray | Exception]:
         """One forward pass for the decode steps of several requests; per step its output or
         the exception that step raises (a bad step fails alone)."""
+        t0 = time.perf_counter()
         self._evict_idle()
         results: list[np.ndarray | Exception | None] = [None] * len(steps)
         ok: list[tuple[int, _DecodeStep, _RequestState]] = []
@@ -314,6 +324,7 @@ class TorchInferenceEngine(InferenceEngine):
                 logger.exception("a decode batch of %d requests failed", len(ok))
                 for i, _, _ in ok:
                     results[i] = e
+        self._last_compute_s = time.perf_counter() - t0
         return results
 
     def _evict_idle(self) -> None:
