@@ -117,3 +117,25 @@ async def test_unary_calls_when_streaming_is_off() -> None:
     finally:
         await handle.disconnect()
         await server.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_wrong_cluster_key_on_the_stream_says_so() -> None:
+    # Regression: a stream refused by the server's key check surfaced as "the stream broke"
+    # (when the refusal ended the call under the first write) instead of the peer's
+    # UNAUTHENTICATED status and message.
+    node = Recorder()
+    server = GRPCServer(node, "127.0.0.1", 0, cluster_secret="s3cret")
+    await server.start()
+    hidden = np.zeros((1, 512, 576), dtype=np.float32)  # a large first write, still in flight when refused
+    try:
+        for _ in range(20):  # a fresh stream each time: the refusal lands before or during the write
+            wrong = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, cluster_secret="other", stream=True)
+            try:
+                with pytest.raises(RuntimeError, match="wrong or missing cluster key"):
+                    await wrong.send_tensor(make_ctx(), hidden, 0)
+            finally:
+                await wrong.disconnect()
+        assert node.calls == []
+    finally:
+        await server.stop()

@@ -40,6 +40,11 @@ HEALTH_CHECK_TIMEOUT = 2.0
 CALL_TIMEOUT = 30.0
 #: Longest ``connect()`` waits for the channel to become ready, in seconds.
 CONNECT_TIMEOUT = 5.0
+#: Longest a failed stream write waits for the call's final status, in seconds.
+STREAM_STATUS_WAIT = 1.0
+#: Final statuses of a stream call that mean the transport failed, not that the peer refused.
+_BROKEN_STREAM_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED,
+                                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 _T = TypeVar("_T")
 
@@ -74,7 +79,9 @@ class _RingStream:
                     fut.set_result(ack)
             error = ConnectionError("the peer closed the stream")
         except grpc.aio.AioRpcError as e:
-            error = e
+            # a refusal by the peer (e.g. a wrong cluster key) keeps its status; a transport
+            # failure (the peer went away mid-call) is a ConnectionError, as for unary calls
+            error = ConnectionError(f"the stream broke: {e.details()}") if e.code() in _BROKEN_STREAM_CODES else e
         except asyncio.CancelledError:
             pass
         finally:
@@ -113,7 +120,10 @@ class _RingStream:
                     fut.cancel()
                 if isinstance(e, asyncio.CancelledError):
                     raise
-                # the call ended under the write (the peer went away): the message was not sent
+                # The call ended under the write: the message was not sent. Its final status (the
+                # peer went away, or refused the call, e.g. a wrong cluster key) reaches the ack
+                # reader; wait for it briefly so that status, not a bare "broke", is raised.
+                await asyncio.wait({self._reader}, timeout=STREAM_STATUS_WAIT)
                 self._fail(ConnectionError(f"the stream broke: {e}"))
                 raise self.error from e
         try:
