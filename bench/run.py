@@ -53,6 +53,15 @@ def single(engine: str, runs: int, tokens: int, dtype: str = "float32") -> dict 
         return None
 
 
+def ring_retrying(*args, **kwargs) -> dict:
+    """``ring``, tried a second time if the first attempt fails (reported on stderr)."""
+    try:
+        return ring(*args, **kwargs)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"  failed, trying once more: {str(e)[-4000:]}", file=sys.stderr)
+        return ring(*args, **kwargs)
+
+
 def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, engine: str = "torch", env: dict | None = None) -> dict:
     """A ring of ``n_nodes`` node processes on loopback; the first drives the measurements.
     ``env``: extra environment variables of the node processes."""
@@ -67,11 +76,13 @@ def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, e
         write_peer_file(peers, ports)
         common = ["--peers", peers, "--dtype", dtype, "--engine", engine]
         penv = {**_env(), **(env or {})}
+        logs = {}
         try:
             for nid in ids[1:]:
+                logs[nid] = open(os.path.join(tmp, f"{nid}.log"), "w+")
                 procs[nid] = subprocess.Popen(
                     [sys.executable, "-m", "bench.ring", "node", "--node-id", nid, "--port", str(ports[nid]), *common, "--max-seconds", "1200"],
-                    cwd=ROOT, env=penv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    cwd=ROOT, env=penv, stdout=subprocess.DEVNULL, stderr=logs[nid])
             driver = subprocess.run(
                 [sys.executable, "-m", "bench.ring", "drive", "--node-id", ids[0], "--port", str(ports[ids[0]]), *common,
                  "--nodes", str(n_nodes), "--runs", str(runs), "--decode-tokens", str(tokens),
@@ -84,7 +95,11 @@ def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, e
                 except (OSError, RuntimeError):
                     peaks[nid] = None
             if driver.returncode != 0:
-                raise RuntimeError(f"ring of {n_nodes} failed:\n{driver.stderr[-3000:]}")
+                tails = ""
+                for nid, f in logs.items():
+                    f.seek(0)
+                    tails += f"\n--- {nid}:\n{f.read()[-1500:]}"
+                raise RuntimeError(f"ring of {n_nodes} failed:\n{driver.stderr[-3000:]}{tails}")
             result = parse_emitted(driver.stdout)
             peaks[ids[0]] = result["driver_peak_rss"]
             result["peak_rss"] = peaks
@@ -98,6 +113,8 @@ def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, e
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            for f in logs.values():
+                f.close()
 
 
 def _mib(v: int | None) -> str:
@@ -138,6 +155,18 @@ def ring_table(rings: dict[int, dict]) -> Table:
     return Table("Ring on loopback (one stream; nodes are separate processes)",
                  ["nodes", "layers per node", "decode tok/s", "vs 1 node", "added ms per hop", "TTFT ms", "peak RSS per node MiB"],
                  out)
+
+
+def overhead_table(overhead: dict[tuple[str, int], float]) -> Table:
+    out = []
+    for n in (1, 2, 3):
+        row = [str(n)]
+        for mode in ("stream", "unary"):
+            t, t1 = overhead.get((mode, n)), overhead.get((mode, 1))
+            row += [fmt(t * 1000 if t else None, 2), fmt((t - t1) / n * 1000 if t and t1 and n > 1 else None, 2)]
+        out.append(row)
+    return Table("The ring's own cost: dummy engine (no weights, no compute), so a token's time is messages and scheduling only",
+                 ["nodes", "stream: ms/token", "stream: ms per hop", "unary: ms/token", "unary: ms per hop"], out)
 
 
 def concurrency_table(rings: dict[int, dict]) -> Table:
@@ -227,13 +256,25 @@ def main() -> None:
         streams = [] if "concurrency" in skip else [1, 4, 16]
         for n in (1, 2, 3):
             try:
-                rings[n] = ring(n, args.runs, args.decode_tokens, streams if n <= 2 else [], "float32")
+                rings[n] = ring_retrying(n, args.runs, args.decode_tokens, streams if n <= 2 else [], "float32")
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"  ring of {n}: {e}", file=sys.stderr)
+
+    overhead: dict[tuple[str, int], float] = {}
+    if "ring" not in skip:
+        for mode, flag in (("stream", "1"), ("unary", "0")):
+            for n in (1, 2, 3):
+                try:
+                    r = ring_retrying(n, args.runs, 200, [], "float32", engine="dummy", env={"EXO_GRPC_STREAM": flag})
+                    overhead[(mode, n)] = 1 / r["decode_tps"]
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    print(f"  dummy ring of {n} ({mode}): {e}", file=sys.stderr)
 
     tables = [single_table(rows, prompt_lens)]
     if rings:
         tables += [ring_table(rings)]
+    if overhead:
+        tables += [overhead_table(overhead)]
         if any(r.get("concurrency") for r in rings.values()):
             tables += [concurrency_table(rings)]
     tables.append(targets_table(rows, rings))

@@ -7,6 +7,7 @@ The server never crashes on bad input: undecodable or invalid requests are answe
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -155,17 +156,23 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         """Serve a peer's persistent stream: each message is handled like its unary counterpart
         and answered, in order, with a RingAck carrying that call's status."""
         handlers = {"prompt": self._prompt, "tensor": self._tensor, "result": self._result}
-        async for message in request_iterator:
-            kind = message.WhichOneof("body")
-            try:
-                if kind is None:
-                    raise ValueError("a ring message needs a prompt, tensor or result")
-                await handlers[kind](getattr(message, kind))
-            except Exception as e:
-                code, details = _status(e, f"Stream/{kind}")
-                yield pb.RingAck(seq=message.seq, code=code.value[0], details=details)
-            else:
-                yield pb.RingAck(seq=message.seq)
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("body")
+                try:
+                    if kind is None:
+                        raise ValueError("a ring message needs a prompt, tensor or result")
+                    await handlers[kind](getattr(message, kind))
+                except Exception as e:
+                    code, details = _status(e, f"Stream/{kind}")
+                    yield pb.RingAck(seq=message.seq, code=code.value[0], details=details)
+                else:
+                    yield pb.RingAck(seq=message.seq)
+        except asyncio.CancelledError:
+            # the server is stopping (or the peer cancelled): end the stream quietly; gRPC
+            # would otherwise log the cancellation as an unhandled servicer exception
+            logger.debug("a ring stream ended by cancellation")
+            return
 
     @_rpc
     async def EndRequest(self, request: pb.EndRequestRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
