@@ -44,10 +44,11 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def single(engine: str, runs: int, tokens: int, dtype: str = "float32") -> dict | None:
-    print(f"  single node: {engine} {dtype if engine == 'exo' else ''} ...", file=sys.stderr, flush=True)
+def single(engine: str, runs: int, tokens: int, dtype: str = "float32", weights: str = "dense") -> dict | None:
+    print(f"  single node: {engine} {dtype + ' ' + weights if engine == 'exo' else ''} ...", file=sys.stderr, flush=True)
     try:
-        return _run(["bench.single", engine, "--dtype", dtype, "--runs", str(runs), "--decode-tokens", str(tokens)], timeout=1200)
+        return _run(["bench.single", engine, "--dtype", dtype, "--weights", weights, "--runs", str(runs),
+                     "--decode-tokens", str(tokens)], timeout=1200)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"  {engine}: {e}", file=sys.stderr)
         return None
@@ -190,8 +191,12 @@ def targets_table(rows: dict, rings: dict) -> Table:
     def check(name, value, goal, ok):
         out.append([name, value, goal, "-" if ok is None else ("met" if ok else "NOT met")])
 
-    check("exo decode vs transformers generate", ratio(exo, tf), ">= 2x", None if not (exo and tf) else exo / tf >= 2)
-    check("exo decode vs llama.cpp", ratio(exo, cpp), ">= 0.5x (aim 1.0x)", None if not (exo and cpp) else exo / cpp >= 0.5)
+    check("exo decode (float32 default) vs transformers generate", ratio(exo, tf), ">= 2x", None if not (exo and tf) else exo / tf >= 2)
+    check("exo decode (float32 default) vs llama.cpp", ratio(exo, cpp), ">= 0.5x (aim 1.0x)", None if not (exo and cpp) else exo / cpp >= 0.5)
+    q4 = (rows.get("exo-int4") or {}).get("decode_tps")
+    if q4:
+        check("exo int4 weights (opt-in) vs transformers", ratio(q4, tf), ">= 2x", None if not tf else q4 / tf >= 2)
+        check("exo int4 weights (opt-in) vs llama.cpp", ratio(q4, cpp), ">= 0.5x (aim 1.0x)", None if not cpp else q4 / cpp >= 0.5)
     r1, r2 = (rings.get(1) or {}).get("decode_tps"), (rings.get(2) or {}).get("decode_tps")
     check("2-node ring decode vs 1 node", ratio(r2, r1), ">= 0.90x", None if not (r1 and r2) else r2 / r1 >= 0.9)
     conc = (rings.get(1) or {}).get("concurrency") or {}
@@ -216,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is reported)")
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,bf16,engines,ring,concurrency")
+    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,bf16,int4,engines,ring,concurrency")
     parser.add_argument("--markdown", default=str(ROOT / "bench" / "results.md"), help="also write the tables here ('' = no)")
     parser.add_argument("--json", default="", help="also write the raw measurements here")
     args = parser.parse_args()
@@ -231,6 +236,8 @@ def main() -> None:
     rows: dict[str, dict | None] = {"exo": single("exo", args.runs, args.decode_tokens)}
     if "bf16" not in skip:
         rows["exo-bf16"] = single("exo", args.runs, args.decode_tokens, "bfloat16")
+    if "int4" not in skip:
+        rows["exo-int4"] = single("exo", args.runs, args.decode_tokens, "bfloat16", "int4")
     if "transformers" not in skip:
         rows["transformers"] = single("transformers", args.runs, args.decode_tokens)
     if "llamacpp" not in skip:

@@ -39,7 +39,7 @@ def _result(engine: str, baseline: int, load_s: float, prefill: dict, ttft: list
     }
 
 
-async def bench_exo(runs: int, n_tokens: int, dtype: str) -> dict:
+async def bench_exo(runs: int, n_tokens: int, dtype: str, weights: str = "dense") -> dict:
     """exo's torch engine behind a single Node (no network, no API)."""
     import numpy as np
 
@@ -50,7 +50,7 @@ async def bench_exo(runs: int, n_tokens: int, dtype: str) -> dict:
     ids = prompts()
     baseline = rss_bytes()
     config = NodeConfig(node_host="127.0.0.1", interfaces=["127.0.0.1"], discovery_module="none", serve_api=False,
-                        inference_engine="torch", inference_engine_options={"dtype": dtype})
+                        inference_engine="torch", inference_engine_options={"dtype": dtype, "weights": weights})
     t0 = time.perf_counter()
     running = await start_node(config)
     node, engine = running.node, running.node.engine
@@ -87,7 +87,8 @@ async def bench_exo(runs: int, n_tokens: int, dtype: str) -> dict:
                 engine_decode.append((len(times) - 1) / (times[-1] - times[0]))
                 ttft.append(stamps[0] - t)
                 decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        return _result(f"exo torch {dtype}", baseline, load_s, prefill, ttft, decode,
+        label = f"exo torch {dtype}" if weights == "dense" else f"exo torch {weights} weights, {dtype}"
+        return _result(label, baseline, load_s, prefill, ttft, decode,
                        engine_decode_tps=median(engine_decode), weight_bytes=engine.weight_bytes())
     finally:
         await running.stop()
@@ -181,12 +182,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("engine", choices=["exo", "transformers", "llamacpp"])
     parser.add_argument("--dtype", default="float32", help="exo torch engine dtype")
+    parser.add_argument("--weights", default="dense", choices=["dense", "int4"], help="exo torch engine weights")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.engine == "exo":
-        result = asyncio.run(bench_exo(args.runs, args.decode_tokens, args.dtype))
+        result = asyncio.run(bench_exo(args.runs, args.decode_tokens, args.dtype, args.weights))
     elif args.engine == "transformers":
         result = bench_transformers(args.runs, args.decode_tokens)
     else:

@@ -325,7 +325,7 @@ class ShardedLlama(nn.Module):
     def tie_weights(self) -> None:
         """Share the embedding with the output head when tied and both are here (call again
         after ``to_empty``, which allocates each parameter separately)."""
-        if self.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:
+        if self.tie_word_embeddings and self.embed_tokens is not None and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight
 
     @property
