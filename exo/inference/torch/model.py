@@ -12,8 +12,7 @@ embedding only on the first shard, the final norm and output head only on the la
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -21,45 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exo.inference.shard import Shard
-
-
-@dataclass(frozen=True)
-class LlamaArgs:
-    """Llama hyper-parameters, read from the checkpoint's own config.
-
-    ``head_dim`` is derived: ``hidden_size // n_heads``.
-    """
-
-    hidden_size: int
-    intermediate_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 8192
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
-    @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any]) -> "LlamaArgs":
-        """Build from GGUF metadata keys ``llama.*`` (raises KeyError naming a missing key)."""
-        arch = meta["general.architecture"]
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-        return cls(
-            hidden_size=int(meta[f"{arch}.embedding_length"]),
-            intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
-            n_layers=int(meta[f"{arch}.block_count"]),
-            n_heads=int(meta[f"{arch}.attention.head_count"]),
-            n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", meta[f"{arch}.attention.head_count"])),
-            vocab_size=int(vocab),
-            rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            max_seq_len=int(meta.get(f"{arch}.context_length", 8192)),
-        )
+from exo.models.llama import LlamaArgs  # noqa: F401  (the config of every engine's Llama; re-exported)
 
 
 #: KV cache capacity is allocated in multiples of this many tokens.
