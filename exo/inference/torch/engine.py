@@ -39,6 +39,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _GATHER_STABLE_TURNS = 3
 #: Most event-loop turns a batch waits for more steps.
 _GATHER_MAX_TURNS = 32
+#: A request counts as decoding while its last step is at most this old, in seconds.
+_DECODING_WINDOW = 1.0
+#: Then, longest a batch waits for the steps of requests still decoding, in seconds: on a later
+#: shard of a ring the previous node's batch arrives as one message per request, spread over
+#: a millisecond or two, and running the first arrivals alone would split the batch for good.
+_GATHER_MAX_WAIT = 0.004
 
 
 @dataclass
@@ -247,6 +253,7 @@ class TorchInferenceEngine(InferenceEngine):
                 turns += 1
                 stable = stable + 1 if len(self._pending) == seen else 0
                 seen = len(self._pending)
+            await self._await_decoding_requests()
             batch = [s for s in self._pending[:self.max_batch] if not s.future.done()]
             del self._pending[:self.max_batch]
             if not batch:
@@ -272,6 +279,17 @@ class TorchInferenceEngine(InferenceEngine):
                     s.future.set_exception(r)
                 else:
                     s.future.set_result(r)
+
+    async def _await_decoding_requests(self) -> None:
+        """Wait up to ``_GATHER_MAX_WAIT`` seconds for a step of every request that is decoding
+        (had a step within ``_DECODING_WINDOW`` seconds) but has none queued yet."""
+        now = time.monotonic()
+        decoding = {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
+        deadline = now + _GATHER_MAX_WAIT
+        while len(self._pending) < self.max_batch and time.monotonic() < deadline:
+            if not decoding - {s.request_id for s in self._pending}:
+                return
+            await asyncio.sleep(0.0005)
 
     def _validate_input(self, shard: Shard, x: np.ndarray) -> None:
         args = self._model.args
