@@ -63,7 +63,10 @@ async def _start(args):
                         discovery_module="manual", discovery_config_path=args.peers, serve_api=False,
                         memory=NODE_MEMORY, inference_engine=args.engine,
                         inference_engine_options={"dtype": args.dtype} if args.engine == "torch" else {},
-                        health_check_interval=0.5)
+                        health_check_interval=0.5,
+                        # no preload while the ring forms (a node would load the shard of a smaller
+                        # ring first, and its peak memory would show that): the warm-up loads it
+                        default_model="")
     return await start_node(config)
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 #: Input features per int4 group (Q4_1's block size).
 INT4_GROUP = 32
+#: Rows quantized at a time (bounds the float32 temporaries).
+_ROWS = 4096
 
 
 class Int4Linear(nn.Module):
@@ -29,23 +31,27 @@ class Int4Linear(nn.Module):
     ``scales_zeros`` (in / INT4_GROUP, out, 2) bfloat16. Input (..., in) bfloat16 -> (..., out).
 
     Raises:
-        ValueError: ``in`` is not a multiple of ``INT4_GROUP``.
+        ValueError: ``in`` is not a multiple of ``INT4_GROUP`` or ``out`` of 16 (torch's packing).
     """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         out_features, in_features = weight.shape
-        if in_features % INT4_GROUP:
-            raise ValueError(f"in_features {in_features} is not a multiple of {INT4_GROUP}")
+        if in_features % INT4_GROUP or out_features % 16:
+            raise ValueError(f"int4 weights need in_features a multiple of {INT4_GROUP} and out_features of 16, "
+                             f"got {in_features} and {out_features}")
         self.in_features, self.out_features = in_features, out_features
-        w = weight.detach().float().reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
-        lo, hi = w.amin(-1), w.amax(-1)  # (out, groups)
-        scale = (hi - lo) / 15
-        q = torch.where(scale[..., None] > 0, (w - lo[..., None]) / scale[..., None].clamp(min=1e-30), 0.0)
-        q = q.round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+        q = torch.empty(out_features, in_features, dtype=torch.int32)
+        scales_zeros = torch.empty(in_features // INT4_GROUP, out_features, 2, dtype=torch.bfloat16)
+        for r in range(0, out_features, _ROWS):  # float32 temporaries of a block of rows only
+            w = weight[r:r + _ROWS].detach().float().reshape(-1, in_features // INT4_GROUP, INT4_GROUP)
+            lo, hi = w.amin(-1), w.amax(-1)  # (rows, groups)
+            scale = (hi - lo) / 15
+            qr = torch.where(scale[..., None] > 0, (w - lo[..., None]) / scale[..., None].clamp(min=1e-30), 0.0)
+            q[r:r + _ROWS] = qr.round().clamp(0, 15).to(torch.int32).reshape(-1, in_features)
+            scales_zeros[:, r:r + _ROWS] = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).to(torch.bfloat16)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        zero = lo + 8 * scale
-        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.register_buffer("scales_zeros", scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -61,10 +67,15 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        w = weight.detach().float()
-        scale = (w.abs().amax(-1) / 127).clamp(min=1e-30)
-        self.register_buffer("weight_int8", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale.to(torch.bfloat16))
+        w8 = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+        scales = torch.empty(self.out_features, dtype=torch.bfloat16)
+        for r in range(0, self.out_features, _ROWS):  # float32 temporaries of a block of rows only
+            w = weight[r:r + _ROWS].detach().float()
+            scale = (w.abs().amax(-1) / 127).clamp(min=1e-30)
+            w8[r:r + _ROWS] = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            scales[r:r + _ROWS] = scale.to(torch.bfloat16)
+        self.register_buffer("weight_int8", w8)
+        self.register_buffer("scales", scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
