@@ -21,7 +21,8 @@ install_requires = [
 
 extras_require = {
     # torch is pinned: an unpinned torch resolves to the newest CUDA build (gigabytes)
-    "torch": ["torch==2.13.0"],
+    # ninja builds the engine's native kernels at first use (exo/inference/torch/kernels)
+    "torch": ["torch==2.13.0", "ninja>=1.11"],
     # tinygrad changes its API between minor versions; its CPU device needs a system clang
     "tinygrad": ["tinygrad>=0.14,<0.15"],
     # Metal on macOS; the CPU build on Linux (exo.inference.mlx preloads the system OpenBLAS)
@@ -45,7 +46,7 @@ setup(
     version="0.1.0",
     description="Run one model across many machines: a peer-to-peer inference cluster",
     packages=find_packages(include=["exo", "exo.*"]),
-    package_data={"exo": ["networking/grpc/*.proto"]},
+    package_data={"exo": ["networking/grpc/*.proto", "inference/torch/kernels/*.cpp"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,

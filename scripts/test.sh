@@ -8,9 +8,12 @@ if ! command -v chromium >/dev/null 2>&1; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
         || echo "warning: could not install chromium; the tinychat browser tests will be skipped" >&2
 fi
-# clang for tinygrad's CPU device; OpenBLAS for mlx's CPU build (exo.inference.mlx preloads it)
+# clang for tinygrad's CPU device; g++ for the torch engine's native kernels (built at first
+# use; without it the engine falls back to dense float32 weights); OpenBLAS for mlx's CPU build
+# (exo.inference.mlx preloads it)
 missing=()
 command -v clang >/dev/null 2>&1 || missing+=(clang)
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0' || missing+=(libopenblas0-pthread)
 if [ ${#missing[@]} -gt 0 ]; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \

@@ -10,6 +10,7 @@ import functools
 import logging
 import mmap
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -107,14 +108,37 @@ LLAMA_LAYER_TENSORS = {
 DEQUANT_CHUNK_ROWS = 4096
 
 
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Rows of a quantized tensor exactly as the file stores them.
+
+    ``qtype``: the GGML type (``gguf.GGMLQuantizationType``, e.g. 3 = Q4_1, 8 = Q8_0);
+    ``data``: uint8 (rows, bytes per row), each row its blocks in order.
+    """
+
+    qtype: int
+    data: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+
+def gguf_tensor_types(path: str | Path) -> dict[str, int]:
+    """GGML type of every tensor in the GGUF file at ``path``, by GGUF tensor name
+    (``"blk.0.attn_q.weight"`` -> 3 for Q4_1)."""
+    return {t.name: int(t.tensor_type) for t in open_gguf(path).tensors}
+
+
 def gguf_tensor_names(path: str | Path) -> set[str]:
     """Names of the tensors in the GGUF file at ``path`` (e.g. ``"output.weight"``)."""
     return {t.name for t in open_gguf(path).tensors}
 
 
 def iter_llama_shard_chunks(
-    path: str | Path, start_layer: int, end_layer: int, n_layers: int, n_heads: int, n_kv_heads: int
-) -> Iterator[tuple[str, tuple[int, ...], int, np.ndarray]]:
+    path: str | Path, start_layer: int, end_layer: int, n_layers: int, n_heads: int, n_kv_heads: int,
+    raw_types: frozenset[int] | set[int] = frozenset(),
+) -> Iterator[tuple[str, tuple[int, ...], int, np.ndarray | QuantizedRows]]:
     """Dequantize the tensors a shard of layers ``[start_layer, end_layer]`` needs, a block of
     rows at a time, so a loader can copy each block into its final storage and drop it.
 
@@ -123,6 +147,9 @@ def iter_llama_shard_chunks(
     (float32, shape ``(rows,) + shape[1:]``, at most ``DEQUANT_CHUNK_ROWS`` rows). Tied output
     heads are yielded under ``lm_head.weight`` only when the shard does not also hold the
     embedding (``embed_tokens.weight``), since then both are the same tensor.
+
+    Matrices stored in a GGML type listed in ``raw_types`` are not dequantized: their blocks
+    come as ``QuantizedRows`` (a copy of the file's bytes, Q/K rows restored likewise).
 
     Raises:
         KeyError: a tensor the shard needs is missing from the file (named in the message).
@@ -137,11 +164,19 @@ def iter_llama_shard_chunks(
             raise KeyError(f"tensor {name!r} not found in {path}")
         return by_name[name]
 
+    def is_raw(t) -> bool:
+        return int(t.tensor_type) in raw_types and len(t.shape) == 2
+
+    def read(t, data: np.ndarray) -> np.ndarray:
+        """Rows ``data`` of ``t`` dequantized, or as the file's bytes for a raw type (a copy:
+        never a view of the map)."""
+        out = np.array(data, dtype=np.uint8) if is_raw(t) else np.array(dequantize(data, t.tensor_type), dtype=np.float32)
+        _drop_pages(reader, data)
+        return out
+
     def whole(name: str) -> np.ndarray:
         t = tensor(name)
-        out = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: never a view of the map
-        _drop_pages(reader, t.data)
-        return out
+        return read(t, t.data)
 
     def chunks(gguf_name: str, name: str):
         t = tensor(gguf_name)
@@ -150,10 +185,11 @@ def iter_llama_shard_chunks(
             yield name, shape, 0, whole(gguf_name)
             return
         for row in range(0, shape[0], DEQUANT_CHUNK_ROWS):
-            data = t.data[row:row + DEQUANT_CHUNK_ROWS]
-            block = np.array(dequantize(data, t.tensor_type), dtype=np.float32).reshape(-1, *shape[1:])
-            _drop_pages(reader, data)
-            yield name, shape, row, block
+            block = read(t, t.data[row:row + DEQUANT_CHUNK_ROWS])
+            if is_raw(t):
+                yield name, shape, row, QuantizedRows(int(t.tensor_type), block)
+            else:
+                yield name, shape, row, block.reshape(-1, *shape[1:])
 
     is_first, is_last = start_layer == 0, end_layer == n_layers - 1
     tied = "output.weight" not in by_name
@@ -163,8 +199,12 @@ def iter_llama_shard_chunks(
         for gguf_name, name in LLAMA_LAYER_TENSORS.items():
             gguf_name, name = gguf_name.format(i=i), name.format(i=i)
             if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                t = tensor(gguf_name)
                 w = _unpermute(whole(gguf_name), n_heads if gguf_name.endswith("attn_q.weight") else n_kv_heads)
-                yield name, w.shape, 0, w
+                if is_raw(t):
+                    yield name, tuple(int(d) for d in reversed(t.shape.tolist())), 0, QuantizedRows(int(t.tensor_type), w)
+                else:
+                    yield name, w.shape, 0, w
             else:
                 yield from chunks(gguf_name, name)
     if is_last:

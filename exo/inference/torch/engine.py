@@ -25,12 +25,14 @@ from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.torch.model import KVCache, LlamaArgs, ShardedLlama
 from exo.inference.torch.quantize import quantize_weights
-from exo.models.gguf import gguf_metadata, gguf_tensor_names, iter_llama_shard_chunks, open_gguf
+from exo.inference.torch.kernels import gguf_kernels_error
+from exo.models.gguf import gguf_metadata, gguf_tensor_names, gguf_tensor_types, iter_llama_shard_chunks, open_gguf
 from exo.models.registry import get_model_card
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHTS = ("auto", "gguf", "dense", "int4")
 
 #: A decode batch starts once no step has joined for this many event-loop turns: the steps of
 #: the requests a batch just served come back within a few turns (sampling, then the node
@@ -81,15 +83,21 @@ class TorchInferenceEngine(InferenceEngine):
             evicted beyond it.
         request_ttl: seconds after which an idle request's KV cache is freed.
         max_batch: most decode steps run in one forward pass (1 disables batching).
-        weights: "dense" (default; weights in ``dtype``) or "int4": CPU only, the transformer
-            layers' projections keep 4-bit weights in groups of 32 (the GGUF's own Q4_1 grid)
-            and the output head 8-bit rows, with bfloat16 activations (``quantize.py``): about
-            twice as fast a decode on a CPU as float32, at bfloat16-level logit error, so not the
-            default. ``EXO_TORCH_WEIGHTS`` overrides the default.
+        weights: how the weight matrices are held. "gguf": the file's own quantized blocks
+            (Q4_1 layers, Q8_0 embedding and head for SmolLM2), multiplied by float32
+            activations with native kernels built at first use (``gguf_weights.py``): the same
+            logits as float32 dense weights, at a sixth of the bytes read per token; CPU and
+            float32 only. "dense": every matrix dequantized to ``dtype``. "int4": CPU only,
+            4-bit projections (the Q4_1 grid, bfloat16 scales) and an 8-bit head with bfloat16
+            activations (``quantize.py``; ~1e-1 logit error). "auto" (default): "gguf" where it
+            can run (CPU, float32, a C++ compiler, a file in Q4_1/Q8_0), else "dense".
+            ``EXO_TORCH_WEIGHTS`` overrides the default.
 
     Raises:
-        ValueError: an unknown ``dtype`` or ``weights``, ``max_batch`` < 1, or "int4" off the CPU
-            or with a dtype other than bfloat16.
+        ValueError: an unknown ``dtype`` or ``weights``, ``max_batch`` < 1, "gguf" or "int4" off
+            the CPU, "gguf" with a dtype other than float32, or "int4" with one other than
+            bfloat16. Loading a shard with "gguf" raises RuntimeError when the kernels cannot be
+            built and ValueError when the file's weights are in other GGML types.
     """
 
     name = "torch"
@@ -97,9 +105,17 @@ class TorchInferenceEngine(InferenceEngine):
     def __init__(self, device: str | None = None, dtype: str | None = None, max_requests: int = 64, request_ttl: float = 600.0,
                  max_batch: int = 32, weights: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.weights = weights or os.environ.get("EXO_TORCH_WEIGHTS") or "dense"
-        if self.weights not in ("dense", "int4"):
-            raise ValueError(f"weights must be 'dense' or 'int4', got {self.weights!r}")
+        #: The ``weights`` asked for, and (``weights``) what the shard held now uses ("auto"
+        #: until a shard is loaded).
+        self.requested_weights = self.weights = weights or os.environ.get("EXO_TORCH_WEIGHTS") or "auto"
+        if self.weights not in _WEIGHTS:
+            raise ValueError(f"weights must be one of {list(_WEIGHTS)}, got {self.weights!r}")
+        if self.weights == "gguf":
+            if self.device.type != "cpu":
+                raise ValueError(f"weights='gguf' runs on the CPU only, not {self.device}")
+            if (dtype or "float32") != "float32":
+                raise ValueError(f"weights='gguf' computes in float32, got dtype {dtype!r}")
+            dtype = "float32"
         if self.weights == "int4":
             if self.device.type != "cpu":
                 raise ValueError(f"weights='int4' runs on the CPU only, not {self.device}")
@@ -142,13 +158,51 @@ class TorchInferenceEngine(InferenceEngine):
             self._requests.clear()
 
     def _load(self, shard: Shard) -> ShardedLlama:
-        model = self._load_dense(shard)
+        model = self._load_model(shard)
         if self.weights == "int4":
             quantize_weights(model)  # layers kept from the previous shard are int4 already
             _release_freed_memory()
         return model
 
-    def _load_dense(self, shard: Shard) -> ShardedLlama:
+    def _gguf_types(self, path, args: LlamaArgs, shard: Shard) -> dict[str, int] | None:
+        """The GGML type of each kind of matrix (``GGUF_WEIGHT_KINDS``) when this shard is held
+        in GGUF blocks, None for dense weights; sets ``weights`` to the choice.
+
+        Raises:
+            RuntimeError: weights="gguf" but the kernels cannot be built (why in the message).
+            ValueError: weights="gguf" but the file's matrices are in other GGML types.
+        """
+        if self.requested_weights not in ("gguf", "auto"):
+            return None
+        if self.requested_weights == "auto" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            self.weights = "dense"
+            return None
+        types, why = _gguf_kind_types(gguf_tensor_types(path), args)
+        if why is None:
+            why = gguf_kernels_error()
+        if why is not None:
+            if self.requested_weights == "gguf":
+                raise (ValueError if types is None else RuntimeError)(f"weights='gguf' cannot run here: {why}")
+            logger.warning("holding %s as dense %s weights: %s", shard.model_id, self.dtype, why)
+            self.weights = "dense"
+            return None
+        self.weights = "gguf"
+        return types
+
+    def _new_model(self, args: LlamaArgs, shard: Shard, tied: bool, gguf_types: dict[str, int] | None) -> ShardedLlama:
+        """The shard's model with uninitialised weights, in the final dtype and place."""
+        with torch.device("meta"):
+            model = ShardedLlama(args, shard, tie_word_embeddings=tied, gguf_types=gguf_types).to(dtype=self.dtype)
+        model = model.to_empty(device=self.device)
+        model.tie_weights()
+        return model
+
+    @staticmethod
+    def _chunks(path, shard: Shard, args: LlamaArgs, gguf_types: dict[str, int] | None):
+        raw = frozenset(gguf_types.values()) if gguf_types else frozenset()
+        return iter_llama_shard_chunks(path, shard.start_layer, shard.end_layer, shard.n_layers, args.n_heads, args.n_kv_heads, raw_types=raw)
+
+    def _load_model(self, shard: Shard) -> ShardedLlama:
         t0 = time.perf_counter()
         card = get_model_card(shard.model_id)
         path = card.gguf_path()
@@ -156,25 +210,23 @@ class TorchInferenceEngine(InferenceEngine):
         if args.n_layers != shard.n_layers:
             raise ValueError(f"shard says {shard.n_layers} layers but {shard.model_id} has {args.n_layers}")
         tied = "output.weight" not in gguf_tensor_names(path)
-        reused = self._load_reusing(shard, args, path, tied)
+        gguf_types = self._gguf_types(path, args, shard)
+        reused = self._load_reusing(shard, args, path, tied, gguf_types)
         if reused is not None:
             return reused
         self._model = None  # drop the previous shard's weights before loading the next
-        with torch.device("meta"):
-            model = ShardedLlama(args, shard, tie_word_embeddings=tied).to(dtype=self.dtype)
-        model = model.to_empty(device=self.device)  # uninitialised storage, in the final dtype and place
-        model.tie_weights()
-        model.load_weights(iter_llama_shard_chunks(path, shard.start_layer, shard.end_layer, shard.n_layers, args.n_heads, args.n_kv_heads))
+        model = self._new_model(args, shard, tied, gguf_types)
+        model.load_weights(self._chunks(path, shard, args, gguf_types))
         model.eval()
         _release_freed_memory()
-        logger.info("loaded %s layers %d-%d on %s (%s) in %.1f s, %.1f MiB of weights",
-                    shard.model_id, shard.start_layer, shard.end_layer, self.device, self.dtype,
+        logger.info("loaded %s layers %d-%d on %s (%s, %s weights) in %.1f s, %.1f MiB of weights",
+                    shard.model_id, shard.start_layer, shard.end_layer, self.device, self.dtype, self.weights,
                     time.perf_counter() - t0, _weight_bytes(model) / 2**20)
         self.last_load = {"shard": [shard.start_layer, shard.end_layer], "seconds": time.perf_counter() - t0,
                           "loaded_layers": list(range(shard.start_layer, shard.end_layer + 1)), "reused_layers": []}
         return model
 
-    def _load_reusing(self, shard: Shard, args, path, tied: bool) -> ShardedLlama | None:
+    def _load_reusing(self, shard: Shard, args, path, tied: bool, gguf_types: dict[str, int] | None) -> ShardedLlama | None:
         """Build ``shard`` from the model held now, reading only the layers it lacks.
 
         When the ring re-partitions, a node's new layer range usually overlaps its old one: the
@@ -186,7 +238,7 @@ class TorchInferenceEngine(InferenceEngine):
         would lack a tensor: the caller then loads the shard in full.
         """
         old = self._model
-        if old is None or old.shard.model_id != shard.model_id or old.shard.n_layers != shard.n_layers:
+        if old is None or old.shard.model_id != shard.model_id or old.shard.n_layers != shard.n_layers or old.gguf_types != gguf_types:
             return None
         keep = range(max(old.shard.start_layer, shard.start_layer), min(old.shard.end_layer, shard.end_layer) + 1)
         if not keep:
@@ -197,14 +249,11 @@ class TorchInferenceEngine(InferenceEngine):
         self._model = old = None  # free the blocks that are not kept before reading new ones
         for start, end in _runs(loaded):
             part = Shard(shard.model_id, start, end, shard.n_layers)
-            with torch.device("meta"):
-                piece = ShardedLlama(args, part, tie_word_embeddings=tied).to(dtype=self.dtype)
-            piece = piece.to_empty(device=self.device)
-            piece.tie_weights()
-            piece.load_weights(iter_llama_shard_chunks(path, start, end, shard.n_layers, args.n_heads, args.n_kv_heads))
+            piece = self._new_model(args, part, tied, gguf_types)
+            piece.load_weights(self._chunks(path, part, args, gguf_types))
             donors.append((start, piece))
         with torch.device("meta"):
-            model = ShardedLlama(args, shard, tie_word_embeddings=tied).to(dtype=self.dtype)
+            model = ShardedLlama(args, shard, tie_word_embeddings=tied, gguf_types=gguf_types).to(dtype=self.dtype)
         for first, donor in donors:
             for j, block in enumerate(donor.layers):
                 if shard.start_layer <= first + j <= shard.end_layer:
@@ -391,6 +440,35 @@ class TorchInferenceEngine(InferenceEngine):
                 s.future.set_exception(RuntimeError("the engine is closed"))
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+#: GGUF tensors behind each kind of matrix of ``ShardedLlama`` ({i}: a layer index); the
+#: tensors of one fused kind must share one GGML type.
+_GGUF_KIND_TENSORS = {
+    "qkv": ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
+    "o": ("blk.{i}.attn_output.weight",),
+    "gate_up": ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
+    "down": ("blk.{i}.ffn_down.weight",),
+    "embed": ("token_embd.weight",),
+}
+
+
+def _gguf_kind_types(tensor_types: dict[str, int], args: LlamaArgs) -> tuple[dict[str, int] | None, str | None]:
+    """(the GGML type of each kind of matrix, None) when the block kernels can hold every
+    matrix of the file, else (None, why not)."""
+    from exo.inference.torch.gguf_weights import TILE_BYTES
+
+    types: dict[str, int] = {}
+    for kind, names in _GGUF_KIND_TENSORS.items():
+        found = {tensor_types.get(n.format(i=i)) for n in names for i in range(args.n_layers)}
+        if len(found) != 1 or next(iter(found)) not in TILE_BYTES:
+            return None, f"its {kind} matrices are in GGML types {sorted(map(str, found))}, not all one of Q4_1 (3) / Q8_0 (8)"
+        types[kind] = found.pop()
+    head = tensor_types.get("output.weight", types["embed"])
+    if head not in TILE_BYTES:
+        return None, f"its output head is in GGML type {head}, not Q4_1 (3) / Q8_0 (8)"
+    types["head"] = head
+    return types, None
 
 
 def _runs(layers: list[int]) -> list[tuple[int, int]]:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from exo.inference.shard import Shard
+from exo.inference.torch.gguf_weights import GGUFEmbedding, GGUFLinear
+from exo.models.gguf import QuantizedRows
 from exo.models.llama import LlamaArgs  # noqa: F401  (the config of every engine's Llama; re-exported)
 
 
@@ -148,11 +150,11 @@ class Attention(nn.Module):
     n_kv_heads * head_dim of K, then of V), one matrix multiply instead of three.
     """
 
-    def __init__(self, args: LlamaArgs):
+    def __init__(self, args: LlamaArgs, gguf_types: Mapping[str, int] | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.hidden_size, bias=False)
+        self.qkv_proj = _linear(args.hidden_size, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, gguf_types, "qkv")
+        self.o_proj = _linear(args.n_heads * args.head_dim, args.hidden_size, gguf_types, "o")
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape  # (B, T, hidden)
@@ -198,10 +200,10 @@ class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one ``gate_up_proj``
     (rows: intermediate_size of gate, then of up)."""
 
-    def __init__(self, args: LlamaArgs):
+    def __init__(self, args: LlamaArgs, gguf_types: Mapping[str, int] | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = _linear(args.hidden_size, 2 * args.intermediate_size, gguf_types, "gate_up")
+        self.down_proj = _linear(args.intermediate_size, args.hidden_size, gguf_types, "down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -209,12 +211,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: LlamaArgs):
+    def __init__(self, args: LlamaArgs, gguf_types: Mapping[str, int] | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, gguf_types)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = FeedForward(args)
+        self.mlp = FeedForward(args, gguf_types)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
@@ -223,6 +225,18 @@ class TransformerBlock(nn.Module):
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         h = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, caches)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+#: Keys of ``ShardedLlama``'s ``gguf_types``: the GGML type of each (fused) projection's
+#: weights, of the token embedding and of the output head.
+GGUF_WEIGHT_KINDS = ("qkv", "o", "gate_up", "down", "embed", "head")
+
+
+def _linear(in_features: int, out_features: int, gguf_types: Mapping[str, int] | None, kind: str) -> nn.Module:
+    """A bias-free projection: dense ``nn.Linear``, or ``GGUFLinear`` in ``gguf_types[kind]``."""
+    if gguf_types is None:
+        return nn.Linear(in_features, out_features, bias=False)
+    return GGUFLinear(in_features, out_features, gguf_types[kind])
 
 
 def _weight_targets(args: LlamaArgs, shard: Shard) -> dict[str, tuple[str, int, int]]:
@@ -269,25 +283,44 @@ class ShardedLlama(nn.Module):
 
     ``tie_word_embeddings``: the output head shares the embedding's weights (SmolLM2); a shard
     holding both keeps one copy.
+
+    ``gguf_types``: None for dense weights (``nn.Linear``, ``nn.Embedding``), or the GGML type
+    of each kind of weight matrix (keys ``GGUF_WEIGHT_KINDS``) to keep the projections, the
+    embedding and the output head in the GGUF's own blocks (``gguf_weights.py``; float32 only).
+    ``load_weights`` then takes those matrices as the file's raw blocks.
+
+    Raises:
+        ValueError: ``shard`` is of a model with another number of layers; a GGML type or a
+            matrix shape the block kernels do not support.
     """
 
-    def __init__(self, args: LlamaArgs, shard: Shard, tie_word_embeddings: bool = True):
+    def __init__(self, args: LlamaArgs, shard: Shard, tie_word_embeddings: bool = True, gguf_types: Mapping[str, int] | None = None):
         super().__init__()
         if shard.n_layers != args.n_layers:
             raise ValueError(f"shard has n_layers={shard.n_layers} but the model has {args.n_layers}")
         self.args, self.shard, self.tie_word_embeddings = args, shard, tie_word_embeddings
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if shard.is_first_layer else None
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(shard.n_shard_layers))
+        self.gguf_types = dict(gguf_types) if gguf_types is not None else None
+        if not shard.is_first_layer:
+            self.embed_tokens = None
+        elif gguf_types is None:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        else:
+            self.embed_tokens = GGUFEmbedding(args.vocab_size, args.hidden_size, gguf_types["embed"])
+        self.layers = nn.ModuleList(TransformerBlock(args, gguf_types) for _ in range(shard.n_shard_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if shard.is_last_layer else None
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last_layer else None
+        self.lm_head = _linear(args.hidden_size, args.vocab_size, gguf_types, "head") if shard.is_last_layer else None
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when tied and both are here (call again
         after ``to_empty``, which allocates each parameter separately)."""
-        if self.tie_word_embeddings and self.embed_tokens is not None and isinstance(self.lm_head, nn.Linear):
+        if not self.tie_word_embeddings or self.embed_tokens is None or self.lm_head is None:
+            return
+        if isinstance(self.lm_head, nn.Linear) and isinstance(self.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.embed_tokens.weight
+        elif isinstance(self.lm_head, GGUFLinear) and isinstance(self.embed_tokens, GGUFEmbedding):
+            self.lm_head.tiles = self.embed_tokens.tiles
 
     @property
     def dtype(self) -> torch.dtype:
@@ -323,20 +356,22 @@ class ShardedLlama(nn.Module):
             h = layer.decode(h, cos, sin, layer_caches)
         return self._head(h)
 
-    def load_weights(self, chunks: Iterable[tuple[str, tuple[int, ...], int, np.ndarray]]) -> None:
+    def load_weights(self, chunks: Iterable[tuple[str, tuple[int, ...], int, "np.ndarray | QuantizedRows"]]) -> None:
         """Copy checkpoint tensors, a block of rows at a time, into the parameters (converting to
         their dtype and device), so no second full copy of the weights is ever held.
 
         ``chunks`` yields ``(name, shape, row, block)`` as ``exo.models.gguf.iter_llama_shard_chunks``:
         HF-style name with the global layer index, the tensor's full shape, the first row of
-        ``block`` (float32, ``(rows,) + shape[1:]``). Tensors this shard does not hold are skipped.
+        ``block`` (float32, ``(rows,) + shape[1:]``; for a matrix this model keeps in GGUF blocks,
+        a ``QuantizedRows`` of the same rows in the model's GGML type). Tensors this shard does
+        not hold are skipped.
 
         Raises:
             KeyError: a parameter of the shard got no (or partial) weights (named in the message).
-            ValueError: a tensor's shape differs from the parameter's (both named).
+            ValueError: a tensor's shape or GGML type differs from the parameter's (both named).
         """
         targets = _weight_targets(self.args, self.shard)
-        if self.lm_head is not None and self.lm_head.weight is not getattr(self.embed_tokens, "weight", None):
+        if self.lm_head is not None and not self._head_shares_embedding():
             targets["lm_head.weight"] = ("lm_head.weight", 0, self.args.vocab_size)
         params = dict(self.named_parameters())
         filled = dict.fromkeys(targets, 0)
@@ -345,15 +380,33 @@ class ShardedLlama(nn.Module):
                 if name not in targets:
                     continue
                 pname, base, rows = targets[name]
-                param = params[pname]
-                if tuple(shape) != (rows, *param.shape[1:]):
-                    raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, expected {(rows, *param.shape[1:])} for {pname!r}")
                 n = block.shape[0]
-                param[base + row:base + row + n].copy_(torch.from_numpy(block))
+                module = self.get_submodule(pname.rsplit(".", 1)[0])
+                if isinstance(module, (GGUFLinear, GGUFEmbedding)):
+                    if tuple(shape) != (rows, module.cols):
+                        raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, expected {(rows, module.cols)} for {pname!r}")
+                    if not isinstance(block, QuantizedRows) or block.qtype != module.qtype:
+                        got = f"GGML type {block.qtype}" if isinstance(block, QuantizedRows) else "float32 rows"
+                        raise ValueError(f"tensor {name!r} is {got}, but {pname!r} holds GGML type {module.qtype}")
+                    module.load_rows(base + row, block.data)
+                else:
+                    param = params[pname]
+                    if tuple(shape) != (rows, *param.shape[1:]):
+                        raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, expected {(rows, *param.shape[1:])} for {pname!r}")
+                    if isinstance(block, QuantizedRows):
+                        raise ValueError(f"tensor {name!r} came as GGML type {block.qtype} blocks, but {pname!r} is dense")
+                    param[base + row:base + row + n].copy_(torch.from_numpy(block))
                 filled[name] += n
         for name, (pname, _, rows) in targets.items():
             if filled[name] != rows:
                 raise KeyError(f"no weights for {name!r}" if not filled[name] else f"only {filled[name]} of {rows} rows of {name!r}")
+
+    def _head_shares_embedding(self) -> bool:
+        if self.embed_tokens is None or self.lm_head is None:
+            return False
+        if isinstance(self.lm_head, GGUFLinear):
+            return isinstance(self.embed_tokens, GGUFEmbedding) and self.lm_head.tiles is self.embed_tokens.tiles
+        return self.lm_head.weight is getattr(self.embed_tokens, "weight", None)
 
     def load_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Load whole HF-named float32 arrays (``layers.17.mlp.up_proj.weight``); see ``load_weights``."""

@@ -1,0 +1,98 @@
+"""Native CPU kernels of the torch engine, compiled on this machine at first use.
+
+``gguf_blocks.cpp`` multiplies float32 activations by weights kept in the GGUF's own quantized
+blocks (Q4_1, Q8_0), registered as the torch operators ``torch.ops.exo_gguf.{pack, linear,
+dequantize_rows}`` (see the file's header for the formats). It is built with
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native``) into torch's
+extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per
+machine: about 6 s on 2 cores, later loads take milliseconds. The build directory's name
+carries a hash of the source and of the CPU's instruction-set flags, so a cache shared by
+different machines never hands one a binary built for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gguf_blocks.cpp")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_name(tag: str) -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + platform.machine().encode()).hexdigest()[:12]
+    return f"exo_gguf{tag}_{digest}"
+
+
+def _build(tag: str = "", defines: tuple[str, ...] = ()) -> None:
+    """Compile (or find in the cache) and load the kernels; raises what the build raises."""
+    import torch  # noqa: F401  (the operators register into torch's library)
+    from torch.utils import cpp_extension
+
+    bindir = os.path.dirname(sys.executable)  # ninja from the virtualenv works without activating it
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    cpp_extension.load(name=_build_name(tag), sources=[str(SOURCE)], is_python_module=False,
+                       extra_cflags=["-O3", "-march=native", "-fopenmp", *(f"-D{d}" for d in defines)],
+                       extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def gguf_kernels_error() -> str | None:
+    """Build (first call only) and load the GGUF block kernels as ``torch.ops.exo_gguf``.
+
+    Returns None when they are ready, else why not (no compiler, no ninja, a failed build; the
+    reason is also logged once). Thread-safe; the result is cached for the process.
+    """
+    with _lock:
+        if "error" in _state:
+            return _state["error"]  # type: ignore[return-value]
+        t0 = time.perf_counter()
+        try:
+            import torch
+
+            _build()
+            torch.ops.exo_gguf.linear  # noqa: B018  (raises if the operators did not register)
+            error = None
+            logger.info("GGUF block kernels ready in %.1f s", time.perf_counter() - t0)
+        except Exception as e:  # no compiler / ninja, or a build error: the caller falls back
+            lines = str(e).strip().splitlines()
+            error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+            logger.warning("GGUF block kernels unavailable (%s)", error)
+        _state["error"] = error
+        return error
+
+
+def load_portable_kernels():
+    """The same kernels built without the AVX-512 intrinsics (the plain loops every other CPU
+    runs), as ``torch.ops.exo_gguf_portable``, for tests and benchmarks on an AVX-512 machine.
+
+    Raises:
+        RuntimeError, OSError, subprocess.CalledProcessError: the build failed.
+    """
+    import torch
+
+    with _lock:
+        if "portable" not in _state:
+            _build("_portable", ("EXO_GGUF_PORTABLE", "EXO_GGUF_NAMESPACE=exo_gguf_portable"))
+            _state["portable"] = True
+    return torch.ops.exo_gguf_portable

@@ -1,0 +1,361 @@
+// Matrix products straight from GGUF quantized weights, in float32, on the CPU.
+//
+// Source formats (ggml's, ggml-common.h; gguf-py's quants.py dequantizes them the same way), a
+// block of 32 consecutive weights of one row:
+//   Q4_1 (GGML type 3): d (fp16), m (fp16), qs[16];
+//         w[j] = d * (qs[j] & 15) + m and w[j + 16] = d * (qs[j] >> 4) + m for j < 16.
+//   Q8_0 (GGML type 8): d (fp16), qs[32] (int8); w[j] = d * qs[j].
+//
+// Tiled layout (what `pack` makes and the other ops take): rows are grouped 16 at a time so
+// that one SIMD lane holds one output row. A matrix (N, K), N a multiple of 16, becomes a uint8
+// tensor (N / 16, G * tile_bytes), G = K / 32 blocks per row; tile (t, g) holds block g of rows
+// 16t .. 16t + 15:
+//   Q4_1: d[16] (fp16), m[16] (fp16), qs[16][16] (qs[j][r]: byte j of row r's block): 320 bytes
+//   Q8_0: d[16] (fp16), qs[32][16] (int8, qs[j][r]): 544 bytes
+// The bytes per weight are the file's (0.625 for Q4_1, 1.0625 for Q8_0).
+//
+// y = x @ W.T keeps activations and accumulation in float32 (llama.cpp instead rounds the
+// activations to 8 bits), so it agrees with a float32 matmul on the dequantized weights up to
+// summation order. Per block: sum_j w[j] x[j] = d * sum_j q[j] x[j] + m * sum_j x[j].
+// Tiles are split over ATen's intra-op threads (at::parallel_for, OpenMP: built with -fopenmp,
+// this library shares torch's own libgomp). With AVX-512 the inner loops use its intrinsics;
+// elsewhere (or with -DEXO_GGUF_PORTABLE) plain loops that the compiler vectorizes.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && !defined(EXO_GGUF_PORTABLE)
+#define EXO_GGUF_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // weights per block
+constexpr int64_t R = 16;   // rows per tile
+constexpr int64_t MB = 4;   // activation rows sharing one decode of a tile
+constexpr int64_t PREFETCH = 2048;  // bytes ahead of the block being read that are prefetched
+
+struct Format {
+  int64_t block_bytes;  // bytes of one block in the file
+  int64_t tile_bytes;   // bytes of one tile (16 blocks)
+};
+
+Format format_of(int64_t qtype, const char* op) {
+  TORCH_CHECK(qtype == 3 || qtype == 8, op, ": unsupported GGML type ", qtype, " (Q4_1 = 3, Q8_0 = 8)");
+  return qtype == 3 ? Format{20, 320} : Format{34, 544};
+}
+
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+inline uint16_t u16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return h;
+}
+
+// (N, G * block_bytes) file blocks -> (N / 16, G * tile_bytes) tiles.
+at::Tensor pack(const at::Tensor& blocks_in, int64_t qtype) {
+  const Format f = format_of(qtype, "gguf_pack");
+  TORCH_CHECK(blocks_in.dim() == 2 && blocks_in.scalar_type() == at::kByte && blocks_in.device().is_cpu(),
+              "gguf_pack: blocks must be (N, bytes) uint8 on the CPU, got ", blocks_in.sizes(), " ", blocks_in.scalar_type());
+  TORCH_CHECK(blocks_in.size(0) % R == 0, "gguf_pack: rows (", blocks_in.size(0), ") must be a multiple of ", R);
+  TORCH_CHECK(blocks_in.size(1) % f.block_bytes == 0, "gguf_pack: ", blocks_in.size(1),
+              " bytes per row is not a whole number of ", f.block_bytes, "-byte blocks");
+  const at::Tensor blocks = blocks_in.contiguous();
+  const int64_t N = blocks.size(0), G = blocks.size(1) / f.block_bytes, row_bytes = blocks.size(1);
+  at::Tensor tiles = at::empty({N / R, G * f.tile_bytes}, blocks.options());
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* dst = tiles.data_ptr<uint8_t>();
+  const int64_t nq = qtype == 3 ? 16 : 32, head = qtype == 3 ? 4 : 2;
+  for (int64_t t = 0; t < N / R; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      uint8_t* o = dst + t * G * f.tile_bytes + g * f.tile_bytes;
+      for (int64_t r = 0; r < R; ++r) {
+        const uint8_t* b = src + (t * R + r) * row_bytes + g * f.block_bytes;
+        std::memcpy(o + 2 * r, b, 2);                          // d
+        if (qtype == 3) std::memcpy(o + 32 + 2 * r, b + 2, 2);  // m
+        for (int64_t j = 0; j < nq; ++j) o[2 * R * (head / 2) + j * R + r] = b[head + j];
+      }
+    }
+  return tiles;
+}
+
+void check_linear(const at::Tensor& x, const at::Tensor& tiles, const Format& f) {
+  TORCH_CHECK(x.device().is_cpu() && tiles.device().is_cpu(), "gguf_linear: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gguf_linear: x must be (M, K) float32, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == at::kByte, "gguf_linear: tiles must be (N / 16, bytes) uint8, got ",
+              tiles.sizes(), " ", tiles.scalar_type());
+  TORCH_CHECK(x.size(1) % QK == 0 && tiles.size(1) == x.size(1) / QK * f.tile_bytes, "gguf_linear: x has K = ",
+              x.size(1), " but the tiles hold ", tiles.size(1) / f.tile_bytes * QK, " inputs per row");
+}
+
+// Output rows [16t, 16t + 16) for activation rows [m0, m0 + mb): out[i * 16 + r]. mb is a
+// template argument so that the accumulators stay in registers.
+template <int64_t mb>
+void tile_q4_1(const uint8_t* tile, const float* x, const float* xsum, int64_t K, int64_t m0, float* out) {
+  const int64_t G = K / QK;
+#ifdef EXO_GGUF_AVX512
+  __m512 acc[MB];
+  for (int64_t i = 0; i < mb; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* b = tile + g * 320;
+    for (int64_t l = 0; l < 320; l += 64) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + l), _MM_HINT_T0);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)));
+    __m512 s[MB];
+    for (int64_t i = 0; i < mb; ++i) s[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < 16; ++j) {
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 64 + j * R)));
+      const __m512 qlo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low4));
+      const __m512 qhi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+      for (int64_t i = 0; i < mb; ++i) {
+        const float* xg = x + (m0 + i) * K + g * QK;
+        s[i] = _mm512_fmadd_ps(qlo, _mm512_set1_ps(xg[j]), s[i]);
+        s[i] = _mm512_fmadd_ps(qhi, _mm512_set1_ps(xg[j + 16]), s[i]);
+      }
+    }
+    for (int64_t i = 0; i < mb; ++i) {
+      acc[i] = _mm512_fmadd_ps(s[i], d, acc[i]);
+      acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[(m0 + i) * G + g]), acc[i]);
+    }
+  }
+  for (int64_t i = 0; i < mb; ++i) _mm512_storeu_ps(out + i * R, acc[i]);
+#else
+  for (int64_t i = 0; i < mb * R; ++i) out[i] = 0.f;
+  float d[R], m[R], s[MB][R];
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* b = tile + g * 320;
+    for (int64_t r = 0; r < R; ++r) { d[r] = half_to_float(u16_at(b + 2 * r)); m[r] = half_to_float(u16_at(b + 32 + 2 * r)); }
+    for (int64_t i = 0; i < mb; ++i) std::fill(s[i], s[i] + R, 0.f);
+    for (int64_t j = 0; j < 16; ++j) {
+      const uint8_t* q = b + 64 + j * R;
+      for (int64_t i = 0; i < mb; ++i) {
+        const float xl = x[(m0 + i) * K + g * QK + j], xh = x[(m0 + i) * K + g * QK + j + 16];
+        for (int64_t r = 0; r < R; ++r) s[i][r] += float(q[r] & 15) * xl + float(q[r] >> 4) * xh;
+      }
+    }
+    for (int64_t i = 0; i < mb; ++i) {
+      const float xs = xsum[(m0 + i) * G + g];
+      for (int64_t r = 0; r < R; ++r) out[i * R + r] += s[i][r] * d[r] + m[r] * xs;
+    }
+  }
+#endif
+}
+
+template <int64_t mb>
+void tile_q8_0(const uint8_t* tile, const float* x, int64_t K, int64_t m0, float* out) {
+  const int64_t G = K / QK;
+#ifdef EXO_GGUF_AVX512
+  __m512 acc[MB];
+  for (int64_t i = 0; i < mb; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* b = tile + g * 544;
+    for (int64_t l = 0; l < 544; l += 64) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + l), _MM_HINT_T0);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    __m512 s[MB];
+    for (int64_t i = 0; i < mb; ++i) s[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < QK; ++j) {
+      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + j * R))));
+      for (int64_t i = 0; i < mb; ++i) s[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(x[(m0 + i) * K + g * QK + j]), s[i]);
+    }
+    for (int64_t i = 0; i < mb; ++i) acc[i] = _mm512_fmadd_ps(s[i], d, acc[i]);
+  }
+  for (int64_t i = 0; i < mb; ++i) _mm512_storeu_ps(out + i * R, acc[i]);
+#else
+  for (int64_t i = 0; i < mb * R; ++i) out[i] = 0.f;
+  float d[R], s[MB][R];
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* b = tile + g * 544;
+    for (int64_t r = 0; r < R; ++r) d[r] = half_to_float(u16_at(b + 2 * r));
+    for (int64_t i = 0; i < mb; ++i) std::fill(s[i], s[i] + R, 0.f);
+    for (int64_t j = 0; j < QK; ++j) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(b + 32 + j * R);
+      for (int64_t i = 0; i < mb; ++i) {
+        const float xj = x[(m0 + i) * K + g * QK + j];
+        for (int64_t r = 0; r < R; ++r) s[i][r] += float(q[r]) * xj;
+      }
+    }
+    for (int64_t i = 0; i < mb; ++i)
+      for (int64_t r = 0; r < R; ++r) out[i * R + r] += s[i][r] * d[r];
+  }
+#endif
+}
+
+// y (M, N) = x (M, K) @ W.T for W (N, K) held as tiles (N / 16, G * tile_bytes).
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qtype) {
+  const Format f = format_of(qtype, "gguf_linear");
+  check_linear(x_in, tiles_in, f);
+  const at::Tensor x = x_in.contiguous(), tiles = tiles_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), T = tiles.size(0), N = T * R, G = K / QK;
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = tiles.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t tile_row = tiles.size(1);
+  std::vector<float> xsum;
+  if (qtype == 3) {  // block sums of x, for the Q4_1 minimums
+    xsum.resize(M * G);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int64_t j = 0; j < QK; ++j) s += xp[i * K + g * QK + j];
+        xsum[i * G + g] = s;
+      }
+  }
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    float out[MB * R];
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* tile = wp + t * tile_row;
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t mb = std::min(MB, M - m0);
+        if (qtype == 3) {
+          switch (mb) {
+            case 4: tile_q4_1<4>(tile, xp, xsum.data(), K, m0, out); break;
+            case 3: tile_q4_1<3>(tile, xp, xsum.data(), K, m0, out); break;
+            case 2: tile_q4_1<2>(tile, xp, xsum.data(), K, m0, out); break;
+            default: tile_q4_1<1>(tile, xp, xsum.data(), K, m0, out);
+          }
+        } else {
+          switch (mb) {
+            case 4: tile_q8_0<4>(tile, xp, K, m0, out); break;
+            case 3: tile_q8_0<3>(tile, xp, K, m0, out); break;
+            case 2: tile_q8_0<2>(tile, xp, K, m0, out); break;
+            default: tile_q8_0<1>(tile, xp, K, m0, out);
+          }
+        }
+        for (int64_t i = 0; i < mb; ++i) std::memcpy(yp + (m0 + i) * N + t * R, out + i * R, R * sizeof(float));
+      }
+    }
+  });
+  return y;
+}
+
+// Dequantize rows `rows` (int64, any shape S) of W (N, K) held as tiles -> (S..., K) float32.
+at::Tensor dequantize_rows(const at::Tensor& tiles_in, int64_t qtype, int64_t K, const at::Tensor& rows_in) {
+  const Format f = format_of(qtype, "gguf_dequantize_rows");
+  TORCH_CHECK(tiles_in.dim() == 2 && tiles_in.scalar_type() == at::kByte && tiles_in.device().is_cpu(),
+              "gguf_dequantize_rows: tiles must be (N / 16, bytes) uint8 on the CPU");
+  TORCH_CHECK(K % QK == 0 && tiles_in.size(1) == K / QK * f.tile_bytes, "gguf_dequantize_rows: K = ", K,
+              " does not match ", tiles_in.size(1), " bytes per tile row");
+  TORCH_CHECK(rows_in.scalar_type() == at::kLong, "gguf_dequantize_rows: rows must be int64");
+  const at::Tensor tiles = tiles_in.contiguous(), rows = rows_in.contiguous();
+  const int64_t N = tiles.size(0) * R, G = K / QK, n = rows.numel(), tile_row = tiles.size(1);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < N, "gguf_dequantize_rows: row ", rp[i], " out of range [0, ", N, ")");
+  std::vector<int64_t> shape(rows.sizes().begin(), rows.sizes().end());
+  shape.push_back(K);
+  at::Tensor w = at::empty(shape, tiles.options().dtype(at::kFloat));
+  const uint8_t* tp = tiles.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = rp[i] / R, r = rp[i] % R;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* b = tp + t * tile_row + g * f.tile_bytes;
+        float* o = wp + i * K + g * QK;
+        const float d = half_to_float(u16_at(b + 2 * r));
+        if (qtype == 3) {
+          const float m = half_to_float(u16_at(b + 32 + 2 * r));
+          for (int64_t j = 0; j < 16; ++j) {
+            const uint8_t q = b[64 + j * R + r];
+            o[j] = d * float(q & 15) + m;
+            o[j + 16] = d * float(q >> 4) + m;
+          }
+        } else {
+          for (int64_t j = 0; j < QK; ++j) o[j] = d * float(static_cast<int8_t>(b[32 + j * R + r]));
+        }
+      }
+    }
+  });
+  return w;
+}
+
+// The transpose W.T (K, N) float32 of W (N, K) held as tiles: one tile's 16 rows are 16
+// consecutive floats of a row of W.T, so the stores are whole vectors.
+at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
+  const Format f = format_of(qtype, "gguf_dequantize_t");
+  TORCH_CHECK(tiles_in.dim() == 2 && tiles_in.scalar_type() == at::kByte && tiles_in.device().is_cpu(),
+              "gguf_dequantize_t: tiles must be (N / 16, bytes) uint8 on the CPU");
+  TORCH_CHECK(K % QK == 0 && tiles_in.size(1) == K / QK * f.tile_bytes, "gguf_dequantize_t: K = ", K,
+              " does not match ", tiles_in.size(1), " bytes per tile row");
+  const at::Tensor tiles = tiles_in.contiguous();
+  const int64_t T = tiles.size(0), N = T * R, G = K / QK, tile_row = tiles.size(1);
+  at::Tensor wt = at::empty({K, N}, tiles.options().dtype(at::kFloat));
+  const uint8_t* tp = tiles.data_ptr<uint8_t>();
+  float* wp = wt.data_ptr<float>();
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* b = tp + t * tile_row + g * f.tile_bytes;
+        float* o = wp + g * QK * N + t * R;  // o[j * N + r]: W[16t + r, 32g + j]
+#ifdef EXO_GGUF_AVX512
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+        if (qtype == 3) {
+          const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)));
+          const __m512i low4 = _mm512_set1_epi32(15);
+          for (int64_t j = 0; j < 16; ++j) {
+            const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 64 + j * R)));
+            _mm512_storeu_ps(o + j * N, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d, m));
+            _mm512_storeu_ps(o + (j + 16) * N, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, m));
+          }
+        } else {
+          for (int64_t j = 0; j < QK; ++j) {
+            const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + j * R)));
+            _mm512_storeu_ps(o + j * N, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+          }
+        }
+#else
+        float d[R], m[R];
+        for (int64_t r = 0; r < R; ++r) {
+          d[r] = half_to_float(u16_at(b + 2 * r));
+          m[r] = qtype == 3 ? half_to_float(u16_at(b + 32 + 2 * r)) : 0.f;
+        }
+        if (qtype == 3) {
+          for (int64_t j = 0; j < 16; ++j)
+            for (int64_t r = 0; r < R; ++r) {
+              const uint8_t q = b[64 + j * R + r];
+              o[j * N + r] = d[r] * float(q & 15) + m[r];
+              o[(j + 16) * N + r] = d[r] * float(q >> 4) + m[r];
+            }
+        } else {
+          for (int64_t j = 0; j < QK; ++j)
+            for (int64_t r = 0; r < R; ++r) o[j * N + r] = d[r] * float(static_cast<int8_t>(b[32 + j * R + r]));
+        }
+#endif
+      }
+  });
+  return wt;
+}
+
+}  // namespace
+
+// The operator namespace: torch.ops.exo_gguf (a test builds the portable path under another).
+#ifndef EXO_GGUF_NAMESPACE
+#define EXO_GGUF_NAMESPACE exo_gguf
+#endif
+
+TORCH_LIBRARY(EXO_GGUF_NAMESPACE, m) {
+  m.def("pack(Tensor blocks, int qtype) -> Tensor");
+  m.def("linear(Tensor x, Tensor tiles, int qtype) -> Tensor");
+  m.def("dequantize_rows(Tensor tiles, int qtype, int K, Tensor rows) -> Tensor");
+  m.def("dequantize_t(Tensor tiles, int qtype, int K) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(EXO_GGUF_NAMESPACE, CPU, m) {
+  m.impl("pack", pack);
+  m.impl("linear", linear);
+  m.impl("dequantize_rows", dequantize_rows);
+  m.impl("dequantize_t", dequantize_t);
+}

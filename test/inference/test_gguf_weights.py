@@ -1,0 +1,121 @@
+"""The GGUF block kernels (exo/inference/torch/kernels) and the engine's weights="gguf" mode,
+against gguf-py's own dequantization of the shipped file."""
+
+import numpy as np
+import pytest
+import torch
+
+from exo.inference.shard import Shard
+from exo.inference.torch.engine import TorchInferenceEngine
+from exo.inference.torch.gguf_weights import KERNEL_MAX_ROWS, Q4_1, Q8_0, GGUFEmbedding, GGUFLinear
+from exo.inference.torch.kernels import gguf_kernels_error, load_portable_kernels
+from exo.models.gguf import open_gguf
+from exo.models.registry import get_model_card
+
+MODEL = "smollm2-135m"
+
+pytestmark = pytest.mark.skipif(gguf_kernels_error() is not None, reason=f"GGUF block kernels unavailable: {gguf_kernels_error()}")
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    """(raw blocks, gguf-py's float32 dequantization, GGML type) of a Q4_1 and a Q8_0 matrix."""
+    from gguf.quants import dequantize
+
+    by_name = {t.name: t for t in open_gguf(get_model_card(MODEL).gguf_path()).tensors}
+    out = {}
+    for name in ("blk.3.ffn_down.weight", "blk.0.attn_k.weight", "token_embd.weight"):
+        t = by_name[name]
+        rows = slice(0, 2048)  # a part of the 49152-row embedding is enough
+        out[name] = (np.array(t.data[rows]), np.array(dequantize(t.data[rows], t.tensor_type), dtype=np.float32), int(t.tensor_type))
+    assert {v[2] for v in out.values()} == {Q4_1, Q8_0}
+    return out
+
+
+@pytest.fixture(scope="module", params=["avx512-or-native", "portable"])
+def ops(request):
+    if request.param == "portable":
+        return load_portable_kernels()
+    return torch.ops.exo_gguf
+
+
+def test_pack_and_dequantize_equal_gguf_py_exactly(tensors, ops):
+    for name, (raw, ref, qtype) in tensors.items():
+        tiles = ops.pack(torch.from_numpy(raw), qtype)
+        rows = torch.tensor([[0, 1, 17], [raw.shape[0] - 1, 5, 16]])
+        got = ops.dequantize_rows(tiles, qtype, ref.shape[1], rows)
+        assert got.shape == (2, 3, ref.shape[1])
+        assert torch.equal(got, torch.from_numpy(ref[rows.numpy()])), name
+        assert torch.equal(ops.dequantize_t(tiles, qtype, ref.shape[1]), torch.from_numpy(ref).T), name
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 33])
+def test_linear_equals_a_float32_matmul_on_the_dequantized_weights(tensors, ops, m):
+    gen = torch.Generator().manual_seed(m)
+    for name, (raw, ref, qtype) in tensors.items():
+        tiles = ops.pack(torch.from_numpy(raw), qtype)
+        x = torch.randn(m, ref.shape[1], generator=gen)
+        exact = x.double() @ torch.from_numpy(ref).double().T
+        got = ops.linear(x, tiles, qtype)
+        dense = x @ torch.from_numpy(ref).T
+        # float32 accumulation in another order: the same size of error as the dense matmul's
+        scale = exact.abs().max().item()
+        assert (got.double() - exact).abs().max().item() < 1e-5 * scale + 1e-5, name
+        assert (dense.double() - exact).abs().max().item() < 1e-5 * scale + 1e-5, name
+
+
+def test_bad_arguments_raise_clear_errors(tensors):
+    raw, ref, qtype = tensors["blk.3.ffn_down.weight"]
+    tiles = torch.ops.exo_gguf.pack(torch.from_numpy(raw), qtype)
+    with pytest.raises(RuntimeError, match="inputs per row"):
+        torch.ops.exo_gguf.linear(torch.zeros(1, 64), tiles, qtype)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.exo_gguf.linear(torch.zeros(1, ref.shape[1], dtype=torch.float64), tiles, qtype)
+    with pytest.raises(RuntimeError, match="unsupported GGML type"):
+        torch.ops.exo_gguf.linear(torch.zeros(1, ref.shape[1]), tiles, 12)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.exo_gguf.pack(torch.from_numpy(raw[:15]), qtype)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.exo_gguf.dequantize_rows(tiles, qtype, ref.shape[1], torch.tensor([raw.shape[0]]))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        GGUFLinear(576, 100, Q4_1)
+    with pytest.raises(ValueError, match="not supported"):
+        GGUFEmbedding(64, 64, 14)
+
+
+def test_modules_use_the_kernel_for_decode_and_a_matmul_for_prefill(tensors):
+    raw, ref, qtype = tensors["blk.3.ffn_down.weight"]
+    layer = GGUFLinear(ref.shape[1], ref.shape[0], qtype)
+    layer.load_rows(0, raw)
+    for rows in (1, KERNEL_MAX_ROWS + 1):  # both paths
+        x = torch.randn(1, rows, ref.shape[1])
+        np.testing.assert_allclose(layer(x).numpy(), (x @ torch.from_numpy(ref).T).numpy(), atol=1e-4, rtol=0)
+    raw, ref, qtype = tensors["token_embd.weight"]
+    emb = GGUFEmbedding(ref.shape[0], ref.shape[1], qtype)
+    emb.load_rows(0, raw)
+    ids = torch.tensor([[3, 2047, 0]])
+    assert torch.equal(emb(ids), torch.from_numpy(ref[ids.numpy()]))
+
+
+@pytest.mark.asyncio
+async def test_engine_holds_the_file_blocks_by_default_on_a_cpu(monkeypatch):
+    monkeypatch.delenv("EXO_TORCH_WEIGHTS", raising=False)
+    monkeypatch.delenv("EXO_TORCH_DTYPE", raising=False)
+    shard = Shard.full(MODEL, 30)
+    auto = TorchInferenceEngine(device="cpu")
+    await auto.ensure_shard(shard)
+    dense = TorchInferenceEngine(device="cpu", weights="dense")
+    await dense.ensure_shard(shard)
+    assert (auto.requested_weights, auto.weights, dense.weights) == ("auto", "gguf", "dense")
+    assert auto.dtype == torch.float32
+    # Q4_1 layers and a Q8_0 embedding/head: under a fifth of the float32 bytes
+    assert auto.weight_bytes() < 0.2 * dense.weight_bytes()
+    await auto.close()
+    await dense.close()
+    with pytest.raises(ValueError, match="float32"):
+        TorchInferenceEngine(device="cpu", weights="gguf", dtype="bfloat16")
+    # asking for bfloat16 without naming the weights gets dense bfloat16 weights
+    bf16 = TorchInferenceEngine(device="cpu", dtype="bfloat16")
+    await bf16.ensure_shard(Shard(MODEL, 29, 29, 30))
+    assert bf16.weights == "dense"
+    await bf16.close()
