@@ -44,7 +44,7 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def single(engine: str, runs: int, tokens: int, dtype: str = "float32", weights: str = "dense") -> dict | None:
+def single(engine: str, runs: int, tokens: int, dtype: str = "float32", weights: str = "auto") -> dict | None:
     print(f"  single node: {engine} {dtype + ' ' + weights if engine == 'exo' else ''} ...", file=sys.stderr, flush=True)
     try:
         return _run(["bench.single", engine, "--dtype", dtype, "--weights", weights, "--runs", str(runs),
@@ -191,8 +191,8 @@ def targets_table(rows: dict, rings: dict) -> Table:
     def check(name, value, goal, ok):
         out.append([name, value, goal, "-" if ok is None else ("met" if ok else "NOT met")])
 
-    check("exo decode (float32 default) vs transformers generate", ratio(exo, tf), ">= 2x", None if not (exo and tf) else exo / tf >= 2)
-    check("exo decode (float32 default) vs llama.cpp", ratio(exo, cpp), ">= 0.5x (aim 1.0x)", None if not (exo and cpp) else exo / cpp >= 0.5)
+    check("exo decode (default: GGUF blocks, float32) vs transformers generate", ratio(exo, tf), ">= 2x", None if not (exo and tf) else exo / tf >= 2)
+    check("exo decode (default: GGUF blocks, float32) vs llama.cpp", ratio(exo, cpp), ">= 0.5x (aim 1.0x)", None if not (exo and cpp) else exo / cpp >= 0.5)
     q4 = (rows.get("exo-int4") or {}).get("decode_tps")
     if q4:
         check("exo int4 weights (opt-in) vs transformers", ratio(q4, tf), ">= 2x", None if not tf else q4 / tf >= 2)
@@ -221,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is reported)")
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,bf16,int4,engines,ring,concurrency")
+    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,dense,bf16,int4,engines,ring,concurrency")
     parser.add_argument("--markdown", default=str(ROOT / "bench" / "results.md"), help="also write the tables here ('' = no)")
     parser.add_argument("--json", default="", help="also write the raw measurements here")
     args = parser.parse_args()
@@ -234,8 +234,10 @@ def main() -> None:
 
     prompt_lens = {k: len(v) for k, v in prompts().items()}
     rows: dict[str, dict | None] = {"exo": single("exo", args.runs, args.decode_tokens)}
+    if "dense" not in skip:
+        rows["exo-dense"] = single("exo", args.runs, args.decode_tokens, "float32", "dense")
     if "bf16" not in skip:
-        rows["exo-bf16"] = single("exo", args.runs, args.decode_tokens, "bfloat16")
+        rows["exo-bf16"] = single("exo", args.runs, args.decode_tokens, "bfloat16", "dense")
     if "int4" not in skip:
         rows["exo-int4"] = single("exo", args.runs, args.decode_tokens, "bfloat16", "int4")
     if "transformers" not in skip:

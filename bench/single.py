@@ -39,7 +39,7 @@ def _result(engine: str, baseline: int, load_s: float, prefill: dict, ttft: list
     }
 
 
-async def bench_exo(runs: int, n_tokens: int, dtype: str, weights: str = "dense") -> dict:
+async def bench_exo(runs: int, n_tokens: int, dtype: str, weights: str = "auto") -> dict:
     """exo's torch engine behind a single Node (no network, no API)."""
     import numpy as np
 
@@ -87,7 +87,7 @@ async def bench_exo(runs: int, n_tokens: int, dtype: str, weights: str = "dense"
                 engine_decode.append((len(times) - 1) / (times[-1] - times[0]))
                 ttft.append(stamps[0] - t)
                 decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        label = f"exo torch {dtype}" if weights == "dense" else f"exo torch {weights} weights, {dtype}"
+        label = f"exo torch {engine.weights} weights, {dtype}" + (" (default)" if weights == "auto" else "")
         return _result(label, baseline, load_s, prefill, ttft, decode,
                        engine_decode_tps=median(engine_decode), weight_bytes=engine.weight_bytes())
     finally:
@@ -182,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("engine", choices=["exo", "transformers", "llamacpp"])
     parser.add_argument("--dtype", default="float32", help="exo torch engine dtype")
-    parser.add_argument("--weights", default="dense", choices=["dense", "int4"], help="exo torch engine weights")
+    parser.add_argument("--weights", default="auto", choices=["auto", "gguf", "dense", "int4"], help="exo torch engine weights")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
     args = parser.parse_args()
