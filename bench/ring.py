@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     args = parser.parse_args()
-    logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"))
+    logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"), format="%(created).6f %(levelname)s %(name)s: %(message)s")
     if args.role == "node":
         asyncio.run(run_node(args))
     else:

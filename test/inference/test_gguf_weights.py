@@ -119,3 +119,31 @@ async def test_engine_holds_the_file_blocks_by_default_on_a_cpu(monkeypatch):
     await bf16.ensure_shard(Shard(MODEL, 29, 29, 30))
     assert bf16.weights == "dense"
     await bf16.close()
+
+
+def test_worker_threads_give_the_same_bits_and_sleep_after_a_pass(tensors):
+    raw, ref, qtype = tensors["blk.3.ffn_down.weight"]
+    ops = torch.ops.exo_gguf
+    tiles = ops.pack(torch.from_numpy(raw), qtype)
+    x = torch.randn(3, ref.shape[1])
+    threads = ops.get_threads()
+    try:
+        ops.set_threads(1)
+        alone = ops.linear(x, tiles, qtype)
+        ops.set_threads(3)
+        ops.set_spin(True)
+        spread = ops.linear(x, tiles, qtype)
+    finally:
+        ops.set_spin(False)
+        ops.set_threads(threads)
+    assert torch.equal(alone, spread)  # each output row is one thread's work: no reordering
+
+    # with spinning off the workers block at once: an idle process burns (almost) no CPU
+    import resource
+    import time
+
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    time.sleep(0.3)  # an idle interval to observe, not a synchronisation
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    busy = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert busy < 0.1 * (time.monotonic() - t0)

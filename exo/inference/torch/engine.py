@@ -9,6 +9,7 @@ thread, in arrival order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -25,6 +26,7 @@ from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.torch.model import KVCache, LlamaArgs, ShardedLlama
 from exo.inference.torch.quantize import quantize_weights
+from exo.inference.torch.gguf_weights import KERNEL_MAX_ROWS
 from exo.inference.torch.kernels import gguf_kernels_error
 from exo.models.gguf import gguf_metadata, gguf_tensor_names, gguf_tensor_types, iter_llama_shard_chunks, open_gguf
 from exo.models.registry import get_model_card
@@ -136,6 +138,7 @@ class TorchInferenceEngine(InferenceEngine):
         self._drainer: asyncio.Task | None = None
         self._last_compute_s = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
+        self._threads = torch.get_num_threads()  # intra-op threads of a forward pass
         self._model: ShardedLlama | None = None
         self._shard: Shard | None = None
         self._requests: OrderedDict[str, _RequestState] = OrderedDict()
@@ -382,10 +385,31 @@ class TorchInferenceEngine(InferenceEngine):
         """Logits (B, vocab) or hidden states (B, T, hidden) as float32 numpy arrays."""
         return out.to(torch.float32).cpu().numpy().astype(WIRE_HIDDEN_DTYPE, copy=False)
 
+    @contextlib.contextmanager
+    def _forward_pass(self, rows: int):
+        """Around one forward pass of ``rows`` activation rows, on the worker thread. With GGUF
+        blocks, a pass of at most ``KERNEL_MAX_ROWS`` rows (decode) runs its matrix products on
+        the kernels' own threads, which spin for the pass and sleep right after it (see
+        kernels/gguf_blocks.cpp), and everything else on this thread alone: torch's OpenMP
+        threads would keep spinning after the pass and take the cores of the next node's pass
+        on the same machine (2-node ring on 2 cores: 0.79x -> 0.84x of one node). Longer
+        prefills take the dequantize-and-matmul path on torch's threads; both pools spinning at
+        once would fight over the cores (a decode step 20x slower)."""
+        if self.weights != "gguf":
+            yield
+            return
+        decode = rows <= KERNEL_MAX_ROWS
+        torch.set_num_threads(1 if decode else self._threads)
+        torch.ops.exo_gguf.set_spin(decode)
+        try:
+            yield
+        finally:
+            torch.ops.exo_gguf.set_spin(False)
+
     def _infer(self, request_id: str, x: np.ndarray, position: int) -> np.ndarray:
         self._evict_idle()
         state = self._state_for(request_id, position, x.shape[1])
-        with torch.inference_mode():
+        with torch.inference_mode(), self._forward_pass(x.shape[1]):
             out = self._to_output(self._model(self._to_input(x), state.caches, position))
         return out[0] if self._model.lm_head is not None else out
 
@@ -408,7 +432,7 @@ class TorchInferenceEngine(InferenceEngine):
         if ok:
             try:
                 x = np.concatenate([s.x for _, s, _ in ok]) if len(ok) > 1 else ok[0][1].x
-                with torch.inference_mode():
+                with torch.inference_mode(), self._forward_pass(len(ok)):
                     out = self._to_output(self._model.decode(self._to_input(x), [st.caches for _, _, st in ok], [s.position for _, s, _ in ok]))
                 last = self._model.lm_head is not None
                 for j, (i, _, _) in enumerate(ok):

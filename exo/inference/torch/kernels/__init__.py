@@ -2,7 +2,9 @@
 
 ``gguf_blocks.cpp`` multiplies float32 activations by weights kept in the GGUF's own quantized
 blocks (Q4_1, Q8_0), registered as the torch operators ``torch.ops.exo_gguf.{pack, linear,
-dequantize_rows}`` (see the file's header for the formats). It is built with
+dequantize_rows, dequantize_t}`` (see the file's header for the formats), on its own worker
+threads (``set_threads``; as many as torch's intra-op threads when loaded) that spin between
+calls only while ``set_spin(True)`` says a forward pass is under way. It is built with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native``) into torch's
 extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per
 machine: about 6 s on 2 cores, later loads take milliseconds. The build directory's name
@@ -53,8 +55,7 @@ def _build(tag: str = "", defines: tuple[str, ...] = ()) -> None:
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     cpp_extension.load(name=_build_name(tag), sources=[str(SOURCE)], is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", *(f"-D{d}" for d in defines)],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+                       extra_cflags=["-O3", "-march=native", *(f"-D{d}" for d in defines)], verbose=False)
 
 
 def gguf_kernels_error() -> str | None:
@@ -71,7 +72,7 @@ def gguf_kernels_error() -> str | None:
             import torch
 
             _build()
-            torch.ops.exo_gguf.linear  # noqa: B018  (raises if the operators did not register)
+            torch.ops.exo_gguf.set_threads(torch.get_num_threads())  # as many as torch's intra-op threads
             error = None
             logger.info("GGUF block kernels ready in %.1f s", time.perf_counter() - t0)
         except Exception as e:  # no compiler / ninja, or a build error: the caller falls back
@@ -94,5 +95,6 @@ def load_portable_kernels():
     with _lock:
         if "portable" not in _state:
             _build("_portable", ("EXO_GGUF_PORTABLE", "EXO_GGUF_NAMESPACE=exo_gguf_portable"))
+            torch.ops.exo_gguf_portable.set_threads(torch.get_num_threads())
             _state["portable"] = True
     return torch.ops.exo_gguf_portable

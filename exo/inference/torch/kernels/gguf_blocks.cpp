@@ -17,27 +17,125 @@
 // y = x @ W.T keeps activations and accumulation in float32 (llama.cpp instead rounds the
 // activations to 8 bits), so it agrees with a float32 matmul on the dequantized weights up to
 // summation order. Per block: sum_j w[j] x[j] = d * sum_j q[j] x[j] + m * sum_j x[j].
-// Tiles are split over ATen's intra-op threads (at::parallel_for, OpenMP: built with -fopenmp,
-// this library shares torch's own libgomp). With AVX-512 the inner loops use its intrinsics;
-// elsewhere (or with -DEXO_GGUF_PORTABLE) plain loops that the compiler vectorizes.
+// Tiles are split over this library's own worker threads (WorkerPool below) rather than
+// OpenMP's: an idle OpenMP worker keeps spinning for GOMP_SPINCOUNT iterations after each
+// parallel region, which is what bridges the gaps between one forward pass's operations, but
+// also what takes the cores from another node's forward pass on the same machine. These workers
+// spin only while the engine says a forward pass is under way (`set_spin`) and sleep at once
+// after it. With AVX-512 the inner loops use its intrinsics; elsewhere (or with
+// -DEXO_GGUF_PORTABLE) plain loops that the compiler vectorizes.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__) && !defined(EXO_GGUF_PORTABLE)
 #define EXO_GGUF_AVX512 1
+#endif
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// A fixed set of worker threads running one parallel loop at a time with the calling thread.
+// Between loops a worker spins while `spin` is set (at most kMaxSpins pauses in a row) and
+// otherwise sleeps on a condition variable; the caller spins until its loop's workers are done.
+class WorkerPool {
+ public:
+  static WorkerPool& get() {
+    static WorkerPool* pool = new WorkerPool();  // never destroyed: workers are detached
+    return *pool;
+  }
+
+  // Threads taking part in a loop, the caller included (1: the caller alone).
+  void set_threads(int64_t n) {
+    std::lock_guard<std::mutex> run(run_mu_);
+    n = std::max<int64_t>(1, n);
+    while (static_cast<int64_t>(workers_) < n - 1) {
+      const int index = workers_++;
+      std::thread([this, index] { work(index + 1); }).detach();
+    }
+    threads_ = n;
+  }
+
+  int64_t threads() const { return threads_; }
+
+  void set_spin(bool on) { spin_.store(on, std::memory_order_release); }
+
+  // fn(begin, end) over [0, n) split into contiguous chunks, one per thread.
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    std::lock_guard<std::mutex> run(run_mu_);
+    const int64_t parts = std::min<int64_t>(threads_, n);
+    if (parts <= 1) {
+      if (n > 0) fn(0, n);
+      return;
+    }
+    job_ = [&fn, n, parts](int index) {
+      if (index >= parts) return;
+      fn(n * index / parts, n * (index + 1) / parts);
+    };
+    remaining_.store(workers_, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job_(0);
+    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();
+  }
+
+ private:
+  static constexpr int64_t kMaxSpins = 1 << 21;  // ~10-100 ms of pauses, if a caller forgets set_spin(false)
+
+  void work(int index) {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      int64_t spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        if (spin_.load(std::memory_order_acquire) && spins++ < kMaxSpins) {
+          cpu_relax();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        spins = 0;
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      job_(index);
+      remaining_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::mutex run_mu_;  // one loop at a time (two engines may share a process)
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> remaining_{0};
+  std::atomic<bool> spin_{false};
+  std::function<void(int)> job_;
+  int64_t workers_ = 0;
+  int64_t threads_ = 1;
+};
 
 constexpr int64_t QK = 32;  // weights per block
 constexpr int64_t R = 16;   // rows per tile
@@ -213,7 +311,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qt
         xsum[i * G + g] = s;
       }
   }
-  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+  WorkerPool::get().parallel_for(T, [&](int64_t begin, int64_t end) {
     float out[MB * R];
     for (int64_t t = begin; t < end; ++t) {
       const uint8_t* tile = wp + t * tile_row;
@@ -259,7 +357,7 @@ at::Tensor dequantize_rows(const at::Tensor& tiles_in, int64_t qtype, int64_t K,
   at::Tensor w = at::empty(shape, tiles.options().dtype(at::kFloat));
   const uint8_t* tp = tiles.data_ptr<uint8_t>();
   float* wp = w.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+  WorkerPool::get().parallel_for(n, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = rp[i] / R, r = rp[i] % R;
       for (int64_t g = 0; g < G; ++g) {
@@ -295,7 +393,7 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
   at::Tensor wt = at::empty({K, N}, tiles.options().dtype(at::kFloat));
   const uint8_t* tp = tiles.data_ptr<uint8_t>();
   float* wp = wt.data_ptr<float>();
-  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+  WorkerPool::get().parallel_for(T, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* b = tp + t * tile_row + g * f.tile_bytes;
@@ -339,6 +437,10 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
   return wt;
 }
 
+void set_threads(int64_t n) { WorkerPool::get().set_threads(n); }
+int64_t get_threads() { return WorkerPool::get().threads(); }
+void set_spin(bool on) { WorkerPool::get().set_spin(on); }
+
 }  // namespace
 
 // The operator namespace: torch.ops.exo_gguf (a test builds the portable path under another).
@@ -351,6 +453,15 @@ TORCH_LIBRARY(EXO_GGUF_NAMESPACE, m) {
   m.def("linear(Tensor x, Tensor tiles, int qtype) -> Tensor");
   m.def("dequantize_rows(Tensor tiles, int qtype, int K, Tensor rows) -> Tensor");
   m.def("dequantize_t(Tensor tiles, int qtype, int K) -> Tensor");
+  m.def("set_threads(int n) -> ()");
+  m.def("get_threads() -> int");
+  m.def("set_spin(bool on) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(EXO_GGUF_NAMESPACE, CatchAll, m) {
+  m.impl("set_threads", set_threads);
+  m.impl("get_threads", get_threads);
+  m.impl("set_spin", set_spin);
 }
 
 TORCH_LIBRARY_IMPL(EXO_GGUF_NAMESPACE, CPU, m) {
