@@ -60,6 +60,7 @@ def main() -> None:
     if error:
         raise SystemExit(f"the GGUF block kernels are unavailable: {error}")
     gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
     out = []
     for name, (n, k, qtype) in SHAPES.items():
         copies = max(2, args.copies // 4) if n > 10000 else args.copies
@@ -69,11 +70,19 @@ def main() -> None:
             if n > 10000 and m > 16:
                 continue  # the head only ever sees the last position of each request
             x = torch.randn(m, k, generator=gen)
-            kernel = _time(lambda t: torch.ops.exo_gguf.linear(x, t, qtype), tiles, args.reps)
+            # as the engine runs them: a decode pass spins the kernels' threads and keeps torch's
+            # to one; the dequantize-and-matmul path uses torch's threads
+            torch.set_num_threads(1)
+            torch.ops.exo_gguf.set_spin(True)
+            try:
+                kernel = _time(lambda t: torch.ops.exo_gguf.linear(x, t, qtype), tiles, args.reps)
+            finally:
+                torch.ops.exo_gguf.set_spin(False)
+                torch.set_num_threads(threads)
             deq = _time(lambda t: torch.mm(x, torch.ops.exo_gguf.dequantize_t(t, qtype, k)), tiles, args.reps)
             f32 = _time(lambda w: torch.nn.functional.linear(x, w), dense, args.reps)
             out.append([name, str(m), fmt(kernel, 0), fmt(deq, 0), fmt(f32, 0), f"{n * k * m / kernel / 1e3:.1f}"])
-    print(Table(f"GGUF block kernels vs float32 matmul, microseconds per call ({torch.get_num_threads()} threads)",
+    print(Table(f"GGUF block kernels vs float32 matmul, microseconds per call ({threads} threads)",
                 ["matrix", "M", "kernel", "dequant+mm", "dense f32", "kernel G MAC/s"], out).text())
 
 

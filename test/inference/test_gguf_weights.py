@@ -147,3 +147,26 @@ def test_worker_threads_give_the_same_bits_and_sleep_after_a_pass(tensors):
     after = resource.getrusage(resource.RUSAGE_SELF)
     busy = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert busy < 0.1 * (time.monotonic() - t0)
+
+
+def test_decode_attention_equals_sdpa_per_request_and_appends_to_each_cache():
+    gen = torch.Generator().manual_seed(0)
+    b, h, kv, d = 5, 9, 3, 64
+    offsets = [0, 1, 17, 200, 255]
+    k_caches = [torch.randn(1, kv, 256, d, generator=gen) for _ in range(b)]
+    v_caches = [torch.randn(1, kv, 256, d, generator=gen) for _ in range(b)]
+    q, k_new, v_new = torch.randn(b, h, d, generator=gen), torch.randn(b, kv, d, generator=gen), torch.randn(b, kv, d, generator=gen)
+    expected = []
+    for i, off in enumerate(offsets):
+        k, v = k_caches[i].clone(), v_caches[i].clone()
+        k[0, :, off], v[0, :, off] = k_new[i], v_new[i]
+        expected.append(torch.nn.functional.scaled_dot_product_attention(
+            q[i:i + 1, :, None], k[:, :, :off + 1], v[:, :, :off + 1], enable_gqa=True)[0, :, 0])
+    out = torch.ops.exo_gguf.decode_attention(q, k_new, v_new, k_caches, v_caches, offsets)
+    assert (out - torch.stack(expected)).abs().max().item() < 1e-5
+    for i, off in enumerate(offsets):
+        assert torch.equal(k_caches[i][0, :, off], k_new[i]) and torch.equal(v_caches[i][0, :, off], v_new[i])
+    with pytest.raises(RuntimeError, match="outside the cache capacity"):
+        torch.ops.exo_gguf.decode_attention(q, k_new, v_new, k_caches, v_caches, [0, 1, 2, 3, 256])
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        torch.ops.exo_gguf.decode_attention(torch.zeros(b, 8, d), k_new, v_new, k_caches, v_caches, offsets)

@@ -166,9 +166,17 @@ class Attention(nn.Module):
         v = qkv[:, :, nh + nkv:].transpose(1, 2)  # (B, n_kv, T, head_dim)
         return q, k, v
 
+    @property
+    def _native_decode(self) -> bool:
+        """Decode attention by the native kernel (``torch.ops.exo_gguf.decode_attention``):
+        with GGUF block weights (the kernels are loaded then), float32 on the CPU."""
+        return isinstance(self.qkv_proj, GGUFLinear)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Prefill (or any chunk) of one sequence: x (B, T, hidden), cos/sin (T, 1, head_dim)."""
         b, t, _ = x.shape
+        if t == 1 and b == 1 and self._native_decode:  # the same arithmetic as a batched decode step
+            return self.decode(x, cos, sin, [cache])
         q, k, v = self._qkv(x, cos, sin)
         past = cache.offset
         k, v = cache.update(k, v)  # (B, n_kv, past + T, head_dim)
@@ -188,6 +196,14 @@ class Attention(nn.Module):
         attention runs per row over that row's own keys, so no padding or mask is needed."""
         b = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)  # q (B, n_heads, 1, head_dim), k/v (B, n_kv, 1, head_dim)
+        if self._native_decode:  # one call for the whole batch: appends to each cache, attends
+            for cache in caches:
+                cache.reserve(cache.offset + 1)
+            out = torch.ops.exo_gguf.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], [c.k for c in caches],
+                                                      [c.v for c in caches], [c.offset for c in caches])
+            for cache in caches:
+                cache.offset += 1
+            return self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim))
         outs = []
         for i, cache in enumerate(caches):
             ki, vi = cache.update(k[i:i + 1], v[i:i + 1])  # (1, n_kv, len_i, head_dim)

@@ -22,9 +22,12 @@
 // parallel region, which is what bridges the gaps between one forward pass's operations, but
 // also what takes the cores from another node's forward pass on the same machine. These workers
 // spin only while the engine says a forward pass is under way (`set_spin`) and sleep at once
-// after it. With AVX-512 the inner loops use its intrinsics; elsewhere (or with
+// after it. `dequantize_t` (the path of long prefills, next to torch's own matmul) runs on
+// torch's OpenMP threads instead (built with -fopenmp, this library shares torch's libgomp).
+// With AVX-512 the inner loops use its intrinsics; elsewhere (or with
 // -DEXO_GGUF_PORTABLE) plain loops that the compiler vectorizes.
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
@@ -32,6 +35,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -139,7 +144,7 @@ class WorkerPool {
 
 constexpr int64_t QK = 32;  // weights per block
 constexpr int64_t R = 16;   // rows per tile
-constexpr int64_t MB = 4;   // activation rows sharing one decode of a tile
+constexpr int64_t MB = 8;   // activation rows sharing one decode of a tile
 constexpr int64_t PREFETCH = 2048;  // bytes ahead of the block being read that are prefetched
 
 struct Format {
@@ -319,6 +324,10 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qt
         const int64_t mb = std::min(MB, M - m0);
         if (qtype == 3) {
           switch (mb) {
+            case 8: tile_q4_1<8>(tile, xp, xsum.data(), K, m0, out); break;
+            case 7: tile_q4_1<7>(tile, xp, xsum.data(), K, m0, out); break;
+            case 6: tile_q4_1<6>(tile, xp, xsum.data(), K, m0, out); break;
+            case 5: tile_q4_1<5>(tile, xp, xsum.data(), K, m0, out); break;
             case 4: tile_q4_1<4>(tile, xp, xsum.data(), K, m0, out); break;
             case 3: tile_q4_1<3>(tile, xp, xsum.data(), K, m0, out); break;
             case 2: tile_q4_1<2>(tile, xp, xsum.data(), K, m0, out); break;
@@ -326,6 +335,10 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qt
           }
         } else {
           switch (mb) {
+            case 8: tile_q8_0<8>(tile, xp, K, m0, out); break;
+            case 7: tile_q8_0<7>(tile, xp, K, m0, out); break;
+            case 6: tile_q8_0<6>(tile, xp, K, m0, out); break;
+            case 5: tile_q8_0<5>(tile, xp, K, m0, out); break;
             case 4: tile_q8_0<4>(tile, xp, K, m0, out); break;
             case 3: tile_q8_0<3>(tile, xp, K, m0, out); break;
             case 2: tile_q8_0<2>(tile, xp, K, m0, out); break;
@@ -393,7 +406,7 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
   at::Tensor wt = at::empty({K, N}, tiles.options().dtype(at::kFloat));
   const uint8_t* tp = tiles.data_ptr<uint8_t>();
   float* wp = wt.data_ptr<float>();
-  WorkerPool::get().parallel_for(T, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* b = tp + t * tile_row + g * f.tile_bytes;
@@ -437,6 +450,91 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
   return wt;
 }
 
+// One decode step of attention for B requests, each over its own KV cache (no padding):
+// appends k_new[b], v_new[b] (KV, D) to request b's cache at position offsets[b], then
+// out[b, h] = softmax(q[b, h] . K_b^T / sqrt(D)) V_b over its offsets[b] + 1 keys, with query
+// head h reading KV head h / (H / KV) (grouped-query attention, Ainslie et al. 2023,
+// arXiv:2305.13245). q (B, H, D), k_new / v_new (B, KV, D) float32; the caches are the
+// (1, KV, capacity, D) float32 buffers of exo's KVCache, capacity > offsets[b]. One call per
+// layer instead of a handful of torch operations per request; the softmax subtracts the row
+// maximum and everything is float32, as torch's scaled_dot_product_attention on a CPU.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_new_in, const at::Tensor& v_new_in,
+                            at::TensorList k_caches, at::TensorList v_caches, at::IntArrayRef offsets) {
+  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat && q_in.device().is_cpu(),
+              "decode_attention: q must be (B, H, D) float32 on the CPU, got ", q_in.sizes(), " ", q_in.scalar_type());
+  const at::Tensor q = q_in.contiguous(), k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(k_new.dim() == 3 && k_new.size(0) == B && k_new.size(2) == D && k_new.scalar_type() == at::kFloat &&
+                  v_new.sizes() == k_new.sizes() && v_new.scalar_type() == at::kFloat,
+              "decode_attention: k_new and v_new must be (B, KV, D) float32 like q, got ", k_new.sizes(), " and ", v_new.sizes());
+  const int64_t KV = k_new.size(1);
+  TORCH_CHECK(KV > 0 && H % KV == 0, "decode_attention: ", H, " query heads are not a multiple of ", KV, " KV heads");
+  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == B && static_cast<int64_t>(v_caches.size()) == B &&
+                  static_cast<int64_t>(offsets.size()) == B,
+              "decode_attention: one KV cache and offset per request");
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor& kc = k_caches[b];
+    const at::Tensor& vc = v_caches[b];
+    TORCH_CHECK(kc.dim() == 4 && kc.size(0) == 1 && kc.size(1) == KV && kc.size(3) == D && kc.is_contiguous() &&
+                    kc.scalar_type() == at::kFloat && vc.sizes() == kc.sizes() && vc.is_contiguous() &&
+                    vc.scalar_type() == at::kFloat,
+                "decode_attention: cache ", b, " must be contiguous (1, ", KV, ", capacity, ", D, ") float32, got ", kc.sizes());
+    TORCH_CHECK(offsets[b] >= 0 && offsets[b] < kc.size(2), "decode_attention: offset ", offsets[b],
+                " outside the cache capacity ", kc.size(2));
+  }
+  std::vector<float*> kp(B), vp(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t cap = k_caches[b].size(2);
+    kp[b] = k_caches[b].data_ptr<float>();
+    vp[b] = v_caches[b].data_ptr<float>();
+    for (int64_t h = 0; h < KV; ++h) {  // append this step's keys and values
+      std::memcpy(kp[b] + (h * cap + offsets[b]) * D, k_new.data_ptr<float>() + (b * KV + h) * D, D * sizeof(float));
+      std::memcpy(vp[b] + (h * cap + offsets[b]) * D, v_new.data_ptr<float>() + (b * KV + h) * D, D * sizeof(float));
+    }
+  }
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t group = H / KV;
+  WorkerPool::get().parallel_for(B * H, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, kvh = h / group, L = offsets[b] + 1, cap = k_caches[b].size(2);
+      const float* qv = qp + i * D;
+      const float* kb = kp[b] + kvh * cap * D;
+      const float* vb = vp[b] + kvh * cap * D;
+      scores.resize(L);
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < L; ++t) {
+        const float* kt = kb + t * D;
+        float lanes[16] = {0.f};  // 16 independent partial sums: the compiler vectorizes this
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16)
+          for (int l = 0; l < 16; ++l) lanes[l] += qv[d + l] * kt[d + l];
+        float s = 0.f;
+        for (; d < D; ++d) s += qv[d] * kt[d];
+        for (int l = 0; l < 16; ++l) s += lanes[l];
+        scores[t] = s * scale;
+        mx = std::max(mx, scores[t]);
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < L; ++t) {
+        scores[t] = std::exp(scores[t] - mx);
+        sum += scores[t];
+      }
+      float* o = op + i * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t t = 0; t < L; ++t) {
+        const float p = scores[t] / sum;
+        const float* vt = vb + t * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += p * vt[d];
+      }
+    }
+  });
+  return out;
+}
+
 void set_threads(int64_t n) { WorkerPool::get().set_threads(n); }
 int64_t get_threads() { return WorkerPool::get().threads(); }
 void set_spin(bool on) { WorkerPool::get().set_spin(on); }
@@ -453,6 +551,7 @@ TORCH_LIBRARY(EXO_GGUF_NAMESPACE, m) {
   m.def("linear(Tensor x, Tensor tiles, int qtype) -> Tensor");
   m.def("dequantize_rows(Tensor tiles, int qtype, int K, Tensor rows) -> Tensor");
   m.def("dequantize_t(Tensor tiles, int qtype, int K) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] offsets) -> Tensor");
   m.def("set_threads(int n) -> ()");
   m.def("get_threads() -> int");
   m.def("set_spin(bool on) -> ()");
@@ -469,4 +568,5 @@ TORCH_LIBRARY_IMPL(EXO_GGUF_NAMESPACE, CPU, m) {
   m.impl("linear", linear);
   m.impl("dequantize_rows", dequantize_rows);
   m.impl("dequantize_t", dequantize_t);
+  m.impl("decode_attention", decode_attention);
 }
