@@ -9,8 +9,10 @@ ring splits the layers evenly. The ``drive`` node is also the origin of every re
 the ring has formed and one warm-up request has loaded every shard, it measures
 - decode tokens/s of one stream (greedy, ``--decode-tokens`` tokens, EOS ignored), and the time
   to first token;
-- aggregate tokens/s of k simultaneous streams for each k of ``--streams``: k * tokens / the
-  wall time from starting them until the last one finishes (prefills included);
+- for each k of ``--streams``, k simultaneous streams: aggregate tokens/s, k * tokens / the
+  wall time from starting them until the last one finishes (prefills included), and aggregate
+  decode tokens/s, the tokens that arrive after every stream has its first token (all prefills
+  done) over the time from then to the last token;
 each the median of ``--runs`` runs, and prints one BENCH-RESULT line. ``bench.run`` starts the
 processes, reads each one's peak memory (VmHWM) and stops them.
 """
@@ -112,7 +114,7 @@ async def drive(args) -> dict:
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         concurrency: dict[str, dict] = {}
         for k in args.streams:
-            agg, batches = [], []
+            agg, dec, batches = [], [], []
             for _ in range(args.runs):
                 engine = node.engine
                 before = len(getattr(engine, "batch_sizes", []))
@@ -120,10 +122,15 @@ async def drive(args) -> dict:
                 results = await asyncio.gather(*(_generate(node, ids, args.decode_tokens) for _ in range(k)))
                 wall = time.perf_counter() - t
                 agg.append(sum(len(s) for s in results) / wall)
+                # decode alone: tokens after every stream has its first one (all prefills done)
+                start, end = max(s[0] for s in results), max(s[-1] for s in results)
+                in_window = sum(1 for s in results for stamp in s if stamp > start)
+                dec.append(in_window / (end - start) if end > start else None)
                 sizes = getattr(engine, "batch_sizes", [])[before:]
                 if sizes:
                     batches.append(statistics.mean(sizes))
-            concurrency[str(k)] = {"aggregate_tps": median(agg), "runs": agg, "mean_batch": median(batches)}
+            concurrency[str(k)] = {"aggregate_tps": median(agg), "runs": agg, "decode_tps": median([d for d in dec if d]),
+                                   "decode_runs": dec, "mean_batch": median(batches)}
         return {
             "nodes": args.nodes,
             "ring": [{"node_id": p.node_id, "start_layer": p.start_layer, "end_layer": p.end_layer} for p in ring],

