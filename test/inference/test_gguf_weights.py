@@ -139,14 +139,28 @@ def test_worker_threads_give_the_same_bits_and_sleep_after_a_pass(tensors):
     assert torch.equal(alone, spread)  # each output row is one thread's work: no reordering
 
     # with spinning off the workers block at once: an idle process burns (almost) no CPU
+    assert _cpu_share_while_idle() < 0.1
+    # a pass under way (spin held): only threads - 1 workers spin, not the extra ones a larger
+    # pool size left behind (they spun too, and a 2-core machine ran 20x slower)
+    ops.set_threads(3)
+    ops.set_threads(2)
+    ops.set_spin(True)
+    try:
+        assert _cpu_share_while_idle() < 1.5
+    finally:
+        ops.set_spin(False)
+        ops.set_threads(threads)
+
+
+def _cpu_share_while_idle(seconds: float = 0.3) -> float:
+    """CPU seconds this process uses per second of an interval in which the test does nothing."""
     import resource
     import time
 
     before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    time.sleep(0.3)  # an idle interval to observe, not a synchronisation
+    time.sleep(seconds)  # an idle interval to observe, not a synchronisation
     after = resource.getrusage(resource.RUSAGE_SELF)
-    busy = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    assert busy < 0.1 * (time.monotonic() - t0)
+    return ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / (time.monotonic() - t0)
 
 
 def test_decode_attention_equals_sdpa_per_request_and_appends_to_each_cache():

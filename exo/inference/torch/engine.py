@@ -400,7 +400,10 @@ class TorchInferenceEngine(InferenceEngine):
             return
         decode = rows <= KERNEL_MAX_ROWS
         torch.set_num_threads(1 if decode else self._threads)
-        torch.ops.exo_gguf.set_spin(decode)
+        if not decode:
+            yield
+            return
+        torch.ops.exo_gguf.set_spin(True)  # counted: engines sharing a process each hold one
         try:
             yield
         finally:

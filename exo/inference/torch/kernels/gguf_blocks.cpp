@@ -62,9 +62,11 @@ inline void cpu_relax() {
 #endif
 }
 
-// A fixed set of worker threads running one parallel loop at a time with the calling thread.
-// Between loops a worker spins while `spin` is set (at most kMaxSpins pauses in a row) and
-// otherwise sleeps on a condition variable; the caller spins until its loop's workers are done.
+// A set of worker threads running one parallel loop at a time with the calling thread.
+// Between loops a worker spins while any pass holds `spin` (set_spin(true) ... set_spin(false),
+// counted, as two engines may share a process; at most kMaxSpins pauses in a row) and otherwise
+// sleeps on a condition variable; the caller spins until its loop's workers are done. Workers
+// beyond `threads - 1` (after set_threads lowered the count) neither take part nor spin.
 class WorkerPool {
  public:
   static WorkerPool& get() {
@@ -76,30 +78,40 @@ class WorkerPool {
   void set_threads(int64_t n) {
     std::lock_guard<std::mutex> run(run_mu_);
     n = std::max<int64_t>(1, n);
-    while (static_cast<int64_t>(workers_) < n - 1) {
-      const int index = workers_++;
-      std::thread([this, index] { work(index + 1); }).detach();
+    while (workers_ < n - 1) {
+      const int64_t index = ++workers_;
+      const uint64_t start = generation_.load(std::memory_order_acquire);  // no loop is in flight
+      std::thread([this, index, start] { work(index, start); }).detach();
     }
-    threads_ = n;
+    active_.store(n - 1, std::memory_order_release);
   }
 
-  int64_t threads() const { return threads_; }
+  int64_t threads() const { return active_.load(std::memory_order_acquire) + 1; }
 
-  void set_spin(bool on) { spin_.store(on, std::memory_order_release); }
+  void set_spin(bool on) {
+    if (on) {
+      spin_.fetch_add(1, std::memory_order_acq_rel);
+    } else {
+      int64_t v = spin_.load(std::memory_order_acquire);
+      while (v > 0 && !spin_.compare_exchange_weak(v, v - 1, std::memory_order_acq_rel)) {
+      }
+    }
+  }
 
   // fn(begin, end) over [0, n) split into contiguous chunks, one per thread.
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     std::lock_guard<std::mutex> run(run_mu_);
-    const int64_t parts = std::min<int64_t>(threads_, n);
+    const int64_t active = active_.load(std::memory_order_acquire);
+    const int64_t parts = std::min<int64_t>(active + 1, n);
     if (parts <= 1) {
       if (n > 0) fn(0, n);
       return;
     }
-    job_ = [&fn, n, parts](int index) {
+    job_ = [&fn, n, parts](int64_t index) {
       if (index >= parts) return;
       fn(n * index / parts, n * (index + 1) / parts);
     };
-    remaining_.store(workers_, std::memory_order_relaxed);
+    remaining_.store(active, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mu_);
       generation_.fetch_add(1, std::memory_order_release);
@@ -112,12 +124,12 @@ class WorkerPool {
  private:
   static constexpr int64_t kMaxSpins = 1 << 21;  // ~10-100 ms of pauses, if a caller forgets set_spin(false)
 
-  void work(int index) {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  void work(int64_t index, uint64_t seen) {
     for (;;) {
       int64_t spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
-        if (spin_.load(std::memory_order_acquire) && spins++ < kMaxSpins) {
+        if (index <= active_.load(std::memory_order_acquire) && spin_.load(std::memory_order_acquire) > 0 &&
+            spins++ < kMaxSpins) {
           cpu_relax();
           continue;
         }
@@ -126,6 +138,7 @@ class WorkerPool {
         spins = 0;
       }
       seen = generation_.load(std::memory_order_acquire);
+      if (index > active_.load(std::memory_order_acquire)) continue;  // not part of this pool size
       job_(index);
       remaining_.fetch_sub(1, std::memory_order_acq_rel);
     }
@@ -136,10 +149,10 @@ class WorkerPool {
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int64_t> remaining_{0};
-  std::atomic<bool> spin_{false};
-  std::function<void(int)> job_;
+  std::atomic<int64_t> spin_{0};
+  std::atomic<int64_t> active_{0};  // workers taking part: threads - 1
+  std::function<void(int64_t)> job_;
   int64_t workers_ = 0;
-  int64_t threads_ = 1;
 };
 
 constexpr int64_t QK = 32;  // weights per block
