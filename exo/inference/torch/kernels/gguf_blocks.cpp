@@ -98,7 +98,11 @@ class WorkerPool {
     }
   }
 
-  // fn(begin, end) over [0, n) split into contiguous chunks, one per thread.
+  // fn(begin, end) over [0, n) in contiguous chunks that the threads take in turn (about
+  // kChunksPerThread each). The caller never waits for a worker that has not started: once
+  // every chunk is taken it closes the loop, and waits only for the workers inside it. A worker
+  // the OS has preempted (another node's process on the same cores, say) then costs at most
+  // the chunk it holds, instead of stalling every loop until it runs again.
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     std::lock_guard<std::mutex> run(run_mu_);
     const int64_t active = active_.load(std::memory_order_acquire);
@@ -107,21 +111,26 @@ class WorkerPool {
       if (n > 0) fn(0, n);
       return;
     }
-    job_ = [&fn, n, parts](int64_t index) {
-      if (index >= parts) return;
-      fn(n * index / parts, n * (index + 1) / parts);
+    const int64_t chunk = std::max<int64_t>(1, n / (parts * kChunksPerThread));
+    next_.store(0);
+    job_ = [this, &fn, n, chunk] {
+      for (int64_t begin = next_.fetch_add(chunk); begin < n; begin = next_.fetch_add(chunk))
+        fn(begin, std::min(n, begin + chunk));
     };
-    remaining_.store(active, std::memory_order_relaxed);
+    uint64_t generation;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      generation_.fetch_add(1, std::memory_order_release);
+      generation = generation_.fetch_add(1) + 1;
+      open_.store(generation);  // workers may enter
     }
     cv_.notify_all();
-    job_(0);
-    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();
+    job_();
+    open_.store(0);  // every chunk is taken: no worker enters any more
+    while (inside_.load() > 0) cpu_relax();  // the ones that did finish their chunks
   }
 
  private:
+  static constexpr int64_t kChunksPerThread = 4;
   static constexpr int64_t kMaxSpins = 1 << 21;  // ~10-100 ms of pauses, if a caller forgets set_spin(false)
 
   void work(int64_t index, uint64_t seen) {
@@ -139,8 +148,9 @@ class WorkerPool {
       }
       seen = generation_.load(std::memory_order_acquire);
       if (index > active_.load(std::memory_order_acquire)) continue;  // not part of this pool size
-      job_(index);
-      remaining_.fetch_sub(1, std::memory_order_acq_rel);
+      inside_.fetch_add(1);  // sequentially consistent with the caller's close and wait
+      if (open_.load() == seen) job_();
+      inside_.fetch_sub(1);
     }
   }
 
@@ -148,10 +158,12 @@ class WorkerPool {
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> remaining_{0};
+  std::atomic<uint64_t> open_{0};   // the generation workers may still enter, 0: none
+  std::atomic<int64_t> inside_{0};  // workers inside a loop's job
+  std::atomic<int64_t> next_{0};    // first index of the loop not yet taken
   std::atomic<int64_t> spin_{0};
   std::atomic<int64_t> active_{0};  // workers taking part: threads - 1
-  std::function<void(int64_t)> job_;
+  std::function<void()> job_;
   int64_t workers_ = 0;
 };
 
