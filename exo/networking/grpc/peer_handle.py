@@ -95,6 +95,16 @@ class _RingStream:
             if not fut.done():
                 fut.set_exception(self.error)
 
+    async def ready(self, timeout: float) -> None:
+        """Wait until the peer accepted the call (its initial metadata, sent before any message)
+        or ended it. A refused call (a wrong cluster key) raises its status here, before the
+        first write: a write racing the refusal would end the call as a local INTERNAL error,
+        losing the peer's status. Raises as ``send``."""
+        await asyncio.wait_for(self.call.initial_metadata(), timeout)
+        if self.call.done():
+            await asyncio.wait({self._reader}, timeout=STREAM_STATUS_WAIT)
+            raise self.error or ConnectionError("the peer ended the stream")
+
     @property
     def alive(self) -> bool:
         return self.error is None and not self.call.done()
@@ -258,12 +268,18 @@ class GRPCPeerHandle(PeerHandle):
                 if self._stream is not None:
                     await self._stream.close()
                 self._stream = _RingStream(self._get_stub().Stream(metadata=self._metadata))
+                try:
+                    await self._stream.ready(CALL_TIMEOUT)
+                except BaseException:
+                    stream, self._stream = self._stream, None
+                    await stream.close()
+                    raise
             return self._stream
 
     async def _send_ring(self, method: str, message: pb.RingMessage) -> None:
         """Send over the persistent stream; errors as ``_call`` raises them."""
-        stream = await self._open_stream()
         try:
+            stream = await self._open_stream()
             ack = await stream.send(message, CALL_TIMEOUT)
         except grpc.aio.AioRpcError as e:
             code, details = e.code(), e.details()

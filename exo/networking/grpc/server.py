@@ -156,6 +156,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         """Serve a peer's persistent stream: each message is handled like its unary counterpart
         and answered, in order, with a RingAck carrying that call's status."""
         handlers = {"prompt": self._prompt, "tensor": self._tensor, "result": self._result}
+        # accepted (the key check passed): say so before the first message, so a client never
+        # writes into a call that is being refused (see _RingStream.ready)
+        await context.send_initial_metadata(())
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("body")
