@@ -1,11 +1,13 @@
 """Native CPU kernels of the torch engine, compiled on this machine at first use.
 
 ``gguf_blocks.cpp`` multiplies float32 activations by weights kept in the GGUF's own quantized
-blocks (Q4_1, Q8_0), registered as the torch operators ``torch.ops.exo_gguf.{pack, linear,
-dequantize_rows, dequantize_t}`` (see the file's header for the formats), on its own worker
-threads (``set_threads``; as many as torch's intra-op threads when loaded) that spin between
-calls only while ``set_spin(True)`` says a forward pass is under way. It is built with
-``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native``) into torch's
+blocks (Q4_1, Q8_0) and runs a decode step's attention for a whole batch, registered as the
+torch operators ``torch.ops.exo_gguf.{pack, linear, dequantize_rows, dequantize_t,
+decode_attention}`` (see the file's header for the formats), on its own worker threads
+(``set_threads``; as many as torch's intra-op threads when loaded) that spin between calls only
+while some forward pass holds ``set_spin(True)`` (each paired with a ``set_spin(False)``). It is
+built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native
+-fopenmp``, sharing torch's own libgomp) into torch's
 extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per
 machine: about 6 s on 2 cores, later loads take milliseconds. The build directory's name
 carries a hash of the source and of the CPU's instruction-set flags, so a cache shared by
