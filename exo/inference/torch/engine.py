@@ -24,7 +24,7 @@ import torch
 
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
-from exo.inference.torch.model import KVCache, LlamaArgs, ShardedLlama
+from exo.inference.torch.model import KVCache, LlamaArgs, ShardedLlama, gguf_kind_types
 from exo.inference.torch.quantize import quantize_weights
 from exo.inference.torch.gguf_weights import KERNEL_MAX_ROWS
 from exo.inference.torch.kernels import gguf_kernels_error
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHTS = ("auto", "gguf", "dense", "int4")
+#: The weights that run on the CPU only, and the one dtype each computes in.
+_CPU_WEIGHTS_DTYPE = {"gguf": "float32", "int4": "bfloat16"}
 
 #: A decode batch starts once no step has joined for this many event-loop turns: the steps of
 #: the requests a batch just served come back within a few turns (sampling, then the node
@@ -112,18 +114,13 @@ class TorchInferenceEngine(InferenceEngine):
         self.requested_weights = self.weights = weights or os.environ.get("EXO_TORCH_WEIGHTS") or "auto"
         if self.weights not in _WEIGHTS:
             raise ValueError(f"weights must be one of {list(_WEIGHTS)}, got {self.weights!r}")
-        if self.weights == "gguf":
+        fixed = _CPU_WEIGHTS_DTYPE.get(self.weights)
+        if fixed is not None:  # a CPU-only kernel that computes in one dtype
             if self.device.type != "cpu":
-                raise ValueError(f"weights='gguf' runs on the CPU only, not {self.device}")
-            if (dtype or "float32") != "float32":
-                raise ValueError(f"weights='gguf' computes in float32, got dtype {dtype!r}")
-            dtype = "float32"
-        if self.weights == "int4":
-            if self.device.type != "cpu":
-                raise ValueError(f"weights='int4' runs on the CPU only, not {self.device}")
-            if (dtype or "bfloat16") != "bfloat16":
-                raise ValueError(f"weights='int4' computes in bfloat16, got dtype {dtype!r}")
-            dtype = "bfloat16"
+                raise ValueError(f"weights={self.weights!r} runs on the CPU only, not {self.device}")
+            if (dtype or fixed) != fixed:
+                raise ValueError(f"weights={self.weights!r} computes in {fixed}, got dtype {dtype!r}")
+            dtype = fixed
         dtype = dtype or os.environ.get("EXO_TORCH_DTYPE") or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -180,7 +177,7 @@ class TorchInferenceEngine(InferenceEngine):
         if self.requested_weights == "auto" and (self.device.type != "cpu" or self.dtype != torch.float32):
             self.weights = "dense"
             return None
-        types, why = _gguf_kind_types(gguf_tensor_types(path), args)
+        types, why = gguf_kind_types(gguf_tensor_types(path), args.n_layers)
         if why is None:
             why = gguf_kernels_error()
         if why is not None:
@@ -467,35 +464,6 @@ class TorchInferenceEngine(InferenceEngine):
                 s.future.set_exception(RuntimeError("the engine is closed"))
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-#: GGUF tensors behind each kind of matrix of ``ShardedLlama`` ({i}: a layer index); the
-#: tensors of one fused kind must share one GGML type.
-_GGUF_KIND_TENSORS = {
-    "qkv": ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
-    "o": ("blk.{i}.attn_output.weight",),
-    "gate_up": ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
-    "down": ("blk.{i}.ffn_down.weight",),
-    "embed": ("token_embd.weight",),
-}
-
-
-def _gguf_kind_types(tensor_types: dict[str, int], args: LlamaArgs) -> tuple[dict[str, int] | None, str | None]:
-    """(the GGML type of each kind of matrix, None) when the block kernels can hold every
-    matrix of the file, else (None, why not)."""
-    from exo.inference.torch.gguf_weights import TILE_BYTES
-
-    types: dict[str, int] = {}
-    for kind, names in _GGUF_KIND_TENSORS.items():
-        found = {tensor_types.get(n.format(i=i)) for n in names for i in range(args.n_layers)}
-        if len(found) != 1 or next(iter(found)) not in TILE_BYTES:
-            return None, f"its {kind} matrices are in GGML types {sorted(map(str, found))}, not all one of Q4_1 (3) / Q8_0 (8)"
-        types[kind] = found.pop()
-    head = tensor_types.get("output.weight", types["embed"])
-    if head not in TILE_BYTES:
-        return None, f"its output head is in GGML type {head}, not Q4_1 (3) / Q8_0 (8)"
-    types["head"] = head
-    return types, None
 
 
 def _runs(layers: list[int]) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exo.inference.shard import Shard
-from exo.inference.torch.gguf_weights import GGUFEmbedding, GGUFLinear
+from exo.inference.torch.gguf_weights import TILE_BYTES, GGUFEmbedding, GGUFLinear
 from exo.models.gguf import QuantizedRows
 from exo.models.llama import LlamaArgs  # noqa: F401  (the config of every engine's Llama; re-exported)
 
@@ -243,9 +243,36 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+#: The GGUF tensors behind each kind of weight matrix of ``ShardedLlama`` ({i}: a layer
+#: index); the tensors of one fused kind share one GGML type. The output head ("head") is
+#: ``output.weight``, or the embedding when the file ties them.
+GGUF_KIND_TENSORS = {
+    "qkv": ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
+    "o": ("blk.{i}.attn_output.weight",),
+    "gate_up": ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
+    "down": ("blk.{i}.ffn_down.weight",),
+    "embed": ("token_embd.weight",),
+}
 #: Keys of ``ShardedLlama``'s ``gguf_types``: the GGML type of each (fused) projection's
 #: weights, of the token embedding and of the output head.
-GGUF_WEIGHT_KINDS = ("qkv", "o", "gate_up", "down", "embed", "head")
+GGUF_WEIGHT_KINDS = (*GGUF_KIND_TENSORS, "head")
+
+
+def gguf_kind_types(tensor_types: Mapping[str, int], n_layers: int) -> tuple[dict[str, int] | None, str | None]:
+    """``(gguf_types, None)`` for ``ShardedLlama`` when the block kernels can hold every weight
+    matrix of a file whose tensors have GGML types ``tensor_types`` (by GGUF name, as
+    ``exo.models.gguf.gguf_tensor_types``), else ``(None, why not)``."""
+    types: dict[str, int] = {}
+    for kind, names in GGUF_KIND_TENSORS.items():
+        found = {tensor_types.get(n.format(i=i)) for n in names for i in range(n_layers)}
+        if len(found) != 1 or next(iter(found)) not in TILE_BYTES:
+            return None, f"its {kind} matrices are in GGML types {sorted(map(str, found))}, not all one of Q4_1 (3) / Q8_0 (8)"
+        types[kind] = found.pop()
+    head = tensor_types.get("output.weight", types["embed"])
+    if head not in TILE_BYTES:
+        return None, f"its output head is in GGML type {head}, not Q4_1 (3) / Q8_0 (8)"
+    types["head"] = head
+    return types, None
 
 
 def _linear(in_features: int, out_features: int, gguf_types: Mapping[str, int] | None, kind: str) -> nn.Module:
