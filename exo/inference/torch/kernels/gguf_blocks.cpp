@@ -217,6 +217,23 @@ at::Tensor pack(const at::Tensor& blocks_in, int64_t qtype) {
   return tiles;
 }
 
+// `tiles` hold a matrix of K columns: (N / 16, K / 32 * tile_bytes) uint8 on the CPU.
+void check_tiles(const at::Tensor& tiles, const Format& f, int64_t K, const char* op) {
+  TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == at::kByte && tiles.device().is_cpu(), op,
+              ": tiles must be (N / 16, bytes) uint8 on the CPU");
+  TORCH_CHECK(K % QK == 0 && tiles.size(1) == K / QK * f.tile_bytes, op, ": K = ", K, " does not match ",
+              tiles.size(1), " bytes per tile row");
+}
+
+// Weight j of row r (0 <= r < 16) of the block at `b` of a tile (scalar: lookups and the
+// portable path).
+inline float weight_at(const uint8_t* b, int64_t qtype, int64_t r, int64_t j) {
+  const float d = half_to_float(u16_at(b + 2 * r));
+  if (qtype == 8) return d * float(static_cast<int8_t>(b[32 + j * R + r]));
+  const uint8_t q = b[64 + (j % 16) * R + r];
+  return d * float(j < 16 ? q & 15 : q >> 4) + half_to_float(u16_at(b + 32 + 2 * r));
+}
+
 void check_linear(const at::Tensor& x, const at::Tensor& tiles, const Format& f) {
   TORCH_CHECK(x.device().is_cpu() && tiles.device().is_cpu(), "gguf_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gguf_linear: x must be (M, K) float32, got ",
@@ -320,6 +337,14 @@ void tile_q8_0(const uint8_t* tile, const float* x, int64_t K, int64_t m0, float
 #endif
 }
 
+// The tile kernels by number of activation rows (1 .. MB; the row count is a template argument).
+using Q4_1Tile = void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*);
+using Q8_0Tile = void (*)(const uint8_t*, const float*, int64_t, int64_t, float*);
+constexpr Q4_1Tile kQ4_1Tiles[MB + 1] = {nullptr, tile_q4_1<1>, tile_q4_1<2>, tile_q4_1<3>, tile_q4_1<4>,
+                                         tile_q4_1<5>, tile_q4_1<6>, tile_q4_1<7>, tile_q4_1<8>};
+constexpr Q8_0Tile kQ8_0Tiles[MB + 1] = {nullptr, tile_q8_0<1>, tile_q8_0<2>, tile_q8_0<3>, tile_q8_0<4>,
+                                         tile_q8_0<5>, tile_q8_0<6>, tile_q8_0<7>, tile_q8_0<8>};
+
 // y (M, N) = x (M, K) @ W.T for W (N, K) held as tiles (N / 16, G * tile_bytes).
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qtype) {
   const Format f = format_of(qtype, "gguf_linear");
@@ -347,29 +372,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qt
       const uint8_t* tile = wp + t * tile_row;
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mb = std::min(MB, M - m0);
-        if (qtype == 3) {
-          switch (mb) {
-            case 8: tile_q4_1<8>(tile, xp, xsum.data(), K, m0, out); break;
-            case 7: tile_q4_1<7>(tile, xp, xsum.data(), K, m0, out); break;
-            case 6: tile_q4_1<6>(tile, xp, xsum.data(), K, m0, out); break;
-            case 5: tile_q4_1<5>(tile, xp, xsum.data(), K, m0, out); break;
-            case 4: tile_q4_1<4>(tile, xp, xsum.data(), K, m0, out); break;
-            case 3: tile_q4_1<3>(tile, xp, xsum.data(), K, m0, out); break;
-            case 2: tile_q4_1<2>(tile, xp, xsum.data(), K, m0, out); break;
-            default: tile_q4_1<1>(tile, xp, xsum.data(), K, m0, out);
-          }
-        } else {
-          switch (mb) {
-            case 8: tile_q8_0<8>(tile, xp, K, m0, out); break;
-            case 7: tile_q8_0<7>(tile, xp, K, m0, out); break;
-            case 6: tile_q8_0<6>(tile, xp, K, m0, out); break;
-            case 5: tile_q8_0<5>(tile, xp, K, m0, out); break;
-            case 4: tile_q8_0<4>(tile, xp, K, m0, out); break;
-            case 3: tile_q8_0<3>(tile, xp, K, m0, out); break;
-            case 2: tile_q8_0<2>(tile, xp, K, m0, out); break;
-            default: tile_q8_0<1>(tile, xp, K, m0, out);
-          }
-        }
+        if (qtype == 3) kQ4_1Tiles[mb](tile, xp, xsum.data(), K, m0, out);
+        else kQ8_0Tiles[mb](tile, xp, K, m0, out);
         for (int64_t i = 0; i < mb; ++i) std::memcpy(yp + (m0 + i) * N + t * R, out + i * R, R * sizeof(float));
       }
     }
@@ -380,10 +384,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qt
 // Dequantize rows `rows` (int64, any shape S) of W (N, K) held as tiles -> (S..., K) float32.
 at::Tensor dequantize_rows(const at::Tensor& tiles_in, int64_t qtype, int64_t K, const at::Tensor& rows_in) {
   const Format f = format_of(qtype, "gguf_dequantize_rows");
-  TORCH_CHECK(tiles_in.dim() == 2 && tiles_in.scalar_type() == at::kByte && tiles_in.device().is_cpu(),
-              "gguf_dequantize_rows: tiles must be (N / 16, bytes) uint8 on the CPU");
-  TORCH_CHECK(K % QK == 0 && tiles_in.size(1) == K / QK * f.tile_bytes, "gguf_dequantize_rows: K = ", K,
-              " does not match ", tiles_in.size(1), " bytes per tile row");
+  check_tiles(tiles_in, f, K, "gguf_dequantize_rows");
   TORCH_CHECK(rows_in.scalar_type() == at::kLong, "gguf_dequantize_rows: rows must be int64");
   const at::Tensor tiles = tiles_in.contiguous(), rows = rows_in.contiguous();
   const int64_t N = tiles.size(0) * R, G = K / QK, n = rows.numel(), tile_row = tiles.size(1);
@@ -400,18 +401,7 @@ at::Tensor dequantize_rows(const at::Tensor& tiles_in, int64_t qtype, int64_t K,
       const int64_t t = rp[i] / R, r = rp[i] % R;
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* b = tp + t * tile_row + g * f.tile_bytes;
-        float* o = wp + i * K + g * QK;
-        const float d = half_to_float(u16_at(b + 2 * r));
-        if (qtype == 3) {
-          const float m = half_to_float(u16_at(b + 32 + 2 * r));
-          for (int64_t j = 0; j < 16; ++j) {
-            const uint8_t q = b[64 + j * R + r];
-            o[j] = d * float(q & 15) + m;
-            o[j + 16] = d * float(q >> 4) + m;
-          }
-        } else {
-          for (int64_t j = 0; j < QK; ++j) o[j] = d * float(static_cast<int8_t>(b[32 + j * R + r]));
-        }
+        for (int64_t j = 0; j < QK; ++j) wp[i * K + g * QK + j] = weight_at(b, qtype, r, j);
       }
     }
   });
@@ -422,10 +412,7 @@ at::Tensor dequantize_rows(const at::Tensor& tiles_in, int64_t qtype, int64_t K,
 // consecutive floats of a row of W.T, so the stores are whole vectors.
 at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
   const Format f = format_of(qtype, "gguf_dequantize_t");
-  TORCH_CHECK(tiles_in.dim() == 2 && tiles_in.scalar_type() == at::kByte && tiles_in.device().is_cpu(),
-              "gguf_dequantize_t: tiles must be (N / 16, bytes) uint8 on the CPU");
-  TORCH_CHECK(K % QK == 0 && tiles_in.size(1) == K / QK * f.tile_bytes, "gguf_dequantize_t: K = ", K,
-              " does not match ", tiles_in.size(1), " bytes per tile row");
+  check_tiles(tiles_in, f, K, "gguf_dequantize_t");
   const at::Tensor tiles = tiles_in.contiguous();
   const int64_t T = tiles.size(0), N = T * R, G = K / QK, tile_row = tiles.size(1);
   at::Tensor wt = at::empty({K, N}, tiles.options().dtype(at::kFloat));
@@ -453,22 +440,8 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
           }
         }
 #else
-        float d[R], m[R];
-        for (int64_t r = 0; r < R; ++r) {
-          d[r] = half_to_float(u16_at(b + 2 * r));
-          m[r] = qtype == 3 ? half_to_float(u16_at(b + 32 + 2 * r)) : 0.f;
-        }
-        if (qtype == 3) {
-          for (int64_t j = 0; j < 16; ++j)
-            for (int64_t r = 0; r < R; ++r) {
-              const uint8_t q = b[64 + j * R + r];
-              o[j * N + r] = d[r] * float(q & 15) + m[r];
-              o[(j + 16) * N + r] = d[r] * float(q >> 4) + m[r];
-            }
-        } else {
-          for (int64_t j = 0; j < QK; ++j)
-            for (int64_t r = 0; r < R; ++r) o[j * N + r] = d[r] * float(static_cast<int8_t>(b[32 + j * R + r]));
-        }
+        for (int64_t j = 0; j < QK; ++j)
+          for (int64_t r = 0; r < R; ++r) o[j * N + r] = weight_at(b, qtype, r, j);
 #endif
       }
   });
