@@ -4,6 +4,7 @@ stream reused, a peer that goes away and comes back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -47,13 +48,23 @@ class Recorder:
         return True
 
 
-@pytest.mark.asyncio
-async def test_stream_keeps_order_reports_errors_per_message_and_is_reused() -> None:
+@contextlib.asynccontextmanager
+async def served(stream: bool):
+    """(recorder, its server on loopback, a handle to it with ``stream``), torn down after."""
     node = Recorder()
     server = GRPCServer(node, "127.0.0.1", 0)
     await server.start()
-    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=True)
+    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=stream)
     try:
+        yield node, server, handle
+    finally:
+        await handle.disconnect()
+        await server.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_stream_keeps_order_reports_errors_per_message_and_is_reused() -> None:
+    async with served(stream=True) as (node, server, handle):
         ctx = make_ctx()
         await handle.send_prompt(ctx, np.array([[1, 2, 3]], dtype=np.int64), 0)
         stream = handle._stream
@@ -69,9 +80,6 @@ async def test_stream_keeps_order_reports_errors_per_message_and_is_reused() -> 
         await handle.send_tensor(ctx, np.zeros((1, 1, 576), np.float32), 3)
         assert node.calls[-1] == ("tensor", 3)
         assert handle._stream is stream and stream.alive  # one stream for all of it
-    finally:
-        await handle.disconnect()
-        await server.stop(grace=0)
 
 
 @pytest.mark.asyncio
@@ -105,18 +113,11 @@ async def test_stream_to_a_peer_that_restarts() -> None:
 
 @pytest.mark.asyncio
 async def test_unary_calls_when_streaming_is_off() -> None:
-    node = Recorder()
-    server = GRPCServer(node, "127.0.0.1", 0)
-    await server.start()
-    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=False)
-    try:
+    async with served(stream=False) as (node, server, handle):
         await handle.send_prompt(make_ctx(), np.array([[1]], dtype=np.int64), 0)
         with pytest.raises(RuntimeError, match="peer b: no request bad here"):
             await handle.send_result(TokenResult("bad", tokens=[1]))
         assert handle._stream is None and node.calls == [("prompt", 0)]
-    finally:
-        await handle.disconnect()
-        await server.stop(grace=0)
 
 
 @pytest.mark.asyncio
