@@ -51,6 +51,12 @@ _DECODING_WINDOW = 1.0
 #: shard of a ring the previous node's batch arrives as one message per request, spread over
 #: a millisecond or two, and running the first arrivals alone would split the batch for good.
 _GATHER_MAX_WAIT = 0.004
+#: Decode batches of at most this many steps run on the event loop's own thread when the
+#: worker thread is idle (GGUF weights on the CPU only). Handing a step to the worker and its
+#: result back wakes two threads, ~0.1-0.25 ms each on a 2-core VM, once per step and per node
+#: of a ring (``python -m bench.run``'s ring table); the loop is blocked for the step instead
+#: (~6-12 ms for a single decode step of SmolLM2-135M on 2 cores).
+INLINE_MAX_ROWS = 4
 
 
 @dataclass
@@ -135,6 +141,7 @@ class TorchInferenceEngine(InferenceEngine):
         self._drainer: asyncio.Task | None = None
         self._last_compute_s = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
+        self._worker_jobs = 0  # jobs submitted to the worker thread and not finished
         self._threads = torch.get_num_threads()  # intra-op threads of a forward pass
         self._model: ShardedLlama | None = None
         self._shard: Shard | None = None
@@ -152,8 +159,7 @@ class TorchInferenceEngine(InferenceEngine):
         async with self._load_lock:
             if self._shard == shard:
                 return
-            loop = asyncio.get_running_loop()
-            model = await loop.run_in_executor(self._executor, self._load, shard)
+            model = await self._on_worker(self._load, shard)
             self._model, self._shard = model, shard
             self._requests.clear()
 
@@ -290,26 +296,43 @@ class TorchInferenceEngine(InferenceEngine):
             if self._drainer is None or self._drainer.done():
                 self._drainer = loop.create_task(self._drain(), name="torch-decode-batches")
             return await step.future
-        return await loop.run_in_executor(self._executor, self._infer, request_id, x, position)
+        return await self._on_worker(self._infer, request_id, x, position)
+
+    async def _on_worker(self, fn, *args):
+        """``fn(*args)`` on the worker thread (forward passes and loads run one at a time)."""
+        self._worker_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._worker_jobs -= 1
+
+    def _runs_inline(self, steps: int) -> bool:
+        """Whether a decode batch of ``steps`` steps runs on the event loop's thread (see
+        ``INLINE_MAX_ROWS``): GGUF weights, whose decode pass uses the kernels' own threads and
+        leaves torch's at one, and no load or prefill under way on the worker thread."""
+        return self.weights == "gguf" and steps <= INLINE_MAX_ROWS and self._worker_jobs == 0
 
     async def _drain(self) -> None:
         """Run the queued decode steps in batches until none is left."""
-        loop = asyncio.get_running_loop()
         while self._pending:
-            seen, stable, turns = len(self._pending), 0, 0
-            while stable < _GATHER_STABLE_TURNS and seen < self.max_batch and turns < _GATHER_MAX_TURNS:
-                await asyncio.sleep(0)  # let the steps of requests woken meanwhile join this batch
-                turns += 1
-                stable = stable + 1 if len(self._pending) == seen else 0
-                seen = len(self._pending)
-            await self._await_decoding_requests()
+            if self._decoding_request_ids() - {s.request_id for s in self._pending}:
+                seen, stable, turns = len(self._pending), 0, 0
+                while stable < _GATHER_STABLE_TURNS and seen < self.max_batch and turns < _GATHER_MAX_TURNS:
+                    await asyncio.sleep(0)  # let the steps of requests woken meanwhile join this batch
+                    turns += 1
+                    stable = stable + 1 if len(self._pending) == seen else 0
+                    seen = len(self._pending)
+                await self._await_decoding_requests()
             batch = [s for s in self._pending[:self.max_batch] if not s.future.done()]
             del self._pending[:self.max_batch]
             if not batch:
                 continue
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._decode_batch, batch)
+                if self._runs_inline(len(batch)):
+                    results = self._decode_batch(batch)
+                else:
+                    results = await self._on_worker(self._decode_batch, batch)
             except BaseException as e:
                 for s in batch:
                     if not s.future.done():
@@ -329,12 +352,16 @@ class TorchInferenceEngine(InferenceEngine):
                 else:
                     s.future.set_result(r)
 
+    def _decoding_request_ids(self) -> set[str]:
+        """The requests that are decoding: a step within ``_DECODING_WINDOW`` seconds."""
+        now = time.monotonic()
+        return {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
+
     async def _await_decoding_requests(self) -> None:
         """Wait up to ``_GATHER_MAX_WAIT`` seconds for a step of every request that is decoding
-        (had a step within ``_DECODING_WINDOW`` seconds) but has none queued yet."""
-        now = time.monotonic()
-        decoding = {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
-        deadline = now + _GATHER_MAX_WAIT
+        but has none queued yet."""
+        decoding = self._decoding_request_ids()
+        deadline = time.monotonic() + _GATHER_MAX_WAIT
         while len(self._pending) < self.max_batch and time.monotonic() < deadline:
             if not decoding - {s.request_id for s in self._pending}:
                 return
