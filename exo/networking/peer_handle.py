@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
@@ -37,18 +38,26 @@ class PeerHandle(ABC):
         """True when the peer answers its health check in time (never raises)."""
 
     @abstractmethod
-    async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
+    async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
+                          on_error: Callable[[BaseException], None] | None = None) -> None:
         """Start or continue ``ctx``'s request on the peer holding layer 0.
 
         ``token_ids``: int64, shape (1, T). ``position``: tokens already in the KV cache (0 = prefill).
+
+        ``on_error`` (here and in ``send_tensor``, ``send_result``): the call may return once
+        the message is on its way, without waiting for the peer's answer; an error the peer
+        reports for it later, or the connection failing before the peer confirmed it, is then
+        passed to ``on_error`` (on the event loop, as the exception the call would have raised)
+        instead of raised. Failures noticed while sending are still raised.
         """
 
     @abstractmethod
-    async def send_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
+    async def send_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int,
+                          on_error: Callable[[BaseException], None] | None = None) -> None:
         """Hand hidden states (float32, shape (1, T, hidden)) to the peer's shard of ``ctx``'s ring."""
 
     @abstractmethod
-    async def send_result(self, result: TokenResult) -> None:
+    async def send_result(self, result: TokenResult, on_error: Callable[[BaseException], None] | None = None) -> None:
         """Deliver tokens, a finish or an error to the request's origin node."""
 
     @abstractmethod

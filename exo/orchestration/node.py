@@ -610,12 +610,13 @@ class Node:
             self._extra_handles[p.node_id] = h
         return h
 
-    async def _send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
+    async def _send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
+                           on_error: Callable[[BaseException], None] | None = None) -> None:
         first = ctx.ring[0]
         if first.node_id == self.id:
             await self.process_prompt(ctx, token_ids, position)
         else:
-            await self._peer(first).send_prompt(ctx, token_ids, position)
+            await self._peer(first).send_prompt(ctx, token_ids, position, on_error=on_error)
 
     async def process_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
         """Schedule token ids (int64, (1, T)) on this node's shard, which must hold layer 0.
@@ -685,26 +686,38 @@ class Node:
                 return
             next_position = position + x.shape[1]
             if not shard.is_last_layer:
-                await self._peer(ctx.next_partition(self.id)).send_tensor(ctx, out, position)
+                await self._peer(ctx.next_partition(self.id)).send_tensor(ctx, out, position, on_error=self._step_error_handler(ctx))
                 return
             await self._sample_and_continue(ctx, out, position, next_position)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            if self._is_stale(ctx) or rid in self._ended:
-                logger.debug("request %s: a message of an old epoch failed on node %s: %s", rid, self.id, e)
-                return
-            if isinstance(e, ConnectionError):  # the next node is gone: the origin fails over
-                logger.warning("request %s on node %s: %s", rid, self.id, e)
-            else:
-                logger.exception("request %s failed on node %s", rid, self.id)
-            previous = self._deliveries.get(rid)
-            if previous is not None:  # after the tokens this node already sent (see _sample_and_continue)
-                await asyncio.wait([previous])
-            await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}",
-                                                epoch=ctx.epoch))
+            await self._step_failed(ctx, e)
         finally:
             self.active_request_ids.discard(rid)
+
+    def _step_error_handler(self, ctx: RequestContext) -> Callable[[BaseException], None]:
+        """``on_error`` of a step sent on without waiting for the peer (see PeerHandle): its
+        failure is handled as if the send had raised it."""
+        return lambda e: self._spawn(self._step_failed(ctx, e), f"step-failed-{ctx.request_id}")
+
+    async def _step_failed(self, ctx: RequestContext, e: BaseException) -> None:
+        """A step of ``ctx``'s request failed on this node, or the next node refused it: report
+        the error to the origin (which fails over or ends the request), unless the request ended
+        or moved to a newer epoch meanwhile."""
+        rid = ctx.request_id
+        if self._is_stale(ctx) or rid in self._ended:
+            logger.debug("request %s: a message of an old epoch failed on node %s: %s", rid, self.id, e)
+            return
+        if isinstance(e, ConnectionError):  # the next node is gone: the origin fails over
+            logger.warning("request %s on node %s: %s", rid, self.id, e)
+        else:
+            logger.error("request %s failed on node %s", rid, self.id, exc_info=e)
+        previous = self._deliveries.get(rid)
+        if previous is not None:  # after the tokens this node already sent (see _sample_and_continue)
+            await asyncio.wait([previous])
+        await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}",
+                                            epoch=ctx.epoch))
 
     async def _sample_and_continue(self, ctx: RequestContext, logits: np.ndarray, position: int, next_position: int) -> None:
         rid = ctx.request_id
@@ -733,7 +746,8 @@ class Node:
         try:
             if not result.is_finished:
                 next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx  # only the replay carries them
-                await self._send_prompt(next_ctx, np.asarray([[s.token]], dtype=WIRE_TOKEN_DTYPE), next_position)
+                await self._send_prompt(next_ctx, np.asarray([[s.token]], dtype=WIRE_TOKEN_DTYPE), next_position,
+                                        on_error=self._step_error_handler(ctx))
             if previous is not None:
                 await asyncio.wait([previous])
             await self._report(ctx, result)
@@ -753,9 +767,12 @@ class Node:
                     if info is None:
                         raise ConnectionError(f"origin node {ctx.origin_node_id} is unknown")
                     origin = self._peer(Partition(info.node_id, info.address, 0, 0))
-                await origin.send_result(result)
-        except Exception:
-            logger.exception("could not deliver a result of request %s to %s", ctx.request_id, ctx.origin_node_id)
+                await origin.send_result(result, on_error=lambda e: self._undelivered(ctx, e))
+        except Exception as e:
+            self._undelivered(ctx, e)
+
+    def _undelivered(self, ctx: RequestContext, e: BaseException) -> None:
+        logger.error("could not deliver a result of request %s to %s", ctx.request_id, ctx.origin_node_id, exc_info=e)
 
     async def process_result(self, result: TokenResult) -> None:
         """Deliver a result to the local request it belongs to; results of requests that ended

@@ -27,6 +27,7 @@ class Recorder:
     def __init__(self) -> None:
         self.id = "b"
         self.calls: list[tuple] = []
+        self.release = asyncio.Event()  # a result for request "held" waits for it
 
     async def process_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
         self.calls.append(("prompt", position))
@@ -37,6 +38,8 @@ class Recorder:
     async def process_result(self, result: TokenResult) -> None:
         if result.request_id == "bad":
             raise KeyError("no request bad here")
+        if result.request_id == "held":
+            await self.release.wait()
         self.calls.append(("result", result.tokens[0] if result.tokens else None))
 
     async def end_request(self, request_id: str) -> None: ...
@@ -80,6 +83,36 @@ async def test_stream_keeps_order_reports_errors_per_message_and_is_reused() -> 
         await handle.send_tensor(ctx, np.zeros((1, 1, 576), np.float32), 3)
         assert node.calls[-1] == ("tensor", 3)
         assert handle._stream is stream and stream.alive  # one stream for all of it
+
+
+@pytest.mark.asyncio
+async def test_messages_sent_without_waiting_report_their_failures_later() -> None:
+    async with served(stream=True) as (node, server, handle):
+        errors: list[BaseException] = []
+        for i in range(50):
+            await handle.send_result(TokenResult("r", tokens=[i]), on_error=errors.append)
+        await handle.send_result(TokenResult("bad", tokens=[1]), on_error=errors.append)
+        await handle.send_tensor(make_ctx(), np.zeros((2, 576), np.float32), 3, on_error=errors.append)
+        await handle.send_result(TokenResult("r", tokens=[50]), on_error=errors.append)
+        await wait_for(lambda: len(errors) == 2, timeout=10)
+        assert isinstance(errors[0], RuntimeError) and str(errors[0]) == "peer b: no request bad here"
+        assert isinstance(errors[1], RuntimeError) and "hidden_states must have 3 dimensions" in str(errors[1])
+        assert [c for c in node.calls if c[0] == "result"] == [("result", i) for i in range(51)]
+        # an acknowledged message confirms every one before it: nothing is left to report
+        await handle.send_result(TokenResult("r", tokens=[51]))
+        stream = handle._stream
+        assert stream is not None and stream.alive and not stream._unconfirmed and len(errors) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_message_the_peer_never_confirmed_fails_when_the_stream_breaks() -> None:
+    async with served(stream=True) as (node, server, handle):
+        errors: list[BaseException] = []
+        await handle.send_result(TokenResult("r", tokens=[1]))
+        await handle.send_result(TokenResult("held", tokens=[2]), on_error=errors.append)
+        await server.stop(grace=0)  # while the peer still handles it
+        await wait_for(lambda: errors, timeout=10)
+        assert len(errors) == 1 and isinstance(errors[0], ConnectionError) and "peer b" in str(errors[0])
 
 
 @pytest.mark.asyncio

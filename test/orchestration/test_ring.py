@@ -10,6 +10,7 @@ from helpers import wait_for
 
 from exo.inference.generation import GenerationOptions
 from exo.inference.shard import Shard
+from exo.orchestration.errors import GenerationError
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -77,3 +78,20 @@ async def test_topology_lists_both_nodes_and_their_layers(two_node_cluster):
     assert set(topo["nodes"]) == {n.node.id for n in two_node_cluster}
     layers = {p["node_id"]: (p["start_layer"], p["end_layer"]) for p in topo["partitions"][MODEL]}
     assert sorted(layers.values()) == [(0, 14), (15, 29)]
+
+
+async def test_a_decode_step_the_next_node_refuses_ends_the_request_with_its_error(two_node_cluster):
+    # Decode steps are sent on without waiting for the next node's answer: its refusal (here
+    # NOT_FOUND, the request's KV cache is gone there) must still reach the origin as an error.
+    for n in two_node_cluster:
+        await wait_for(lambda n=n: n.node.engine.shard is not None, timeout=30)
+    first, last = sorted((n.node for n in two_node_cluster), key=lambda node: node.engine.shard.start_layer)
+    tok = await first.get_tokenizer(MODEL)
+    gen = first.generate(MODEL, tok.encode("Count to one hundred:"), GenerationOptions(max_tokens=200, temperature=0.0),
+                         request_id="refused-step")
+    await gen.__anext__()
+    await last.engine.clear_request("refused-step")
+    with pytest.raises(GenerationError, match="no KV cache"):
+        async with asyncio.timeout(60):
+            async for _ in gen:
+                pass

@@ -217,16 +217,18 @@ class Topology(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ...) -> None: ...
 
 class RingMessage(_message.Message):
-    __slots__ = ("seq", "prompt", "tensor", "result")
+    __slots__ = ("seq", "prompt", "tensor", "result", "errors_only")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_ONLY_FIELD_NUMBER: _ClassVar[int]
     seq: int
     prompt: PromptRequest
     tensor: TensorRequest
     result: ResultRequest
-    def __init__(self, seq: _Optional[int] = ..., prompt: _Optional[_Union[PromptRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorRequest, _Mapping]] = ..., result: _Optional[_Union[ResultRequest, _Mapping]] = ...) -> None: ...
+    errors_only: bool
+    def __init__(self, seq: _Optional[int] = ..., prompt: _Optional[_Union[PromptRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorRequest, _Mapping]] = ..., result: _Optional[_Union[ResultRequest, _Mapping]] = ..., errors_only: _Optional[bool] = ...) -> None: ...
 
 class RingAck(_message.Message):
     __slots__ = ("seq", "code", "details")

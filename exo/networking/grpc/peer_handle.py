@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -42,6 +43,10 @@ CALL_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 #: Longest a failed stream write waits for the call's final status, in seconds.
 STREAM_STATUS_WAIT = 1.0
+#: Most messages sent without waiting (``on_error``) that a stream remembers until the peer
+#: confirms them; beyond it the oldest is forgotten, and a failure of it goes unreported here
+#: (the origin's stall check still notices a lost step).
+MAX_UNCONFIRMED = 4096
 #: Final statuses of a stream call that mean the transport failed, not that the peer refused.
 _BROKEN_STREAM_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED,
                                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -58,14 +63,18 @@ def stream_by_default() -> bool:
 class _RingStream:
     """One open ``Stream`` call to a peer: writes are serialised, acks matched to writes by seq.
 
-    When the call ends (the peer went away, or ``close``), every message still waiting for its
-    ack fails with that error, and so does every later ``send``; the handle then opens a new one.
+    A message sent with ``on_error`` is not waited for: the peer answers it only if it fails
+    (``RingMessage.errors_only``), and an OK ack of a later seq confirms it. When the call ends
+    (the peer went away, or ``close``), every message still waiting for its ack fails with that
+    error, every unconfirmed message's ``on_error`` gets it, and so does every later ``send``;
+    the handle then opens a new one.
     """
 
     def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
         self.call = call
         self.error: BaseException | None = None
         self._pending: dict[int, asyncio.Future] = {}
+        self._unconfirmed: OrderedDict[int, Callable[[BaseException | pb.RingAck], None]] = OrderedDict()
         self._seq = 0
         self._write_lock = asyncio.Lock()
         self._reader = asyncio.create_task(self._read(), name="grpc-ring-stream-acks")
@@ -77,6 +86,12 @@ class _RingStream:
                 fut = self._pending.pop(ack.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(ack)
+                on_error = self._unconfirmed.pop(ack.seq, None)
+                if on_error is not None and ack.code != grpc.StatusCode.OK.value[0]:
+                    on_error(ack)
+                # messages are handled in order: every earlier one is settled
+                while self._unconfirmed and next(iter(self._unconfirmed)) < ack.seq:
+                    self._unconfirmed.popitem(last=False)
             error = ConnectionError("the peer closed the stream")
         except grpc.aio.AioRpcError as e:
             # a refusal by the peer (e.g. a wrong cluster key) keeps its status; a transport
@@ -94,6 +109,9 @@ class _RingStream:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(self.error)
+        unconfirmed, self._unconfirmed = self._unconfirmed, OrderedDict()
+        for on_error in unconfirmed.values():
+            on_error(self.error)
 
     async def ready(self, timeout: float) -> None:
         """Wait until the peer accepted the call (its initial metadata, sent before any message)
@@ -109,22 +127,34 @@ class _RingStream:
     def alive(self) -> bool:
         return self.error is None and not self.call.done()
 
-    async def send(self, message: pb.RingMessage, timeout: float) -> pb.RingAck:
-        """Write ``message`` and wait for its ack. Raises the stream's error (an ``AioRpcError``
-        from the peer, or ``ConnectionError`` when the stream broke or was closed), or
-        ``asyncio.TimeoutError``."""
+    async def send(self, message: pb.RingMessage, timeout: float,
+                   on_error: Callable[[BaseException | pb.RingAck], None] | None = None) -> pb.RingAck | None:
+        """Write ``message`` and wait for its ack; with ``on_error``, return once it is written
+        (None) and pass its failing ack, or the stream's error if the stream ends before the
+        peer confirmed it, to ``on_error`` later (on the event loop). Raises the stream's error
+        (an ``AioRpcError`` from the peer, or ``ConnectionError`` when the stream broke or was
+        closed), or ``asyncio.TimeoutError``."""
         async with self._write_lock:
             if self.error is not None:
                 raise self.error
             self._seq += 1
             message.seq = self._seq
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[self._seq] = fut
+            fut: asyncio.Future | None = None
+            if on_error is None:
+                fut = self._pending[self._seq] = asyncio.get_running_loop().create_future()
+            else:
+                message.errors_only = True
+                self._unconfirmed[self._seq] = on_error
+                while len(self._unconfirmed) > MAX_UNCONFIRMED:
+                    self._unconfirmed.popitem(last=False)
             try:
                 await self.call.write(message)
             except BaseException as e:
                 self._pending.pop(message.seq, None)
-                if fut.done():
+                self._unconfirmed.pop(message.seq, None)
+                if fut is None:
+                    pass
+                elif fut.done():
                     fut.exception()  # retrieved: the error is raised below instead
                 else:
                     fut.cancel()
@@ -136,6 +166,8 @@ class _RingStream:
                 await asyncio.wait({self._reader}, timeout=STREAM_STATUS_WAIT)
                 self._fail(ConnectionError(f"the stream broke: {e}"))
                 raise self.error from e
+        if fut is None:
+            return None
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -162,7 +194,8 @@ class GRPCPeerHandle(PeerHandle):
         cluster_secret: when set, every call carries the cluster key derived from it.
         stream: send prompts, tensors and results over one persistent bidirectional ``Stream``
             call (default: ``stream_by_default()``) instead of one unary call each; every message
-            is still acknowledged with its own status, so errors are raised the same way.
+            is still acknowledged with its own status, so errors are raised the same way, except
+            for a send with ``on_error``, which returns once written (see ``PeerHandle``).
 
     Calls other than ``health_check`` raise ``ConnectionError`` when the peer is unreachable or
     misses the deadline (UNAVAILABLE, DEADLINE_EXCEEDED), ``RuntimeError(f"peer {id}: {details}")``
@@ -276,41 +309,55 @@ class GRPCPeerHandle(PeerHandle):
                     raise
             return self._stream
 
-    async def _send_ring(self, method: str, message: pb.RingMessage) -> None:
-        """Send over the persistent stream; errors as ``_call`` raises them."""
-        try:
-            stream = await self._open_stream()
-            ack = await stream.send(message, CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as e:
+    def _ring_error(self, method: str, e: BaseException | pb.RingAck) -> BaseException:
+        """What a ring send raises (or passes to ``on_error``) for a failing ack or a stream's
+        error: as ``_call`` raises them."""
+        if isinstance(e, pb.RingAck):
+            return RuntimeError(f"peer {self._id}: {e.details}")
+        if isinstance(e, grpc.aio.AioRpcError):
             code, details = e.code(), e.details()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                raise ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}") from e
-            raise RuntimeError(f"peer {self._id}: {details}") from e
-        except asyncio.TimeoutError as e:
-            raise ConnectionError(f"peer {self._id} at {self._address}: {method}: no answer within {CALL_TIMEOUT} s") from e
-        except ConnectionError as e:
-            raise ConnectionError(f"peer {self._id} at {self._address}: {method}: {e}") from e
-        if ack.code != grpc.StatusCode.OK.value[0]:
-            raise RuntimeError(f"peer {self._id}: {ack.details}")
+                return ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}")
+            return RuntimeError(f"peer {self._id}: {details}")
+        if isinstance(e, asyncio.TimeoutError):
+            return ConnectionError(f"peer {self._id} at {self._address}: {method}: no answer within {CALL_TIMEOUT} s")
+        if isinstance(e, ConnectionError):
+            return ConnectionError(f"peer {self._id} at {self._address}: {method}: {e}")
+        return e
 
-    async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
+    async def _send_ring(self, method: str, message: pb.RingMessage,
+                         on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Send over the persistent stream; errors as ``_call`` raises them, or later to
+        ``on_error`` (see ``PeerHandle.send_tensor``)."""
+        report = None if on_error is None else (lambda e: on_error(self._ring_error(method, e)))
+        try:
+            stream = await self._open_stream()
+            ack = await stream.send(message, CALL_TIMEOUT, report)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, ConnectionError) as e:
+            raise self._ring_error(method, e) from e
+        if ack is not None and ack.code != grpc.StatusCode.OK.value[0]:
+            raise self._ring_error(method, ack)
+
+    async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
+                          on_error: Callable[[BaseException], None] | None = None) -> None:
         request = pb.PromptRequest(ctx=codec.ctx_to_proto(ctx), token_ids=codec.tensor_to_proto(token_ids), position=position)
         if self._use_stream:
-            return await self._send_ring("SendPrompt", pb.RingMessage(prompt=request))
+            return await self._send_ring("SendPrompt", pb.RingMessage(prompt=request), on_error)
         await self._call("SendPrompt", lambda s: s.SendPrompt(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
 
-    async def send_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
+    async def send_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int,
+                          on_error: Callable[[BaseException], None] | None = None) -> None:
         request = pb.TensorRequest(
             ctx=codec.ctx_to_proto(ctx), hidden_states=codec.tensor_to_proto(hidden_states), position=position
         )
         if self._use_stream:
-            return await self._send_ring("SendTensor", pb.RingMessage(tensor=request))
+            return await self._send_ring("SendTensor", pb.RingMessage(tensor=request), on_error)
         await self._call("SendTensor", lambda s: s.SendTensor(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
 
-    async def send_result(self, result: TokenResult) -> None:
+    async def send_result(self, result: TokenResult, on_error: Callable[[BaseException], None] | None = None) -> None:
         request = codec.result_to_proto(result)
         if self._use_stream:
-            return await self._send_ring("SendResult", pb.RingMessage(result=request))
+            return await self._send_ring("SendResult", pb.RingMessage(result=request), on_error)
         await self._call("SendResult", lambda s: s.SendResult(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
 
     async def end_request(self, request_id: str) -> None:

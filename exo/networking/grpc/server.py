@@ -39,6 +39,9 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 #: Longest error detail sent back to a caller, in characters.
 MAX_ERROR_DETAIL = 2000
+#: On a ring stream, longest time between OK acks while ``errors_only`` messages succeed, in
+#: seconds: the sender forgets the messages they cover (see ``RingMessage.errors_only``).
+CUMULATIVE_ACK_INTERVAL = 0.1
 
 _PROMPT_DTYPES = ("int64", "int32")
 _HIDDEN_DTYPES = ("float32", "float16")
@@ -154,11 +157,15 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def Stream(self, request_iterator: AsyncIterator[pb.RingMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RingAck]:
         """Serve a peer's persistent stream: each message is handled like its unary counterpart
-        and answered, in order, with a RingAck carrying that call's status."""
+        and answered, in order, with a RingAck carrying that call's status; a message marked
+        ``errors_only`` is answered when it fails, and when it succeeds only if no ack went out
+        for ``CUMULATIVE_ACK_INTERVAL`` seconds (an OK ack covers every earlier message)."""
         handlers = {"prompt": self._prompt, "tensor": self._tensor, "result": self._result}
         # accepted (the key check passed): say so before the first message, so a client never
         # writes into a call that is being refused (see _RingStream.ready)
         await context.send_initial_metadata(())
+        loop = asyncio.get_running_loop()
+        last_ack = loop.time()
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("body")
@@ -168,9 +175,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                     await handlers[kind](getattr(message, kind))
                 except Exception as e:
                     code, details = _status(e, f"Stream/{kind}")
+                    last_ack = loop.time()
                     yield pb.RingAck(seq=message.seq, code=code.value[0], details=details)
                 else:
-                    yield pb.RingAck(seq=message.seq)
+                    if not message.errors_only or loop.time() - last_ack >= CUMULATIVE_ACK_INTERVAL:
+                        last_ack = loop.time()
+                        yield pb.RingAck(seq=message.seq)
         except asyncio.CancelledError:
             # the server is stopping (or the peer cancelled): end the stream quietly; gRPC
             # would otherwise log the cancellation as an unhandled servicer exception
