@@ -39,10 +39,12 @@ class PeerHandle(ABC):
 
     @abstractmethod
     async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
-                          on_error: Callable[[BaseException], None] | None = None) -> None:
+                          on_error: Callable[[BaseException], None] | None = None, result: TokenResult | None = None) -> None:
         """Start or continue ``ctx``'s request on the peer holding layer 0.
 
         ``token_ids``: int64, shape (1, T). ``position``: tokens already in the KV cache (0 = prefill).
+        ``result``: for a peer that is also the request's origin, the result of the step these
+        ids come from, delivered before the prompt (one message instead of two per token).
 
         ``on_error`` (here and in ``send_tensor``, ``send_result``): the call may return once
         the message is on its way, without waiting for the peer's answer; an error the peer

@@ -746,8 +746,14 @@ class Node:
         try:
             if not result.is_finished:
                 next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx  # only the replay carries them
-                await self._send_prompt(next_ctx, np.asarray([[s.token]], dtype=WIRE_TOKEN_DTYPE), next_position,
-                                        on_error=self._step_error_handler(ctx))
+                token_ids = np.asarray([[s.token]], dtype=WIRE_TOKEN_DTYPE)
+                first = ctx.ring[0]
+                if first.node_id == ctx.origin_node_id != self.id and (previous is None or previous.done()):
+                    # the origin holds layer 0: the result rides with the next step, one message a token
+                    await self._peer(first).send_prompt(next_ctx, token_ids, next_position,
+                                                        on_error=self._step_error_handler(ctx), result=result)
+                    return
+                await self._send_prompt(next_ctx, token_ids, next_position, on_error=self._step_error_handler(ctx))
             if previous is not None:
                 await asyncio.wait([previous])
             await self._report(ctx, result)

@@ -153,6 +153,19 @@ async def test_unary_calls_when_streaming_is_off() -> None:
         assert handle._stream is None and node.calls == [("prompt", 0)]
 
 
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.asyncio
+async def test_a_prompt_carries_the_result_of_its_step_to_the_origin(stream) -> None:
+    async with served(stream=stream) as (node, server, handle):
+        ids = np.array([[7]], dtype=np.int64)
+        await handle.send_prompt(make_ctx(), ids, 5, result=TokenResult("r", tokens=[7]))
+        assert node.calls == [("result", 7), ("prompt", 5)]  # the result first, as its own call would come
+        # a result the origin refuses fails the message before its prompt is scheduled
+        with pytest.raises(RuntimeError, match="peer b: no request bad here"):
+            await handle.send_prompt(make_ctx(), ids, 6, result=TokenResult("bad", tokens=[7]))
+        assert node.calls == [("result", 7), ("prompt", 5)]
+
+
 @pytest.mark.asyncio
 async def test_wrong_cluster_key_on_the_stream_says_so() -> None:
     # Regression: a stream refused by the server's key check surfaced as "the stream broke"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exo/networking/grpc/node_service.proto\x12\x10\x65xo.node_service\"\x07\n\x05\x45mpty\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x03\x12\x11\n\tend_layer\x18\x03 \x01(\x03\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\"\xeb\x01\n\x11GenerationOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x03\x42\x07\n\x05_seed\"U\n\tPartition\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x03\x12\x11\n\tend_layer\x18\x04 \x01(\x03\"\xfe\x01\n\x0eRequestContext\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\x12)\n\x04ring\x18\x05 \x03(\x0b\x32\x1b.exo.node_service.Partition\x12\x34\n\x07options\x18\x06 \x01(\x0b\x32#.exo.node_service.GenerationOptions\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x12\n\nprompt_len\x18\x08 \x01(\x03\x12\x18\n\x10generated_tokens\x18\t \x03(\x03\"}\n\rPromptRequest\x12-\n\x03\x63tx\x18\x01 \x01(\x0b\x32 .exo.node_service.RequestContext\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.exo.node_service.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\"\x81\x01\n\rTensorRequest\x12-\n\x03\x63tx\x18\x01 \x01(\x0b\x32 .exo.node_service.RequestContext\x12/\n\rhidden_states\x18\x02 \x01(\x0b\x32\x18.exo.node_service.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x01\"\xd5\x01\n\rResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x03(\x01\x12\x33\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x1d.exo.node_service.TopLogprobs\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x42\x10\n\x0e_finish_reasonB\x08\n\x06_error\"\'\n\x11\x45ndRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x14\n\x12HealthCheckRequest\":\n\x13HealthCheckResponse\x12\x12\n\nis_healthy\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"<\n\x16\x43ollectTopologyRequest\x12\x0f\n\x07visited\x18\x01 \x03(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\x03\"7\n\x0b\x44\x65viceFlops\x12\x0c\n\x04\x66p32\x18\x01 \x01(\x01\x12\x0c\n\x04\x66p16\x18\x02 \x01(\x01\x12\x0c\n\x04int8\x18\x03 \x01(\x01\"\xaa\x01\n\x12\x44\x65viceCapabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\t\x12\x0e\n\x06memory\x18\x03 \x01(\x03\x12,\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x1d.exo.node_service.DeviceFlops\x12\x18\n\x10\x61vailable_memory\x18\x05 \x01(\x03\x12\x0b\n\x03gpu\x18\x06 \x01(\t\x12\x12\n\ngpu_memory\x18\x07 \x01(\x03\"h\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12:\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32$.exo.node_service.DeviceCapabilities\"&\n\x04\x45\x64ge\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\x12\r\n\x05to_id\x18\x02 \x01(\t\"\\\n\x08Topology\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.exo.node_service.NodeInfo\x12%\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x16.exo.node_service.Edge\"\xd0\x01\n\x0bRingMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x31\n\x06prompt\x18\x02 \x01(\x0b\x32\x1f.exo.node_service.PromptRequestH\x00\x12\x31\n\x06tensor\x18\x03 \x01(\x0b\x32\x1f.exo.node_service.TensorRequestH\x00\x12\x31\n\x06result\x18\x04 \x01(\x0b\x32\x1f.exo.node_service.ResultRequestH\x00\x12\x13\n\x0b\x65rrors_only\x18\x05 \x01(\x08\x42\x06\n\x04\x62ody\"5\n\x07RingAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\t2\xbc\x04\n\x0bNodeService\x12H\n\nSendPrompt\x12\x1f.exo.node_service.PromptRequest\x1a\x17.exo.node_service.Empty\"\x00\x12H\n\nSendTensor\x12\x1f.exo.node_service.TensorRequest\x1a\x17.exo.node_service.Empty\"\x00\x12H\n\nSendResult\x12\x1f.exo.node_service.ResultRequest\x1a\x17.exo.node_service.Empty\"\x00\x12L\n\nEndRequest\x12#.exo.node_service.EndRequestRequest\x1a\x17.exo.node_service.Empty\"\x00\x12\\\n\x0bHealthCheck\x12$.exo.node_service.HealthCheckRequest\x1a%.exo.node_service.HealthCheckResponse\"\x00\x12Y\n\x0f\x43ollectTopology\x12(.exo.node_service.CollectTopologyRequest\x1a\x1a.exo.node_service.Topology\"\x00\x12H\n\x06Stream\x12\x1d.exo.node_service.RingMessage\x1a\x19.exo.node_service.RingAck\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exo/networking/grpc/node_service.proto\x12\x10\x65xo.node_service\"\x07\n\x05\x45mpty\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x03\x12\x11\n\tend_layer\x18\x03 \x01(\x03\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\"\xeb\x01\n\x11GenerationOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x03\x42\x07\n\x05_seed\"U\n\tPartition\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x03\x12\x11\n\tend_layer\x18\x04 \x01(\x03\"\xfe\x01\n\x0eRequestContext\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\x12)\n\x04ring\x18\x05 \x03(\x0b\x32\x1b.exo.node_service.Partition\x12\x34\n\x07options\x18\x06 \x01(\x0b\x32#.exo.node_service.GenerationOptions\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x12\n\nprompt_len\x18\x08 \x01(\x03\x12\x18\n\x10generated_tokens\x18\t \x03(\x03\"\xbe\x01\n\rPromptRequest\x12-\n\x03\x63tx\x18\x01 \x01(\x0b\x32 .exo.node_service.RequestContext\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.exo.node_service.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x34\n\x06result\x18\x04 \x01(\x0b\x32\x1f.exo.node_service.ResultRequestH\x00\x88\x01\x01\x42\t\n\x07_result\"\x81\x01\n\rTensorRequest\x12-\n\x03\x63tx\x18\x01 \x01(\x0b\x32 .exo.node_service.RequestContext\x12/\n\rhidden_states\x18\x02 \x01(\x0b\x32\x18.exo.node_service.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x01\"\xd5\x01\n\rResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x03(\x01\x12\x33\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x1d.exo.node_service.TopLogprobs\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x42\x10\n\x0e_finish_reasonB\x08\n\x06_error\"\'\n\x11\x45ndRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x14\n\x12HealthCheckRequest\":\n\x13HealthCheckResponse\x12\x12\n\nis_healthy\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"<\n\x16\x43ollectTopologyRequest\x12\x0f\n\x07visited\x18\x01 \x03(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\x03\"7\n\x0b\x44\x65viceFlops\x12\x0c\n\x04\x66p32\x18\x01 \x01(\x01\x12\x0c\n\x04\x66p16\x18\x02 \x01(\x01\x12\x0c\n\x04int8\x18\x03 \x01(\x01\"\xaa\x01\n\x12\x44\x65viceCapabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\t\x12\x0e\n\x06memory\x18\x03 \x01(\x03\x12,\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x1d.exo.node_service.DeviceFlops\x12\x18\n\x10\x61vailable_memory\x18\x05 \x01(\x03\x12\x0b\n\x03gpu\x18\x06 \x01(\t\x12\x12\n\ngpu_memory\x18\x07 \x01(\x03\"h\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12:\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32$.exo.node_service.DeviceCapabilities\"&\n\x04\x45\x64ge\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\x12\r\n\x05to_id\x18\x02 \x01(\t\"\\\n\x08Topology\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.exo.node_service.NodeInfo\x12%\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x16.exo.node_service.Edge\"\xd0\x01\n\x0bRingMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x31\n\x06prompt\x18\x02 \x01(\x0b\x32\x1f.exo.node_service.PromptRequestH\x00\x12\x31\n\x06tensor\x18\x03 \x01(\x0b\x32\x1f.exo.node_service.TensorRequestH\x00\x12\x31\n\x06result\x18\x04 \x01(\x0b\x32\x1f.exo.node_service.ResultRequestH\x00\x12\x13\n\x0b\x65rrors_only\x18\x05 \x01(\x08\x42\x06\n\x04\x62ody\"5\n\x07RingAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\t2\xbc\x04\n\x0bNodeService\x12H\n\nSendPrompt\x12\x1f.exo.node_service.PromptRequest\x1a\x17.exo.node_service.Empty\"\x00\x12H\n\nSendTensor\x12\x1f.exo.node_service.TensorRequest\x1a\x17.exo.node_service.Empty\"\x00\x12H\n\nSendResult\x12\x1f.exo.node_service.ResultRequest\x1a\x17.exo.node_service.Empty\"\x00\x12L\n\nEndRequest\x12#.exo.node_service.EndRequestRequest\x1a\x17.exo.node_service.Empty\"\x00\x12\\\n\x0bHealthCheck\x12$.exo.node_service.HealthCheckRequest\x1a%.exo.node_service.HealthCheckResponse\"\x00\x12Y\n\x0f\x43ollectTopology\x12(.exo.node_service.CollectTopologyRequest\x1a\x1a.exo.node_service.Topology\"\x00\x12H\n\x06Stream\x12\x1d.exo.node_service.RingMessage\x1a\x19.exo.node_service.RingAck\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,36 +43,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTITION']._serialized_end=531
   _globals['_REQUESTCONTEXT']._serialized_start=534
   _globals['_REQUESTCONTEXT']._serialized_end=788
-  _globals['_PROMPTREQUEST']._serialized_start=790
-  _globals['_PROMPTREQUEST']._serialized_end=915
-  _globals['_TENSORREQUEST']._serialized_start=918
-  _globals['_TENSORREQUEST']._serialized_end=1047
-  _globals['_TOPLOGPROBS']._serialized_start=1049
-  _globals['_TOPLOGPROBS']._serialized_end=1099
-  _globals['_RESULTREQUEST']._serialized_start=1102
-  _globals['_RESULTREQUEST']._serialized_end=1315
-  _globals['_ENDREQUESTREQUEST']._serialized_start=1317
-  _globals['_ENDREQUESTREQUEST']._serialized_end=1356
-  _globals['_HEALTHCHECKREQUEST']._serialized_start=1358
-  _globals['_HEALTHCHECKREQUEST']._serialized_end=1378
-  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1380
-  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1438
-  _globals['_COLLECTTOPOLOGYREQUEST']._serialized_start=1440
-  _globals['_COLLECTTOPOLOGYREQUEST']._serialized_end=1500
-  _globals['_DEVICEFLOPS']._serialized_start=1502
-  _globals['_DEVICEFLOPS']._serialized_end=1557
-  _globals['_DEVICECAPABILITIES']._serialized_start=1560
-  _globals['_DEVICECAPABILITIES']._serialized_end=1730
-  _globals['_NODEINFO']._serialized_start=1732
-  _globals['_NODEINFO']._serialized_end=1836
-  _globals['_EDGE']._serialized_start=1838
-  _globals['_EDGE']._serialized_end=1876
-  _globals['_TOPOLOGY']._serialized_start=1878
-  _globals['_TOPOLOGY']._serialized_end=1970
-  _globals['_RINGMESSAGE']._serialized_start=1973
-  _globals['_RINGMESSAGE']._serialized_end=2181
-  _globals['_RINGACK']._serialized_start=2183
-  _globals['_RINGACK']._serialized_end=2236
-  _globals['_NODESERVICE']._serialized_start=2239
-  _globals['_NODESERVICE']._serialized_end=2811
+  _globals['_PROMPTREQUEST']._serialized_start=791
+  _globals['_PROMPTREQUEST']._serialized_end=981
+  _globals['_TENSORREQUEST']._serialized_start=984
+  _globals['_TENSORREQUEST']._serialized_end=1113
+  _globals['_TOPLOGPROBS']._serialized_start=1115
+  _globals['_TOPLOGPROBS']._serialized_end=1165
+  _globals['_RESULTREQUEST']._serialized_start=1168
+  _globals['_RESULTREQUEST']._serialized_end=1381
+  _globals['_ENDREQUESTREQUEST']._serialized_start=1383
+  _globals['_ENDREQUESTREQUEST']._serialized_end=1422
+  _globals['_HEALTHCHECKREQUEST']._serialized_start=1424
+  _globals['_HEALTHCHECKREQUEST']._serialized_end=1444
+  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1446
+  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1504
+  _globals['_COLLECTTOPOLOGYREQUEST']._serialized_start=1506
+  _globals['_COLLECTTOPOLOGYREQUEST']._serialized_end=1566
+  _globals['_DEVICEFLOPS']._serialized_start=1568
+  _globals['_DEVICEFLOPS']._serialized_end=1623
+  _globals['_DEVICECAPABILITIES']._serialized_start=1626
+  _globals['_DEVICECAPABILITIES']._serialized_end=1796
+  _globals['_NODEINFO']._serialized_start=1798
+  _globals['_NODEINFO']._serialized_end=1902
+  _globals['_EDGE']._serialized_start=1904
+  _globals['_EDGE']._serialized_end=1942
+  _globals['_TOPOLOGY']._serialized_start=1944
+  _globals['_TOPOLOGY']._serialized_end=2036
+  _globals['_RINGMESSAGE']._serialized_start=2039
+  _globals['_RINGMESSAGE']._serialized_end=2247
+  _globals['_RINGACK']._serialized_start=2249
+  _globals['_RINGACK']._serialized_end=2302
+  _globals['_NODESERVICE']._serialized_start=2305
+  _globals['_NODESERVICE']._serialized_end=2877
 # @@protoc_insertion_point(module_scope)

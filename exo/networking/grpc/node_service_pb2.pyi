@@ -91,14 +91,16 @@ class RequestContext(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ..., prompt_len: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PromptRequest(_message.Message):
-    __slots__ = ("ctx", "token_ids", "position")
+    __slots__ = ("ctx", "token_ids", "position", "result")
     CTX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
     ctx: RequestContext
     token_ids: Tensor
     position: int
-    def __init__(self, ctx: _Optional[_Union[RequestContext, _Mapping]] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+    result: ResultRequest
+    def __init__(self, ctx: _Optional[_Union[RequestContext, _Mapping]] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., result: _Optional[_Union[ResultRequest, _Mapping]] = ...) -> None: ...
 
 class TensorRequest(_message.Message):
     __slots__ = ("ctx", "hidden_states", "position")

@@ -339,8 +339,10 @@ class GRPCPeerHandle(PeerHandle):
             raise self._ring_error(method, ack)
 
     async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
-                          on_error: Callable[[BaseException], None] | None = None) -> None:
+                          on_error: Callable[[BaseException], None] | None = None, result: TokenResult | None = None) -> None:
         request = pb.PromptRequest(ctx=codec.ctx_to_proto(ctx), token_ids=codec.tensor_to_proto(token_ids), position=position)
+        if result is not None:
+            request.result.CopyFrom(codec.result_to_proto(result))
         if self._use_stream:
             return await self._send_ring("SendPrompt", pb.RingMessage(prompt=request), on_error)
         await self._call("SendPrompt", lambda s: s.SendPrompt(request, timeout=CALL_TIMEOUT, metadata=self._metadata))

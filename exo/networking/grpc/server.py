@@ -128,6 +128,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         token_ids = codec.tensor_from_proto(request.token_ids)
         _check_tensor("token_ids", token_ids, _PROMPT_DTYPES, 2)
         _check_position(request.position)
+        if request.HasField("result"):  # the previous step's result, for this node as the origin
+            await self._node.process_result(codec.result_from_proto(request.result))
         await self._node.process_prompt(ctx, token_ids.astype(np.int64, copy=False), int(request.position))
 
     async def _tensor(self, request: pb.TensorRequest) -> None:
