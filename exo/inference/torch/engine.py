@@ -76,7 +76,7 @@ class _DecodeStep:
     request_id: str
     x: np.ndarray
     position: int
-    future: asyncio.Future
+    future: asyncio.Future | None  # None: run at once, not queued
 
 
 class TorchInferenceEngine(InferenceEngine):
@@ -291,6 +291,13 @@ class TorchInferenceEngine(InferenceEngine):
         self._validate_input(shard, x)
         loop = asyncio.get_running_loop()
         if x.shape[1] == 1 and position > 0 and self.max_batch > 1:
+            if not self._pending and self._runs_inline(1) and not self._decoding_request_ids() - {request_id}:
+                # the only request decoding: nothing to batch with, no batch to wait for
+                (out,) = self._decode_batch([_DecodeStep(request_id, x, position, None)])
+                self._record_batch(1)
+                if isinstance(out, Exception):
+                    raise out
+                return out
             step = _DecodeStep(request_id, x, position, loop.create_future())
             self._pending.append(step)
             if self._drainer is None or self._drainer.done():
@@ -340,7 +347,7 @@ class TorchInferenceEngine(InferenceEngine):
                 if not isinstance(e, Exception):
                     raise
                 continue
-            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+            self._record_batch(len(batch))
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("decode batch of %d: %.2f ms on the worker, %.2f ms round trip", len(batch),
                              self._last_compute_s * 1000, (time.perf_counter() - t0) * 1000)
@@ -356,6 +363,11 @@ class TorchInferenceEngine(InferenceEngine):
         """The requests that are decoding: a step within ``_DECODING_WINDOW`` seconds."""
         now = time.monotonic()
         return {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
+
+    def _record_batch(self, steps: int) -> None:
+        self.batch_sizes.append(steps)
+        if len(self.batch_sizes) > 2000:
+            del self.batch_sizes[:-1000]
 
     async def _await_decoding_requests(self) -> None:
         """Wait up to ``_GATHER_MAX_WAIT`` seconds for a step of every request that is decoding

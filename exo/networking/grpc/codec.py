@@ -10,6 +10,7 @@ message naming the bad field; the server turns that into ``INVALID_ARGUMENT``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 
@@ -212,6 +213,49 @@ def ctx_from_proto(msg: pb.RequestContext) -> RequestContext:
     )
     validate_ctx(ctx)
     return ctx
+
+
+class ContextCache:
+    """The encoded and decoded RequestContexts of recent requests.
+
+    Every step of a request carries the same context, and turning it into protobuf and back
+    (validation included) is most of a decode step's message handling in Python. ``encode``
+    reuses the message made for the same context object; ``decode`` returns the same
+    RequestContext for the same encoded bytes, so a node that passes a context on encodes it
+    once. Both keep the ``size`` most recently used entries. Callers must not modify returned
+    messages (copy them into the message they send).
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._encoded: OrderedDict[int, tuple[RequestContext, pb.RequestContext]] = OrderedDict()
+        self._decoded: OrderedDict[bytes, RequestContext] = OrderedDict()
+
+    def encode(self, ctx: RequestContext) -> pb.RequestContext:
+        """``ctx_to_proto(ctx)``, made once per context object."""
+        entry = self._encoded.get(id(ctx))
+        if entry is not None and entry[0] is ctx:  # the entry holds ctx, so its id is not reused meanwhile
+            self._encoded.move_to_end(id(ctx))
+            return entry[1]
+        msg = ctx_to_proto(ctx)
+        self._encoded[id(ctx)] = (ctx, msg)
+        while len(self._encoded) > self.size:
+            self._encoded.popitem(last=False)
+        return msg
+
+    def decode(self, msg: pb.RequestContext) -> RequestContext:
+        """``ctx_from_proto(msg)``, decoded and validated once per distinct encoding. Raises as
+        ``ctx_from_proto``."""
+        key = msg.SerializeToString(deterministic=True)
+        ctx = self._decoded.get(key)
+        if ctx is not None:
+            self._decoded.move_to_end(key)
+            return ctx
+        ctx = ctx_from_proto(msg)
+        self._decoded[key] = ctx
+        while len(self._decoded) > self.size:
+            self._decoded.popitem(last=False)
+        return ctx
 
 
 # --- results -------------------------------------------------------------------------------

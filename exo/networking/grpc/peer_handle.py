@@ -221,6 +221,7 @@ class GRPCPeerHandle(PeerHandle):
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.NodeServiceStub | None = None
+        self._contexts = codec.ContextCache()
 
     def __repr__(self) -> str:
         return f"GRPCPeerHandle({self._id!r}, {self._address!r})"
@@ -340,7 +341,7 @@ class GRPCPeerHandle(PeerHandle):
 
     async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
                           on_error: Callable[[BaseException], None] | None = None, result: TokenResult | None = None) -> None:
-        request = pb.PromptRequest(ctx=codec.ctx_to_proto(ctx), token_ids=codec.tensor_to_proto(token_ids), position=position)
+        request = pb.PromptRequest(ctx=self._contexts.encode(ctx), token_ids=codec.tensor_to_proto(token_ids), position=position)
         if result is not None:
             request.result.CopyFrom(codec.result_to_proto(result))
         if self._use_stream:
@@ -350,7 +351,7 @@ class GRPCPeerHandle(PeerHandle):
     async def send_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int,
                           on_error: Callable[[BaseException], None] | None = None) -> None:
         request = pb.TensorRequest(
-            ctx=codec.ctx_to_proto(ctx), hidden_states=codec.tensor_to_proto(hidden_states), position=position
+            ctx=self._contexts.encode(ctx), hidden_states=codec.tensor_to_proto(hidden_states), position=position
         )
         if self._use_stream:
             return await self._send_ring("SendTensor", pb.RingMessage(tensor=request), on_error)

@@ -122,9 +122,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     def __init__(self, node: NodeLike) -> None:
         self._node = node
+        self._contexts = codec.ContextCache()
 
     async def _prompt(self, request: pb.PromptRequest) -> None:
-        ctx = codec.ctx_from_proto(request.ctx)
+        ctx = self._contexts.decode(request.ctx)
         token_ids = codec.tensor_from_proto(request.token_ids)
         _check_tensor("token_ids", token_ids, _PROMPT_DTYPES, 2)
         _check_position(request.position)
@@ -133,7 +134,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         await self._node.process_prompt(ctx, token_ids.astype(np.int64, copy=False), int(request.position))
 
     async def _tensor(self, request: pb.TensorRequest) -> None:
-        ctx = codec.ctx_from_proto(request.ctx)
+        ctx = self._contexts.decode(request.ctx)
         hidden_states = codec.tensor_from_proto(request.hidden_states)
         _check_tensor("hidden_states", hidden_states, _HIDDEN_DTYPES, 3)
         _check_position(request.position)
