@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -18,6 +18,7 @@ from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key
 from exo.networking.grpc.server import MAX_MESSAGE_LENGTH
 from exo.networking.peer_handle import PeerHandle
+from exo.networking.ring_socket import RingSocketCall
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.topology import Topology
@@ -60,8 +61,37 @@ def stream_by_default() -> bool:
     return os.environ.get("EXO_GRPC_STREAM", "1") != "0"
 
 
+def ring_socket_by_default() -> bool:
+    """Whether the persistent stream is the peer's ring WebSocket when it has one, rather than
+    the gRPC ``Stream`` call (``EXO_RING_SOCKET=0`` turns it off, e.g. to compare the two)."""
+    return os.environ.get("EXO_RING_SOCKET", "1") != "0"
+
+
+class _GrpcRingCall:
+    """A gRPC ``Stream`` call in the shape ``_RingStream`` drives (that of ``RingSocketCall``)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.call = call
+
+    async def ready(self) -> None:
+        await self.call.initial_metadata()
+
+    async def write(self, message: pb.RingMessage) -> None:
+        await self.call.write(message)
+
+    def acks(self) -> AsyncIterator[pb.RingAck]:
+        return self.call.__aiter__()
+
+    def done(self) -> bool:
+        return self.call.done()
+
+    async def close(self) -> None:
+        self.call.cancel()
+
+
 class _RingStream:
-    """One open ``Stream`` call to a peer: writes are serialised, acks matched to writes by seq.
+    """One open stream of ring messages to a peer (its ring WebSocket, or a gRPC ``Stream``
+    call): writes are serialised, acks matched to writes by seq.
 
     A message sent with ``on_error`` is not waited for: the peer answers it only if it fails
     (``RingMessage.errors_only``), and an OK ack of a later seq confirms it. When the call ends
@@ -70,7 +100,7 @@ class _RingStream:
     the handle then opens a new one.
     """
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(self, call: _GrpcRingCall | RingSocketCall) -> None:
         self.call = call
         self.error: BaseException | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -82,7 +112,7 @@ class _RingStream:
     async def _read(self) -> None:
         error: BaseException = ConnectionError("the stream was closed")
         try:
-            async for ack in self.call:
+            async for ack in self.call.acks():
                 fut = self._pending.pop(ack.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(ack)
@@ -97,6 +127,8 @@ class _RingStream:
             # a refusal by the peer (e.g. a wrong cluster key) keeps its status; a transport
             # failure (the peer went away mid-call) is a ConnectionError, as for unary calls
             error = ConnectionError(f"the stream broke: {e.details()}") if e.code() in _BROKEN_STREAM_CODES else e
+        except ConnectionError as e:  # the ring socket broke
+            error = e
         except asyncio.CancelledError:
             pass
         finally:
@@ -118,7 +150,7 @@ class _RingStream:
         or ended it. A refused call (a wrong cluster key) raises its status here, before the
         first write: a write racing the refusal would end the call as a local INTERNAL error,
         losing the peer's status. Raises as ``send``."""
-        await asyncio.wait_for(self.call.initial_metadata(), timeout)
+        await asyncio.wait_for(self.call.ready(), timeout)
         if self.call.done():
             await asyncio.wait({self._reader}, timeout=STREAM_STATUS_WAIT)
             raise self.error or ConnectionError("the peer ended the stream")
@@ -174,7 +206,7 @@ class _RingStream:
             self._pending.pop(message.seq, None)
 
     async def close(self) -> None:
-        self.call.cancel()
+        await self.call.close()
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
         self._fail(ConnectionError("the stream was closed"))
@@ -196,6 +228,9 @@ class GRPCPeerHandle(PeerHandle):
             call (default: ``stream_by_default()``) instead of one unary call each; every message
             is still acknowledged with its own status, so errors are raised the same way, except
             for a send with ``on_error``, which returns once written (see ``PeerHandle``).
+        ring_socket: the persistent stream is the peer's ring WebSocket when its health check
+            tells one (default: ``ring_socket_by_default()``), else a gRPC ``Stream`` call; the
+            messages and acks are the same (``exo.networking.ring_socket``).
 
     Calls other than ``health_check`` raise ``ConnectionError`` when the peer is unreachable or
     misses the deadline (UNAVAILABLE, DEADLINE_EXCEEDED), ``RuntimeError(f"peer {id}: {details}")``
@@ -209,9 +244,12 @@ class GRPCPeerHandle(PeerHandle):
         device_capabilities: DeviceCapabilities,
         cluster_secret: str | None = None,
         stream: bool | None = None,
+        ring_socket: bool | None = None,
     ) -> None:
         self._id = node_id
         self._use_stream = stream_by_default() if stream is None else stream
+        self._use_socket = ring_socket_by_default() if ring_socket is None else ring_socket
+        self._cluster_key = cluster_key(cluster_secret) if cluster_secret else None
         self._stream: _RingStream | None = None
         self._stream_lock = asyncio.Lock()
         self._address = address
@@ -297,18 +335,42 @@ class GRPCPeerHandle(PeerHandle):
             raise RuntimeError(f"peer {self._id}: {details}") from e
 
     async def _open_stream(self) -> _RingStream:
+        """The open stream to the peer, opened if needed: its ring WebSocket when it has one
+        (and ``ring_socket``), else a gRPC ``Stream`` call. Raises as ``_call``."""
         async with self._stream_lock:
             if self._stream is None or not self._stream.alive:
                 if self._stream is not None:
                     await self._stream.close()
-                self._stream = _RingStream(self._get_stub().Stream(metadata=self._metadata))
+                    self._stream = None
+                call = await self._open_ring_socket() if self._use_socket else None
+                self._stream = _RingStream(call or _GrpcRingCall(self._get_stub().Stream(metadata=self._metadata)))
                 try:
                     await self._stream.ready(CALL_TIMEOUT)
-                except BaseException:
+                except BaseException as e:
                     stream, self._stream = self._stream, None
                     await stream.close()
+                    if isinstance(e, (grpc.aio.AioRpcError, asyncio.TimeoutError, ConnectionError)):
+                        raise self._ring_error("Stream", e) from e
                     raise
             return self._stream
+
+    async def _open_ring_socket(self) -> RingSocketCall | None:
+        """Connect to the peer's ring WebSocket; None when it has none, or it cannot be reached
+        (then this handle keeps to the gRPC stream). Raises as ``_call`` (its health check
+        tells the port), and RuntimeError when the peer refuses the cluster key."""
+        response = await self._call("HealthCheck", lambda s: s.HealthCheck(
+            pb.HealthCheckRequest(), timeout=CALL_TIMEOUT, metadata=self._metadata))
+        if not response.ring_port:
+            return None
+        host = self._address.rsplit(":", 1)[0]
+        try:
+            return await RingSocketCall.connect(host, response.ring_port, self._cluster_key, MAX_MESSAGE_LENGTH, CONNECT_TIMEOUT)
+        except PermissionError as e:
+            raise RuntimeError(f"peer {self._id}: {e}") from e
+        except ConnectionError as e:
+            logger.warning("peer %s: its ring socket is not reachable (%s); ring messages take the gRPC stream", self._id, e)
+            self._use_socket = False
+            return None
 
     def _ring_error(self, method: str, e: BaseException | pb.RingAck) -> BaseException:
         """What a ring send raises (or passes to ``on_error``) for a failing ack or a stream's
@@ -331,8 +393,8 @@ class GRPCPeerHandle(PeerHandle):
         """Send over the persistent stream; errors as ``_call`` raises them, or later to
         ``on_error`` (see ``PeerHandle.send_tensor``)."""
         report = None if on_error is None else (lambda e: on_error(self._ring_error(method, e)))
+        stream = await self._open_stream()
         try:
-            stream = await self._open_stream()
             ack = await stream.send(message, CALL_TIMEOUT, report)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, ConnectionError) as e:
             raise self._ring_error(method, e) from e

@@ -15,11 +15,13 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from exo.networking.grpc import codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key, key_matches
+from exo.networking.ring_socket import RingSocketServer
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.topology import Topology
 
@@ -117,12 +119,53 @@ def _check_position(position: int) -> None:
         raise ValueError(f"position must be >= 0, got {position}")
 
 
+class RingSession:
+    """One peer's stream of ring messages (a gRPC ``Stream`` call or a ring WebSocket): each
+    message is handled like its unary counterpart and answered, in order, with a RingAck
+    carrying that call's status; a message marked ``errors_only`` is answered when it fails,
+    and when it succeeds only if no ack went out for ``CUMULATIVE_ACK_INTERVAL`` seconds (an OK
+    ack covers every earlier message)."""
+
+    def __init__(self, servicer: "NodeServicer") -> None:
+        self._handlers = {"prompt": servicer._prompt, "tensor": servicer._tensor, "result": servicer._result}
+        self._loop = asyncio.get_running_loop()
+        self._last_ack = self._loop.time()
+
+    async def handle(self, message: pb.RingMessage) -> pb.RingAck | None:
+        """Handle one message; the ack to send back, or None."""
+        kind = message.WhichOneof("body")
+        try:
+            if kind is None:
+                raise ValueError("a ring message needs a prompt, tensor or result")
+            await self._handlers[kind](getattr(message, kind))
+        except Exception as e:
+            code, details = _status(e, f"Stream/{kind}")
+            self._last_ack = self._loop.time()
+            return pb.RingAck(seq=message.seq, code=code.value[0], details=details)
+        if message.errors_only and self._loop.time() - self._last_ack < CUMULATIVE_ACK_INTERVAL:
+            return None
+        self._last_ack = self._loop.time()
+        return pb.RingAck(seq=message.seq)
+
+    async def handle_bytes(self, data: bytes) -> pb.RingAck | None:
+        """``handle`` for a serialized message; undecodable bytes get an INVALID_ARGUMENT ack
+        of seq 0 (their seq is unknown)."""
+        try:
+            message = pb.RingMessage.FromString(data)
+        except DecodeError as e:
+            logger.info("ring socket: an undecodable message: %s", e)
+            return pb.RingAck(seq=0, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], details=f"not a RingMessage: {e}")
+        return await self.handle(message)
+
+
 class NodeServicer(pb_grpc.NodeServiceServicer):
     """NodeService implementation that forwards decoded calls to a node."""
 
     def __init__(self, node: NodeLike) -> None:
         self._node = node
         self._contexts = codec.ContextCache()
+        #: The port of the node's ring WebSocket, told in health checks (0: none).
+        self.ring_port = 0
 
     async def _prompt(self, request: pb.PromptRequest) -> None:
         ctx = self._contexts.decode(request.ctx)
@@ -159,31 +202,16 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return pb.Empty()
 
     async def Stream(self, request_iterator: AsyncIterator[pb.RingMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RingAck]:
-        """Serve a peer's persistent stream: each message is handled like its unary counterpart
-        and answered, in order, with a RingAck carrying that call's status; a message marked
-        ``errors_only`` is answered when it fails, and when it succeeds only if no ack went out
-        for ``CUMULATIVE_ACK_INTERVAL`` seconds (an OK ack covers every earlier message)."""
-        handlers = {"prompt": self._prompt, "tensor": self._tensor, "result": self._result}
+        """Serve a peer's persistent stream of ring messages (see ``RingSession``)."""
         # accepted (the key check passed): say so before the first message, so a client never
         # writes into a call that is being refused (see _RingStream.ready)
         await context.send_initial_metadata(())
-        loop = asyncio.get_running_loop()
-        last_ack = loop.time()
+        session = RingSession(self)
         try:
             async for message in request_iterator:
-                kind = message.WhichOneof("body")
-                try:
-                    if kind is None:
-                        raise ValueError("a ring message needs a prompt, tensor or result")
-                    await handlers[kind](getattr(message, kind))
-                except Exception as e:
-                    code, details = _status(e, f"Stream/{kind}")
-                    last_ack = loop.time()
-                    yield pb.RingAck(seq=message.seq, code=code.value[0], details=details)
-                else:
-                    if not message.errors_only or loop.time() - last_ack >= CUMULATIVE_ACK_INTERVAL:
-                        last_ack = loop.time()
-                        yield pb.RingAck(seq=message.seq)
+                ack = await session.handle(message)
+                if ack is not None:
+                    yield ack
         except asyncio.CancelledError:
             # the server is stopping (or the peer cancelled): end the stream quietly; gRPC
             # would otherwise log the cancellation as an unhandled servicer exception
@@ -201,7 +229,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def HealthCheck(
         self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthCheckResponse:
-        return pb.HealthCheckResponse(is_healthy=bool(self._node.is_healthy()), node_id=self._node.id)
+        return pb.HealthCheckResponse(is_healthy=bool(self._node.is_healthy()), node_id=self._node.id, ring_port=self.ring_port)
 
     @_rpc
     async def CollectTopology(self, request: pb.CollectTopologyRequest, context: grpc.aio.ServicerContext) -> pb.Topology:
@@ -256,14 +284,20 @@ class GRPCServer:
         port: TCP port; 0 binds an ephemeral port, readable from ``.port`` after ``start()``.
         cluster_secret: when set, calls without the matching cluster key are rejected
             with ``UNAUTHENTICATED``.
+        ring_port: TCP port of the ring WebSocket served next to it on ``host``
+            (``exo.networking.ring_socket``; 0: a free port, readable from ``.ring_port``);
+            None: none, peers use the gRPC ``Stream``.
     """
 
-    def __init__(self, node: NodeLike, host: str, port: int, cluster_secret: str | None = None) -> None:
+    def __init__(self, node: NodeLike, host: str, port: int, cluster_secret: str | None = None,
+                 ring_port: int | None = 0) -> None:
         self.node = node
         self.host = host
         self.port = port
+        self.ring_port = ring_port
         self._cluster_secret = cluster_secret
         self._server: grpc.aio.Server | None = None
+        self._ring_socket: RingSocketServer | None = None
 
     @property
     def address(self) -> str:
@@ -282,7 +316,8 @@ class GRPCServer:
             raise RuntimeError("GRPCServer already started")
         interceptors = [ClusterKeyInterceptor(self._cluster_secret)] if self._cluster_secret else []
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-        pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.node), server)
+        servicer = NodeServicer(self.node)
+        pb_grpc.add_NodeServiceServicer_to_server(servicer, server)
         try:
             bound = server.add_insecure_port(self.address)
         except RuntimeError as e:
@@ -292,6 +327,16 @@ class GRPCServer:
             await server.stop(None)
             raise OSError(f"cannot bind gRPC server to {self.address}")
         self.port = bound
+        if self.ring_port is not None:
+            ring_socket = RingSocketServer(lambda: RingSession(servicer), self.host, self.ring_port,
+                                           cluster_key(self._cluster_secret) if self._cluster_secret else None, MAX_MESSAGE_LENGTH)
+            try:
+                await ring_socket.start()
+            except BaseException:
+                await server.stop(None)
+                raise
+            self._ring_socket = ring_socket
+            self.ring_port = servicer.ring_port = ring_socket.port
         await server.start()
         self._server = server
         logger.info("gRPC server of node %s listening on %s", getattr(self.node, "id", "?"), self.address)
@@ -302,5 +347,8 @@ class GRPCServer:
         server, self._server = self._server, None
         if server is None:
             return
+        ring_socket, self._ring_socket = self._ring_socket, None
+        if ring_socket is not None:
+            await ring_socket.stop()
         await server.stop(grace)
         logger.info("gRPC server on %s stopped", self.address)
