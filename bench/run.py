@@ -151,23 +151,47 @@ def ring_table(rings: dict[int, dict]) -> Table:
             hop = (1 / r["decode_tps"] - 1 / base) / n * 1000  # a token crosses n links per step
         layers = " / ".join(f"{p['end_layer'] - p['start_layer'] + 1}" for p in r["ring"])
         mem = " / ".join(_mib(r["peak_rss"].get(p["node_id"])) for p in r["ring"])
-        out.append([str(n), layers, fmt(r["decode_tps"]), ratio(r["decode_tps"], base), fmt(hop, 2),
-                    fmt(r["ttft_s"] * 1000, 0), mem])
-    return Table("Ring on loopback (one stream; nodes are separate processes)",
-                 ["nodes", "layers per node", "decode tok/s", "vs 1 node", "added ms per hop", "TTFT ms", "peak RSS per node MiB"],
+        out.append([str(n), layers, str(len(r["runs"]["decode_tps"])), fmt(r["decode_tps"]), ratio(r["decode_tps"], base),
+                    fmt(hop, 2), fmt(r["ttft_s"] * 1000, 0), mem])
+    return Table("Ring on loopback (one stream; nodes are separate processes; the 1- and 2-node rings are measured "
+                 "alternately, their runs in several repetitions)",
+                 ["nodes", "layers per node", "runs", "decode tok/s", "vs 1 node", "added ms per hop", "TTFT ms",
+                  "peak RSS per node MiB"],
                  out)
+
+
+#: The ring transports the ring-cost table compares: name -> environment of the node processes.
+TRANSPORTS = {
+    "websocket": {},  # the default: the ring WebSocket (exo/networking/ring_socket.py)
+    "gRPC stream": {"EXO_RING_SOCKET": "0"},
+    "gRPC unary": {"EXO_GRPC_STREAM": "0"},
+}
 
 
 def overhead_table(overhead: dict[tuple[str, int], float]) -> Table:
     out = []
     for n in (1, 2, 3):
         row = [str(n)]
-        for mode in ("stream", "unary"):
+        for mode in TRANSPORTS:
             t, t1 = overhead.get((mode, n)), overhead.get((mode, 1))
             row += [fmt(t * 1000 if t else None, 2), fmt((t - t1) / n * 1000 if t and t1 and n > 1 else None, 2)]
         out.append(row)
     return Table("The ring's own cost: dummy engine (no weights, no compute), so a token's time is messages and scheduling only",
-                 ["nodes", "stream: ms/token", "stream: ms per hop", "unary: ms/token", "unary: ms per hop"], out)
+                 ["nodes"] + [f"{mode}: {what}" for mode in TRANSPORTS for what in ("ms/token", "ms per hop")], out)
+
+
+def merge_reps(reps: list[dict]) -> dict:
+    """One ring size measured in several alternating repetitions as one result: the medians
+    over every run of every repetition; concurrency from the repetition that measured it;
+    each node's largest peak RSS."""
+    out = dict(reps[0])
+    decode = [d for r in reps for d in r["runs"]["decode_tps"]]
+    ttft = [t for r in reps for t in r["runs"]["ttft_s"]]
+    out["runs"] = {"decode_tps": decode, "ttft_s": ttft}
+    out["decode_tps"], out["ttft_s"], out["repetitions"] = median(decode), median(ttft), len(reps)
+    out["concurrency"] = next((r["concurrency"] for r in reps if r.get("concurrency")), None)
+    out["peak_rss"] = {nid: max((r["peak_rss"].get(nid) or 0 for r in reps), default=0) or None for nid in reps[0]["peak_rss"]}
+    return out
 
 
 def concurrency_table(rings: dict[int, dict]) -> Table:
@@ -224,6 +248,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is reported)")
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--ring-reps", type=int, default=3,
+                        help="the 1- and 2-node rings are measured this many times, alternately (runs each)")
     parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,dense,bf16,int4,engines,ring,concurrency")
     parser.add_argument("--markdown", default=str(ROOT / "bench" / "results.md"), help="also write the tables here ('' = no)")
     parser.add_argument("--json", default="", help="also write the raw measurements here")
@@ -266,18 +292,27 @@ def main() -> None:
     rings: dict[int, dict] = {}
     if "ring" not in skip:
         streams = [] if "concurrency" in skip else [1, 4, 16]
-        for n in (1, 2, 3):
-            try:
-                rings[n] = ring_retrying(n, args.runs, args.decode_tokens, streams if n <= 2 else [], "float32")
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                print(f"  ring of {n}: {e}", file=sys.stderr)
+        # The 1- and 2-node rings alternate, so that a drift of the machine's speed over the
+        # minutes of a run (+-10% on a shared VM) weighs on both sides of their ratio alike.
+        reps: dict[int, list[dict]] = {1: [], 2: [], 3: []}
+        for rep in range(max(1, args.ring_reps)):
+            for n in (1, 2):
+                try:
+                    reps[n].append(ring_retrying(n, args.runs, args.decode_tokens, streams if rep == 0 else [], "float32"))
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    print(f"  ring of {n}: {e}", file=sys.stderr)
+        try:
+            reps[3].append(ring_retrying(3, args.runs, args.decode_tokens, [], "float32"))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"  ring of 3: {e}", file=sys.stderr)
+        rings = {n: merge_reps(r) for n, r in reps.items() if r}
 
     overhead: dict[tuple[str, int], float] = {}
     if "ring" not in skip:
-        for mode, flag in (("stream", "1"), ("unary", "0")):
+        for mode, env in TRANSPORTS.items():
             for n in (1, 2, 3):
                 try:
-                    r = ring_retrying(n, args.runs, 200, [], "float32", engine="dummy", env={"EXO_GRPC_STREAM": flag})
+                    r = ring_retrying(n, args.runs, 200, [], "float32", engine="dummy", env=env)
                     overhead[(mode, n)] = 1 / r["decode_tps"]
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     print(f"  dummy ring of {n} ({mode}): {e}", file=sys.stderr)
