@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import numpy as np
 import pytest
 
-from exo.networking.grpc.peer_handle import GRPCPeerHandle
-from exo.networking.grpc.server import GRPCServer
+from exo.networking.grpc.auth import cluster_key
+from exo.networking.grpc.peer_handle import GRPCPeerHandle, _GrpcRingCall
+from exo.networking.grpc.server import MAX_MESSAGE_LENGTH, GRPCServer
+from exo.networking.ring_socket import RingSocketCall
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.topology import Topology
@@ -52,12 +55,13 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def served(stream: bool):
-    """(recorder, its server on loopback, a handle to it with ``stream``), torn down after."""
+async def served(stream: bool, transport: str = "websocket"):
+    """(recorder, its server on loopback, a handle to it with ``stream``), torn down after.
+    ``transport``: "websocket" (the ring WebSocket, the default) or "grpc" (the Stream call)."""
     node = Recorder()
     server = GRPCServer(node, "127.0.0.1", 0)
     await server.start()
-    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=stream)
+    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=stream, ring_socket=transport == "websocket")
     try:
         yield node, server, handle
     finally:
@@ -65,13 +69,18 @@ async def served(stream: bool):
         await server.stop(grace=0)
 
 
+TRANSPORTS = pytest.mark.parametrize("transport", ["websocket", "grpc"])
+
+
+@TRANSPORTS
 @pytest.mark.asyncio
-async def test_stream_keeps_order_reports_errors_per_message_and_is_reused() -> None:
-    async with served(stream=True) as (node, server, handle):
+async def test_stream_keeps_order_reports_errors_per_message_and_is_reused(transport) -> None:
+    async with served(stream=True, transport=transport) as (node, server, handle):
         ctx = make_ctx()
         await handle.send_prompt(ctx, np.array([[1, 2, 3]], dtype=np.int64), 0)
         stream = handle._stream
         assert stream is not None and stream.alive
+        assert isinstance(stream.call, RingSocketCall if transport == "websocket" else _GrpcRingCall)
         # many messages at once from concurrent tasks: all delivered, in the order written
         await asyncio.gather(*(handle.send_result(TokenResult("r", tokens=[i])) for i in range(50)))
         assert [c for c in node.calls if c[0] == "result"] == [("result", i) for i in range(50)]
@@ -85,9 +94,10 @@ async def test_stream_keeps_order_reports_errors_per_message_and_is_reused() -> 
         assert handle._stream is stream and stream.alive  # one stream for all of it
 
 
+@TRANSPORTS
 @pytest.mark.asyncio
-async def test_messages_sent_without_waiting_report_their_failures_later() -> None:
-    async with served(stream=True) as (node, server, handle):
+async def test_messages_sent_without_waiting_report_their_failures_later(transport) -> None:
+    async with served(stream=True, transport=transport) as (node, server, handle):
         errors: list[BaseException] = []
         for i in range(50):
             await handle.send_result(TokenResult("r", tokens=[i]), on_error=errors.append)
@@ -104,9 +114,10 @@ async def test_messages_sent_without_waiting_report_their_failures_later() -> No
         assert stream is not None and stream.alive and not stream._unconfirmed and len(errors) == 2
 
 
+@TRANSPORTS
 @pytest.mark.asyncio
-async def test_a_message_the_peer_never_confirmed_fails_when_the_stream_breaks() -> None:
-    async with served(stream=True) as (node, server, handle):
+async def test_a_message_the_peer_never_confirmed_fails_when_the_stream_breaks(transport) -> None:
+    async with served(stream=True, transport=transport) as (node, server, handle):
         errors: list[BaseException] = []
         await handle.send_result(TokenResult("r", tokens=[1]))
         await handle.send_result(TokenResult("held", tokens=[2]), on_error=errors.append)
@@ -186,3 +197,36 @@ async def test_wrong_cluster_key_on_the_stream_says_so() -> None:
         assert node.calls == []
     finally:
         await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_peer_without_a_ring_socket_gets_the_grpc_stream() -> None:
+    node = Recorder()
+    server = GRPCServer(node, "127.0.0.1", 0, ring_port=None)
+    await server.start()
+    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=True, ring_socket=True)
+    try:
+        await handle.send_result(TokenResult("r", tokens=[1]))
+        assert isinstance(handle._stream.call, _GrpcRingCall) and node.calls == [("result", 1)]
+    finally:
+        await handle.disconnect()
+        await server.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_the_ring_socket_takes_its_configured_port_and_refuses_a_wrong_key() -> None:
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = GRPCServer(Recorder(), "127.0.0.1", 0, cluster_secret="s3cret", ring_port=port)
+    await server.start()
+    try:
+        assert server.ring_port == port
+        with pytest.raises(PermissionError, match="wrong or missing cluster key"):
+            await RingSocketCall.connect("127.0.0.1", port, cluster_key("other"), MAX_MESSAGE_LENGTH, 5.0)
+        with pytest.raises(PermissionError):
+            await RingSocketCall.connect("127.0.0.1", port, None, MAX_MESSAGE_LENGTH, 5.0)
+        call = await RingSocketCall.connect("127.0.0.1", port, cluster_key("s3cret"), MAX_MESSAGE_LENGTH, 5.0)
+        await call.close()
+    finally:
+        await server.stop(grace=0)
