@@ -51,12 +51,6 @@ _DECODING_WINDOW = 1.0
 #: shard of a ring the previous node's batch arrives as one message per request, spread over
 #: a millisecond or two, and running the first arrivals alone would split the batch for good.
 _GATHER_MAX_WAIT = 0.004
-#: Decode batches of at most this many steps run on the event loop's own thread when the
-#: worker thread is idle (GGUF weights on the CPU only). Handing a step to the worker and its
-#: result back wakes two threads, ~0.1-0.25 ms each on a 2-core VM, once per step and per node
-#: of a ring (``python -m bench.run``'s ring table); the loop is blocked for the step instead
-#: (~6-12 ms for a single decode step of SmolLM2-135M on 2 cores).
-INLINE_MAX_ROWS = 4
 
 
 @dataclass
@@ -141,7 +135,6 @@ class TorchInferenceEngine(InferenceEngine):
         self._drainer: asyncio.Task | None = None
         self._last_compute_s = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
-        self._worker_jobs = 0  # jobs submitted to the worker thread and not finished
         self._threads = torch.get_num_threads()  # intra-op threads of a forward pass
         self._model: ShardedLlama | None = None
         self._shard: Shard | None = None
@@ -291,9 +284,9 @@ class TorchInferenceEngine(InferenceEngine):
         self._validate_input(shard, x)
         loop = asyncio.get_running_loop()
         if x.shape[1] == 1 and position > 0 and self.max_batch > 1:
-            if not self._pending and self._runs_inline(1) and not self._decoding_request_ids() - {request_id}:
+            if not self._pending and not self._decoding_request_ids() - {request_id}:
                 # the only request decoding: nothing to batch with, no batch to wait for
-                (out,) = self._decode_batch([_DecodeStep(request_id, x, position, None)])
+                (out,) = await self._on_worker(self._decode_batch, [_DecodeStep(request_id, x, position, None)])
                 self._record_batch(1)
                 if isinstance(out, Exception):
                     raise out
@@ -306,18 +299,9 @@ class TorchInferenceEngine(InferenceEngine):
         return await self._on_worker(self._infer, request_id, x, position)
 
     async def _on_worker(self, fn, *args):
-        """``fn(*args)`` on the worker thread (forward passes and loads run one at a time)."""
-        self._worker_jobs += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            self._worker_jobs -= 1
-
-    def _runs_inline(self, steps: int) -> bool:
-        """Whether a decode batch of ``steps`` steps runs on the event loop's thread (see
-        ``INLINE_MAX_ROWS``): GGUF weights, whose decode pass uses the kernels' own threads and
-        leaves torch's at one, and no load or prefill under way on the worker thread."""
-        return self.weights == "gguf" and steps <= INLINE_MAX_ROWS and self._worker_jobs == 0
+        """``fn(*args)`` on the worker thread (forward passes and loads run one at a time; the
+        event loop stays free to serve the API and the ring meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _drain(self) -> None:
         """Run the queued decode steps in batches until none is left."""
@@ -336,10 +320,7 @@ class TorchInferenceEngine(InferenceEngine):
                 continue
             t0 = time.perf_counter()
             try:
-                if self._runs_inline(len(batch)):
-                    results = self._decode_batch(batch)
-                else:
-                    results = await self._on_worker(self._decode_batch, batch)
+                results = await self._on_worker(self._decode_batch, batch)
             except BaseException as e:
                 for s in batch:
                     if not s.future.done():
