@@ -230,3 +230,12 @@ async def test_the_ring_socket_takes_its_configured_port_and_refuses_a_wrong_key
         await call.close()
     finally:
         await server.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_a_ring_socket_that_cannot_be_reached_falls_back_to_the_grpc_stream(caplog) -> None:
+    async with served(stream=True) as (node, server, handle):
+        await server._ring_socket.stop()  # the health check still tells its port: a firewalled port, say
+        await handle.send_result(TokenResult("r", tokens=[1]))
+        assert isinstance(handle._stream.call, _GrpcRingCall) and node.calls == [("result", 1)]
+        assert "ring messages take the gRPC stream" in caplog.text

@@ -184,11 +184,9 @@ class _RingStream:
             except BaseException as e:
                 self._pending.pop(message.seq, None)
                 self._unconfirmed.pop(message.seq, None)
-                if fut is None:
-                    pass
-                elif fut.done():
+                if fut is not None and fut.done():
                     fut.exception()  # retrieved: the error is raised below instead
-                else:
+                elif fut is not None:
                     fut.cancel()
                 if isinstance(e, asyncio.CancelledError):
                     raise
