@@ -258,6 +258,7 @@ class GRPCPeerHandle(PeerHandle):
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.NodeServiceStub | None = None
         self._contexts = codec.ContextCache()
+        self._disconnects = 0  # disconnect() calls, so that a stream opened across one is closed
 
     def __repr__(self) -> str:
         return f"GRPCPeerHandle({self._id!r}, {self._address!r})"
@@ -296,6 +297,7 @@ class GRPCPeerHandle(PeerHandle):
 
     async def disconnect(self) -> None:
         """Close the channel (calls in flight are cancelled). The next call opens a new one."""
+        self._disconnects += 1
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.close()
@@ -340,7 +342,12 @@ class GRPCPeerHandle(PeerHandle):
                 if self._stream is not None:
                     await self._stream.close()
                     self._stream = None
+                disconnects = self._disconnects
                 call = await self._open_ring_socket() if self._use_socket else None
+                if self._disconnects != disconnects:  # disconnect() ran meanwhile: it would miss this socket
+                    if call is not None:
+                        await call.close()
+                    raise ConnectionError(f"peer {self._id} at {self._address}: disconnected while opening the ring stream")
                 self._stream = _RingStream(call or _GrpcRingCall(self._get_stub().Stream(metadata=self._metadata)))
                 try:
                     await self._stream.ready(CALL_TIMEOUT)
@@ -357,7 +364,7 @@ class GRPCPeerHandle(PeerHandle):
         (then this handle keeps to the gRPC stream). Raises as ``_call`` (its health check
         tells the port), and RuntimeError when the peer refuses the cluster key."""
         response = await self._call("HealthCheck", lambda s: s.HealthCheck(
-            pb.HealthCheckRequest(), timeout=CALL_TIMEOUT, metadata=self._metadata))
+            pb.HealthCheckRequest(), timeout=CONNECT_TIMEOUT, metadata=self._metadata))
         if not response.ring_port:
             return None
         host = self._address.rsplit(":", 1)[0]
