@@ -187,3 +187,21 @@ def test_failover_fields_round_trip() -> None:
     bad.epoch = -1
     with pytest.raises(ValueError, match="epoch"):
         codec.result_from_proto(bad)
+
+
+def test_context_cache_encodes_a_context_once_and_decodes_an_encoding_once():
+    cache = codec.ContextCache(size=2)
+    ctx = make_ctx()
+    msg = cache.encode(ctx)
+    assert cache.encode(ctx) is msg and msg == codec.ctx_to_proto(ctx)
+    decoded = cache.decode(msg)
+    assert decoded == ctx and cache.decode(codec.ctx_to_proto(ctx)) is decoded  # equal bytes, one object
+    for i in range(3):  # bounded: the oldest entries go
+        cache.decode(codec.ctx_to_proto(make_ctx(request_id=f"other-{i}")))
+    assert cache.decode(msg) is not decoded and cache.decode(msg) == ctx
+    # an invalid context is refused every time, never cached
+    bad = codec.ctx_to_proto(make_ctx())
+    bad.n_layers = 0
+    for _ in range(2):
+        with pytest.raises(ValueError, match="n_layers"):
+            cache.decode(bad)
