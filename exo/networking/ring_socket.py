@@ -101,6 +101,8 @@ class RingSocketServer:
                 ack = await session.handle_bytes(frame.data)
                 if ack is not None:
                     await ws.send_bytes(ack.SerializeToString())
+        except ConnectionError as e:  # the peer went away while we answered
+            logger.debug("a ring socket from %s broke: %s", request.remote, e)
         except asyncio.CancelledError:
             logger.debug("a ring socket ended by cancellation")
         finally:
