@@ -605,6 +605,8 @@ class Node:
             return self.peers[p.node_id]
         h = self._extra_handles.get(p.node_id)
         if h is None or h.address() != p.address:
+            if h is not None:  # the node moved: close the old connection
+                self._spawn(h.disconnect(), f"disconnect-{p.node_id}")
             info = self.topology.nodes.get(p.node_id)
             h = self.create_peer_handle(p.node_id, p.address, info.capabilities if info else DeviceCapabilities("?", "?", 0))
             self._extra_handles[p.node_id] = h

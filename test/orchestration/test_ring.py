@@ -95,3 +95,16 @@ async def test_a_decode_step_the_next_node_refuses_ends_the_request_with_its_err
         async with asyncio.timeout(60):
             async for _ in gen:
                 pass
+
+
+async def test_the_old_connection_to_a_node_that_moved_is_closed(single_node_api):
+    # Regression: the handle to a ring member that came back on another address was replaced
+    # without being closed, leaking its channel and ring socket.
+    from exo.topology.partitioning import Partition
+
+    node = single_node_api.node
+    old = node._peer(Partition("moved-node", "127.0.0.1:1", 0, 0))
+    old._get_stub()  # its channel is open
+    new = node._peer(Partition("moved-node", "127.0.0.1:2", 0, 0))
+    assert new is not old and new.address() == "127.0.0.1:2"
+    await wait_for(lambda: old._channel is None, timeout=10)
