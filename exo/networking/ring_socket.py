@@ -10,7 +10,8 @@ Why a second transport: a decode step on a 2-node ring crosses two links per tok
 2-core machine grpc.aio's threads (its pollers, then the event loop) wake one after another
 for every message: ~0.27 ms per message one way after the idle gap of the other node's
 compute, against ~0.08 ms for a WebSocket handled on the event loop itself
-(``python -m bench.run``'s "ring's own cost" table compares the two).
+(``python -m bench.run``'s "ring's own cost" table compares it with the gRPC stream and
+with unary calls).
 
 The cluster key travels in the ``CLUSTER_KEY_HEADER`` of the upgrade request; a wrong or
 missing key is refused with HTTP 401 before the WebSocket opens.
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +41,12 @@ REFUSED_STATUS = 401
 REFUSED_TEXT = "wrong or missing cluster key"
 
 
+class _Session(Protocol):
+    """What the server needs of ``exo.networking.grpc.server.RingSession``."""
+
+    def handle_bytes(self, data: bytes) -> Awaitable[pb.RingAck | None]: ...
+
+
 class RingSocketServer:
     """Serves ring messages over WebSockets on ``host:port`` (0: a free port, readable from
     ``.port`` after ``start()``).
@@ -52,7 +60,8 @@ class RingSocketServer:
         max_message_bytes: largest frame accepted, in bytes.
     """
 
-    def __init__(self, session_factory, host: str, port: int, cluster_key: str | None, max_message_bytes: int) -> None:
+    def __init__(self, session_factory: Callable[[], _Session], host: str, port: int, cluster_key: str | None,
+                 max_message_bytes: int) -> None:
         self._session_factory = session_factory
         self.host = host
         self.port = port
