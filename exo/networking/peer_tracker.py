@@ -78,6 +78,7 @@ class PeerTracker:
         self._listeners: list[PeerListener] = []
         self._changed_event = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._disconnecting: set[asyncio.Task] = set()  # awaited by stop(), never cancelled
         self._loop_task: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -96,7 +97,9 @@ class PeerTracker:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         entries, self._entries = list(self._entries.values()), {}
-        await asyncio.gather(*(self._disconnect(e.handle) for e in entries))
+        # the peers that left before are still being disconnected: cancelled, a handle could
+        # leave its connections open
+        await asyncio.gather(*self._disconnecting, *(self._disconnect(e.handle) for e in entries))
 
     # --- what discovery feeds in -------------------------------------------------------------
 
@@ -119,7 +122,7 @@ class PeerTracker:
             logger.info("peer %s moved from %s to %s", node_id, entry.address, address)
             del self._entries[node_id]
             was_admitted = entry.admitted
-            self._spawn(self._disconnect(entry.handle))
+            self._spawn_disconnect(entry.handle)
         handle = self._create_peer_handle(node_id, address, capabilities)
         entry = _Entry(node_id, address, capabilities, handle, backoff=self._interval)
         self._entries[node_id] = entry
@@ -133,7 +136,7 @@ class PeerTracker:
         entry = self._entries.pop(node_id, None)
         if entry is None:
             return
-        self._spawn(self._disconnect(entry.handle))
+        self._spawn_disconnect(entry.handle)
         if entry.admitted:
             logger.info("peer %s at %s left", node_id, entry.address)
             self._changed()
@@ -174,6 +177,11 @@ class PeerTracker:
         self._listeners.remove(listener)
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _spawn_disconnect(self, handle: PeerHandle) -> None:
+        task = asyncio.get_running_loop().create_task(self._disconnect(handle))
+        self._disconnecting.add(task)
+        task.add_done_callback(self._disconnecting.discard)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

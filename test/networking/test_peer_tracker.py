@@ -123,3 +123,17 @@ def test_bad_arguments() -> None:
         PeerTracker(FakeHandle, health_check_interval=0)
     with pytest.raises(ValueError, match="health_check_failures"):
         PeerTracker(FakeHandle, health_check_failures=0)
+
+
+@pytest.mark.asyncio
+async def test_stop_finishes_disconnecting_the_peers_that_just_left(health: dict[str, bool]) -> None:
+    # Regression: stop() cancelled the disconnects of peers withdrawn just before, so their
+    # handles could keep their connections open.
+    tracker = PeerTracker(FakeHandle, health_check_interval=0.02, health_check_failures=1)
+    tracker.start()
+    health["h:1"] = True
+    tracker.offer("b", "h:1", CAPS)
+    [b] = await tracker.wait_for_peers(1, timeout=2.0)
+    tracker.withdraw("b")
+    await tracker.stop()
+    assert b.disconnected
