@@ -129,6 +129,7 @@ class Node:
         self._samplers: dict[str, tuple[int, Sampler]] = {}  # request id -> (epoch, its sampler)
         self._ended: OrderedDict[str, float] = OrderedDict()  # request ids ended recently
         self._tasks: set[asyncio.Task] = set()
+        self._disconnecting: set[asyncio.Task] = set()  # closing replaced handles: awaited by stop(), never cancelled
         self._topology_lock = asyncio.Lock()
         self._stopping = False
         self._topology_task: asyncio.Task | None = None
@@ -170,6 +171,7 @@ class Node:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.discovery is not None:
             await self.discovery.stop()
+        await asyncio.gather(*self._disconnecting, return_exceptions=True)
         for h in self._extra_handles.values():
             await h.disconnect()
         await self.engine.close()
@@ -606,7 +608,9 @@ class Node:
         h = self._extra_handles.get(p.node_id)
         if h is None or h.address() != p.address:
             if h is not None:  # the node moved: close the old connection
-                self._spawn(h.disconnect(), f"disconnect-{p.node_id}")
+                task = asyncio.create_task(h.disconnect(), name=f"disconnect-{p.node_id}")
+                self._disconnecting.add(task)
+                task.add_done_callback(self._disconnecting.discard)
             info = self.topology.nodes.get(p.node_id)
             h = self.create_peer_handle(p.node_id, p.address, info.capabilities if info else DeviceCapabilities("?", "?", 0))
             self._extra_handles[p.node_id] = h

@@ -349,14 +349,19 @@ class GRPCPeerHandle(PeerHandle):
                         await call.close()
                     raise ConnectionError(f"peer {self._id} at {self._address}: disconnected while opening the ring stream")
                 self._stream = _RingStream(call or _GrpcRingCall(self._get_stub().Stream(metadata=self._metadata)))
+                stream = self._stream
                 try:
-                    await self._stream.ready(CALL_TIMEOUT)
+                    await stream.ready(CALL_TIMEOUT)
+                    if self._disconnects != disconnects:
+                        raise ConnectionError("disconnected while opening the ring stream")
                 except BaseException as e:
-                    stream, self._stream = self._stream, None
+                    if self._stream is stream:
+                        self._stream = None
                     await stream.close()
                     if isinstance(e, (grpc.aio.AioRpcError, asyncio.TimeoutError, ConnectionError)):
                         raise self._ring_error("Stream", e) from e
                     raise
+                return stream
             return self._stream
 
     async def _open_ring_socket(self) -> RingSocketCall | None:
