@@ -70,7 +70,7 @@ class _DecodeStep:
     request_id: str
     x: np.ndarray
     position: int
-    future: asyncio.Future | None  # None: run at once, not queued
+    future: asyncio.Future
 
 
 class TorchInferenceEngine(InferenceEngine):
@@ -152,7 +152,8 @@ class TorchInferenceEngine(InferenceEngine):
         async with self._load_lock:
             if self._shard == shard:
                 return
-            model = await self._on_worker(self._load, shard)
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(self._executor, self._load, shard)
             self._model, self._shard = model, shard
             self._requests.clear()
 
@@ -284,43 +285,31 @@ class TorchInferenceEngine(InferenceEngine):
         self._validate_input(shard, x)
         loop = asyncio.get_running_loop()
         if x.shape[1] == 1 and position > 0 and self.max_batch > 1:
-            if not self._pending and not self._decoding_request_ids() - {request_id}:
-                # the only request decoding: nothing to batch with, no batch to wait for
-                (out,) = await self._on_worker(self._decode_batch, [_DecodeStep(request_id, x, position, None)])
-                self._record_batch(1)
-                if isinstance(out, Exception):
-                    raise out
-                return out
             step = _DecodeStep(request_id, x, position, loop.create_future())
             self._pending.append(step)
             if self._drainer is None or self._drainer.done():
                 self._drainer = loop.create_task(self._drain(), name="torch-decode-batches")
             return await step.future
-        return await self._on_worker(self._infer, request_id, x, position)
-
-    async def _on_worker(self, fn, *args):
-        """``fn(*args)`` on the worker thread (forward passes and loads run one at a time; the
-        event loop stays free to serve the API and the ring meanwhile)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await loop.run_in_executor(self._executor, self._infer, request_id, x, position)
 
     async def _drain(self) -> None:
         """Run the queued decode steps in batches until none is left."""
+        loop = asyncio.get_running_loop()
         while self._pending:
-            if self._decoding_request_ids() - {s.request_id for s in self._pending}:
-                seen, stable, turns = len(self._pending), 0, 0
-                while stable < _GATHER_STABLE_TURNS and seen < self.max_batch and turns < _GATHER_MAX_TURNS:
-                    await asyncio.sleep(0)  # let the steps of requests woken meanwhile join this batch
-                    turns += 1
-                    stable = stable + 1 if len(self._pending) == seen else 0
-                    seen = len(self._pending)
-                await self._await_decoding_requests()
+            seen, stable, turns = len(self._pending), 0, 0
+            while stable < _GATHER_STABLE_TURNS and seen < self.max_batch and turns < _GATHER_MAX_TURNS:
+                await asyncio.sleep(0)  # let the steps of requests woken meanwhile join this batch
+                turns += 1
+                stable = stable + 1 if len(self._pending) == seen else 0
+                seen = len(self._pending)
+            await self._await_decoding_requests()
             batch = [s for s in self._pending[:self.max_batch] if not s.future.done()]
             del self._pending[:self.max_batch]
             if not batch:
                 continue
             t0 = time.perf_counter()
             try:
-                results = await self._on_worker(self._decode_batch, batch)
+                results = await loop.run_in_executor(self._executor, self._decode_batch, batch)
             except BaseException as e:
                 for s in batch:
                     if not s.future.done():
@@ -328,7 +317,7 @@ class TorchInferenceEngine(InferenceEngine):
                 if not isinstance(e, Exception):
                     raise
                 continue
-            self._record_batch(len(batch))
+            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("decode batch of %d: %.2f ms on the worker, %.2f ms round trip", len(batch),
                              self._last_compute_s * 1000, (time.perf_counter() - t0) * 1000)
@@ -340,21 +329,12 @@ class TorchInferenceEngine(InferenceEngine):
                 else:
                     s.future.set_result(r)
 
-    def _decoding_request_ids(self) -> set[str]:
-        """The requests that are decoding: a step within ``_DECODING_WINDOW`` seconds."""
-        now = time.monotonic()
-        return {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
-
-    def _record_batch(self, steps: int) -> None:
-        self.batch_sizes.append(steps)
-        if len(self.batch_sizes) > 2000:
-            del self.batch_sizes[:-1000]
-
     async def _await_decoding_requests(self) -> None:
         """Wait up to ``_GATHER_MAX_WAIT`` seconds for a step of every request that is decoding
-        but has none queued yet."""
-        decoding = self._decoding_request_ids()
-        deadline = time.monotonic() + _GATHER_MAX_WAIT
+        (had a step within ``_DECODING_WINDOW`` seconds) but has none queued yet."""
+        now = time.monotonic()
+        decoding = {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
+        deadline = now + _GATHER_MAX_WAIT
         while len(self._pending) < self.max_batch and time.monotonic() < deadline:
             if not decoding - {s.request_id for s in self._pending}:
                 return
