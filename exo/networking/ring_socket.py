@@ -142,16 +142,14 @@ class RingSocketCall:
         try:
             ws = await session.ws_connect(f"http://{host}:{port}{RING_PATH}", headers=headers, max_msg_size=max_message_bytes,
                                           timeout=aiohttp.ClientWSTimeout(ws_close=timeout), autoping=True)
-        except aiohttp.WSServerHandshakeError as e:
+        except BaseException as e:
             await session.close()
-            if e.status == REFUSED_STATUS:
-                raise PermissionError(REFUSED_TEXT) from e
-            raise ConnectionError(f"ring socket at {host}:{port}: HTTP {e.status} {e.message}") from e
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            await session.close()
-            raise ConnectionError(f"ring socket at {host}:{port}: {type(e).__name__}: {e}") from e
-        except BaseException:
-            await session.close()
+            if isinstance(e, aiohttp.WSServerHandshakeError):
+                if e.status == REFUSED_STATUS:
+                    raise PermissionError(REFUSED_TEXT) from e
+                raise ConnectionError(f"ring socket at {host}:{port}: HTTP {e.status} {e.message}") from e
+            if isinstance(e, (aiohttp.ClientError, OSError, asyncio.TimeoutError)):
+                raise ConnectionError(f"ring socket at {host}:{port}: {type(e).__name__}: {e}") from e
             raise
         return cls(session, ws)
 

@@ -48,6 +48,8 @@ STREAM_STATUS_WAIT = 1.0
 #: confirms them; beyond it the oldest is forgotten, and a failure of it goes unreported here
 #: (the origin's stall check still notices a lost step).
 MAX_UNCONFIRMED = 4096
+#: Statuses of a call that mean the peer is unreachable or missed the deadline.
+_UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 #: Final statuses of a stream call that mean the transport failed, not that the peer refused.
 _BROKEN_STREAM_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED,
                                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -252,9 +254,7 @@ class GRPCPeerHandle(PeerHandle):
         self._stream_lock = asyncio.Lock()
         self._address = address
         self._device_capabilities = device_capabilities
-        self._metadata: tuple[tuple[str, str], ...] = (
-            ((CLUSTER_KEY_METADATA, cluster_key(cluster_secret)),) if cluster_secret else ()
-        )
+        self._metadata: tuple[tuple[str, str], ...] = ((CLUSTER_KEY_METADATA, self._cluster_key),) if self._cluster_key else ()
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.NodeServiceStub | None = None
         self._contexts = codec.ContextCache()
@@ -325,14 +325,19 @@ class GRPCPeerHandle(PeerHandle):
             return False
         return response.is_healthy
 
+    def _rpc_error(self, method: str, e: grpc.aio.AioRpcError, unreachable: frozenset[grpc.StatusCode]) -> Exception:
+        """``ConnectionError`` for a status in ``unreachable`` (the peer is gone or too slow),
+        else ``RuntimeError`` with the peer's message."""
+        code, details = e.code(), e.details()
+        if code in unreachable:
+            return ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}")
+        return RuntimeError(f"peer {self._id}: {details}")
+
     async def _call(self, method: str, call: Callable[[pb_grpc.NodeServiceStub], Awaitable[_T]]) -> _T:
         try:
             return await call(self._get_stub())
         except grpc.aio.AioRpcError as e:
-            code, details = e.code(), e.details()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}") from e
-            raise RuntimeError(f"peer {self._id}: {details}") from e
+            raise self._rpc_error(method, e, _UNREACHABLE_CODES) from e
 
     async def _open_stream(self) -> _RingStream:
         """The open stream to the peer, opened if needed: its ring WebSocket when it has one
@@ -348,8 +353,7 @@ class GRPCPeerHandle(PeerHandle):
                     if call is not None:
                         await call.close()
                     raise ConnectionError(f"peer {self._id} at {self._address}: disconnected while opening the ring stream")
-                self._stream = _RingStream(call or _GrpcRingCall(self._get_stub().Stream(metadata=self._metadata)))
-                stream = self._stream
+                stream = self._stream = _RingStream(call or _GrpcRingCall(self._get_stub().Stream(metadata=self._metadata)))
                 try:
                     await stream.ready(CALL_TIMEOUT)
                     if self._disconnects != disconnects:
@@ -387,11 +391,8 @@ class GRPCPeerHandle(PeerHandle):
         error: as ``_call`` raises them."""
         if isinstance(e, pb.RingAck):
             return RuntimeError(f"peer {self._id}: {e.details}")
-        if isinstance(e, grpc.aio.AioRpcError):
-            code, details = e.code(), e.details()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                return ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}")
-            return RuntimeError(f"peer {self._id}: {details}")
+        if isinstance(e, grpc.aio.AioRpcError):  # a stream call also ends CANCELLED when the peer goes away
+            return self._rpc_error(method, e, _UNREACHABLE_CODES | {grpc.StatusCode.CANCELLED})
         if isinstance(e, asyncio.TimeoutError):
             return ConnectionError(f"peer {self._id} at {self._address}: {method}: no answer within {CALL_TIMEOUT} s")
         if isinstance(e, ConnectionError):
