@@ -131,7 +131,7 @@ class RingSocketCall:
     @classmethod
     async def connect(cls, host: str, port: int, cluster_key: str | None, max_message_bytes: int,
                       timeout: float) -> "RingSocketCall":
-        """Open ``ws://host:port/exo/ring``.
+        """Open ``ws://host:port/exo/ring``, within ``timeout`` seconds.
 
         Raises:
             PermissionError: the peer refused the cluster key (HTTP 401).
@@ -140,8 +140,10 @@ class RingSocketCall:
         headers = {CLUSTER_KEY_HEADER: cluster_key} if cluster_key else {}
         session = aiohttp.ClientSession()
         try:
-            ws = await session.ws_connect(f"http://{host}:{port}{RING_PATH}", headers=headers, max_msg_size=max_message_bytes,
-                                          timeout=aiohttp.ClientWSTimeout(ws_close=timeout), autoping=True)
+            ws = await asyncio.wait_for(
+                session.ws_connect(f"http://{host}:{port}{RING_PATH}", headers=headers, max_msg_size=max_message_bytes,
+                                   timeout=aiohttp.ClientWSTimeout(ws_close=timeout), autoping=True),
+                timeout)
         except BaseException as e:
             await session.close()
             if isinstance(e, aiohttp.WSServerHandshakeError):

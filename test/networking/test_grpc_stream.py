@@ -239,3 +239,25 @@ async def test_a_ring_socket_that_cannot_be_reached_falls_back_to_the_grpc_strea
         await handle.send_result(TokenResult("r", tokens=[1]))
         assert isinstance(handle._stream.call, _GrpcRingCall) and node.calls == [("result", 1)]
         assert "ring messages take the gRPC stream" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_ring_socket_that_never_answers_the_upgrade_fails_within_the_deadline() -> None:
+    # Regression: the connect's deadline bounded only the close, so a port that accepted the
+    # connection but never answered kept the sender waiting (aiohttp's default: 5 minutes).
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # holds the connection open, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(ConnectionError, match="ring socket at 127.0.0.1"):
+                await RingSocketCall.connect("127.0.0.1", port, None, MAX_MESSAGE_LENGTH, 0.5)
+    finally:
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
