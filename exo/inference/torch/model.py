@@ -353,11 +353,13 @@ class ShardedLlama(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if shard.is_last_layer else None
         self.lm_head = _linear(args.hidden_size, args.vocab_size, gguf_types, "head") if shard.is_last_layer else None
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
+        self._native_cache: list[torch.Tensor] | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when tied and both are here (call again
         after ``to_empty``, which allocates each parameter separately)."""
+        self._native_cache = None
         if not self.tie_word_embeddings or self.embed_tokens is None or self.lm_head is None:
             return
         if isinstance(self.lm_head, nn.Linear) and isinstance(self.embed_tokens, nn.Embedding):
@@ -384,6 +386,8 @@ class ShardedLlama(nn.Module):
         return self.lm_head(self.norm(h[:, -1, :])).float()  # (B, vocab)
 
     def forward(self, x: torch.Tensor, caches: list[KVCache], position: int) -> torch.Tensor:
+        if self.gguf_types is not None and x.shape[:2] == (1, 1):  # one token: the native decode step
+            return self.decode(x, [caches], [position])
         h = self._embed(x)
         cos, sin = self.rotary(position, h.shape[1], h.dtype, h.device)  # (T, 1, head_dim)
         for layer, cache in zip(self.layers, caches):
@@ -395,9 +399,41 @@ class ShardedLlama(nn.Module):
             raise ValueError(f"decode takes one token per request: x {tuple(x.shape)}, {len(caches)} caches, {len(positions)} positions")
         h = self._embed(x)  # (B, 1, hidden)
         cos, sin = self.rotary.at(positions, h.dtype, h.device)  # (B, 1, 1, head_dim)
+        if self.gguf_types is not None and len(self.layers):
+            return self._head(self._decode_layers(h, cos, sin, caches))
         for layer, layer_caches in zip(self.layers, zip(*caches)):
             h = layer.decode(h, cos, sin, layer_caches)
         return self._head(h)
+
+    def _decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[list[KVCache]]) -> torch.Tensor:
+        """Every layer's decode step in one native call (``torch.ops.exo_gguf.decode_layers``,
+        the arithmetic of ``TransformerBlock.decode``): h (B, 1, hidden) float32, cos/sin
+        (B, 1, 1, head_dim), ``caches[i]`` request i's per-layer caches. Appends to the caches."""
+        b = h.shape[0]
+        layer_caches = [c for per_layer in zip(*caches) for c in per_layer]  # layer-major
+        for c in layer_caches:
+            c.reserve(c.offset + 1)
+        out = torch.ops.exo_gguf.decode_layers(h, self._native_weights(), self._native_qtypes, cos.reshape(b, -1), sin.reshape(b, -1),
+                                               [c.k for c in layer_caches], [c.v for c in layer_caches],
+                                               [c.offset for c in layer_caches], self.args.n_heads, self.args.n_kv_heads,
+                                               self.args.rms_norm_eps)
+        for c in layer_caches:
+            c.offset += 1
+        return out
+
+    def _native_weights(self) -> list[torch.Tensor]:
+        """The layers' weights in ``decode_layers``' order, 6 per layer (cached; ``_apply``, which
+        ``to``/``to_empty`` go through, and ``tie_weights`` drop the cache)."""
+        if self._native_cache is None:
+            self._native_cache = [t for layer in self.layers for t in (
+                layer.input_layernorm.weight, layer.self_attn.qkv_proj.tiles, layer.self_attn.o_proj.tiles,
+                layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj.tiles, layer.mlp.down_proj.tiles)]
+            self._native_qtypes = [self.gguf_types[k] for k in ("qkv", "o", "gate_up", "down")]
+        return self._native_cache
+
+    def _apply(self, fn, recurse=True):
+        self._native_cache = None
+        return super()._apply(fn, recurse)
 
     def load_weights(self, chunks: Iterable[tuple[str, tuple[int, ...], int, "np.ndarray | QuantizedRows"]]) -> None:
         """Copy checkpoint tensors, a block of rows at a time, into the parameters (converting to

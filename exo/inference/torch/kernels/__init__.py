@@ -1,9 +1,10 @@
 """Native CPU kernels of the torch engine, compiled on this machine at first use.
 
 ``gguf_blocks.cpp`` multiplies float32 activations by weights kept in the GGUF's own quantized
-blocks (Q4_1, Q8_0) and runs a decode step's attention for a whole batch, registered as the
-torch operators ``torch.ops.exo_gguf.{pack, linear, dequantize_rows, dequantize_t,
-decode_attention}`` (see the file's header for the formats), on its own worker threads
+blocks (Q4_1, Q8_0), runs a decode step's attention for a whole batch, and a whole shard's
+decode step (every layer: norms, RoPE, attention, SwiGLU) in one call, registered as the torch
+operators ``torch.ops.exo_gguf.{pack, linear, dequantize_rows, dequantize_t, decode_attention,
+decode_layers}`` (see the file's header for the formats), on its own worker threads
 (``set_threads``; as many as torch's intra-op threads when loaded) that spin between calls only
 while some forward pass holds ``set_spin(True)`` (each paired with a ``set_spin(False)``). It is
 built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native

@@ -345,17 +345,11 @@ constexpr Q4_1Tile kQ4_1Tiles[MB + 1] = {nullptr, tile_q4_1<1>, tile_q4_1<2>, ti
 constexpr Q8_0Tile kQ8_0Tiles[MB + 1] = {nullptr, tile_q8_0<1>, tile_q8_0<2>, tile_q8_0<3>, tile_q8_0<4>,
                                          tile_q8_0<5>, tile_q8_0<6>, tile_q8_0<7>, tile_q8_0<8>};
 
-// y (M, N) = x (M, K) @ W.T for W (N, K) held as tiles (N / 16, G * tile_bytes).
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qtype) {
-  const Format f = format_of(qtype, "gguf_linear");
-  check_linear(x_in, tiles_in, f);
-  const at::Tensor x = x_in.contiguous(), tiles = tiles_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), T = tiles.size(0), N = T * R, G = K / QK;
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = tiles.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t tile_row = tiles.size(1);
+// y (M, N) = x (M, K) @ W.T for W (N, K) held as T = N / 16 tiles of `tile_row` bytes per tile
+// row, all row-major and contiguous.
+void linear_into(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t T, int64_t tile_row, int64_t qtype,
+                 float* yp) {
+  const int64_t N = T * R, G = K / QK;
   std::vector<float> xsum;
   if (qtype == 3) {  // block sums of x, for the Q4_1 minimums
     xsum.resize(M * G);
@@ -378,6 +372,16 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qt
       }
     }
   });
+}
+
+// y (M, N) = x (M, K) @ W.T for W (N, K) held as tiles (N / 16, G * tile_bytes).
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qtype) {
+  const Format f = format_of(qtype, "gguf_linear");
+  check_linear(x_in, tiles_in, f);
+  const at::Tensor x = x_in.contiguous(), tiles = tiles_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), T = tiles.size(0);
+  at::Tensor y = at::empty({M, T * R}, x.options());
+  linear_into(x.data_ptr<float>(), M, K, tiles.data_ptr<uint8_t>(), T, tiles.size(1), qtype, y.data_ptr<float>());
   return y;
 }
 
@@ -448,6 +452,56 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
   return wt;
 }
 
+// The arithmetic of decode_attention: request b's query heads at qp + b * q_stride (H, D), its
+// new key and value heads at k_new / v_new + b * kv_stride (KV, D); its cache buffers kp[b],
+// vp[b] (KV, caps[b], D), filled up to offsets[b]; output (B, H, D) at op.
+void attend(const float* qp, int64_t q_stride, const float* k_new, const float* v_new, int64_t kv_stride, int64_t B,
+            int64_t H, int64_t KV, int64_t D, float* const* kp, float* const* vp, const int64_t* caps,
+            const int64_t* offsets, float* op) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < KV; ++h) {  // append this step's keys and values
+      std::memcpy(kp[b] + (h * caps[b] + offsets[b]) * D, k_new + b * kv_stride + h * D, D * sizeof(float));
+      std::memcpy(vp[b] + (h * caps[b] + offsets[b]) * D, v_new + b * kv_stride + h * D, D * sizeof(float));
+    }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t group = H / KV;
+  WorkerPool::get().parallel_for(B * H, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, kvh = h / group, L = offsets[b] + 1, cap = caps[b];
+      const float* qv = qp + b * q_stride + h * D;
+      const float* kb = kp[b] + kvh * cap * D;
+      const float* vb = vp[b] + kvh * cap * D;
+      scores.resize(L);
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < L; ++t) {
+        const float* kt = kb + t * D;
+        float lanes[16] = {0.f};  // 16 independent partial sums: the compiler vectorizes this
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16)
+          for (int l = 0; l < 16; ++l) lanes[l] += qv[d + l] * kt[d + l];
+        float s = 0.f;
+        for (; d < D; ++d) s += qv[d] * kt[d];
+        for (int l = 0; l < 16; ++l) s += lanes[l];
+        scores[t] = s * scale;
+        mx = std::max(mx, scores[t]);
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < L; ++t) {
+        scores[t] = std::exp(scores[t] - mx);
+        sum += scores[t];
+      }
+      float* o = op + i * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t t = 0; t < L; ++t) {
+        const float p = scores[t] / sum;
+        const float* vt = vb + t * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += p * vt[d];
+      }
+    }
+  });
+}
+
 // One decode step of attention for B requests, each over its own KV cache (no padding):
 // appends k_new[b], v_new[b] (KV, D) to request b's cache at position offsets[b], then
 // out[b, h] = softmax(q[b, h] . K_b^T / sqrt(D)) V_b over its offsets[b] + 1 keys, with query
@@ -481,55 +535,138 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_new_in, 
                 " outside the cache capacity ", kc.size(2));
   }
   std::vector<float*> kp(B), vp(B);
+  std::vector<int64_t> caps(B);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t cap = k_caches[b].size(2);
     kp[b] = k_caches[b].data_ptr<float>();
     vp[b] = v_caches[b].data_ptr<float>();
-    for (int64_t h = 0; h < KV; ++h) {  // append this step's keys and values
-      std::memcpy(kp[b] + (h * cap + offsets[b]) * D, k_new.data_ptr<float>() + (b * KV + h) * D, D * sizeof(float));
-      std::memcpy(vp[b] + (h * cap + offsets[b]) * D, v_new.data_ptr<float>() + (b * KV + h) * D, D * sizeof(float));
-    }
+    caps[b] = k_caches[b].size(2);
   }
   at::Tensor out = at::empty({B, H, D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t group = H / KV;
-  WorkerPool::get().parallel_for(B * H, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, kvh = h / group, L = offsets[b] + 1, cap = k_caches[b].size(2);
-      const float* qv = qp + i * D;
-      const float* kb = kp[b] + kvh * cap * D;
-      const float* vb = vp[b] + kvh * cap * D;
-      scores.resize(L);
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < L; ++t) {
-        const float* kt = kb + t * D;
-        float lanes[16] = {0.f};  // 16 independent partial sums: the compiler vectorizes this
-        int64_t d = 0;
-        for (; d + 16 <= D; d += 16)
-          for (int l = 0; l < 16; ++l) lanes[l] += qv[d + l] * kt[d + l];
-        float s = 0.f;
-        for (; d < D; ++d) s += qv[d] * kt[d];
-        for (int l = 0; l < 16; ++l) s += lanes[l];
-        scores[t] = s * scale;
-        mx = std::max(mx, scores[t]);
-      }
-      float sum = 0.f;
-      for (int64_t t = 0; t < L; ++t) {
-        scores[t] = std::exp(scores[t] - mx);
-        sum += scores[t];
-      }
-      float* o = op + i * D;
-      std::fill(o, o + D, 0.f);
-      for (int64_t t = 0; t < L; ++t) {
-        const float p = scores[t] / sum;
-        const float* vt = vb + t * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += p * vt[d];
-      }
+  attend(q.data_ptr<float>(), H * D, k_new.data_ptr<float>(), v_new.data_ptr<float>(), KV * D, B, H, KV, D, kp.data(),
+         vp.data(), caps.data(), offsets.data(), out.data_ptr<float>());
+  return out;
+}
+
+// Sum of x[0, n) * y[0, n) in 16 independent partial sums (the compiler vectorizes them).
+inline float dot(const float* x, const float* y, int64_t n) {
+  float lanes[16] = {0.f};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += x[j + l] * y[j + l];
+  float s = 0.f;
+  for (; j < n; ++j) s += x[j] * y[j];
+  for (int l = 0; l < 16; ++l) s += lanes[l];
+  return s;
+}
+
+// RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) of `rows` rows of n: y = w * x / sqrt(mean(x^2) + eps).
+void rms_norm_into(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* y) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * n;
+    const float r = 1.0f / std::sqrt(dot(xi, xi, n) / static_cast<float>(n) + eps);
+    for (int64_t j = 0; j < n; ++j) y[i * n + j] = w[j] * (xi[j] * r);
+  }
+}
+
+// Decode steps of B requests through L consecutive Llama layers (pre-norm RMSNorm, RoPE,
+// grouped-query attention over each request's KV cache, SwiGLU; the same arithmetic as
+// ShardedLlama's torch modules, all float32) in one call, so that a step pays one operator
+// dispatch per shard instead of some thirty per layer.
+//   x: (B, 1, hidden) or (B, hidden) float32 hidden states, one row per request.
+//   weights: 6 per layer: input norm (hidden), qkv tiles (Q rows H * D, then K, then V rows
+//     KV * D each), o tiles, post-attention norm (hidden), gate_up tiles (I rows of gate, then
+//     I of up), down tiles; qtypes: the GGML types of qkv, o, gate_up, down.
+//   cos, sin: (B, D) RoPE tables at each request's position, sin with the first half of each
+//     row negated (RoFormer, "rotate half" layout: x * cos + swap_halves(x) * sin).
+//   k_caches, v_caches: L * B buffers (1, KV, capacity, D), layer-major; offsets: L * B tokens
+//     already held, each below its capacity. Each step's keys and values are appended.
+// Returns the hidden states after the last layer, shaped as x.
+at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef qtypes, const at::Tensor& cos_in,
+                         const at::Tensor& sin_in, at::TensorList k_caches, at::TensorList v_caches,
+                         at::IntArrayRef offsets, int64_t n_heads, int64_t n_kv_heads, double eps) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 2,
+              "decode_layers: x must be (B, 1, hidden) float32 on the CPU, got ", x_in.sizes(), " ", x_in.scalar_type());
+  TORCH_CHECK(weights.size() % 6 == 0 && !weights.empty() && qtypes.size() == 4,
+              "decode_layers: 6 weights per layer and 4 GGML types, got ", weights.size(), " and ", qtypes.size());
+  const int64_t L = weights.size() / 6, hidden = x_in.size(-1), B = x_in.numel() / hidden;
+  const int64_t H = n_heads, KV = n_kv_heads;
+  TORCH_CHECK(B > 0 && H > 0 && KV > 0 && H % KV == 0, "decode_layers: ", H, " query heads are not a multiple of ", KV, " KV heads");
+  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == L * B && static_cast<int64_t>(v_caches.size()) == L * B &&
+                  static_cast<int64_t>(offsets.size()) == L * B,
+              "decode_layers: one KV cache and offset per layer and request (", L * B, "), got ", k_caches.size(), ", ",
+              v_caches.size(), ", ", offsets.size());
+  const Format fq = format_of(qtypes[0], "decode_layers"), fo = format_of(qtypes[1], "decode_layers"),
+               fg = format_of(qtypes[2], "decode_layers"), fd = format_of(qtypes[3], "decode_layers");
+  const int64_t n_qkv = weights[1].size(0) * R, D = n_qkv / (H + 2 * KV), I = weights[4].size(0) * R / 2;
+  TORCH_CHECK(D > 0 && n_qkv == (H + 2 * KV) * D, "decode_layers: ", n_qkv, " qkv rows are not (", H, " + 2 * ", KV, ") heads");
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = &weights[6 * l];
+    for (int k : {0, 3})
+      TORCH_CHECK(w[k].scalar_type() == at::kFloat && w[k].is_contiguous() && w[k].numel() == hidden,
+                  "decode_layers: layer ", l, "'s norm weights must be (", hidden, ") contiguous float32");
+    check_tiles(w[1], fq, hidden, "decode_layers (qkv)");
+    check_tiles(w[2], fo, H * D, "decode_layers (o)");
+    check_tiles(w[4], fg, hidden, "decode_layers (gate_up)");
+    check_tiles(w[5], fd, I, "decode_layers (down)");
+    TORCH_CHECK(w[1].size(0) * R == n_qkv && w[2].size(0) * R == hidden && w[4].size(0) * R == 2 * I &&
+                    w[5].size(0) * R == hidden && w[1].is_contiguous() && w[2].is_contiguous() &&
+                    w[4].is_contiguous() && w[5].is_contiguous(),
+                "decode_layers: layer ", l, "'s matrices differ in shape from the first layer's");
+    for (int64_t b = 0; b < B; ++b) {
+      const at::Tensor& kc = k_caches[l * B + b];
+      const at::Tensor& vc = v_caches[l * B + b];
+      TORCH_CHECK(kc.dim() == 4 && kc.size(0) == 1 && kc.size(1) == KV && kc.size(3) == D && kc.is_contiguous() &&
+                      kc.scalar_type() == at::kFloat && vc.sizes() == kc.sizes() && vc.is_contiguous() &&
+                      vc.scalar_type() == at::kFloat,
+                  "decode_layers: cache ", l * B + b, " must be contiguous (1, ", KV, ", capacity, ", D, ") float32, got ",
+                  kc.sizes());
+      TORCH_CHECK(offsets[l * B + b] >= 0 && offsets[l * B + b] < kc.size(2), "decode_layers: offset ",
+                  offsets[l * B + b], " outside the cache capacity ", kc.size(2));
     }
-  });
+  }
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.numel() == B * D &&
+                  sin.numel() == B * D,
+              "decode_layers: cos and sin must be (B, D) = (", B, ", ", D, ") float32");
+  at::Tensor out = x_in.contiguous().clone();
+  float* h = out.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  std::vector<float> xn(B * hidden), qkv(B * n_qkv), att(B * H * D), delta(B * hidden), gu(B * 2 * I), act(B * I),
+      rot(D);
+  std::vector<float*> kp(B), vp(B);
+  std::vector<int64_t> caps(B);
+  const int64_t half = D / 2;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = &weights[6 * l];
+    rms_norm_into(h, w[0].data_ptr<float>(), B, hidden, feps, xn.data());
+    linear_into(xn.data(), B, hidden, w[1].data_ptr<uint8_t>(), w[1].size(0), w[1].size(1), qtypes[0], qkv.data());
+    for (int64_t b = 0; b < B; ++b)  // RoPE on the query and key heads
+      for (int64_t j = 0; j < H + KV; ++j) {
+        float* v = qkv.data() + b * n_qkv + j * D;
+        std::memcpy(rot.data(), v, D * sizeof(float));
+        for (int64_t d = 0; d < D; ++d) v[d] = rot[d] * cp[b * D + d] + rot[(d + half) % D] * sp[b * D + d];
+      }
+    for (int64_t b = 0; b < B; ++b) {
+      kp[b] = k_caches[l * B + b].data_ptr<float>();
+      vp[b] = v_caches[l * B + b].data_ptr<float>();
+      caps[b] = k_caches[l * B + b].size(2);
+    }
+    attend(qkv.data(), n_qkv, qkv.data() + H * D, qkv.data() + (H + KV) * D, n_qkv, B, H, KV, D, kp.data(), vp.data(),
+           caps.data(), offsets.data() + l * B, att.data());
+    linear_into(att.data(), B, H * D, w[2].data_ptr<uint8_t>(), w[2].size(0), w[2].size(1), qtypes[1], delta.data());
+    for (int64_t i = 0; i < B * hidden; ++i) h[i] += delta[i];
+    rms_norm_into(h, w[3].data_ptr<float>(), B, hidden, feps, xn.data());
+    linear_into(xn.data(), B, hidden, w[4].data_ptr<uint8_t>(), w[4].size(0), w[4].size(1), qtypes[2], gu.data());
+    for (int64_t b = 0; b < B; ++b)  // SwiGLU: silu(gate) * up
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = gu[b * 2 * I + i];
+        act[b * I + i] = g / (1.0f + std::exp(-g)) * gu[b * 2 * I + I + i];
+      }
+    linear_into(act.data(), B, I, w[5].data_ptr<uint8_t>(), w[5].size(0), w[5].size(1), qtypes[3], delta.data());
+    for (int64_t i = 0; i < B * hidden; ++i) h[i] += delta[i];
+  }
   return out;
 }
 
@@ -550,6 +687,8 @@ TORCH_LIBRARY(EXO_GGUF_NAMESPACE, m) {
   m.def("dequantize_rows(Tensor tiles, int qtype, int K, Tensor rows) -> Tensor");
   m.def("dequantize_t(Tensor tiles, int qtype, int K) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] offsets) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] weights, int[] qtypes, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, int[] offsets, int n_heads, int n_kv_heads, float eps) -> Tensor");
   m.def("set_threads(int n) -> ()");
   m.def("get_threads() -> int");
   m.def("set_spin(bool on) -> ()");
@@ -567,4 +706,5 @@ TORCH_LIBRARY_IMPL(EXO_GGUF_NAMESPACE, CPU, m) {
   m.impl("dequantize_rows", dequantize_rows);
   m.impl("dequantize_t", dequantize_t);
   m.impl("decode_attention", decode_attention);
+  m.impl("decode_layers", decode_layers);
 }
