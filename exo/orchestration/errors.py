@@ -20,3 +20,8 @@ class GenerationError(RuntimeError):
 
 class GenerationTimeoutError(GenerationError):
     """No token arrived from the ring within the response timeout."""
+
+
+class NodeStoppingError(ConnectionError):
+    """This node is shutting down: it takes no new ring work and opens no new connections (a
+    peer that sent it a message gets gRPC ``UNAVAILABLE``, as from a node that is gone)."""

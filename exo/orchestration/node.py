@@ -29,7 +29,7 @@ from exo.inference.tokenizers import Tokenizer, load_tokenizer
 from exo.models.registry import ModelCard, MODELS, get_model_card
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
-from exo.orchestration.errors import GenerationError, GenerationTimeoutError, ModelNotFoundError, NoNodeAvailableError
+from exo.orchestration.errors import GenerationError, GenerationTimeoutError, ModelNotFoundError, NoNodeAvailableError, NodeStoppingError
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.model_memory import layer_bytes
@@ -184,7 +184,13 @@ class Node:
 
     # ---------------------------------------------------------------- topology
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
+    def _spawn(self, coro, name: str) -> asyncio.Task | None:
+        """Run ``coro`` as a task that ``stop`` cancels and waits for; once stopping, none is
+        started (``stop`` would neither cancel nor wait for it) and ``coro`` is closed."""
+        if self._stopping:
+            logger.debug("node %s is stopping: not starting %s", self.id, name)
+            coro.close()
+            return None
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -603,6 +609,10 @@ class Node:
     # ---------------------------------------------------------------- ring-facing
 
     def _peer(self, p: Partition) -> PeerHandle:
+        """The handle to ``p``'s node. Raises NodeStoppingError once this node is stopping: a
+        connection opened then would outlive ``stop``."""
+        if self._stopping:
+            raise NodeStoppingError(f"node {self.id} is shutting down")
         if p.node_id in self.peers:
             return self.peers[p.node_id]
         h = self._extra_handles.get(p.node_id)
@@ -631,6 +641,7 @@ class Node:
             ValueError: this node's shard of ``ctx`` does not start at layer 0, or bad shape.
             KeyError: this node is not in the request's ring, or ``position > 0`` for a request it has
                 no KV cache of (an unknown request id).
+            NodeStoppingError: this node is shutting down.
         """
         shard = ctx.shard_of(self.id)
         if not shard.is_first_layer:
@@ -646,6 +657,7 @@ class Node:
             ValueError: bad shape, or this node's shard holds layer 0 (it takes token ids).
             KeyError: this node is not in the request's ring, or ``position > 0`` for a request it has
                 no KV cache of (an unknown request id).
+            NodeStoppingError: this node is shutting down.
         """
         shard = ctx.shard_of(self.id)
         if shard.is_first_layer:
@@ -656,6 +668,8 @@ class Node:
 
     def _schedule(self, ctx: RequestContext, x: np.ndarray, position: int) -> None:
         rid = ctx.request_id
+        if self._stopping:  # the sender fails over, as if this node were gone
+            raise NodeStoppingError(f"node {self.id} is shutting down")
         if rid in self._ended:
             logger.debug("dropping a message of ended request %s", rid)
             return

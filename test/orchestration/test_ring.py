@@ -108,3 +108,38 @@ async def test_the_old_connection_to_a_node_that_moved_is_closed(single_node_api
     new = node._peer(Partition("moved-node", "127.0.0.1:2", 0, 0))
     assert new is not old and new.address() == "127.0.0.1:2"
     await wait_for(lambda: old._channel is None, timeout=10)
+
+
+
+@pytest.mark.parametrize("transport", ["socket", "grpc-stream", "unary"])
+async def test_a_stopping_node_refuses_ring_messages_and_opens_no_connection(transport):
+    # Regression: a node stops before its gRPC server, and a ring message that arrived in
+    # between started a shard step that stop() neither cancelled nor awaited (its error report
+    # could open a connection to the origin that nothing closed). Now the sender is told the
+    # node is gone (UNAVAILABLE: it fails over) and nothing starts.
+    import numpy as np
+    from helpers import SESSION_CLUSTER_SECRET, loopback_config, make_request_context
+
+    from exo.networking.grpc.peer_handle import GRPCPeerHandle
+    from exo.orchestration.launcher import start_node
+    from exo.topology.device_capabilities import DeviceCapabilities
+    from exo.topology.partitioning import Partition
+
+    running = await start_node(loopback_config(node_id=f"stopping-{transport}", discovery_module="none"))
+    node, address = running.node, f"127.0.0.1:{running.server.port}"
+    handle = GRPCPeerHandle(node.id, address, DeviceCapabilities("?", "?", 0), cluster_secret=SESSION_CLUSTER_SECRET,
+                            stream=transport != "unary", ring_socket=transport == "socket")
+    try:
+        await node.stop()  # as RunningNode.stop: the node first, its server still answers
+        ctx = make_request_context(request_id=f"after-stop-{transport}", origin_node_id="elsewhere",
+                                   ring=(Partition(node.id, address, 0, 29),), prompt_len=3, epoch=0)
+        with pytest.raises(ConnectionError, match="shutting down"):
+            await handle.send_prompt(ctx, np.array([[1, 2, 3]], dtype=np.int64), 0)
+        assert not node._tasks and not node._extra_handles
+        with pytest.raises(ConnectionError, match="shutting down"):
+            node._peer(Partition("elsewhere", "127.0.0.1:1", 0, 0))
+    finally:
+        await handle.disconnect()
+        if running.api is not None:
+            await running.api.stop()
+        await running.server.stop()

@@ -390,6 +390,8 @@ class GRPCPeerHandle(PeerHandle):
         """What a ring send raises (or passes to ``on_error``) for a failing ack or a stream's
         error: as ``_call`` raises them."""
         if isinstance(e, pb.RingAck):
+            if e.code == grpc.StatusCode.UNAVAILABLE.value[0]:  # the peer is stopping: as if it were gone
+                return ConnectionError(f"peer {self._id} at {self._address}: {method}: UNAVAILABLE: {e.details}")
             return RuntimeError(f"peer {self._id}: {e.details}")
         if isinstance(e, grpc.aio.AioRpcError):  # a stream call also ends CANCELLED when the peer goes away
             return self._rpc_error(method, e, _UNREACHABLE_CODES | {grpc.StatusCode.CANCELLED})

@@ -2,7 +2,9 @@
 
 The server never crashes on bad input: undecodable or invalid requests are answered with
 ``INVALID_ARGUMENT``; exceptions of the node become ``INVALID_ARGUMENT`` (ValueError),
-``NOT_FOUND`` (KeyError) or ``INTERNAL`` (anything else, logged with its traceback).
+``NOT_FOUND`` (KeyError), ``UNAVAILABLE`` (NodeStoppingError: the node is shutting down, and the
+sender fails over as from a node that is gone) or ``INTERNAL`` (anything else, logged with its
+traceback).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from exo.networking.grpc import codec
+from exo.orchestration.errors import NodeStoppingError
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key, key_matches
@@ -87,6 +90,9 @@ def _status(exc: Exception, name: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, KeyError):
         logger.info("%s: not found: %s", name, _detail(exc))
         return grpc.StatusCode.NOT_FOUND, _detail(exc)
+    if isinstance(exc, NodeStoppingError):
+        logger.info("%s: %s", name, exc)
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     logger.error("%s failed", name, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {_detail(exc)}"
 
