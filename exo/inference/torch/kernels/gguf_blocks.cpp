@@ -452,9 +452,133 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
   return wt;
 }
 
+// Sum of x[0, n) * y[0, n) in 16 independent partial sums (the compiler vectorizes them).
+inline float dot(const float* x, const float* y, int64_t n) {
+  float lanes[16] = {0.f};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += x[j + l] * y[j + l];
+  float s = 0.f;
+  for (; j < n; ++j) s += x[j] * y[j];
+  for (int l = 0; l < 16; ++l) s += lanes[l];
+  return s;
+}
+
+#ifdef EXO_GGUF_AVX512
+// e^x for 16 floats, inputs clamped to [-87.3, 88.3]: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2,
+// e^r by its degree-6 polynomial, times 2^n by vscalefps), within a few ulp of std::exp.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+#endif
+
+// x[i] = e^(x[i] - shift) for i < n; returns their sum.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+#ifdef EXO_GGUF_AVX512
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 s = _mm512_set1_ps(shift);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s));
+    _mm512_mask_storeu_ps(x + i, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+#endif
+}
+
+// SwiGLU's product (Shazeer 2020, arXiv:2002.05202): out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g).
+inline void swiglu(const float* gate, const float* up, int64_t n, float* out) {
+#ifdef EXO_GGUF_AVX512
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+#endif
+}
+
+// Attention of the G query heads q (G, D) that share one KV head, over its L cached keys kb and
+// values vb (L, D): o[g] = softmax(q[g] . K^T * scale) V. scores: room for G * L floats.
+void attend_group(const float* q, int64_t G, const float* kb, const float* vb, int64_t L, int64_t D, float scale,
+                  float* scores, float* o) {
+#ifdef EXO_GGUF_AVX512
+  constexpr int64_t kMaxG = 8, kMaxV = 16;  // heads per KV head, and D / 16, kept in registers
+  if (D % 16 == 0 && G <= kMaxG && D / 16 <= kMaxV) {
+    const int64_t nv = D / 16;
+    for (int64_t t = 0; t < L; ++t) {
+      const float* kt = kb + t * D;
+      __m512 acc[kMaxG];
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+      for (int64_t v = 0; v < nv; ++v) {
+        const __m512 k = _mm512_loadu_ps(kt + 16 * v);
+        for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * v), k, acc[g]);
+      }
+      for (int64_t g = 0; g < G; ++g) scores[g * L + t] = _mm512_reduce_add_ps(acc[g]) * scale;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = scores + g * L;
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < L; t += 16) mx = _mm512_mask_max_ps(mx, tail_mask(L - t), mx, _mm512_maskz_loadu_ps(tail_mask(L - t), s + t));
+      const float inv = 1.0f / exp_shifted(s, L, _mm512_reduce_max_ps(mx));
+      __m512 a[kMaxV];
+      for (int64_t v = 0; v < nv; ++v) a[v] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < L; ++t) {
+        const __m512 p = _mm512_set1_ps(s[t]);
+        const float* vt = vb + t * D;
+        for (int64_t v = 0; v < nv; ++v) a[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 16 * v), a[v]);
+      }
+      for (int64_t v = 0; v < nv; ++v) _mm512_storeu_ps(o + g * D + 16 * v, _mm512_mul_ps(a[v], _mm512_set1_ps(inv)));
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * L;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < L; ++t) {
+      s[t] = dot(q + g * D, kb + t * D, D) * scale;
+      mx = std::max(mx, s[t]);
+    }
+    const float inv = 1.0f / exp_shifted(s, L, mx);
+    float* og = o + g * D;
+    std::fill(og, og + D, 0.f);
+    for (int64_t t = 0; t < L; ++t) {
+      const float p = s[t] * inv;
+      const float* vt = vb + t * D;
+      for (int64_t d = 0; d < D; ++d) og[d] += p * vt[d];
+    }
+  }
+}
+
 // The arithmetic of decode_attention: request b's query heads at qp + b * q_stride (H, D), its
 // new key and value heads at k_new / v_new + b * kv_stride (KV, D); its cache buffers kp[b],
-// vp[b] (KV, caps[b], D), filled up to offsets[b]; output (B, H, D) at op.
+// vp[b] (KV, caps[b], D), filled up to offsets[b]; output (B, H, D) at op. Query head h reads
+// KV head h / (H / KV); the work is split by (request, KV head).
 void attend(const float* qp, int64_t q_stride, const float* k_new, const float* v_new, int64_t kv_stride, int64_t B,
             int64_t H, int64_t KV, int64_t D, float* const* kp, float* const* vp, const int64_t* caps,
             const int64_t* offsets, float* op) {
@@ -465,39 +589,13 @@ void attend(const float* qp, int64_t q_stride, const float* k_new, const float* 
     }
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t group = H / KV;
-  WorkerPool::get().parallel_for(B * H, [&](int64_t begin, int64_t end) {
+  WorkerPool::get().parallel_for(B * KV, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, kvh = h / group, L = offsets[b] + 1, cap = caps[b];
-      const float* qv = qp + b * q_stride + h * D;
-      const float* kb = kp[b] + kvh * cap * D;
-      const float* vb = vp[b] + kvh * cap * D;
-      scores.resize(L);
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < L; ++t) {
-        const float* kt = kb + t * D;
-        float lanes[16] = {0.f};  // 16 independent partial sums: the compiler vectorizes this
-        int64_t d = 0;
-        for (; d + 16 <= D; d += 16)
-          for (int l = 0; l < 16; ++l) lanes[l] += qv[d + l] * kt[d + l];
-        float s = 0.f;
-        for (; d < D; ++d) s += qv[d] * kt[d];
-        for (int l = 0; l < 16; ++l) s += lanes[l];
-        scores[t] = s * scale;
-        mx = std::max(mx, scores[t]);
-      }
-      float sum = 0.f;
-      for (int64_t t = 0; t < L; ++t) {
-        scores[t] = std::exp(scores[t] - mx);
-        sum += scores[t];
-      }
-      float* o = op + i * D;
-      std::fill(o, o + D, 0.f);
-      for (int64_t t = 0; t < L; ++t) {
-        const float p = scores[t] / sum;
-        const float* vt = vb + t * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += p * vt[d];
-      }
+      const int64_t b = i / KV, kvh = i % KV, L = offsets[b] + 1, cap = caps[b];
+      scores.resize(group * L);
+      attend_group(qp + b * q_stride + kvh * group * D, group, kp[b] + kvh * cap * D, vp[b] + kvh * cap * D, L, D, scale,
+                   scores.data(), op + (b * H + kvh * group) * D);
     }
   });
 }
@@ -545,18 +643,6 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_new_in, 
   attend(q.data_ptr<float>(), H * D, k_new.data_ptr<float>(), v_new.data_ptr<float>(), KV * D, B, H, KV, D, kp.data(),
          vp.data(), caps.data(), offsets.data(), out.data_ptr<float>());
   return out;
-}
-
-// Sum of x[0, n) * y[0, n) in 16 independent partial sums (the compiler vectorizes them).
-inline float dot(const float* x, const float* y, int64_t n) {
-  float lanes[16] = {0.f};
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] += x[j + l] * y[j + l];
-  float s = 0.f;
-  for (; j < n; ++j) s += x[j] * y[j];
-  for (int l = 0; l < 16; ++l) s += lanes[l];
-  return s;
 }
 
 // RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) of `rows` rows of n: y = w * x / sqrt(mean(x^2) + eps).
@@ -659,11 +745,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
     for (int64_t i = 0; i < B * hidden; ++i) h[i] += delta[i];
     rms_norm_into(h, w[3].data_ptr<float>(), B, hidden, feps, xn.data());
     linear_into(xn.data(), B, hidden, w[4].data_ptr<uint8_t>(), w[4].size(0), w[4].size(1), qtypes[2], gu.data());
-    for (int64_t b = 0; b < B; ++b)  // SwiGLU: silu(gate) * up
-      for (int64_t i = 0; i < I; ++i) {
-        const float g = gu[b * 2 * I + i];
-        act[b * I + i] = g / (1.0f + std::exp(-g)) * gu[b * 2 * I + I + i];
-      }
+    for (int64_t b = 0; b < B; ++b) swiglu(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, I, act.data() + b * I);
     linear_into(act.data(), B, I, w[5].data_ptr<uint8_t>(), w[5].size(0), w[5].size(1), qtypes[3], delta.data());
     for (int64_t i = 0; i < B * hidden; ++i) h[i] += delta[i];
   }
