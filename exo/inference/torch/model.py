@@ -354,6 +354,7 @@ class ShardedLlama(nn.Module):
         self.lm_head = _linear(args.hidden_size, args.vocab_size, gguf_types, "head") if shard.is_last_layer else None
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
         self._native_cache: list[torch.Tensor] | None = None
+        self._native_qtypes = [gguf_types[k] for k in ("qkv", "o", "gate_up", "down")] if gguf_types is not None else None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -428,7 +429,6 @@ class ShardedLlama(nn.Module):
             self._native_cache = [t for layer in self.layers for t in (
                 layer.input_layernorm.weight, layer.self_attn.qkv_proj.tiles, layer.self_attn.o_proj.tiles,
                 layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj.tiles, layer.mlp.down_proj.tiles)]
-            self._native_qtypes = [self.gguf_types[k] for k in ("qkv", "o", "gate_up", "down")]
         return self._native_cache
 
     def _apply(self, fn, recurse=True):

@@ -20,11 +20,11 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from exo.networking.grpc import codec
-from exo.orchestration.errors import NodeStoppingError
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key, key_matches
 from exo.networking.ring_socket import RingSocketServer
+from exo.orchestration.errors import NodeStoppingError
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.topology import Topology
 
