@@ -175,8 +175,6 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Prefill (or any chunk) of one sequence: x (B, T, hidden), cos/sin (T, 1, head_dim)."""
         b, t, _ = x.shape
-        if t == 1 and b == 1 and self._native_decode:  # the same arithmetic as a batched decode step
-            return self.decode(x, cos, sin, [cache])
         q, k, v = self._qkv(x, cos, sin)
         past = cache.offset
         k, v = cache.update(k, v)  # (B, n_kv, past + T, head_dim)

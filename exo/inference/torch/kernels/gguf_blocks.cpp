@@ -600,6 +600,32 @@ void attend(const float* qp, int64_t q_stride, const float* k_new, const float* 
   });
 }
 
+// Caches first .. first + B - 1 of k_caches / v_caches: exo's KVCache buffers (1, KV, capacity,
+// D) float32, contiguous, each holding offsets[i] tokens, below its capacity.
+void check_caches(at::TensorList k_caches, at::TensorList v_caches, const int64_t* offsets, int64_t first, int64_t B,
+                  int64_t KV, int64_t D, const char* op) {
+  for (int64_t i = first; i < first + B; ++i) {
+    const at::Tensor& kc = k_caches[i];
+    const at::Tensor& vc = v_caches[i];
+    TORCH_CHECK(kc.dim() == 4 && kc.size(0) == 1 && kc.size(1) == KV && kc.size(3) == D && kc.is_contiguous() &&
+                    kc.scalar_type() == at::kFloat && vc.sizes() == kc.sizes() && vc.is_contiguous() &&
+                    vc.scalar_type() == at::kFloat,
+                op, ": cache ", i, " must be contiguous (1, ", KV, ", capacity, ", D, ") float32, got ", kc.sizes());
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] < kc.size(2), op, ": offset ", offsets[i], " outside the cache capacity ",
+                kc.size(2));
+  }
+}
+
+// The data pointers and capacities of caches first .. first + B - 1, by b.
+void cache_pointers(at::TensorList k_caches, at::TensorList v_caches, int64_t first, int64_t B, float** kp, float** vp,
+                    int64_t* caps) {
+  for (int64_t b = 0; b < B; ++b) {
+    kp[b] = k_caches[first + b].data_ptr<float>();
+    vp[b] = v_caches[first + b].data_ptr<float>();
+    caps[b] = k_caches[first + b].size(2);
+  }
+}
+
 // One decode step of attention for B requests, each over its own KV cache (no padding):
 // appends k_new[b], v_new[b] (KV, D) to request b's cache at position offsets[b], then
 // out[b, h] = softmax(q[b, h] . K_b^T / sqrt(D)) V_b over its offsets[b] + 1 keys, with query
@@ -622,23 +648,10 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_new_in, 
   TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == B && static_cast<int64_t>(v_caches.size()) == B &&
                   static_cast<int64_t>(offsets.size()) == B,
               "decode_attention: one KV cache and offset per request");
-  for (int64_t b = 0; b < B; ++b) {
-    const at::Tensor& kc = k_caches[b];
-    const at::Tensor& vc = v_caches[b];
-    TORCH_CHECK(kc.dim() == 4 && kc.size(0) == 1 && kc.size(1) == KV && kc.size(3) == D && kc.is_contiguous() &&
-                    kc.scalar_type() == at::kFloat && vc.sizes() == kc.sizes() && vc.is_contiguous() &&
-                    vc.scalar_type() == at::kFloat,
-                "decode_attention: cache ", b, " must be contiguous (1, ", KV, ", capacity, ", D, ") float32, got ", kc.sizes());
-    TORCH_CHECK(offsets[b] >= 0 && offsets[b] < kc.size(2), "decode_attention: offset ", offsets[b],
-                " outside the cache capacity ", kc.size(2));
-  }
+  check_caches(k_caches, v_caches, offsets.data(), 0, B, KV, D, "decode_attention");
   std::vector<float*> kp(B), vp(B);
   std::vector<int64_t> caps(B);
-  for (int64_t b = 0; b < B; ++b) {
-    kp[b] = k_caches[b].data_ptr<float>();
-    vp[b] = v_caches[b].data_ptr<float>();
-    caps[b] = k_caches[b].size(2);
-  }
+  cache_pointers(k_caches, v_caches, 0, B, kp.data(), vp.data(), caps.data());
   at::Tensor out = at::empty({B, H, D}, q.options());
   attend(q.data_ptr<float>(), H * D, k_new.data_ptr<float>(), v_new.data_ptr<float>(), KV * D, B, H, KV, D, kp.data(),
          vp.data(), caps.data(), offsets.data(), out.data_ptr<float>());
@@ -698,17 +711,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
                     w[5].size(0) * R == hidden && w[1].is_contiguous() && w[2].is_contiguous() &&
                     w[4].is_contiguous() && w[5].is_contiguous(),
                 "decode_layers: layer ", l, "'s matrices differ in shape from the first layer's");
-    for (int64_t b = 0; b < B; ++b) {
-      const at::Tensor& kc = k_caches[l * B + b];
-      const at::Tensor& vc = v_caches[l * B + b];
-      TORCH_CHECK(kc.dim() == 4 && kc.size(0) == 1 && kc.size(1) == KV && kc.size(3) == D && kc.is_contiguous() &&
-                      kc.scalar_type() == at::kFloat && vc.sizes() == kc.sizes() && vc.is_contiguous() &&
-                      vc.scalar_type() == at::kFloat,
-                  "decode_layers: cache ", l * B + b, " must be contiguous (1, ", KV, ", capacity, ", D, ") float32, got ",
-                  kc.sizes());
-      TORCH_CHECK(offsets[l * B + b] >= 0 && offsets[l * B + b] < kc.size(2), "decode_layers: offset ",
-                  offsets[l * B + b], " outside the cache capacity ", kc.size(2));
-    }
+    check_caches(k_caches, v_caches, offsets.data(), l * B, B, KV, D, "decode_layers");
   }
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.numel() == B * D &&
@@ -734,11 +737,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
         std::memcpy(rot.data(), v, D * sizeof(float));
         for (int64_t d = 0; d < D; ++d) v[d] = rot[d] * cp[b * D + d] + rot[(d + half) % D] * sp[b * D + d];
       }
-    for (int64_t b = 0; b < B; ++b) {
-      kp[b] = k_caches[l * B + b].data_ptr<float>();
-      vp[b] = v_caches[l * B + b].data_ptr<float>();
-      caps[b] = k_caches[l * B + b].size(2);
-    }
+    cache_pointers(k_caches, v_caches, l * B, B, kp.data(), vp.data(), caps.data());
     attend(qkv.data(), n_qkv, qkv.data() + H * D, qkv.data() + (H + KV) * D, n_qkv, B, H, KV, D, kp.data(), vp.data(),
            caps.data(), offsets.data() + l * B, att.data());
     linear_into(att.data(), B, H * D, w[2].data_ptr<uint8_t>(), w[2].size(0), w[2].size(1), qtypes[1], delta.data());
