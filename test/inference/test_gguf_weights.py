@@ -64,6 +64,37 @@ def test_linear_equals_a_float32_matmul_on_the_dequantized_weights(tensors, ops,
         assert (dense.double() - exact).abs().max().item() < 1e-5 * scale + 1e-5, name
 
 
+@pytest.fixture
+def amx_for_every_batch():
+    """The AMX tile path for every product of rows, restored afterwards; skipped where the
+    kernels were built without it or the OS refuses the tile state."""
+    before = torch.ops.exo_gguf.amx_rows()
+    if before == 0:
+        pytest.skip("no AMX tile path on this machine")
+    assert torch.ops.exo_gguf.set_amx_rows(1) == 1
+    yield
+    torch.ops.exo_gguf.set_amx_rows(before)
+
+
+@pytest.mark.parametrize("m", [1, 8, 16, 33])
+def test_the_amx_path_keeps_the_float32_bound(tensors, amx_for_every_batch, m):
+    """bfloat16 tiles with each activation split into two parts: within the float32 path's
+    bound, for one row, a whole tile of rows and rows beyond one tile."""
+    gen = torch.Generator().manual_seed(100 + m)
+    for name, (raw, ref, qtype) in tensors.items():
+        tiles = torch.ops.exo_gguf.pack(torch.from_numpy(raw), qtype)
+        x = torch.randn(m, ref.shape[1], generator=gen) * torch.logspace(-2, 1, ref.shape[1])[torch.randperm(ref.shape[1], generator=gen)]
+        exact = x.double() @ torch.from_numpy(ref).double().T
+        got = torch.ops.exo_gguf.linear(x, tiles, qtype)
+        scale = exact.abs().max().item()
+        assert (got.double() - exact).abs().max().item() < 1e-5 * scale + 1e-5, name
+
+
+def test_the_amx_threshold_takes_only_a_row_count():
+    with pytest.raises(RuntimeError, match="rows must be >= 0"):
+        torch.ops.exo_gguf.set_amx_rows(-1)
+
+
 def test_bad_arguments_raise_clear_errors(tensors):
     raw, ref, qtype = tensors["blk.3.ffn_down.weight"]
     tiles = torch.ops.exo_gguf.pack(torch.from_numpy(raw), qtype)

@@ -205,6 +205,27 @@ async def test_batched_decode_equals_sequential_decode(chat_ids):
 
 
 @pytest.mark.asyncio
+async def test_a_large_batch_decodes_as_each_request_alone(chat_ids):
+    """Twelve requests in one batch: on a CPU with AMX their products take the tile path
+    (exo_gguf.amx_rows() rows or more), and still give each request's own greedy tokens and
+    its logits within the suite's 1e-3."""
+    shard = Shard.full(MODEL, 30)
+    prompts = [chat_ids[i:] for i in range(0, 24, 2)]
+    alone = TorchInferenceEngine(device="cpu", dtype="float32", max_batch=1)
+    await alone.ensure_shard(shard)
+    expected = [await _greedy(alone, shard, f"a{i}", p, 4) for i, p in enumerate(prompts)]
+    await alone.close()
+    batched = TorchInferenceEngine(device="cpu", dtype="float32")
+    await batched.ensure_shard(shard)
+    got = await asyncio.gather(*(_greedy(batched, shard, f"b{i}", p, 4) for i, p in enumerate(prompts)))
+    assert max(batched.batch_sizes) == len(prompts)
+    for (tokens, logits), (exp_tokens, exp_logits) in zip(got, expected):
+        assert tokens == exp_tokens
+        np.testing.assert_allclose(logits, exp_logits, atol=1e-3, rtol=0)
+    await batched.close()
+
+
+@pytest.mark.asyncio
 async def test_batched_decode_through_a_split_ring(chat_ids):
     """Batched decode steps of hidden states on a later shard equal the full model's."""
     first, last = Shard(MODEL, 0, 11, 30), Shard(MODEL, 12, 29, 30)

@@ -4,7 +4,11 @@
 blocks (Q4_1, Q8_0), runs a decode step's attention for a whole batch, and a whole shard's
 decode step (every layer: norms, RoPE, attention, SwiGLU) in one call, registered as the torch
 operators ``torch.ops.exo_gguf.{pack, linear, dequantize_rows, dequantize_t, decode_attention,
-decode_layers}`` (see the file's header for the formats), on its own worker threads
+decode_layers}`` (see the file's header for the formats); on a CPU with Intel AMX, products
+of ``amx_rows()`` rows or more (batched decode steps, prefill chunks; 8 by default, 0 where
+the path is missing, ``set_amx_rows(n)`` to change, 0 to turn it off) run on the tile unit in
+bfloat16 with each activation split into two parts, within the float32 path's error bound.
+The kernels run on their own worker threads
 (``set_threads``; as many as torch's intra-op threads when loaded) that spin between calls only
 while some forward pass holds ``set_spin(True)`` (each paired with a ``set_spin(False)``). It is
 built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native
