@@ -419,8 +419,9 @@ inline __m512i nibble_pairs_index() {  // byte 2 * (r * 2 + c) of the result <- 
 // Block g of a tile (16 rows) as the weight operand of TDPBF16PS: 16 rows of input pairs,
 // row p holding (w[r][2p], w[r][2p + 1]) for r = 0..15 as bfloat16 (1 KB), and the block's
 // scales: d[r], and for Q4_1 m[r] - 128 d[r] (see above).
-inline void unpack_block(const uint8_t* b, int64_t qtype, const __m512i& idx, uint16_t* out, float* dq, float* mq) {
-  for (int64_t l = 0; l < (qtype == 3 ? 320 : 544); l += 64) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + l), _MM_HINT_T0);
+inline void unpack_block(const uint8_t* b, int64_t qtype, int64_t tile_bytes, const __m512i& idx, uint16_t* out, float* dq,
+                         float* mq) {
+  for (int64_t l = 0; l < tile_bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + l), _MM_HINT_T0);
   const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
   _mm512_storeu_ps(dq, d);
   if (qtype == 3) {
@@ -446,7 +447,7 @@ inline void unpack_block(const uint8_t* b, int64_t qtype, const __m512i& idx, ui
 }
 
 // Output rows [16t, 16t + 16 NT) of NT consecutive tiles (the first at `tile0`, the next
-// `tile_row` bytes apart) for all M activation rows, given as the split parts xh, xl (Mp, K)
+// `tile_row` bytes apart; `tile_bytes` per block) for all M activation rows, given as the split parts xh, xl (Mp, K)
 // bf16, Mp = M rounded up to 16 (zero rows), with their block sums xsum (M, G). acc: (NT, M,
 // 16) float32, the result. Scratch: wt 2 * NT KB, cbuf 2 * Mp * NT * 16 floats. The tile
 // registers are configured for 16 rows.
@@ -456,17 +457,17 @@ inline void unpack_block(const uint8_t* b, int64_t qtype, const __m512i& idx, ui
 // the unit's latency), while the vector unit scales block g - 1's sums into acc and unpacks
 // block g + 1's weights (reading the weights is then hidden behind the unit's work).
 template <int NT>
-void amx_group(const uint8_t* tile0, int64_t tile_row, int64_t qtype, const uint16_t* xh, const uint16_t* xl,
+void amx_group(const uint8_t* tile0, int64_t tile_row, int64_t tile_bytes, int64_t qtype, const uint16_t* xh, const uint16_t* xl,
                const float* xsum, int64_t M, int64_t Mp, int64_t K, const __m512i& idx, uint16_t* wt, float* cbuf,
                float* acc) {
   static_assert(NT >= 1 && NT <= 3, "tiles 0-1: activations, 2..: weights, 5..: sums");
-  const int64_t G = K / QK, stride = K * 2, MT = Mp / AMX_ROWS, tile_bytes = qtype == 3 ? 320 : 544;
+  const int64_t G = K / QK, stride = K * 2, MT = Mp / AMX_ROWS;
   const bool q4 = qtype == 3;
   alignas(64) float dq[2][NT][R], mq[2][NT][R];
   std::fill(acc, acc + NT * M * R, 0.f);
   auto unpack = [&](int64_t g) {
     for (int j = 0; j < NT; ++j)
-      unpack_block(tile0 + j * tile_row + g * tile_bytes, qtype, idx, wt + ((g % 2) * NT + j) * 512, dq[g % 2][j],
+      unpack_block(tile0 + j * tile_row + g * tile_bytes, qtype, tile_bytes, idx, wt + ((g % 2) * NT + j) * 512, dq[g % 2][j],
                    mq[g % 2][j]);
   };
   auto issue = [&](int64_t g) {
@@ -523,7 +524,7 @@ void amx_group(const uint8_t* tile0, int64_t tile_row, int64_t qtype, const uint
 // y (M, N) = x (M, K) @ W.T as linear_into, on the tile unit (see above).
 void linear_amx(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t T, int64_t tile_row, int64_t qtype,
                 float* yp) {
-  const int64_t N = T * R, G = K / QK;
+  const int64_t N = T * R, G = K / QK, tile_bytes = format_of(qtype, "gguf_linear").tile_bytes;
   const int64_t Mp = (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
   std::vector<uint16_t> xh(Mp * K, 0), xl(Mp * K, 0);  // rows M .. Mp - 1 stay zero
   std::vector<float> xsum(M * G);
@@ -552,7 +553,7 @@ void linear_amx(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_
     for (int64_t t0 = begin * NT; t0 < std::min(T, end * NT); t0 += NT) {
       const int64_t nt = std::min(NT, T - t0);
       const auto group = nt == 3 ? amx_group<3> : nt == 2 ? amx_group<2> : amx_group<1>;
-      group(wp + t0 * tile_row, tile_row, qtype, xh.data(), xl.data(), xsum.data(), M, Mp, K, idx, wt.data(), cbuf.data(),
+      group(wp + t0 * tile_row, tile_row, tile_bytes, qtype, xh.data(), xl.data(), xsum.data(), M, Mp, K, idx, wt.data(), cbuf.data(),
             acc.data());
       for (int64_t j = 0; j < nt; ++j)
         for (int64_t i = 0; i < M; ++i)
@@ -561,25 +562,21 @@ void linear_amx(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_
     _tile_release();  // back to the init state: a context switch saves no tile data
   });
 }
-#endif
 
-// The fewest activation rows that take the AMX path (0: never; and always 0 where it is not
-// built or the OS refuses the tile state). Set with set_amx_rows.
-std::atomic<int64_t> amx_min_rows{
-#ifdef EXO_GGUF_AMX
-    8
-#else
-    0
+// The fewest activation rows that take the AMX path, as set_amx_rows left it (0: never).
+std::atomic<int64_t> amx_min_rows{8};
+
+// The threshold in force: amx_min_rows, or 0 where the OS refuses the tile state.
+int64_t amx_threshold() { return amx_permitted() ? amx_min_rows.load(std::memory_order_relaxed) : 0; }
 #endif
-};
 
 // y (M, N) = x (M, K) @ W.T for W (N, K) held as T = N / 16 tiles of `tile_row` bytes per tile
 // row, all row-major and contiguous.
 void linear_into(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t T, int64_t tile_row, int64_t qtype,
                  float* yp) {
 #ifdef EXO_GGUF_AMX
-  const int64_t amx_rows_from = amx_min_rows.load(std::memory_order_relaxed);
-  if (amx_rows_from > 0 && M >= amx_rows_from && amx_permitted()) {
+  const int64_t amx_rows_from = amx_threshold();
+  if (amx_rows_from > 0 && M >= amx_rows_from) {
     linear_amx(xp, M, K, wp, T, tile_row, qtype, yp);
     return;
   }
@@ -1004,7 +1001,7 @@ int64_t set_amx_rows(int64_t rows) {
 }
 int64_t get_amx_rows() {
 #ifdef EXO_GGUF_AMX
-  return amx_permitted() ? amx_min_rows.load() : 0;
+  return amx_threshold();
 #else
   return 0;
 #endif
