@@ -1,5 +1,6 @@
-"""Ring messages over the persistent bidirectional ``Stream``: order, per-message errors, one
-stream reused, a peer that goes away and comes back."""
+"""Ring messages over the persistent bidirectional ``Stream`` (the ring WebSocket, the gRPC call)
+and the ring lane: order, per-message errors, one stream reused, a peer that goes away and
+comes back, cluster keys."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import asyncio
 import contextlib
 import socket
 
+import grpc
 import numpy as np
 import pytest
 
+from exo.networking.grpc import codec
+from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc.auth import cluster_key
 from exo.networking.grpc.peer_handle import GRPCPeerHandle, _GrpcRingCall
 from exo.networking.grpc.server import MAX_MESSAGE_LENGTH, GRPCServer
+from exo.networking.ring_lane import ACCEPTED, RingLane, read_frame, write_frame
 from exo.networking.ring_socket import RingSocketCall
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
@@ -57,11 +62,16 @@ class Recorder:
 @contextlib.asynccontextmanager
 async def served(stream: bool, transport: str = "websocket"):
     """(recorder, its server on loopback, a handle to it with ``stream``), torn down after.
-    ``transport``: "websocket" (the ring WebSocket, the default) or "grpc" (the Stream call)."""
+    ``transport``: "websocket" (the ring WebSocket, the default), "grpc" (the Stream call) or
+    "lane" (the ring lane for messages sent with ``on_error``, the WebSocket for the others)."""
     node = Recorder()
     server = GRPCServer(node, "127.0.0.1", 0)
     await server.start()
-    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=stream, ring_socket=transport == "websocket")
+    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, stream=stream, ring_socket=transport == "websocket",
+                            ring_lane=transport == "lane")
+    if transport == "lane":
+        await handle.open_lane()
+        assert handle._lane is not None and handle._lane.alive
     try:
         yield node, server, handle
     finally:
@@ -69,7 +79,7 @@ async def served(stream: bool, transport: str = "websocket"):
         await server.stop(grace=0)
 
 
-TRANSPORTS = pytest.mark.parametrize("transport", ["websocket", "grpc"])
+TRANSPORTS = pytest.mark.parametrize("transport", ["websocket", "grpc", "lane"])
 
 
 @TRANSPORTS
@@ -261,3 +271,56 @@ async def test_a_ring_socket_that_never_answers_the_upgrade_fails_within_the_dea
             w.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_the_ring_lane_refuses_a_wrong_or_missing_key() -> None:
+    server = GRPCServer(Recorder(), "127.0.0.1", 0, cluster_secret="s3cret")
+    await server.start()
+    try:
+        for key in (cluster_key("other"), None):
+            with pytest.raises(PermissionError, match="wrong or missing cluster key"):
+                await asyncio.to_thread(RingLane.connect, "127.0.0.1", server.lane_port, key, MAX_MESSAGE_LENGTH, 5.0)
+        lane = await asyncio.to_thread(RingLane.connect, "127.0.0.1", server.lane_port, cluster_key("s3cret"), MAX_MESSAGE_LENGTH, 5.0)
+        assert lane.alive
+        await asyncio.to_thread(lane.close)
+        assert not lane.alive
+    finally:
+        await server.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_an_undecodable_lane_frame_is_answered_and_the_lane_goes_on() -> None:
+    async with served(stream=True) as (node, server, handle):
+        def exchange() -> list[pb.RingAck]:
+            with socket.create_connection(("127.0.0.1", server.lane_port), timeout=10) as s:
+                write_frame(s, b"")  # no cluster key
+                assert s.recv(1) == ACCEPTED
+                write_frame(s, b"\xff\xff\xff")
+                first = pb.RingAck.FromString(read_frame(s, 1 << 20))
+                message = pb.RingMessage(seq=7, result=codec.result_to_proto(TokenResult("r", tokens=[4])))
+                write_frame(s, message.SerializeToString())
+                return [first, pb.RingAck.FromString(read_frame(s, 1 << 20))]
+
+        bad, ok = await asyncio.to_thread(exchange)
+        assert bad.seq == 0 and bad.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "not a RingMessage" in bad.details
+        assert ok.seq == 7 and ok.code == 0 and node.calls == [("result", 4)]
+
+
+@pytest.mark.asyncio
+async def test_a_peer_without_a_ring_lane_keeps_to_the_stream() -> None:
+    node = Recorder()
+    server = GRPCServer(node, "127.0.0.1", 0, lane_port=None)
+    await server.start()
+    handle = GRPCPeerHandle("b", f"127.0.0.1:{server.port}", CAPS, ring_lane=True)
+    try:
+        await handle.open_lane()
+        assert handle._lane is None and not handle.wants_lane()
+        errors: list[BaseException] = []
+        await handle.send_result(TokenResult("r", tokens=[1]), on_error=errors.append)
+        assert not handle.send_tensor_now(make_ctx(), np.zeros((1, 1, 576), np.float32), 3, errors.append)
+        await wait_for(lambda: node.calls == [("result", 1)], timeout=10)
+        assert errors == []
+    finally:
+        await handle.disconnect()
+        await server.stop(grace=0)

@@ -149,14 +149,16 @@ class HealthCheckRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthCheckResponse(_message.Message):
-    __slots__ = ("is_healthy", "node_id", "ring_port")
+    __slots__ = ("is_healthy", "node_id", "ring_port", "lane_port")
     IS_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RING_PORT_FIELD_NUMBER: _ClassVar[int]
+    LANE_PORT_FIELD_NUMBER: _ClassVar[int]
     is_healthy: bool
     node_id: str
     ring_port: int
-    def __init__(self, is_healthy: _Optional[bool] = ..., node_id: _Optional[str] = ..., ring_port: _Optional[int] = ...) -> None: ...
+    lane_port: int
+    def __init__(self, is_healthy: _Optional[bool] = ..., node_id: _Optional[str] = ..., ring_port: _Optional[int] = ..., lane_port: _Optional[int] = ...) -> None: ...
 
 class CollectTopologyRequest(_message.Message):
     __slots__ = ("visited", "max_depth")

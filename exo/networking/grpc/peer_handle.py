@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -18,6 +20,7 @@ from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key
 from exo.networking.grpc.server import MAX_MESSAGE_LENGTH
 from exo.networking.peer_handle import PeerHandle
+from exo.networking.ring_lane import RingLane
 from exo.networking.ring_socket import RingSocketCall
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
@@ -54,6 +57,12 @@ _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEA
 _BROKEN_STREAM_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED,
                                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED})
 
+#: Seconds after a failed attempt to open a peer's ring lane before the next one.
+LANE_RETRY_INTERVAL = 30.0
+#: Largest message the event loop writes to a ring lane, in bytes (a decode step is ~2.5 KB);
+#: larger ones (prefills) take the stream, so the loop never blocks on a full socket.
+LANE_LOOP_MAX_BYTES = 64 * 1024
+
 _T = TypeVar("_T")
 
 
@@ -61,6 +70,12 @@ def stream_by_default() -> bool:
     """Whether ring messages ride a persistent stream unless a handle says otherwise
     (``EXO_GRPC_STREAM=0`` turns it off, e.g. to compare with one call per message)."""
     return os.environ.get("EXO_GRPC_STREAM", "1") != "0"
+
+
+def ring_lane_by_default() -> bool:
+    """Whether decode steps of a lone request may take the peer's ring lane when it serves one
+    (``EXO_RING_LANE=0`` turns it off, e.g. to compare with the ring WebSocket)."""
+    return os.environ.get("EXO_RING_LANE", "1") != "0"
 
 
 def ring_socket_by_default() -> bool:
@@ -147,6 +162,15 @@ class _RingStream:
         for on_error in unconfirmed.values():
             on_error(self.error)
 
+    def settle(self) -> None:
+        """Forget the messages sent with ``on_error`` that the peer has not confirmed, without
+        calling their ``on_error``: for when later messages take another connection (the ring
+        lane), which means no later message here will confirm them. A request's next step
+        follows its previous one around the ring, so a message that later steps of its request
+        went past on the other connection was handled; one still in flight goes unreported here
+        (the origin's stall check notices a lost step)."""
+        self._unconfirmed.clear()
+
     async def ready(self, timeout: float) -> None:
         """Wait until the peer accepted the call (its initial metadata, sent before any message)
         or ended it. A refused call (a wrong cluster key) raises its status here, before the
@@ -231,6 +255,10 @@ class GRPCPeerHandle(PeerHandle):
         ring_socket: the persistent stream is the peer's ring WebSocket when its health check
             tells one (default: ``ring_socket_by_default()``), else a gRPC ``Stream`` call; the
             messages and acks are the same (``exo.networking.ring_socket``).
+        ring_lane: once ``open_lane`` opened the peer's ring lane (its health check tells the
+            port; default: ``ring_lane_by_default()``; ``exo.networking.ring_lane``), the
+            ``*_now`` sends and every send with ``on_error`` of up to ``LANE_LOOP_MAX_BYTES``
+            take it, so that the steps and results of a request keep one order.
 
     Calls other than ``health_check`` raise ``ConnectionError`` when the peer is unreachable or
     misses the deadline (UNAVAILABLE, DEADLINE_EXCEEDED), ``RuntimeError(f"peer {id}: {details}")``
@@ -245,8 +273,15 @@ class GRPCPeerHandle(PeerHandle):
         cluster_secret: str | None = None,
         stream: bool | None = None,
         ring_socket: bool | None = None,
+        ring_lane: bool | None = None,
     ) -> None:
         self._id = node_id
+        self._use_lane = ring_lane_by_default() if ring_lane is None else ring_lane
+        self._lane: RingLane | None = None
+        self._lane_opening = False
+        self._lane_failed_at = -LANE_RETRY_INTERVAL
+        self._lane_lock = threading.Lock()  # the lane's context cache, between sending threads
+        self._lane_contexts = codec.ContextCache()
         self._use_stream = stream_by_default() if stream is None else stream
         self._use_socket = ring_socket_by_default() if ring_socket is None else ring_socket
         self._cluster_key = cluster_key(cluster_secret) if cluster_secret else None
@@ -298,6 +333,9 @@ class GRPCPeerHandle(PeerHandle):
     async def disconnect(self) -> None:
         """Close the channel (calls in flight are cancelled). The next call opens a new one."""
         self._disconnects += 1
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await asyncio.to_thread(lane.close)
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.close()
@@ -406,6 +444,22 @@ class GRPCPeerHandle(PeerHandle):
         """Send over the persistent stream; errors as ``_call`` raises them, or later to
         ``on_error`` (see ``PeerHandle.send_tensor``)."""
         report = None if on_error is None else (lambda e: on_error(self._ring_error(method, e)))
+        lane = self._lane
+        if report is not None and lane is not None and lane.alive and message.ByteSize() <= LANE_LOOP_MAX_BYTES:
+            # one ordered connection for the request's messages, whichever thread sends them
+            loop = asyncio.get_running_loop()
+
+            def report_on_loop(e: BaseException | pb.RingAck) -> None:  # called on the lane's thread
+                try:
+                    loop.call_soon_threadsafe(report, e)
+                except RuntimeError:  # the loop closed
+                    logger.debug("peer %s: a ring lane error after the event loop closed: %s", self._id, e)
+
+            try:
+                lane.send(message, report_on_loop)
+                return
+            except ConnectionError as e:
+                logger.debug("peer %s: the ring lane broke (%s); the stream takes the message", self._id, e)
         stream = await self._open_stream()
         try:
             ack = await stream.send(message, CALL_TIMEOUT, report)
@@ -437,6 +491,74 @@ class GRPCPeerHandle(PeerHandle):
         if self._use_stream:
             return await self._send_ring("SendResult", pb.RingMessage(result=request), on_error)
         await self._call("SendResult", lambda s: s.SendResult(request, timeout=CALL_TIMEOUT, metadata=self._metadata))
+
+    def wants_lane(self) -> bool:
+        """Whether ``open_lane`` would try now: lanes are on, none is open or being opened, and
+        the last failed attempt is ``LANE_RETRY_INTERVAL`` seconds old."""
+        return (self._use_lane and not self._lane_opening and (self._lane is None or not self._lane.alive)
+                and time.monotonic() - self._lane_failed_at >= LANE_RETRY_INTERVAL)
+
+    async def open_lane(self) -> None:
+        """Open the ring lane to the peer, on the port its health check tells (none: no lane).
+        Never raises: without a lane, ring messages keep to the stream (a failure is logged, and
+        retried after ``LANE_RETRY_INTERVAL`` seconds)."""
+        if not self.wants_lane():
+            return
+        self._lane_opening = True
+        disconnects = self._disconnects
+        try:
+            response = await self._get_stub().HealthCheck(pb.HealthCheckRequest(), timeout=CONNECT_TIMEOUT, metadata=self._metadata)
+            if not response.lane_port:
+                self._use_lane = False
+                return
+            host = self._address.rsplit(":", 1)[0]
+            lane = await asyncio.to_thread(RingLane.connect, host, response.lane_port, self._cluster_key, MAX_MESSAGE_LENGTH,
+                                           CONNECT_TIMEOUT, self._id)
+            if self._disconnects != disconnects:  # disconnect() ran meanwhile: it would miss this lane
+                await asyncio.to_thread(lane.close)
+                return
+            self._lane = lane
+            if self._stream is not None:  # the lane takes the messages that would confirm them
+                self._stream.settle()
+            logger.debug("opened the ring lane to %s at %s:%d", self._id, host, response.lane_port)
+        except Exception as e:
+            self._lane_failed_at = time.monotonic()
+            level = logging.DEBUG if isinstance(e, grpc.aio.AioRpcError) else logging.WARNING
+            logger.log(level, "peer %s: no ring lane (%s: %s); ring messages take the stream", self._id, type(e).__name__, e)
+        finally:
+            self._lane_opening = False
+
+    def _send_now(self, method: str, message: Callable[[pb.RequestContext], pb.RingMessage],
+                  ctx: RequestContext, on_error: Callable[[BaseException], None]) -> bool:
+        lane = self._lane
+        if lane is None or not lane.alive:
+            return False
+        try:
+            with self._lane_lock:
+                ring_message = message(self._lane_contexts.encode(ctx))
+            lane.send(ring_message, lambda e: on_error(self._ring_error(method, e)))
+        except ConnectionError as e:
+            logger.debug("peer %s: the ring lane broke: %s", self._id, e)
+            return False
+        except Exception:
+            logger.exception("peer %s: a message could not go on the ring lane", self._id)
+            return False
+        return True
+
+    def send_prompt_now(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
+                        on_error: Callable[[BaseException], None], result: TokenResult | None = None) -> bool:
+        def message(context: pb.RequestContext) -> pb.RingMessage:
+            request = pb.PromptRequest(ctx=context, token_ids=codec.tensor_to_proto(token_ids), position=position)
+            if result is not None:
+                request.result.CopyFrom(codec.result_to_proto(result))
+            return pb.RingMessage(prompt=request)
+
+        return self._send_now("SendPrompt", message, ctx, on_error)
+
+    def send_tensor_now(self, ctx: RequestContext, hidden_states: np.ndarray, position: int,
+                        on_error: Callable[[BaseException], None]) -> bool:
+        return self._send_now("SendTensor", lambda context: pb.RingMessage(tensor=pb.TensorRequest(
+            ctx=context, hidden_states=codec.tensor_to_proto(hidden_states), position=position)), ctx, on_error)
 
     async def end_request(self, request_id: str) -> None:
         request = pb.EndRequestRequest(request_id=request_id)
