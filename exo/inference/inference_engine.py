@@ -75,6 +75,22 @@ class InferenceEngine(ABC):
         """Bytes of model weights this engine holds in memory (0 when nothing is loaded)."""
         return 0
 
+    def can_decode_now(self, request_id: str, shard: Shard) -> bool:
+        """Whether ``decode_now`` would likely run a decode step of ``request_id`` at once: the
+        engine holds ``shard`` and has nothing else to do (no other request decoding, no step
+        queued or running). Thread-safe; an engine without ``decode_now`` says False."""
+        return False
+
+    def decode_now(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray | None:
+        """Run one decode step (``x`` of shape (1, 1) token ids or (1, 1, hidden) hidden states)
+        on the calling thread, as ``infer_tensor`` would; None, having done nothing, when the
+        engine is busy (the caller then uses ``infer_tensor``). Thread-safe.
+
+        Raises:
+            As ``infer_tensor``.
+        """
+        return None
+
     async def close(self) -> None:
         """Release resources (threads, device memory)."""
 

@@ -2,8 +2,9 @@
 
 Decode steps of concurrent requests that reach the engine together run as one batched forward
 pass (``ShardedLlama.decode``): the weights are read once for the whole batch, which is what
-bounds decode speed on a CPU. Prefills run one at a time. All model work happens on one worker
-thread, in arrival order.
+bounds decode speed on a CPU. Prefills run one at a time. Model work happens on one worker
+thread, in arrival order, except a lone request's decode step that a ring lane's thread runs
+itself (``decode_now``); a lock keeps the two apart.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +72,7 @@ class _DecodeStep:
     request_id: str
     x: np.ndarray
     position: int
-    future: asyncio.Future
+    future: asyncio.Future | None  # None: a step run at once (decode_now)
 
 
 class TorchInferenceEngine(InferenceEngine):
@@ -135,6 +137,8 @@ class TorchInferenceEngine(InferenceEngine):
         self._drainer: asyncio.Task | None = None
         self._last_compute_s = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
+        self._model_lock = threading.Lock()  # held by whichever thread runs the model
+        self._busy = 0  # model jobs submitted to the worker and not finished
         self._threads = torch.get_num_threads()  # intra-op threads of a forward pass
         self._model: ShardedLlama | None = None
         self._shard: Shard | None = None
@@ -152,10 +156,24 @@ class TorchInferenceEngine(InferenceEngine):
         async with self._load_lock:
             if self._shard == shard:
                 return
-            loop = asyncio.get_running_loop()
-            model = await loop.run_in_executor(self._executor, self._load, shard)
-            self._model, self._shard = model, shard
-            self._requests.clear()
+            await self._on_worker(self._swap_in, shard)
+
+    def _swap_in(self, shard: Shard) -> None:
+        model = self._load(shard)
+        self._model, self._shard = model, shard
+        self._requests.clear()
+
+    async def _on_worker(self, fn, *args):
+        """``fn(*args)`` on the worker thread, holding the model lock."""
+        self._busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, fn, *args)
+        finally:
+            self._busy -= 1
+
+    def _locked(self, fn, *args):
+        with self._model_lock:
+            return fn(*args)
 
     def _load(self, shard: Shard) -> ShardedLlama:
         model = self._load_model(shard)
@@ -290,7 +308,7 @@ class TorchInferenceEngine(InferenceEngine):
             if self._drainer is None or self._drainer.done():
                 self._drainer = loop.create_task(self._drain(), name="torch-decode-batches")
             return await step.future
-        return await loop.run_in_executor(self._executor, self._infer, request_id, x, position)
+        return await self._on_worker(self._infer, request_id, x, position)
 
     async def _drain(self) -> None:
         """Run the queued decode steps in batches until none is left."""
@@ -309,7 +327,7 @@ class TorchInferenceEngine(InferenceEngine):
                 continue
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._decode_batch, batch)
+                results = await self._on_worker(self._decode_batch, batch)
             except BaseException as e:
                 for s in batch:
                     if not s.future.done():
@@ -339,6 +357,35 @@ class TorchInferenceEngine(InferenceEngine):
             if not decoding - {s.request_id for s in self._pending}:
                 return
             await asyncio.sleep(0.0005)
+
+    def can_decode_now(self, request_id: str, shard: Shard) -> bool:
+        """See ``InferenceEngine.can_decode_now``: True when this engine holds ``shard``, batches
+        (``max_batch`` > 1), and no step is queued or on the worker, and no other request had a
+        step within ``_DECODING_WINDOW`` seconds (its next step would join a batch)."""
+        if self._shard != shard or self.max_batch == 1 or self._pending or self._busy or self._model_lock.locked():
+            return False
+        now = time.monotonic()
+        return not any(rid != request_id and now - st.last_used < _DECODING_WINDOW for rid, st in list(self._requests.items()))
+
+    def decode_now(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray | None:
+        """See ``InferenceEngine.decode_now``: the step on the calling thread, unless the worker
+        holds the model (then None). Output as ``infer_tensor``'s: logits (vocab,) on the last
+        shard, else hidden states (1, 1, hidden), float32."""
+        if self._shard != shard or position <= 0 or not self._model_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._shard != shard:  # swapped before the lock was taken
+                return None
+            self._validate_input(shard, x)
+            if x.shape[1] != 1:
+                raise ValueError(f"decode_now takes one token, got {x.shape[1]}")
+            out = self._decode_batch([_DecodeStep(request_id, x, position, None)])[0]
+        finally:
+            self._model_lock.release()
+        self.batch_sizes = (self.batch_sizes + [1])[-1000:]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def _validate_input(self, shard: Shard, x: np.ndarray) -> None:
         args = self._model.args
