@@ -142,16 +142,19 @@ def single_table(rows: dict[str, dict], prompt_lens: dict) -> Table:
         out)
 
 
-def ring_table(rings: dict[int, dict]) -> Table:
+def ring_table(rings: dict[int, dict], lane_off: dict | None = None) -> Table:
+    """``lane_off``: the 2-node ring with ``EXO_RING_LANE=0`` (its decode steps take the event
+    loop's path over the ring WebSocket), measured alongside."""
     base = rings.get(1, {}).get("decode_tps")
     out = []
-    for n, r in sorted(rings.items()):
+    rows = sorted(rings.items()) + ([(2, {**lane_off, "label": "2 (ring lane off)"})] if lane_off else [])
+    for n, r in rows:
         hop = None
         if base and r.get("decode_tps") and n > 1:
             hop = (1 / r["decode_tps"] - 1 / base) / n * 1000  # a token crosses n links per step
         layers = " / ".join(f"{p['end_layer'] - p['start_layer'] + 1}" for p in r["ring"])
         mem = " / ".join(_mib(r["peak_rss"].get(p["node_id"])) for p in r["ring"])
-        out.append([str(n), layers, str(len(r["runs"]["decode_tps"])), fmt(r["decode_tps"]), ratio(r["decode_tps"], base),
+        out.append([r.get("label", str(n)), layers, str(len(r["runs"]["decode_tps"])), fmt(r["decode_tps"]), ratio(r["decode_tps"], base),
                     fmt(hop, 2), fmt(r["ttft_s"] * 1000, 0), mem])
     return Table("Ring on loopback (one stream; nodes are separate processes; the 1- and 2-node rings are measured "
                  "alternately, their runs in several repetitions)",
@@ -162,9 +165,12 @@ def ring_table(rings: dict[int, dict]) -> Table:
 
 #: The ring transports the ring-cost table compares: name -> environment of the node processes.
 TRANSPORTS = {
-    "websocket": {},  # the default: the ring WebSocket (exo/networking/ring_socket.py)
-    "gRPC stream": {"EXO_RING_SOCKET": "0"},
-    "gRPC unary": {"EXO_GRPC_STREAM": "0"},
+    # the default: the ring lane (exo/networking/ring_lane.py) for steps and results, which the
+    # dummy engine (no decode_now) hands to the event loop: the lane's transport cost alone
+    "lane": {},
+    "websocket": {"EXO_RING_LANE": "0"},  # the ring WebSocket (exo/networking/ring_socket.py)
+    "gRPC stream": {"EXO_RING_LANE": "0", "EXO_RING_SOCKET": "0"},
+    "gRPC unary": {"EXO_RING_LANE": "0", "EXO_GRPC_STREAM": "0"},
 }
 
 
@@ -290,22 +296,29 @@ def main() -> None:
             print("  bench.engines timed out", file=sys.stderr)
 
     rings: dict[int, dict] = {}
+    lane_off: dict | None = None
     if "ring" not in skip:
         streams = [] if "concurrency" in skip else [1, 4, 16]
         # The 1- and 2-node rings alternate, so that a drift of the machine's speed over the
         # minutes of a run (+-10% on a shared VM) weighs on both sides of their ratio alike.
         reps: dict[int, list[dict]] = {1: [], 2: [], 3: []}
+        lane_off_reps: list[dict] = []
         for rep in range(max(1, args.ring_reps)):
             for n in (1, 2):
                 try:
                     reps[n].append(ring_retrying(n, args.runs, args.decode_tokens, streams if rep == 0 else [], "float32"))
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     print(f"  ring of {n}: {e}", file=sys.stderr)
+            try:
+                lane_off_reps.append(ring_retrying(2, args.runs, args.decode_tokens, [], "float32", env={"EXO_RING_LANE": "0"}))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"  ring of 2, lane off: {e}", file=sys.stderr)
         try:
             reps[3].append(ring_retrying(3, args.runs, args.decode_tokens, [], "float32"))
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             print(f"  ring of 3: {e}", file=sys.stderr)
         rings = {n: merge_reps(r) for n, r in reps.items() if r}
+        lane_off = merge_reps(lane_off_reps) if lane_off_reps else None
 
     overhead: dict[tuple[str, int], float] = {}
     if "ring" not in skip:
@@ -319,7 +332,7 @@ def main() -> None:
 
     tables = [single_table(rows, prompt_lens)]
     if rings:
-        tables += [ring_table(rings)]
+        tables += [ring_table(rings, lane_off)]
     if overhead:
         tables += [overhead_table(overhead)]
         if any(r.get("concurrency") for r in rings.values()):
@@ -336,7 +349,7 @@ def main() -> None:
             md += "\n\n### Other engines, engine alone (bench/engines.py)\n\n" + engines_md
         Path(args.markdown).write_text("# Benchmark results\n\n" + md + "\n\n" + footer + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "load": [load_start, load_average()]}, indent=1))
+        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "ring2_lane_off": lane_off, "load": [load_start, load_average()]}, indent=1))
 
 
 if __name__ == "__main__":
