@@ -70,6 +70,8 @@ class NodeSection(BaseModel):
         host, port: gRPC bind address and port (0: any free port).
         ring_port: port of the ring WebSocket on the same address, which carries the ring's
             messages faster than gRPC (0: any free port; peers learn it from the health check).
+        lane_port: port of the ring lane on the same address, which carries a lone request's
+            decode steps (0: any free port; peers learn it from the health check).
         discovery_module: "mdns", "manual" or "none".
         discovery_config_path: JSON peer list for "manual".
         interfaces: addresses or interface names discovery may use; "all" or a list.
@@ -83,6 +85,7 @@ class NodeSection(BaseModel):
     host: str | None = None
     port: int = Field(0, ge=0, le=65535)
     ring_port: int = Field(0, ge=0, le=65535)
+    lane_port: int = Field(0, ge=0, le=65535)
     discovery_module: Literal["mdns", "manual", "none"] = "mdns"
     discovery_config_path: str | None = None
     interfaces: str | list[str] | None = None
@@ -371,6 +374,7 @@ FLAG_FIELDS: dict[tuple[str, str], str] = {
     ("node", "host"): "node_host",
     ("node", "port"): "node_port",
     ("node", "ring_port"): "ring_port",
+    ("node", "lane_port"): "lane_port",
     ("node", "discovery_module"): "discovery_module",
     ("node", "discovery_config_path"): "discovery_config_path",
     ("node", "interfaces"): "interfaces",

@@ -52,6 +52,7 @@ class NodeConfig:
     node_host: str | None = None
     node_port: int = 0
     ring_port: int = 0
+    lane_port: int = 0
     api_host: str | None = None
     api_port: int = DEFAULT_API_PORT
     discovery_module: str = "mdns"
@@ -118,7 +119,8 @@ async def start_node(config: NodeConfig) -> RunningNode:
     node = Node(config.node_id, engine, caps, create_peer_handle, default_model=config.default_model,
                 response_timeout=config.response_timeout)
     node_host = config.resolved_host(config.node_host)
-    server = GRPCServer(node, node_host, config.node_port, cluster_secret=secret, ring_port=config.ring_port)
+    server = GRPCServer(node, node_host, config.node_port, cluster_secret=secret, ring_port=config.ring_port,
+                        lane_port=config.lane_port)
     await server.start()
     advertise = node_host if node_host != "0.0.0.0" else None
     if config.discovery_module == "mdns":

@@ -274,10 +274,14 @@ async def test_a_ring_socket_that_never_answers_the_upgrade_fails_within_the_dea
 
 
 @pytest.mark.asyncio
-async def test_the_ring_lane_refuses_a_wrong_or_missing_key() -> None:
-    server = GRPCServer(Recorder(), "127.0.0.1", 0, cluster_secret="s3cret")
+async def test_the_ring_lane_takes_its_configured_port_and_refuses_a_wrong_or_missing_key() -> None:
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = GRPCServer(Recorder(), "127.0.0.1", 0, cluster_secret="s3cret", lane_port=port)
     await server.start()
     try:
+        assert server.lane_port == port
         for key in (cluster_key("other"), None):
             with pytest.raises(PermissionError, match="wrong or missing cluster key"):
                 await asyncio.to_thread(RingLane.connect, "127.0.0.1", server.lane_port, key, MAX_MESSAGE_LENGTH, 5.0)
