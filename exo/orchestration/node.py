@@ -800,7 +800,7 @@ class Node:
                     self._prepare_lane(peer)
                     return
                 await self._send_prompt(next_ctx, token_ids, next_position, on_error=self._step_error_handler(ctx))
-                if first.node_id != self.id:
+                if first.node_id != self.id and not self._stopping:  # (_peer raises once stopping)
                     self._prepare_lane(self._peer(first))
             if previous is not None:
                 await asyncio.wait([previous])
