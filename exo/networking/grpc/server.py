@@ -132,6 +132,29 @@ def _check_position(position: int) -> None:
         raise ValueError(f"position must be >= 0, got {position}")
 
 
+def _decode_step(request: pb.PromptRequest | pb.TensorRequest,
+                 contexts: codec.ContextCache) -> tuple[RequestContext, np.ndarray, int, TokenResult | None]:
+    """A prompt's or a tensor's step, decoded and checked: its context, its input (token ids,
+    int64, (1, T), or hidden states, float32/float16, (1, T, hidden)), its position, and the
+    previous step's result a prompt may carry (else None).
+
+    Raises:
+        ValueError: a field the codec rejects, a wrong dtype or rank, a negative position.
+    """
+    ctx = contexts.decode(request.ctx)
+    prompt = isinstance(request, pb.PromptRequest)
+    if prompt:
+        x = codec.tensor_from_proto(request.token_ids)
+        _check_tensor("token_ids", x, _PROMPT_DTYPES, 2)
+        x = x.astype(np.int64, copy=False)
+    else:
+        x = codec.tensor_from_proto(request.hidden_states)
+        _check_tensor("hidden_states", x, _HIDDEN_DTYPES, 3)
+    _check_position(request.position)
+    result = codec.result_from_proto(request.result) if prompt and request.HasField("result") else None
+    return ctx, x, int(request.position), result
+
+
 class RingSession:
     """One peer's stream of ring messages (a gRPC ``Stream`` call or a ring WebSocket): each
     message is handled like its unary counterpart and answered, in order, with a RingAck
@@ -214,19 +237,10 @@ class RingLaneSession(LaneSession):
         if request.position <= 0:  # a prefill: the loop's path
             return False
         try:
-            ctx = self._contexts.decode(request.ctx)
-            if kind == "prompt":
-                x = codec.tensor_from_proto(request.token_ids)
-                _check_tensor("token_ids", x, _PROMPT_DTYPES, 2)
-                x = x.astype(np.int64, copy=False)
-                result = codec.result_from_proto(request.result) if request.HasField("result") else None
-            else:
-                x = codec.tensor_from_proto(request.hidden_states)
-                _check_tensor("hidden_states", x, _HIDDEN_DTYPES, 3)
-                result = None
+            ctx, x, position, result = _decode_step(request, self._contexts)
         except Exception:  # the loop's handler tells the sender what is wrong
             return False
-        return self._step_now(ctx, x, int(request.position), result)
+        return self._step_now(ctx, x, position, result)
 
     def _on_loop(self, message: pb.RingMessage) -> pb.RingAck | None:
         async def handle() -> pb.RingAck | None:
@@ -272,20 +286,14 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.lane_port = 0
 
     async def _prompt(self, request: pb.PromptRequest) -> None:
-        ctx = self._contexts.decode(request.ctx)
-        token_ids = codec.tensor_from_proto(request.token_ids)
-        _check_tensor("token_ids", token_ids, _PROMPT_DTYPES, 2)
-        _check_position(request.position)
-        if request.HasField("result"):  # the previous step's result, for this node as the origin
-            await self._node.process_result(codec.result_from_proto(request.result))
-        await self._node.process_prompt(ctx, token_ids.astype(np.int64, copy=False), int(request.position))
+        ctx, token_ids, position, result = _decode_step(request, self._contexts)
+        if result is not None:  # the previous step's result, for this node as the origin
+            await self._node.process_result(result)
+        await self._node.process_prompt(ctx, token_ids, position)
 
     async def _tensor(self, request: pb.TensorRequest) -> None:
-        ctx = self._contexts.decode(request.ctx)
-        hidden_states = codec.tensor_from_proto(request.hidden_states)
-        _check_tensor("hidden_states", hidden_states, _HIDDEN_DTYPES, 3)
-        _check_position(request.position)
-        await self._node.process_tensor(ctx, hidden_states, int(request.position))
+        ctx, hidden_states, position, _ = _decode_step(request, self._contexts)
+        await self._node.process_tensor(ctx, hidden_states, position)
 
     async def _result(self, request: pb.ResultRequest) -> None:
         await self._node.process_result(codec.result_from_proto(request))
