@@ -37,8 +37,9 @@ _HEADER = struct.Struct("!I")
 ACCEPTED, REFUSED = b"\x01", b"\x00"
 #: Text of a refused cluster key.
 REFUSED_TEXT = "wrong or missing cluster key"
-#: Most messages a lane remembers until the peer confirms them (as ``MAX_UNCONFIRMED`` of the
-#: gRPC stream): beyond it the oldest is forgotten, and a failure of it goes unreported here.
+#: Most messages sent without waiting (``on_error``) that a ring stream or lane remembers until
+#: the peer confirms them; beyond it the oldest is forgotten, and a failure of it goes unreported
+#: there (the origin's stall check still notices a lost step).
 MAX_UNCONFIRMED = 4096
 #: Longest a send or the handshake may block, in seconds.
 SOCKET_TIMEOUT = 30.0
@@ -89,6 +90,47 @@ def write_frame(sock: socket.socket, data: bytes) -> None:
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
+OnError = Callable[[BaseException | pb.RingAck], None]
+
+
+class Unconfirmed:
+    """The ``on_error`` of each message sent ``errors_only`` that the peer has not confirmed,
+    by seq: the bookkeeping of a ring stream (``exo.networking.grpc.peer_handle``) and of a
+    ring lane. The peer handles a connection's messages in order, so an ack settles its own
+    message and every earlier one. Holds ``MAX_UNCONFIRMED`` at most, forgetting the oldest.
+    Not thread-safe: the owner serialises the calls."""
+
+    def __init__(self) -> None:
+        self._by_seq: OrderedDict[int, OnError] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_seq)
+
+    def add(self, seq: int, on_error: OnError) -> None:
+        """Remember the message ``seq`` (seqs rise)."""
+        self._by_seq[seq] = on_error
+        while len(self._by_seq) > MAX_UNCONFIRMED:
+            self._by_seq.popitem(last=False)
+
+    def discard(self, seq: int) -> None:
+        """Forget the message ``seq`` (it was never sent)."""
+        self._by_seq.pop(seq, None)
+
+    def settle(self, ack: pb.RingAck) -> OnError | None:
+        """Settle ``ack.seq`` and every earlier message; the ``on_error`` to call with ``ack``
+        when the acked message failed (a code other than OK), else None."""
+        on_error = self._by_seq.pop(ack.seq, None)
+        while self._by_seq and next(iter(self._by_seq)) < ack.seq:
+            self._by_seq.popitem(last=False)
+        return on_error if ack.code != 0 else None
+
+    def take_all(self) -> list[OnError]:
+        """Forget every message; their ``on_error``, for the caller to call with the
+        connection's error."""
+        taken, self._by_seq = list(self._by_seq.values()), OrderedDict()
+        return taken
+
+
 def _close(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -109,7 +151,7 @@ class RingLane:
         self._max = max_message_bytes
         self._lock = threading.Lock()
         self._seq = 0
-        self._unconfirmed: OrderedDict[int, Callable[[BaseException | pb.RingAck], None]] = OrderedDict()
+        self._unconfirmed = Unconfirmed()
         #: Why the lane ended (None while it is open).
         self.error: BaseException | None = None
         self._reader = threading.Thread(target=self._read, name=f"ring-lane-acks-{name}", daemon=True)
@@ -150,7 +192,7 @@ class RingLane:
     def alive(self) -> bool:
         return self.error is None
 
-    def send(self, message: pb.RingMessage, on_error: Callable[[BaseException | pb.RingAck], None]) -> None:
+    def send(self, message: pb.RingMessage, on_error: OnError) -> None:
         """Write ``message`` (its ``seq`` and ``errors_only`` are set here). Its failing ack, or
         the lane's error if the lane ends before the peer confirmed it, goes to ``on_error``.
 
@@ -163,14 +205,12 @@ class RingLane:
             self._seq += 1
             seq = message.seq = self._seq
             message.errors_only = True
-            self._unconfirmed[seq] = on_error
-            while len(self._unconfirmed) > MAX_UNCONFIRMED:
-                self._unconfirmed.popitem(last=False)
+            self._unconfirmed.add(seq, on_error)
             try:
                 write_frame(self._sock, message.SerializeToString())
                 return
             except OSError as e:
-                self._unconfirmed.pop(seq, None)
+                self._unconfirmed.discard(seq)
                 broke = ConnectionError(f"the ring lane broke: {e}")
         self._fail(broke)
         raise broke
@@ -184,10 +224,8 @@ class RingLane:
                     break
                 ack = pb.RingAck.FromString(data)
                 with self._lock:
-                    on_error = self._unconfirmed.pop(ack.seq, None)
-                    while self._unconfirmed and next(iter(self._unconfirmed)) < ack.seq:  # handled in order
-                        self._unconfirmed.popitem(last=False)
-                if on_error is not None and ack.code != 0:
+                    on_error = self._unconfirmed.settle(ack)
+                if on_error is not None:
                     on_error(ack)
         except (OSError, ConnectionError, DecodeError) as e:
             if self.error is None:
@@ -198,8 +236,8 @@ class RingLane:
         with self._lock:
             if self.error is None:
                 self.error = error
-            unconfirmed, self._unconfirmed = self._unconfirmed, OrderedDict()
-        for on_error in unconfirmed.values():
+            unconfirmed = self._unconfirmed.take_all()
+        for on_error in unconfirmed:
             on_error(self.error)
 
     def close(self) -> None:

@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,7 +19,7 @@ from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key
 from exo.networking.grpc.server import MAX_MESSAGE_LENGTH
 from exo.networking.peer_handle import PeerHandle
-from exo.networking.ring_lane import RingLane
+from exo.networking.ring_lane import RingLane, Unconfirmed
 from exo.networking.ring_socket import RingSocketCall
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
@@ -47,10 +46,6 @@ CALL_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 #: Longest a failed stream write waits for the call's final status, in seconds.
 STREAM_STATUS_WAIT = 1.0
-#: Most messages sent without waiting (``on_error``) that a stream remembers until the peer
-#: confirms them; beyond it the oldest is forgotten, and a failure of it goes unreported here
-#: (the origin's stall check still notices a lost step).
-MAX_UNCONFIRMED = 4096
 #: Statuses of a call that mean the peer is unreachable or missed the deadline.
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 #: Final statuses of a stream call that mean the transport failed, not that the peer refused.
@@ -121,7 +116,7 @@ class _RingStream:
         self.call = call
         self.error: BaseException | None = None
         self._pending: dict[int, asyncio.Future] = {}
-        self._unconfirmed: OrderedDict[int, Callable[[BaseException | pb.RingAck], None]] = OrderedDict()
+        self._unconfirmed = Unconfirmed()
         self._seq = 0
         self._write_lock = asyncio.Lock()
         self._reader = asyncio.create_task(self._read(), name="grpc-ring-stream-acks")
@@ -133,12 +128,9 @@ class _RingStream:
                 fut = self._pending.pop(ack.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(ack)
-                on_error = self._unconfirmed.pop(ack.seq, None)
-                if on_error is not None and ack.code != grpc.StatusCode.OK.value[0]:
+                on_error = self._unconfirmed.settle(ack)
+                if on_error is not None:
                     on_error(ack)
-                # messages are handled in order: every earlier one is settled
-                while self._unconfirmed and next(iter(self._unconfirmed)) < ack.seq:
-                    self._unconfirmed.popitem(last=False)
             error = ConnectionError("the peer closed the stream")
         except grpc.aio.AioRpcError as e:
             # a refusal by the peer (e.g. a wrong cluster key) keeps its status; a transport
@@ -158,8 +150,7 @@ class _RingStream:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(self.error)
-        unconfirmed, self._unconfirmed = self._unconfirmed, OrderedDict()
-        for on_error in unconfirmed.values():
+        for on_error in self._unconfirmed.take_all():
             on_error(self.error)
 
     def settle(self) -> None:
@@ -169,7 +160,7 @@ class _RingStream:
         follows its previous one around the ring, so a message that later steps of its request
         went past on the other connection was handled; one still in flight goes unreported here
         (the origin's stall check notices a lost step)."""
-        self._unconfirmed.clear()
+        self._unconfirmed.take_all()
 
     async def ready(self, timeout: float) -> None:
         """Wait until the peer accepted the call (its initial metadata, sent before any message)
@@ -202,14 +193,12 @@ class _RingStream:
                 fut = self._pending[self._seq] = asyncio.get_running_loop().create_future()
             else:
                 message.errors_only = True
-                self._unconfirmed[self._seq] = on_error
-                while len(self._unconfirmed) > MAX_UNCONFIRMED:
-                    self._unconfirmed.popitem(last=False)
+                self._unconfirmed.add(self._seq, on_error)
             try:
                 await self.call.write(message)
             except BaseException as e:
                 self._pending.pop(message.seq, None)
-                self._unconfirmed.pop(message.seq, None)
+                self._unconfirmed.discard(message.seq)
                 if fut is not None and fut.done():
                     fut.exception()  # retrieved: the error is raised below instead
                 elif fut is not None:
