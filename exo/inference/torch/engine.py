@@ -351,7 +351,7 @@ class TorchInferenceEngine(InferenceEngine):
         """Wait up to ``_GATHER_MAX_WAIT`` seconds for a step of every request that is decoding
         (had a step within ``_DECODING_WINDOW`` seconds) but has none queued yet."""
         now = time.monotonic()
-        decoding = {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
+        decoding = self._decoding_request_ids(now)
         deadline = now + _GATHER_MAX_WAIT
         while len(self._pending) < self.max_batch and time.monotonic() < deadline:
             if not decoding - {s.request_id for s in self._pending}:
@@ -364,8 +364,12 @@ class TorchInferenceEngine(InferenceEngine):
         step within ``_DECODING_WINDOW`` seconds (its next step would join a batch)."""
         if self._shard != shard or self.max_batch == 1 or self._pending or self._busy or self._model_lock.locked():
             return False
-        now = time.monotonic()
-        return not any(rid != request_id and now - st.last_used < _DECODING_WINDOW for rid, st in list(self._requests.items()))
+        return not self._decoding_request_ids(time.monotonic()) - {request_id}
+
+    def _decoding_request_ids(self, now: float) -> set[str]:
+        """Requests whose last step is at most ``_DECODING_WINDOW`` seconds old at ``now``
+        (``time.monotonic()``). Safe from any thread (a snapshot of the requests)."""
+        return {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
 
     def decode_now(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray | None:
         """See ``InferenceEngine.decode_now``: the step on the calling thread, unless the worker
