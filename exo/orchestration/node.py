@@ -779,21 +779,31 @@ class Node:
             self._samplers.pop(rid, None)
         return result, s.token
 
+    def _next_step(self, ctx: RequestContext, token: int) -> tuple[RequestContext, np.ndarray, bool]:
+        """The decode step after sampling ``token`` (on the last shard): its context (only a
+        replay's first step carries the generated tokens), its token ids ((1, 1), the wire's
+        dtype), and whether this step's result rides with it: the first node is the origin (and
+        not this node), and no earlier delivery of the request is under way (so tokens stay in
+        order). Safe from any thread."""
+        next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx
+        previous = self._deliveries.get(ctx.request_id)
+        rides = ctx.ring[0].node_id == ctx.origin_node_id != self.id and (previous is None or previous.done())
+        return next_ctx, np.asarray([[token]], dtype=WIRE_TOKEN_DTYPE), rides
+
     async def _deliver_and_continue(self, ctx: RequestContext, result: TokenResult, token: int, next_position: int,
                                     step_sent: bool = False) -> None:
         """After sampling: send the next step to the first node (unless the request finished, or
         ``step_sent``: a ring lane's thread sent it) and deliver ``result`` to the origin."""
         rid = ctx.request_id
+        next_ctx, token_ids, rides = self._next_step(ctx, token)
         # The next step starts before this result is delivered and may report its own first: each
         # delivery of a request waits for the one before, so the origin gets tokens in order.
         previous = self._deliveries.get(rid)
         delivered = self._deliveries[rid] = asyncio.get_running_loop().create_future()
         try:
             if not result.is_finished and not step_sent:
-                next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx  # only the replay carries them
-                token_ids = np.asarray([[token]], dtype=WIRE_TOKEN_DTYPE)
                 first = ctx.ring[0]
-                if first.node_id == ctx.origin_node_id != self.id and (previous is None or previous.done()):
+                if rides:
                     # the origin holds layer 0: the result rides with the next step, one message a token
                     peer = self._peer(first)
                     await peer.send_prompt(next_ctx, token_ids, next_position, on_error=self._step_error_handler(ctx), result=result)
@@ -888,11 +898,9 @@ class Node:
         step_sent = False
         first = ctx.ring[0]
         if not result.is_finished and first.node_id != self.id:
-            next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx
-            token_ids = np.asarray([[token]], dtype=WIRE_TOKEN_DTYPE)
+            next_ctx, token_ids, rides = self._next_step(ctx, token)
             peer = self._peer_now(first)
-            previous = self._deliveries.get(rid)
-            if peer is not None and first.node_id == ctx.origin_node_id and (previous is None or previous.done()):
+            if peer is not None and rides:
                 if peer.send_prompt_now(next_ctx, token_ids, next_position, on_error, result=result):
                     return  # the result rides with the step, as on the loop's path
             elif peer is not None:
@@ -931,7 +939,8 @@ class Node:
             logger.debug("node %s: the event loop is closed; dropping %s", self.id, name)
 
     def _deliver_now(self, result: TokenResult) -> None:
-        """``process_result`` for a result a ring lane's thread took (on the event loop)."""
+        """Deliver ``result`` to its local request (on the event loop); dropped when the request
+        is over here (``process_result``, and a result a ring lane's thread took)."""
         req = self._origin_requests.get(result.request_id)
         if req is None:
             logger.debug("result for finished request %s", result.request_id)
@@ -979,13 +988,9 @@ class Node:
         Raises:
             KeyError: this node never had a request of that id (the gRPC caller gets NOT_FOUND).
         """
-        req = self._origin_requests.get(result.request_id)
-        if req is None:
-            if result.request_id in self._ended:
-                logger.debug("result for finished request %s", result.request_id)
-                return
+        if result.request_id not in self._origin_requests and result.request_id not in self._ended:
             raise KeyError(f"unknown request {result.request_id}")
-        req.queue.put_nowait(result)
+        self._deliver_now(result)
 
     async def end_request(self, request_id: str) -> None:
         """Stop ``request_id`` on this node and free its KV cache and sampler."""
