@@ -4,6 +4,7 @@ its conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 import inspect
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,13 @@ from dataclasses import dataclass
 from exo.inference.generation import GenerationOptions
 from exo.orchestration.request import RequestContext
 from exo.topology.partitioning import Partition
+
+
+def unused_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (free until someone binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, interval: float = 0.01) -> None:

@@ -3,7 +3,6 @@ recording stand-in for the Node."""
 
 from __future__ import annotations
 
-import socket
 
 import grpc
 import numpy as np
@@ -21,6 +20,7 @@ from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.topology import NodeInfo, Topology
 
 from helpers import make_request_context as make_ctx
+from helpers import unused_loopback_port
 
 CAPS = DeviceCapabilities("test", "cpu", 1 << 30)
 
@@ -228,15 +228,9 @@ async def test_cluster_key() -> None:
         await server.stop(grace=0)
 
 
-def _unused_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.asyncio
 async def test_unreachable_peer_raises_connection_error() -> None:
-    handle = GRPCPeerHandle("x", f"127.0.0.1:{_unused_loopback_port()}", CAPS)
+    handle = GRPCPeerHandle("x", f"127.0.0.1:{unused_loopback_port()}", CAPS)
     try:
         assert await handle.health_check() is False
         with pytest.raises(ConnectionError, match="peer x"):

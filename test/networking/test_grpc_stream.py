@@ -24,6 +24,7 @@ from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.topology import Topology
 
 from helpers import make_request_context as make_ctx
+from helpers import unused_loopback_port
 from helpers import wait_for
 
 CAPS = DeviceCapabilities("test", "cpu", 1 << 30)
@@ -225,9 +226,7 @@ async def test_a_peer_without_a_ring_socket_gets_the_grpc_stream() -> None:
 
 @pytest.mark.asyncio
 async def test_the_ring_socket_takes_its_configured_port_and_refuses_a_wrong_key() -> None:
-    with socket.socket() as s:  # a free port on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_loopback_port()
     server = GRPCServer(Recorder(), "127.0.0.1", 0, cluster_secret="s3cret", ring_port=port)
     await server.start()
     try:
@@ -275,9 +274,7 @@ async def test_a_ring_socket_that_never_answers_the_upgrade_fails_within_the_dea
 
 @pytest.mark.asyncio
 async def test_the_ring_lane_takes_its_configured_port_and_refuses_a_wrong_or_missing_key() -> None:
-    with socket.socket() as s:  # a free port on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_loopback_port()
     server = GRPCServer(Recorder(), "127.0.0.1", 0, cluster_secret="s3cret", lane_port=port)
     await server.start()
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from exo.networking.grpc.server import GRPCServer
 from exo.networking.manual.discovery import ManualDiscovery, load_peer_config
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
 
-from helpers import wait_for
+from helpers import unused_loopback_port, wait_for
 
 CAPS = DeviceCapabilities("box", "cpu", 4 << 30)
 
@@ -26,12 +25,6 @@ class HealthyNode:
 
     def is_healthy(self) -> bool:
         return True
-
-
-def unused_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path: Path, peers: dict[str, dict] | str) -> None:
