@@ -194,9 +194,12 @@ def _cpu_share_while_idle(seconds: float = 0.3) -> float:
     return ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / (time.monotonic() - t0)
 
 
-def test_decode_attention_equals_sdpa_per_request_and_appends_to_each_cache():
+@pytest.mark.parametrize("h, kv, d", [(9, 3, 64), (32, 8, 128), (8, 1, 32), (12, 2, 96), (8, 4, 256), (14, 7, 80), (28, 4, 128)])
+def test_decode_attention_equals_sdpa_per_request_and_appends_to_each_cache(h, kv, d):
+    """Head sizes with their own vector kernel (32 to 256) and one without (80), groups of 1 to
+    8 query heads per KV head, more heads in a group than the kernel keeps at once (7, 8)."""
     gen = torch.Generator().manual_seed(0)
-    b, h, kv, d = 5, 9, 3, 64
+    b = 5
     offsets = [0, 1, 17, 200, 255]
     k_caches = [torch.randn(1, kv, 256, d, generator=gen) for _ in range(b)]
     v_caches = [torch.randn(1, kv, 256, d, generator=gen) for _ in range(b)]
@@ -213,8 +216,9 @@ def test_decode_attention_equals_sdpa_per_request_and_appends_to_each_cache():
         assert torch.equal(k_caches[i][0, :, off], k_new[i]) and torch.equal(v_caches[i][0, :, off], v_new[i])
     with pytest.raises(RuntimeError, match="outside the cache capacity"):
         torch.ops.exo_gguf.decode_attention(q, k_new, v_new, k_caches, v_caches, [0, 1, 2, 3, 256])
-    with pytest.raises(RuntimeError, match="not a multiple"):
-        torch.ops.exo_gguf.decode_attention(torch.zeros(b, 8, d), k_new, v_new, k_caches, v_caches, offsets)
+    if kv > 1:
+        with pytest.raises(RuntimeError, match="not a multiple"):
+            torch.ops.exo_gguf.decode_attention(torch.zeros(b, kv + 1, d), k_new, v_new, k_caches, v_caches, offsets)
 
 
 @pytest.mark.asyncio

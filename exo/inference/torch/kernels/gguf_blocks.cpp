@@ -526,8 +526,14 @@ void linear_amx(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_
                 float* yp) {
   const int64_t N = T * R, G = K / QK, tile_bytes = format_of(qtype, "gguf_linear").tile_bytes;
   const int64_t Mp = (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
-  std::vector<uint16_t> xh(Mp * K, 0), xl(Mp * K, 0);  // rows M .. Mp - 1 stay zero
-  std::vector<float> xsum(M * G);
+  // Scratch kept per thread between calls (the pool's threads live as long as the process).
+  thread_local std::vector<uint16_t> xh, xl;
+  thread_local std::vector<float> xsum;
+  xh.resize(Mp * K);
+  xl.resize(Mp * K);
+  xsum.resize(M * G);
+  std::fill(xh.begin() + M * K, xh.begin() + Mp * K, uint16_t{0});  // rows M .. Mp - 1 are zero
+  std::fill(xl.begin() + M * K, xl.begin() + Mp * K, uint16_t{0});
   for (int64_t i = 0; i < M; ++i)
     for (int64_t g = 0; g < G; ++g) {
       __m512 s = _mm512_setzero_ps();
@@ -544,16 +550,23 @@ void linear_amx(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_
       }
       xsum[i * G + g] = _mm512_reduce_add_ps(s);
     }
+  // The workers reach this thread's scratch through these (in the lambda, the names would
+  // mean each worker's own thread_local vectors).
+  const uint16_t *xhp = xh.data(), *xlp = xl.data();
+  const float* xsump = xsum.data();
   constexpr int64_t NT = 3;  // tiles per pass of amx_group
   WorkerPool::get().parallel_for((T + NT - 1) / NT, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> wt(2 * NT * 512);
-    std::vector<float> cbuf(2 * Mp * NT * R), acc(NT * M * R);
+    thread_local std::vector<uint16_t> wt;
+    thread_local std::vector<float> cbuf, acc;
+    wt.resize(2 * NT * 512);
+    cbuf.resize(2 * Mp * NT * R);
+    acc.resize(NT * M * R);
     const __m512i idx = nibble_pairs_index();
     amx_configure();
     for (int64_t t0 = begin * NT; t0 < std::min(T, end * NT); t0 += NT) {
       const int64_t nt = std::min(NT, T - t0);
       const auto group = nt == 3 ? amx_group<3> : nt == 2 ? amx_group<2> : amx_group<1>;
-      group(wp + t0 * tile_row, tile_row, tile_bytes, qtype, xh.data(), xl.data(), xsum.data(), M, Mp, K, idx, wt.data(), cbuf.data(),
+      group(wp + t0 * tile_row, tile_row, tile_bytes, qtype, xhp, xlp, xsump, M, Mp, K, idx, wt.data(), cbuf.data(),
             acc.data());
       for (int64_t j = 0; j < nt; ++j)
         for (int64_t i = 0; i < M; ++i)
@@ -754,39 +767,94 @@ inline void swiglu(const float* gate, const float* up, int64_t n, float* out) {
 #endif
 }
 
+#ifdef EXO_GGUF_AVX512
+// The 16 horizontal sums of v[0..15] as one vector: lane i = v[i][0] + ... + v[i][15]. A
+// transpose-and-add tree (45 shuffles and adds for the 16 sums, against some 128 for one
+// _mm512_reduce_add_ps each); v is overwritten.
+inline __m512 sum16(__m512* v) {
+  __m512 p[8], w[4];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [v2k, v2k+1, v2k, v2k+1] partial sums
+    p[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int m = 0; m < 4; ++m) {  // per 128-bit lane: [v4m, v4m+1, v4m+2, v4m+3] partial sums
+    const __m512d a = _mm512_castps_pd(p[2 * m]), b = _mm512_castps_pd(p[2 * m + 1]);
+    w[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// attend_group (below) for D = 16 * NV: scores 16 keys at a time (one sum16 per query head),
+// then the weighted sum of the values for up to GC query heads at once, so each value row is
+// read once per GC heads and the GC * NV accumulators stay in registers.
+template <int NV>
+void attend_group_avx512(const float* q, int64_t G, const float* kb, const float* vb, int64_t L, float scale, float* scores,
+                         float* o) {
+  constexpr int64_t D = 16 * NV, GC = 24 / NV;
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, L - t0);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 qv[NV], acc[16];
+      for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(q + g * D + 16 * v);
+      for (int i = 0; i < 16; ++i) {
+        if (i < n) {
+          const float* kt = kb + (t0 + i) * D;
+          __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kt));
+          for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kt + 16 * v), a);
+          acc[i] = a;
+        } else {
+          acc[i] = _mm512_setzero_ps();
+        }
+      }
+      _mm512_mask_storeu_ps(scores + g * L + t0, tail_mask(n), _mm512_mul_ps(sum16(acc), sc));
+    }
+  }
+  float inv[GC];
+  for (int64_t g0 = 0; g0 < G; g0 += GC) {
+    const int64_t gc = std::min(GC, G - g0);
+    for (int64_t g = g0; g < g0 + gc; ++g) {
+      float* s = scores + g * L;
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < L; t += 16) mx = _mm512_mask_max_ps(mx, tail_mask(L - t), mx, _mm512_maskz_loadu_ps(tail_mask(L - t), s + t));
+      inv[g - g0] = 1.0f / exp_shifted(s, L, _mm512_reduce_max_ps(mx));
+    }
+    __m512 a[GC][NV];
+    for (int g = 0; g < GC; ++g)
+      for (int v = 0; v < NV; ++v) a[g][v] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+      __m512 vt[NV];
+      for (int v = 0; v < NV; ++v) vt[v] = _mm512_loadu_ps(vb + t * D + 16 * v);
+      for (int g = 0; g < GC; ++g) {
+        if (g < gc) {
+          const __m512 p = _mm512_set1_ps(scores[(g0 + g) * L + t]);
+          for (int v = 0; v < NV; ++v) a[g][v] = _mm512_fmadd_ps(p, vt[v], a[g][v]);
+        }
+      }
+    }
+    for (int g = 0; g < GC; ++g)
+      if (g < gc)
+        for (int v = 0; v < NV; ++v)
+          _mm512_storeu_ps(o + (g0 + g) * D + 16 * v, _mm512_mul_ps(a[g][v], _mm512_set1_ps(inv[g])));
+  }
+}
+#endif
+
 // Attention of the G query heads q (G, D) that share one KV head, over its L cached keys kb and
 // values vb (L, D): o[g] = softmax(q[g] . K^T * scale) V. scores: room for G * L floats.
 void attend_group(const float* q, int64_t G, const float* kb, const float* vb, int64_t L, int64_t D, float scale,
                   float* scores, float* o) {
 #ifdef EXO_GGUF_AVX512
-  constexpr int64_t kMaxG = 8, kMaxV = 16;  // heads per KV head, and D / 16, kept in registers
-  if (D % 16 == 0 && G <= kMaxG && D / 16 <= kMaxV) {
-    const int64_t nv = D / 16;
-    for (int64_t t = 0; t < L; ++t) {
-      const float* kt = kb + t * D;
-      __m512 acc[kMaxG];
-      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-      for (int64_t v = 0; v < nv; ++v) {
-        const __m512 k = _mm512_loadu_ps(kt + 16 * v);
-        for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * v), k, acc[g]);
-      }
-      for (int64_t g = 0; g < G; ++g) scores[g * L + t] = _mm512_reduce_add_ps(acc[g]) * scale;
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      float* s = scores + g * L;
-      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < L; t += 16) mx = _mm512_mask_max_ps(mx, tail_mask(L - t), mx, _mm512_maskz_loadu_ps(tail_mask(L - t), s + t));
-      const float inv = 1.0f / exp_shifted(s, L, _mm512_reduce_max_ps(mx));
-      __m512 a[kMaxV];
-      for (int64_t v = 0; v < nv; ++v) a[v] = _mm512_setzero_ps();
-      for (int64_t t = 0; t < L; ++t) {
-        const __m512 p = _mm512_set1_ps(s[t]);
-        const float* vt = vb + t * D;
-        for (int64_t v = 0; v < nv; ++v) a[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 16 * v), a[v]);
-      }
-      for (int64_t v = 0; v < nv; ++v) _mm512_storeu_ps(o + g * D + 16 * v, _mm512_mul_ps(a[v], _mm512_set1_ps(inv)));
-    }
-    return;
+  switch (D) {  // the head sizes of Llama-family models
+    case 32: return attend_group_avx512<2>(q, G, kb, vb, L, scale, scores, o);
+    case 64: return attend_group_avx512<4>(q, G, kb, vb, L, scale, scores, o);
+    case 96: return attend_group_avx512<6>(q, G, kb, vb, L, scale, scores, o);
+    case 128: return attend_group_avx512<8>(q, G, kb, vb, L, scale, scores, o);
+    case 256: return attend_group_avx512<16>(q, G, kb, vb, L, scale, scores, o);
+    default: break;
   }
 #endif
   for (int64_t g = 0; g < G; ++g) {
@@ -966,8 +1034,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
     for (int64_t b = 0; b < B; ++b)  // RoPE on the query and key heads
       for (int64_t j = 0; j < H + KV; ++j) {
         float* v = qkv.data() + b * n_qkv + j * D;
+        const float* c = cp + b * D;
+        const float* sn = sp + b * D;
         std::memcpy(rot.data(), v, D * sizeof(float));
-        for (int64_t d = 0; d < D; ++d) v[d] = rot[d] * cp[b * D + d] + rot[(d + half) % D] * sp[b * D + d];
+        for (int64_t d = 0; d < half; ++d) v[d] = rot[d] * c[d] + rot[d + half] * sn[d];
+        for (int64_t d = half; d < D; ++d) v[d] = rot[d] * c[d] + rot[d - half] * sn[d];
       }
     cache_pointers(k_caches, v_caches, l * B, B, kp.data(), vp.data(), caps.data());
     attend(qkv.data(), n_qkv, qkv.data() + H * D, qkv.data() + (H + KV) * D, n_qkv, B, H, KV, D, kp.data(), vp.data(),
