@@ -76,8 +76,12 @@ inline void cpu_relax() {
 // A set of worker threads running one parallel loop at a time with the calling thread.
 // Between loops a worker spins while any pass holds `spin` (set_spin(true) ... set_spin(false),
 // counted, as two engines may share a process; at most kMaxSpins pauses in a row) and otherwise
-// sleeps on a condition variable; the caller spins until its loop's workers are done. Workers
-// beyond `threads - 1` (after set_threads lowered the count) neither take part nor spin.
+// sleeps on a condition variable; the caller spins until its loop's workers are done. Every
+// kSpinsPerYield pauses a spinning thread yields its CPU: where more threads want the cores
+// than there are (two nodes' passes at once on one machine, a ring serving several streams),
+// a spinning thread would otherwise hold a core that a preempted worker, or the other node,
+// needs. Workers beyond `threads - 1` (after set_threads lowered the count) neither take part
+// nor spin.
 class WorkerPool {
  public:
   static WorkerPool& get() {
@@ -137,11 +141,15 @@ class WorkerPool {
     cv_.notify_all();
     job_();
     open_.store(0);  // every chunk is taken: no worker enters any more
-    while (inside_.load() > 0) cpu_relax();  // the ones that did finish their chunks
+    for (int64_t spins = 1; inside_.load() > 0; ++spins) {  // the ones that did finish their chunks
+      cpu_relax();
+      if (spins % kSpinsPerYield == 0) std::this_thread::yield();
+    }
   }
 
  private:
   static constexpr int64_t kChunksPerThread = 4;
+  static constexpr int64_t kSpinsPerYield = 128;  // some microseconds of pauses
   static constexpr int64_t kMaxSpins = 1 << 21;  // ~10-100 ms of pauses, if a caller forgets set_spin(false)
 
   void work(int64_t index, uint64_t seen) {
@@ -151,6 +159,7 @@ class WorkerPool {
         if (index <= active_.load(std::memory_order_acquire) && spin_.load(std::memory_order_acquire) > 0 &&
             spins++ < kMaxSpins) {
           cpu_relax();
+          if (spins % kSpinsPerYield == 0) std::this_thread::yield();
           continue;
         }
         std::unique_lock<std::mutex> lock(mu_);
