@@ -194,10 +194,11 @@ def _cpu_share_while_idle(seconds: float = 0.3) -> float:
     return ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / (time.monotonic() - t0)
 
 
-@pytest.mark.parametrize("h, kv, d", [(9, 3, 64), (32, 8, 128), (8, 1, 32), (12, 2, 96), (8, 4, 256), (14, 7, 80), (28, 4, 128)])
+@pytest.mark.parametrize("h, kv, d", [(9, 3, 64), (32, 8, 128), (8, 1, 32), (12, 2, 96), (8, 4, 256), (14, 7, 80), (28, 4, 128),
+                                     (12, 4, 72)])
 def test_decode_attention_equals_sdpa_per_request_and_appends_to_each_cache(h, kv, d):
-    """Head sizes with their own vector kernel (32 to 256) and one without (80), groups of 1 to
-    8 query heads per KV head, more heads in a group than the kernel keeps at once (7, 8)."""
+    """Head sizes with a vector kernel (multiples of 16 up to 256) and one without (72), groups
+    of 1 to 8 query heads per KV head, more heads in a group than the kernel keeps at once (6, 7)."""
     gen = torch.Generator().manual_seed(0)
     b = 5
     offsets = [0, 1, 17, 200, 255]

@@ -796,7 +796,7 @@ inline __m512 sum16(__m512* v) {
                        _mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// attend_group (below) for D = 16 * NV: scores 16 keys at a time (one sum16 per query head),
+// attend_group (below) for D = 16 * NV (NV = 1..16): scores 16 keys at a time (one sum16 per query head),
 // then the weighted sum of the values for up to GC query heads at once, so each value row is
 // read once per GC heads and the GC * NV accumulators stay in registers.
 template <int NV>
@@ -857,14 +857,13 @@ void attend_group_avx512(const float* q, int64_t G, const float* kb, const float
 void attend_group(const float* q, int64_t G, const float* kb, const float* vb, int64_t L, int64_t D, float scale,
                   float* scores, float* o) {
 #ifdef EXO_GGUF_AVX512
-  switch (D) {  // the head sizes of Llama-family models
-    case 32: return attend_group_avx512<2>(q, G, kb, vb, L, scale, scores, o);
-    case 64: return attend_group_avx512<4>(q, G, kb, vb, L, scale, scores, o);
-    case 96: return attend_group_avx512<6>(q, G, kb, vb, L, scale, scores, o);
-    case 128: return attend_group_avx512<8>(q, G, kb, vb, L, scale, scores, o);
-    case 256: return attend_group_avx512<16>(q, G, kb, vb, L, scale, scores, o);
-    default: break;
-  }
+  using Kernel = void (*)(const float*, int64_t, const float*, const float*, int64_t, float, float*, float*);
+  static constexpr Kernel kernels[] = {  // by D / 16: every head size that is a multiple of 16, up to 256
+      attend_group_avx512<1>,  attend_group_avx512<2>,  attend_group_avx512<3>,  attend_group_avx512<4>,
+      attend_group_avx512<5>,  attend_group_avx512<6>,  attend_group_avx512<7>,  attend_group_avx512<8>,
+      attend_group_avx512<9>,  attend_group_avx512<10>, attend_group_avx512<11>, attend_group_avx512<12>,
+      attend_group_avx512<13>, attend_group_avx512<14>, attend_group_avx512<15>, attend_group_avx512<16>};
+  if (D % 16 == 0 && D >= 16 && D <= 256) return kernels[D / 16 - 1](q, G, kb, vb, L, scale, scores, o);
 #endif
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * L;
