@@ -970,10 +970,13 @@ class Node:
             else:
                 origin = self.peers.get(ctx.origin_node_id)
                 if origin is None:
+                    # a node this one has not discovered (yet): the ring it sent carries its address
                     info = self.topology.nodes.get(ctx.origin_node_id)
-                    if info is None:
+                    address = info.address if info is not None else next(
+                        (p.address for p in ctx.ring if p.node_id == ctx.origin_node_id), None)
+                    if address is None:
                         raise ConnectionError(f"origin node {ctx.origin_node_id} is unknown")
-                    origin = self._peer(Partition(info.node_id, info.address, 0, 0))
+                    origin = self._peer(Partition(ctx.origin_node_id, address, 0, 0))
                 await origin.send_result(result, on_error=lambda e: self._undelivered(ctx, e))
         except Exception as e:
             self._undelivered(ctx, e)

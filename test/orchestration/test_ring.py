@@ -152,3 +152,42 @@ async def test_a_stopping_node_refuses_ring_messages_and_opens_no_connection(tra
         if running.api is not None:
             await running.api.stop()
         await running.server.stop()
+
+
+async def test_a_node_that_has_not_discovered_the_origin_still_answers_it(tmp_path):
+    # Regression (a benchmark ring hung in its first request): the last node reported a
+    # request's final result only to an origin it had discovered itself. A node that had not
+    # yet (manual discovery polls; mDNS can lag) dropped the result, and the origin waited for
+    # its response timeout. The ring each message carries holds every member's address.
+    import json
+
+    from helpers import SESSION_TAG, loopback_config
+
+    from exo.models.registry import get_model_card
+    from exo.orchestration.launcher import start_node
+
+    memory = 8 * 2**30
+    unaware = await start_node(loopback_config(node_id=f"b-unaware-{SESSION_TAG}", discovery_module="none",
+                                               memory=memory, default_model=""))
+    origin = None
+    try:
+        path = tmp_path / "peers.json"
+        caps = {"model": "test", "chip": "cpu", "memory": memory}
+        path.write_text(json.dumps({"peers": {unaware.node.id: {"address": "127.0.0.1", "port": unaware.server.port,
+                                                                 "device_capabilities": caps}}}))
+        origin = await start_node(loopback_config(node_id=f"a-origin-{SESSION_TAG}", discovery_module="manual",
+                                                  discovery_config_path=str(path), memory=memory, default_model=""))
+        card = get_model_card(MODEL)
+        await wait_for(lambda: [p.node_id for p in origin.node.partition(card)] == [origin.node.id, unaware.node.id],
+                       timeout=20)
+        ids = (await origin.node.get_tokenizer(MODEL)).encode("The capital of France is")
+        results = []
+        async with asyncio.timeout(45):
+            async for r in origin.node.generate(MODEL, ids, GenerationOptions(max_tokens=4, temperature=0.0)):
+                results.append(r)
+        assert sum(len(r.tokens) for r in results) == 4 and results[-1].finish_reason == "length"
+        assert origin.node.id not in unaware.node.peers and origin.node.id not in unaware.node.topology.nodes
+    finally:
+        for running in (origin, unaware):
+            if running is not None:
+                await running.stop()
