@@ -155,10 +155,11 @@ def ring_table(rings: dict[int, dict], lane_off: dict | None = None) -> Table:
         layers = " / ".join(f"{p['end_layer'] - p['start_layer'] + 1}" for p in r["ring"])
         mem = " / ".join(_mib(r["peak_rss"].get(p["node_id"])) for p in r["ring"])
         out.append([r.get("label", str(n)), layers, str(len(r["runs"]["decode_tps"])), fmt(r["decode_tps"]), ratio(r["decode_tps"], base),
-                    fmt(hop, 2), fmt(r["ttft_s"] * 1000, 0), mem])
+                    _spread(r.get("rep_ratios")), fmt(hop, 2), fmt(r["ttft_s"] * 1000, 0), mem])
     return Table("Ring on loopback (one stream; nodes are separate processes; the 1- and 2-node rings are measured "
                  "alternately, their runs in several repetitions)",
-                 ["nodes", "layers per node", "runs", "decode tok/s", "vs 1 node", "added ms per hop", "TTFT ms",
+                 ["nodes", "layers per node", "runs", "decode tok/s", "vs 1 node",
+                  "each repetition vs its own 1-node run", "added ms per hop", "TTFT ms",
                   "peak RSS per node MiB"],
                  out)
 
@@ -200,6 +201,18 @@ def merge_reps(reps: list[dict]) -> dict:
     return out
 
 
+def rep_ratio(one_node: dict, other: dict) -> float:
+    """A ring's decode tok/s (median of its runs) over the 1-node ring's of the same repetition;
+    over the repetitions, these show the ratio's spread as the machine drifts."""
+    return median(other["runs"]["decode_tps"]) / median(one_node["runs"]["decode_tps"])
+
+
+def _spread(ratios: list[float] | None) -> str:
+    if not ratios:
+        return "-"
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x, median {median(ratios):.2f}x"
+
+
 def concurrency_table(rings: dict[int, dict]) -> Table:
     out = []
     for n, r in sorted(rings.items()):
@@ -229,7 +242,9 @@ def targets_table(rows: dict, rings: dict) -> Table:
         check("exo int4 weights (opt-in) vs transformers", ratio(q4, tf), ">= 2x", None if not tf else q4 / tf >= 2)
         check("exo int4 weights (opt-in) vs llama.cpp", ratio(q4, cpp), ">= 0.5x (aim 1.0x)", None if not cpp else q4 / cpp >= 0.5)
     r1, r2 = (rings.get(1) or {}).get("decode_tps"), (rings.get(2) or {}).get("decode_tps")
-    check("2-node ring decode vs 1 node", ratio(r2, r1), ">= 0.90x", None if not (r1 and r2) else r2 / r1 >= 0.9)
+    spread = (rings.get(2) or {}).get("rep_ratios")
+    check("2-node ring decode vs 1 node", ratio(r2, r1) + (f" (repetitions: {_spread(spread)})" if spread else ""), ">= 0.90x",
+          None if not (r1 and r2) else r2 / r1 >= 0.9)
     conc = (rings.get(1) or {}).get("concurrency") or {}
     c1, c16 = (conc.get("1") or {}).get("decode_tps"), (conc.get("16") or {}).get("decode_tps")
     check("16 streams vs 1 stream, one node: aggregate decode tok/s", ratio(c16, c1), ">= 4x", None if not (c1 and c16) else c16 / c1 >= 4)
@@ -254,9 +269,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is reported)")
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--ring-reps", type=int, default=3,
+    parser.add_argument("--ring-reps", type=int, default=5,
                         help="the 1- and 2-node rings are measured this many times, alternately (runs each)")
-    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,dense,bf16,int4,engines,ring,concurrency")
+    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,dense,bf16,int4,engines,ring,pauses,concurrency")
     parser.add_argument("--markdown", default=str(ROOT / "bench" / "results.md"), help="also write the tables here ('' = no)")
     parser.add_argument("--json", default="", help="also write the raw measurements here")
     args = parser.parse_args()
@@ -303,22 +318,42 @@ def main() -> None:
         # minutes of a run (+-10% on a shared VM) weighs on both sides of their ratio alike.
         reps: dict[int, list[dict]] = {1: [], 2: [], 3: []}
         lane_off_reps: list[dict] = []
+        pair_ratios: dict[str, list[float]] = {"lane": [], "lane off": []}  # each repetition's own ratios
         for rep in range(max(1, args.ring_reps)):
+            got: dict[str, dict] = {}
             for n in (1, 2):
                 try:
-                    reps[n].append(ring_retrying(n, args.runs, args.decode_tokens, streams if rep == 0 else [], "float32"))
+                    got[str(n)] = ring_retrying(n, args.runs, args.decode_tokens, streams if rep == 0 else [], "float32")
+                    reps[n].append(got[str(n)])
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     print(f"  ring of {n}: {e}", file=sys.stderr)
             try:
-                lane_off_reps.append(ring_retrying(2, args.runs, args.decode_tokens, [], "float32", env={"EXO_RING_LANE": "0"}))
+                got["lane off"] = ring_retrying(2, args.runs, args.decode_tokens, [], "float32", env={"EXO_RING_LANE": "0"})
+                lane_off_reps.append(got["lane off"])
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"  ring of 2, lane off: {e}", file=sys.stderr)
+            for key, two in (("lane", got.get("2")), ("lane off", got.get("lane off"))):
+                if "1" in got and two is not None:
+                    pair_ratios[key].append(rep_ratio(got["1"], two))
         try:
             reps[3].append(ring_retrying(3, args.runs, args.decode_tokens, [], "float32"))
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             print(f"  ring of 3: {e}", file=sys.stderr)
         rings = {n: merge_reps(r) for n, r in reps.items() if r}
         lane_off = merge_reps(lane_off_reps) if lane_off_reps else None
+        if 2 in rings:
+            rings[2]["rep_ratios"] = pair_ratios["lane"]
+        if lane_off:
+            lane_off["rep_ratios"] = pair_ratios["lane off"]
+
+    pauses: dict | None = None
+    if "ring" not in skip and "pauses" not in skip:
+        # what waiting for the other nodes costs a node's own steps on this machine (bench/idle.py)
+        print("  decode steps with pauses (bench.idle) ...", file=sys.stderr, flush=True)
+        try:
+            pauses = _run(["bench.idle"], timeout=600)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"  bench.idle: {e}", file=sys.stderr)
 
     overhead: dict[tuple[str, int], float] = {}
     if "ring" not in skip:
@@ -333,6 +368,10 @@ def main() -> None:
     tables = [single_table(rows, prompt_lens)]
     if rings:
         tables += [ring_table(rings, lane_off)]
+    if pauses:
+        from bench.idle import table as pauses_table
+
+        tables += [pauses_table(pauses)]
     if overhead:
         tables += [overhead_table(overhead)]
         if any(r.get("concurrency") for r in rings.values()):
