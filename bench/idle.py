@@ -69,8 +69,8 @@ async def measure(gap_ms: float, rounds: int, steps: int) -> dict:
         spin = torch.ops.exo_gguf.set_spin  # the block kernels are loaded with the shard
         rid, ids = "idle-bench", np.asarray([prompts()["short"]], dtype=np.int64)
         hidden = await engines[0].infer_tensor(rid, shards[0], ids, 0)
-        await engines[1].infer_tensor(rid, shards[1], hidden, 0)
-        position, token = ids.shape[1], np.asarray([[ids[0, -1]]], dtype=np.int64)
+        logits = await engines[1].infer_tensor(rid, shards[1], hidden, 0)
+        position, token = ids.shape[1], np.asarray([[int(np.argmax(logits))]], dtype=np.int64)
 
         def pause(regime: str) -> None:
             if regime == "idle pauses":
