@@ -53,12 +53,22 @@ async def test_chat_streams_a_markdown_answer_with_speed_figures(single_node_api
     page = put.page
     await expect(page.locator("#model")).to_have_value(MODEL)
     await set_options(page, temperature=0, max_tokens=48)
+    # While the answer streams, Stop replaces Send. A short answer can be over before a poll of
+    # the page sees it (a flake once decode got fast), so the page records the buttons itself
+    # the moment it turns busy.
+    await page.evaluate("""() => {
+        window.busyButtons = [];
+        const visible = id => document.getElementById(id).checkVisibility();
+        new MutationObserver(() => {
+            if (document.body.dataset.generating === 'true') window.busyButtons.push({stop: visible('stop'), send: visible('send')});
+        }).observe(document.body, {attributes: true, attributeFilter: ['data-generating']});
+    }""")
     await ask(page, "What is the capital of France?")
 
     answer = page.locator(".msg.assistant").last
-    await expect(page.locator("#stop")).to_be_visible()  # generation under way: Stop replaces Send
     await expect(answer.locator(".content")).to_contain_text("Paris", timeout=ANSWER_TIMEOUT_MS)
     await wait_answered(page, 1)
+    assert await page.evaluate("window.busyButtons") == [{"stop": True, "send": False}]
     await expect(page.locator("#send")).to_be_visible()
     await expect(page.locator("#stop")).to_be_hidden()
 
