@@ -19,6 +19,7 @@ When the connection ends, every message not yet confirmed fails with ``Connectio
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import threading
@@ -45,6 +46,12 @@ MAX_UNCONFIRMED = 4096
 SOCKET_TIMEOUT = 30.0
 #: Longest ``stop`` waits for a connection's thread to finish, in seconds.
 JOIN_TIMEOUT = 5.0
+
+
+def ring_lane_by_default() -> bool:
+    """Whether nodes serve ring lanes and peers take them (``EXO_RING_LANE=0`` turns both off,
+    e.g. to compare with the ring WebSocket)."""
+    return os.environ.get("EXO_RING_LANE", "1") != "0"
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:

@@ -19,7 +19,7 @@ from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key
 from exo.networking.grpc.server import MAX_MESSAGE_LENGTH
 from exo.networking.peer_handle import PeerHandle
-from exo.networking.ring_lane import RingLane, Unconfirmed
+from exo.networking.ring_lane import RingLane, Unconfirmed, ring_lane_by_default
 from exo.networking.ring_socket import RingSocketCall
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.device_capabilities import DeviceCapabilities
@@ -65,12 +65,6 @@ def stream_by_default() -> bool:
     """Whether ring messages ride a persistent stream unless a handle says otherwise
     (``EXO_GRPC_STREAM=0`` turns it off, e.g. to compare with one call per message)."""
     return os.environ.get("EXO_GRPC_STREAM", "1") != "0"
-
-
-def ring_lane_by_default() -> bool:
-    """Whether decode steps of a lone request may take the peer's ring lane when it serves one
-    (``EXO_RING_LANE=0`` turns it off, e.g. to compare with the ring WebSocket)."""
-    return os.environ.get("EXO_RING_LANE", "1") != "0"
 
 
 def ring_socket_by_default() -> bool:

@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -26,7 +25,7 @@ from exo.networking.grpc import codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key, key_matches
-from exo.networking.ring_lane import LaneSession, RingLaneServer
+from exo.networking.ring_lane import LaneSession, RingLaneServer, ring_lane_by_default
 from exo.networking.ring_socket import RingSocketServer
 from exo.orchestration.errors import NodeStoppingError
 from exo.orchestration.request import RequestContext, TokenResult
@@ -411,7 +410,7 @@ class GRPCServer:
         self.host = host
         self.port = port
         self.ring_port = ring_port
-        self.lane_port = lane_port if os.environ.get("EXO_RING_LANE", "1") != "0" else None
+        self.lane_port = lane_port if ring_lane_by_default() else None
         self._lane: RingLaneServer | None = None
         self._cluster_secret = cluster_secret
         self._server: grpc.aio.Server | None = None
