@@ -29,15 +29,13 @@ from collections.abc import Callable
 from google.protobuf.message import DecodeError
 
 from exo.networking.grpc import node_service_pb2 as pb
-from exo.networking.grpc.auth import key_matches
+from exo.networking.grpc.auth import REFUSED_TEXT, key_matches
 
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")
 #: The server's answer to a cluster key it accepts, and to one it refuses.
 ACCEPTED, REFUSED = b"\x01", b"\x00"
-#: Text of a refused cluster key.
-REFUSED_TEXT = "wrong or missing cluster key"
 #: Most messages sent without waiting (``on_error``) that a ring stream or lane remembers until
 #: the peer confirms them; beyond it the oldest is forgotten, and a failure of it goes unreported
 #: there (the origin's stall check still notices a lost step).

@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from exo.networking.grpc import node_service_pb2 as pb
-from exo.networking.grpc.auth import key_matches
+from exo.networking.grpc.auth import REFUSED_TEXT, key_matches
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,8 @@ logger = logging.getLogger(__name__)
 CLUSTER_KEY_HEADER = "X-Exo-Cluster-Key"
 #: Path of the ring endpoint.
 RING_PATH = "/exo/ring"
-#: HTTP status of a refused cluster key, and its text.
+#: HTTP status of a refused cluster key (its text: ``auth.REFUSED_TEXT``).
 REFUSED_STATUS = 401
-REFUSED_TEXT = "wrong or missing cluster key"
 
 
 class _Session(Protocol):

@@ -14,6 +14,8 @@ import hmac
 
 #: gRPC metadata key (lower case, as gRPC requires) carrying the cluster key.
 CLUSTER_KEY_METADATA = "x-exo-cluster-key"
+#: What every server of a node (gRPC, ring WebSocket, ring lane) answers a wrong or missing key.
+REFUSED_TEXT = "wrong or missing cluster key"
 
 
 def cluster_key(secret: str) -> str:

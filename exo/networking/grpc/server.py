@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from exo.networking.grpc import codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
-from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key, key_matches
+from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, REFUSED_TEXT, cluster_key, key_matches
 from exo.networking.ring_lane import LaneSession, RingLaneServer, ring_lane_by_default
 from exo.networking.ring_socket import RingSocketServer
 from exo.orchestration.errors import NodeStoppingError
@@ -359,10 +359,10 @@ class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):
         self._key = cluster_key(cluster_secret)
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing cluster key")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED_TEXT)
 
         async def deny_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing cluster key")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED_TEXT)
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
@@ -383,7 +383,7 @@ class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):
         self._rejected += 1
         # a foreign node retries every health-check interval: warn on the first and every 100th
         level = logging.WARNING if self._rejected % 100 == 1 else logging.DEBUG
-        logger.log(level, "rejected %s: wrong or missing cluster key (%d rejected calls)", handler_call_details.method, self._rejected)
+        logger.log(level, "rejected %s: %s (%d rejected calls)", handler_call_details.method, REFUSED_TEXT, self._rejected)
         return self._deny_stream if handler_call_details.method.endswith("/Stream") else self._deny
 
 
