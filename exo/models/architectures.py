@@ -362,7 +362,11 @@ def args_from_gguf(meta: Mapping[str, Any], tensor_names: set[str] | frozenset[s
         block = BlockVariant(qkv_bias="blk.0.attn_q.bias" in tensor_names, qk_norm="blk.0.attn_q_norm.weight" in tensor_names)
     if arch.name == "gemma3":
         window = int(key("attention.sliding_window", 0) or 0)
-        windows = _gemma3_window_pattern(n_layers, window) if window else windows
+        pattern = key("attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # per layer: true where the layer slides
+            windows = tuple(window if s else 0 for s in pattern) if window else windows
+        else:
+            windows = _gemma3_window_pattern(n_layers, window, int(pattern)) if window else windows
         # llama.cpp: sliding layers use base 10000 without scaling; 27B scales queries by hidden / heads
         ropes = (rope, Rope(theta=10000.0))
         layer_rope = tuple(1 if w else 0 for w in windows)
