@@ -49,10 +49,10 @@ async def measure(name: str, prompt: list[int], n_tokens: int, runs: int) -> dic
     """Load ``name`` with every layer and time prefill and greedy decode; medians over ``runs``."""
     from exo.inference.inference_engine import get_inference_engine
     from exo.inference.shard import Shard
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
     engine = get_inference_engine(name)
-    shard = Shard.full(MODEL, get_model_card(MODEL).n_layers)
+    shard = Shard.full(MODEL, STORE.card(MODEL).n_layers)
     t0 = time.perf_counter()
     await engine.ensure_shard(shard)
     load_s = time.perf_counter() - t0

@@ -99,11 +99,11 @@ def bench_transformers(runs: int, n_tokens: int) -> dict:
     import torch
     import transformers
 
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
     ids = prompts()
     baseline = rss_bytes()
-    path = get_model_card(MODEL).gguf_path()
+    path = STORE.card(MODEL).path
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
@@ -147,13 +147,13 @@ def bench_llamacpp(runs: int, n_tokens: int) -> dict:
     """llama.cpp (llama-cpp-python) on the same GGUF, greedy ``Llama.generate``."""
     import llama_cpp
 
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
     ids = prompts()
     baseline = rss_bytes()
     threads = os.cpu_count() or 1
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(get_model_card(MODEL).gguf_path()), n_ctx=2048, n_batch=512,
+    llm = llama_cpp.Llama(model_path=str(STORE.card(MODEL).path), n_ctx=2048, n_batch=512,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
     prefill: dict[str, list[float]] = {k: [] for k in ids}

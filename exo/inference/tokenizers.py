@@ -223,19 +223,20 @@ _cache_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer(model_id: str) -> Tokenizer:
+def _tokenizer_for_path(path: str) -> Tokenizer:
     from exo.models.gguf import gguf_metadata
-    from exo.models.registry import get_model_card
 
-    card = get_model_card(model_id)
-    return tokenizer_from_gguf_metadata(gguf_metadata(card.gguf_path()))
+    return tokenizer_from_gguf_metadata(gguf_metadata(path))
+
+
+def tokenizer_for_path(path) -> Tokenizer:
+    """The tokenizer of the GGUF model at ``path`` (built once per process)."""
+    with _cache_lock:
+        return _tokenizer_for_path(str(path))
 
 
 def load_tokenizer(model_id: str) -> Tokenizer:
-    """The tokenizer of a registered model (built once per process).
+    """The tokenizer of model ``model_id`` (built once per process)."""
+    from exo.models.sources import STORE
 
-    Raises:
-        KeyError: unknown model; FileNotFoundError: weights not installed.
-    """
-    with _cache_lock:
-        return _load_tokenizer(model_id)
+    return tokenizer_for_path(STORE.card(model_id).path)

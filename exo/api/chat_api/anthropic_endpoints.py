@@ -36,7 +36,7 @@ from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_
 from exo.api.chat_api.utils import APIError
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
-from exo.models.registry import ModelCard
+from exo.models.sources import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     """
     state = request.app[STATE_KEY]
     req = parse_request(MessagesRequest, await read_json(request))
-    card = resolve_model(state, req.model)
+    card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
     prompt_ids = tokenizer.encode(req.prompt(tokenizer))
     options = _options(req, state, card, len(prompt_ids), tokenizer)
@@ -277,7 +277,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     would send. Errors as for ``/v1/messages``."""
     state = request.app[STATE_KEY]
     req = parse_request(CountTokensRequest, await read_json(request))
-    card = resolve_model(state, req.model)
+    card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
     return web.json_response({"input_tokens": len(tokenizer.encode(req.prompt(tokenizer)))})
 

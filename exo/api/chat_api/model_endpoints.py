@@ -9,7 +9,7 @@ from aiohttp import web
 from exo.api.chat_api.models import ModelList, ModelObject
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.utils import APIError
-from exo.models.registry import ModelCard
+from exo.models.sources import ModelCard
 
 logger = logging.getLogger(__name__)
 

@@ -153,6 +153,26 @@ class TorchInferenceEngine(InferenceEngine):
     def shard(self) -> Shard | None:
         return self._shard
 
+    @property
+    def param_bytes(self) -> float:
+        """0 where the native kernels keep the checkpoint's own blocks (CPU, float32), else the
+        compute dtype's bytes (int4: about 0.6)."""
+        if self.requested_weights == "int4":
+            return 0.6
+        if self.requested_weights in ("gguf", "auto") and self.device.type == "cpu" and self.dtype == torch.float32:
+            return 0.0
+        return float(torch.finfo(self.dtype).bits // 8)
+
+    async def unload(self) -> None:
+        """Drop the shard and every KV cache (on the worker, after any step running)."""
+        async with self._load_lock:
+            await self._on_worker(self._drop)
+
+    def _drop(self) -> None:
+        self._model, self._shard = None, None
+        self._requests.clear()
+        _release_freed_memory()
+
     async def ensure_shard(self, shard: Shard) -> None:
         async with self._load_lock:
             if self._shard == shard:
