@@ -25,7 +25,7 @@ from exo.inference.generation import GenerationOptions
 from exo.inference.inference_engine import WIRE_TOKEN_DTYPE, InferenceEngine
 from exo.inference.sampling import Sampler
 from exo.inference.shard import Shard
-from exo.inference.tokenizers import Tokenizer, load_tokenizer
+from exo.inference.tokenizers import Tokenizer, tokenizer_for_path
 from exo.models.registry import ModelCard, MODELS, get_model_card
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
@@ -423,10 +423,10 @@ class Node:
     async def get_tokenizer(self, model_id: str) -> Tokenizer:
         """The tokenizer of ``model_id``. Raises ModelNotFoundError; FileNotFoundError (no weights)."""
         try:
-            get_model_card(model_id)
+            card = get_model_card(model_id)
         except KeyError as e:
             raise ModelNotFoundError(str(e.args[0])) from None
-        return await asyncio.to_thread(load_tokenizer, model_id)
+        return await asyncio.to_thread(lambda: tokenizer_for_path(card.gguf_path()))
 
     async def generate(
         self, model_id: str, prompt_token_ids: list[int], options: GenerationOptions, request_id: str | None = None
