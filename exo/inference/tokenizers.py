@@ -75,6 +75,11 @@ class Tokenizer:
                 special_tokens["eos_token"] = backend.id_to_token(self.eos_token_ids[0])
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
 
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer`` (shared by copies; do not modify)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, BOS first when the model wants it (not doubled when the text
         already starts with it); special-token text such as ``<|im_start|>`` maps to its id."""
