@@ -48,7 +48,8 @@ _LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
 _TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
+_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}"
+          rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DEEPSEEK_V3 = [
     r"\p{N}{1,3}",
@@ -61,7 +62,8 @@ _FALCON = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"[0-9][0-9][0-9]"]
 _BLOOM = [r" ?[^(\s|.,!?…。，、।۔،)]+"]
 
 _PRE_GROUPS: list[tuple[tuple[str, ...], list[str]]] = [
-    # GPT-2's own split (also what transformers uses for any name it does not know)
+    # GPT-2's own split. "default" (an old file, or one whose pre-tokenizer the converter did not
+    # know) gets it as in transformers; llama.cpp's "default" split also isolates punctuation runs.
     (("default", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "jina-es", "jina-de",
       "jina-v2-es", "jina-v2-de", "jina-v1-en", "jina-v2-code", "roberta-bpe", "gigachat", "a.x-4.0", "mellum",
       "modern-bert", "exaone4"), [_GPT2]),
@@ -164,7 +166,8 @@ def build_gguf_vocab(meta: dict[str, Any]) -> GGUFVocab:
         if value is None:
             return None
         if not 0 <= int(value) < len(tokens):
-            logger.warning("GGUF tokenizer.ggml.%s = %s is outside the vocabulary of %d; ignored", key, value, len(tokens))
+            logger.warning("GGUF tokenizer.ggml.%s = %s is outside the vocabulary of %d; ignored",
+                           key, value, len(tokens))
             return None
         return int(value)
 
@@ -223,8 +226,8 @@ def _sentencepiece_backend(meta: dict[str, Any], tokens: list[str]):
             steps.append(decoders.Strip(content=" ", left=1))
     else:
         prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
-                                                     split=False)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
+                                                     prepend_scheme="first" if prefix else "never")
         if prefix:
             steps.append(decoders.Strip(content=" ", left=1))
     tok.decoder = decoders.Sequence(steps)
@@ -239,9 +242,13 @@ def _byte_level_backend(meta: dict[str, Any], tokens: list[str]):
     alphabet = byte_alphabet()
     letters = set(alphabet.values())
     # a token written outside the byte alphabet (a mislabelled added token) is respelled byte by byte
-    vocab = {t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
+    vocab = {t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
     merges = [_split_merge(m) for m in meta.get("tokenizer.ggml.merges") or []]
-    pre = meta.get("tokenizer.ggml.pre") or "default"
+    pre = meta.get("tokenizer.ggml.pre")
+    if not pre:
+        logger.warning("the GGUF names no pre-tokenizer (tokenizer.ggml.pre): splitting text as GPT-2 does")
+        pre = "default"
     regexes = PRE_TOKENIZER_SPLITS.get(pre)
     if regexes is None:
         logger.warning("unknown GGUF pre-tokenizer %r: splitting text as GPT-2 does, which may tokenize this "

@@ -92,7 +92,7 @@ def test_smollm2_vocabulary():
 
 
 def write_gguf(path: Path, tokens, *, model: str, arch: str = "llama", scores=None, types=None, merges=None,
-               pre=None, meta=None) -> Path:
+               pre=None, meta=None, tensor: str = "token_embd.weight") -> Path:
     """A GGUF holding a tokenizer and one small tensor (what transformers needs to read it)."""
     import gguf
 
@@ -121,7 +121,7 @@ def write_gguf(path: Path, tokens, *, model: str, arch: str = "llama", scores=No
             w.add_float32(key, value)
         else:
             w.add_string(key, value)
-    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.add_tensor(tensor, np.zeros((len(tokens), 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -138,7 +138,7 @@ SPM_TEXTS = ["hello world", " hello  world", "héllo\n", "<|user|>hello<think>wo
 def spm_gguf(path: Path, arch: str = "llama", **meta) -> Path:
     """A Llama-2 style SentencePiece vocabulary: unk, bos, eos, 256 byte tokens, scored pieces,
     a control token and a user-defined one."""
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES + ["<|user|>", "<|end|>", "<think>"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *SPM_PIECES, "<|user|>", "<|end|>", "<think>"]
     scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))] + [0.0] * 3
     types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES) + [3, 3, 4]
     meta = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
@@ -289,10 +289,14 @@ def test_tokenizer_for_path_caches_per_file_and_thread(tmp_path, monkeypatch):
 
 
 def test_split_gguf_reads_the_first_file(tmp_path):
-    first = spm_gguf(tmp_path / "m-00001-of-00002.gguf", **{"split.count": 2})
-    assert tokenizer_for_path(tmp_path / "m-00002-of-00002.gguf").encode("hello") == tokenizer_for_path(first).encode("hello")
-    write_gguf(tmp_path / "m-00002-of-00002.gguf", ["x"], model="llama")
-    assert tokenizer_for_path(tmp_path / "m-00002-of-00002.gguf").vocab_size == tokenizer_for_path(first).vocab_size
+    expected = tokenizer_for_path(spm_gguf(tmp_path / "single.gguf")).encode("hello world")
+    for held in (["00001"], ["00001", "00002"]):  # a node may hold only some splits
+        d = tmp_path / "-".join(held)
+        d.mkdir()
+        spm_gguf(d / "m-00001-of-00002.gguf", **{"split.count": 2})
+        if "00002" in held:
+            write_gguf(d / "m-00002-of-00002.gguf", ["x"], model="llama", tensor="output.weight")
+        assert tokenizer_for_path(d / "m-00002-of-00002.gguf").encode("hello world") == expected
 
 
 def test_tokenizer_for_path_errors(tmp_path):
@@ -363,7 +367,8 @@ def test_hf_chat_template_sources(transformers, tmp_path, trained_bpe):
     assert tok.apply_chat_template(CHAT[:1]) == "DBe brief."
     assert tok.apply_chat_template(CHAT[:1], tools=[{"name": "f"}]) == 'T[{"name": "f"}]Be brief.'
     assert tok.with_chat_template("tool_use").apply_chat_template(CHAT[:1]) == "TnullBe brief."
-    legacy = hf_dir(tmp_path / "legacy", trained_bpe, files={"chat_template.json": {"chat_template": "J{{ eos_token }}"}})
+    legacy = hf_dir(tmp_path / "legacy", trained_bpe,
+                    files={"chat_template.json": {"chat_template": "J{{ eos_token }}"}})
     assert tokenizer_for_path(legacy).apply_chat_template(CHAT) == "J<|im_end|>"
 
 
@@ -385,7 +390,8 @@ def test_hf_directory_with_only_the_tokenizer_files(transformers, tmp_path, trai
     # no post-processor adds BOS, but the config asks for one (llama.cpp's conversion rule)
     bos = tokenizer_for_path(hf_dir(tmp_path / "bos", trained_bpe, bos=False, config={"add_bos_token": True}))
     assert bos.add_bos_token and bos.encode("hi")[0] == 0
-    greedy = hf_dir(tmp_path / "greedy", trained_bpe, files={"generation_config.json": {"do_sample": False, "top_p": 0.9}})
+    greedy = hf_dir(tmp_path / "greedy", trained_bpe,
+                    files={"generation_config.json": {"do_sample": False, "top_p": 0.9}})
     assert tokenizer_for_path(greedy).generation_defaults == {"top_p": 0.9, "temperature": 0.0}
 
 
