@@ -12,7 +12,8 @@ packages) after changing TEXTS or upgrading transformers::
 
 Each output file holds the transformers version, the GGUF's name and, per text, the ids of
 ``tokenizer.encode(text)`` (special tokens added as the model's config says) and the text of
-``tokenizer.decode(ids)`` with and without special tokens.
+``tokenizer.decode(ids)`` with and without special tokens; for a GGUF with a chat template,
+also CHAT rendered by ``apply_chat_template`` (text and ids).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ COMMON_TEXTS = [
     " ",
     "\u00a0non-breaking\u2009thin space",
 ]
+#: A conversation rendered with the model's own chat template (where the GGUF has one).
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3? Answer in 日本語."}]
 MODELS = {
     "gemma3": {
         "out": "test/data/gemma3_270m_tokenizer.json",
@@ -99,10 +103,14 @@ def record(name: str) -> Path:
         ids = tok.encode(text)
         cases.append({"text": text, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=False),
                       "decoded_skip_special": tok.decode(ids, skip_special_tokens=True)})
+    chat = None
+    if tok.chat_template:
+        chat = {"messages": CHAT, "text": tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False),
+                "ids": list(tok.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"])}
     out = ROOT / spec["out"]
     out.write_text(json.dumps({"generator": "scripts/reference/gguf_tokenizer_ids.py",
-                               "transformers": transformers.__version__, "gguf": path.name, "cases": cases},
-                              ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+                               "transformers": transformers.__version__, "gguf": path.name, "cases": cases,
+                               "chat": chat}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return out
 
 

@@ -62,6 +62,12 @@ def test_gguf_ids_equal_transformers(request, model, recording):
         assert tok.decode(case["ids"], skip_special_tokens=False) == case["decoded"]
         assert tok.decode(case["ids"]) == case["decoded_skip_special"]
     assert not wrong, f"{len(wrong)} of {len(reference['cases'])} texts differ: {wrong[:3]}"
+    if reference["chat"] is None:
+        assert tok.chat_template is None
+    else:  # the GGUF's own chat template
+        text = tok.apply_chat_template(reference["chat"]["messages"], add_generation_prompt=True)
+        assert text == reference["chat"]["text"]
+        assert tok.encode(text) == reference["chat"]["ids"]
 
 
 def test_gemma3_vocabulary(gemma3_path):
