@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def byte_alphabet() -> dict[int, str]:
     return table
 
 
+@dataclass(frozen=True)
 class GGUFVocab:
     """A GGUF vocabulary as a ``tokenizers`` backend plus what a ``Tokenizer`` needs around it.
 
@@ -128,15 +130,13 @@ class GGUFVocab:
         token_encoding: "byte_level" or "sentencepiece" (how a token's text maps to its bytes).
     """
 
-    def __init__(self, backend, bos_token_id, eos_token_id, eog_token_ids, special_token_ids, add_bos_token,
-                 token_encoding):
-        self.backend = backend
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.eog_token_ids = eog_token_ids
-        self.special_token_ids = special_token_ids
-        self.add_bos_token = add_bos_token
-        self.token_encoding = token_encoding
+    backend: Any
+    bos_token_id: int | None
+    eos_token_id: int | None
+    eog_token_ids: list[int]
+    special_token_ids: set[int]
+    add_bos_token: bool
+    token_encoding: str
 
 
 def build_gguf_vocab(meta: dict[str, Any]) -> GGUFVocab:
