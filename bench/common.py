@@ -30,9 +30,10 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
 def prompts() -> dict[str, list[int]]:
     """Token ids of the benchmark prompts: "short" (~30 tokens) and "long" (~500 tokens), both
     chat-formatted for SmolLM2-135M-Instruct."""
-    from exo.inference.tokenizers import load_tokenizer
+    from exo.inference.tokenizers import tokenizer_for_path
+    from exo.models.sources import STORE
 
-    tok = load_tokenizer(MODEL)
+    tok = tokenizer_for_path(STORE.card(MODEL).path)
     short = _chat_ids(tok, _SHORT_TEXT)
     n = 1
     while len(_chat_ids(tok, _LONG_PARAGRAPH * n + "Summarise this.")) < 500:

@@ -99,9 +99,10 @@ async def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32, help="tokens decoded per run")
     p.add_argument("--runs", type=int, default=3, help="measured runs per engine (after one warm-up run)")
     args = p.parse_args(argv)
-    from exo.inference.tokenizers import load_tokenizer
+    from exo.inference.tokenizers import tokenizer_for_path
+    from exo.models.sources import STORE
 
-    tok = load_tokenizer(MODEL)
+    tok = tokenizer_for_path(STORE.card(MODEL).path)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     rows = []
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:

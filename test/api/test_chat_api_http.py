@@ -16,12 +16,12 @@ import json
 import aiohttp
 import openai
 import pytest
-from helpers import wait_for
+from helpers import smollm2_gguf_path, wait_for
 
 from exo.api.chat_api.state import STATE_KEY
 from exo.api.chatgpt_api import ChatGPTAPI
 from exo.inference.dummy import PEAK, expected_tokens
-from exo.inference.tokenizers import load_tokenizer
+from exo.inference.tokenizers import tokenizer_for_path
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -33,7 +33,7 @@ EOS = 2  # SmolLM2's <|im_end|>
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(MODEL)
+    return tokenizer_for_path(smollm2_gguf_path())
 
 
 def chat_ids(tok, messages) -> list[int]:

@@ -24,7 +24,9 @@ import pytest_asyncio
 
 from exo.inference.engine_common import RequestCaches
 from exo.inference.shard import Shard
-from exo.inference.tokenizers import load_tokenizer
+from helpers import smollm2_gguf_path
+
+from exo.inference.tokenizers import tokenizer_for_path
 
 asyncio_test = pytest.mark.asyncio(loop_scope="session")
 
@@ -35,7 +37,7 @@ LOGITS_ATOL = 2e-3
 
 
 def chat_prompt() -> list[int]:
-    tok = load_tokenizer(MODEL)
+    tok = tokenizer_for_path(smollm2_gguf_path())
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]))
 
 
@@ -90,7 +92,7 @@ async def reference(torch_pair):
 async def long_reference(torch_pair):
     """A ~300-token prompt (past the engines' first KV cache capacity of 256), with torch's
     prefill logits and 3 greedy tokens."""
-    tok = load_tokenizer(MODEL)
+    tok = tokenizer_for_path(smollm2_gguf_path())
     text = "The lighthouse keeper counted the ships that passed his rock every night. " * 20
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text + "How many ships?"}]))
     assert 256 < len(prompt) < 400

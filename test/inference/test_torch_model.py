@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from exo.inference.shard import Shard
-from exo.inference.tokenizers import IncrementalDetokenizer, load_tokenizer
+from helpers import smollm2_gguf_path
+
+from exo.inference.tokenizers import IncrementalDetokenizer, tokenizer_for_path
 from exo.inference.torch.engine import TorchInferenceEngine
 from exo.models.sources import STORE
 
@@ -27,7 +29,7 @@ def reference():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return load_tokenizer(MODEL)
+    return tokenizer_for_path(smollm2_gguf_path())
 
 
 @pytest.fixture(scope="session")
