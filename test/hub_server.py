@@ -17,7 +17,10 @@ Routes (as huggingface.co answers them):
 Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``,
 ``GatedRepo``) the way the library expects. ``private`` repos answer 401 ``RepoNotFound`` to
 anyone without their token; ``gated`` repos list their files to anyone but serve them only with
-their token (401 ``GatedRepo`` without a token, 403 with a wrong one).
+their token (401 ``GatedRepo`` without a token, 403 with a wrong one). With ``cdn`` set, LFS
+files are not served by ``resolve`` but, as huggingface.co does, by a 302 to another origin
+(``http://localhost:PORT/cdn/...``: the same server under another host name), so the client
+must follow it and drop its Authorization header.
 
 The server runs its own event loop in a daemon thread (``start`` / ``stop``), so tests drive the
 synchronous downloader directly. Instrumentation (thread-safe): ``requests`` (one ``Served`` per
@@ -48,7 +51,7 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 class Served:
     """One request: ``method``, ``repo`` (``org/name``), ``file`` (None for API calls), ``range``
     (the Range header), ``status``, ``authorization`` (the header, or None), ``sent`` (body bytes
-    written), ``kind`` ("info", "tree" or "resolve")."""
+    written), ``kind`` ("info", "tree", "redirect" (a 302 to the CDN) or "resolve" (a file's bytes))."""
 
     method: str
     repo: str
@@ -76,12 +79,15 @@ class HubServer:
         root: the directory of repos (``<root>/<org>/<name>/...``).
         private: repo id -> the token that may see it.
         gated: repo id -> the token that may download its files.
+        cdn: redirect LFS files to another origin (can be switched later).
     """
 
-    def __init__(self, root: Path, private: dict[str, str] | None = None, gated: dict[str, str] | None = None):
+    def __init__(self, root: Path, private: dict[str, str] | None = None, gated: dict[str, str] | None = None,
+                 cdn: bool = False):
         self.root = Path(root)
         self.private = dict(private or {})
         self.gated = dict(gated or {})
+        self.cdn = cdn
         self.url: str | None = None
         self._lock = threading.Lock()
         self._requests: list[Served] = []
@@ -180,6 +186,8 @@ class HubServer:
         app.router.add_get("/api/models/{org}/{name}/tree/{rev}/{path:.+}", self._tree)
         app.router.add_route("HEAD", "/{org}/{name}/resolve/{rev}/{path:.+}", self._resolve)
         app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", self._resolve, allow_head=False)
+        app.router.add_route("HEAD", "/cdn/{org}/{name}/{rev}/{path:.+}", self._cdn)
+        app.router.add_get("/cdn/{org}/{name}/{rev}/{path:.+}", self._cdn, allow_head=False)
         return app
 
     def _record(self, request: web.Request, repo: str, file: str | None, status: int, sent: int, kind: str) -> Served:
@@ -300,6 +308,26 @@ class HubServer:
                    "Content-Type": "application/octet-stream"}
         if blob.lfs:
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(blob.size)})
+            if self.cdn:  # as the hub does: a redirect to another host, which serves the bytes
+                headers["Location"] = f"http://localhost:{self.port}/cdn/{repo}/{commit}/{file}"
+                self._record(request, repo, file, 302, 0, "redirect")
+                return web.Response(status=302, headers=headers)
+        return await self._send(request, repo, file, path, blob, headers)
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        """The bytes of an LFS file, to anyone who has the URL (like a signed CDN URL)."""
+        repo, file = f"{request.match_info['org']}/{request.match_info['name']}", request.match_info["path"]
+        path = self.root / repo / file
+        if ".." in Path(file).parts or not path.is_file() or request.match_info["rev"] != self._commit(self.root / repo):
+            self._record(request, repo, file, 404, 0, "resolve")
+            return web.Response(status=404)
+        blob = self._blob(path)
+        headers = {"ETag": f'"{blob.sha256}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        return await self._send(request, repo, file, path, blob, headers)
+
+    async def _send(self, request: web.Request, repo: str, file: str, path: Path, blob: _Blob,
+                    headers: dict[str, str]) -> web.StreamResponse:
+        """``path``'s bytes (the Range asked for) with ``headers``, counted and maybe cut."""
         start, end, status = 0, blob.size, 200
         range_header = request.headers.get("Range")
         if range_header is not None:

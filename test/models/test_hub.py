@@ -457,3 +457,40 @@ def test_private_and_gated_repos_need_hf_token(hub, monkeypatch, caplog):
     sent = {r.authorization for r in hub.requests if r.kind == "resolve" and r.status in (200, 206)}
     assert sent == {"Bearer hf_private_secret", "Bearer hf_gated_secret"}
     assert "secret" not in caplog.text  # never logged
+
+
+def test_lfs_files_redirected_to_another_host(hub, monkeypatch):
+    """As on huggingface.co: resolve answers LFS files with a 302 to a CDN on another origin,
+    which gets no Authorization header."""
+    hub.cdn = True
+    hub.gated[GGUF_REPO] = hub.gated[ST_REPO] = "hf_gated_secret"
+    monkeypatch.setenv("HF_TOKEN", "hf_gated_secret")
+    d = downloader()
+    for repo, original in ((ST_REPO, hub.root / ST_REPO), (GGUF_REPO, hub.root / GGUF_REPO / GGUF_FILE)):
+        model = d.resolve(repo)
+        path = d.ensure_shard(model, 0, 1)
+        assert_same_shard(path, original, 0, 1)
+    redirects = [r for r in hub.requests if r.kind == "redirect"]
+    transfers = [r for r in hub.requests if r.kind == "resolve" and r.status in (200, 206) and r.file.endswith((".gguf", ".safetensors"))]
+    assert redirects and transfers
+    assert all(r.authorization == "Bearer hf_gated_secret" for r in redirects)
+    assert all(r.authorization is None for r in transfers)  # not sent off the hub
+    assert no_overlap(hub.ranges(GGUF_FILE))
+
+
+def test_a_gguf_whose_bytes_do_not_match_its_sha256_is_fetched_again(hub):
+    d = downloader()
+    model = d.resolve(GGUF_REPO)
+    original = hub.root / GGUF_REPO / GGUF_FILE
+    path = d.ensure_shard(model, 0, 1)
+    with open(path, "r+b") as f:  # a byte of the embedding goes bad on disk
+        f.seek(20_000)
+        byte = f.read(1)[0]
+        f.seek(20_000)
+        f.write(bytes([byte ^ 0xFF]))
+    with pytest.raises(DownloadError, match=rf"{GGUF_FILE} does not match its sha256 .*discarded, try again"):
+        d.ensure_shard(model, 2, 3)  # the file is complete now: checked
+    assert json.loads(path.with_name(path.name + ".exo.json").read_text())["ranges"] == []
+    hub.reset()
+    d.ensure_all(model)
+    assert path.read_bytes() == original.read_bytes() and hub.bytes_served(GGUF_FILE) == original.stat().st_size
