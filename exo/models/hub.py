@@ -774,6 +774,22 @@ class HubDownloader:
                         self._fetch_ranges(op, name, by_file[i])
             return path
 
+    def is_complete(self, model: HubModel) -> bool:
+        """Whether every weight file of ``model`` is in the cache, whole (no I/O but the cache's).
+
+        A GGUF is complete when its sparse copies hold every byte; safetensors when the
+        snapshot has every file its index names (or its one weights file)."""
+        if model.kind == "safetensors":
+            index = model.snapshot / INDEX_FILE
+            files = (sorted(set((json.loads(index.read_text()).get("weight_map") or {}).values()))
+                     if index.is_file() else list(model.files))
+            return bool(files) and all((model.snapshot / f).is_file() for f in files)
+        for name in model.files:
+            path = model.partial_dir / name
+            if not path.is_file() or not _PartialFile(path, model.remote[name], model.repo_id, model.commit, create=False).complete:
+                return False
+        return True
+
     def ensure_all(self, model: HubModel) -> Path:
         """Download the whole model (``exo pull``); returns ``model.local_path``.
 

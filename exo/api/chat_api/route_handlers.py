@@ -49,7 +49,8 @@ from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
 from exo.models.sources import ModelCard
 from exo.orchestration.errors import (
-    GenerationError, GenerationTimeoutError, InvalidModelError, ModelNotFoundError, NoNodeAvailableError,
+    GenerationError, GenerationTimeoutError, InvalidModelError, ModelNotFoundError, ModelUnavailableError,
+    NoNodeAvailableError,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ async def resolve_model(state: APIState, requested: str | None) -> ModelCard:
                        param="model", code="model_not_found") from None
     except InvalidModelError as e:
         raise APIError(400, f"The model `{model_id}` cannot be served: {e}", param="model", code="invalid_model") from None
+    except ModelUnavailableError as e:
+        raise APIError(503, f"no node can serve the model `{model_id}` now: {e}", param="model",
+                       code="model_not_available") from None
 
 
 async def get_tokenizer(state: APIState, model_id: str) -> Tokenizer:
@@ -109,7 +113,7 @@ async def get_tokenizer(state: APIState, model_id: str) -> Tokenizer:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
     except InvalidModelError as e:
         raise APIError(400, str(e), param="model", code="invalid_model") from None
-    except (FileNotFoundError, ConnectionError) as e:
+    except (ModelUnavailableError, FileNotFoundError) as e:
         raise APIError(503, str(e), code="model_not_available") from None
 
 
@@ -135,6 +139,8 @@ def api_error_from(e: BaseException) -> APIError:
         return e
     if isinstance(e, ModelNotFoundError):
         return APIError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, ModelUnavailableError):
+        return APIError(503, str(e), code="model_not_available")
     if isinstance(e, NoNodeAvailableError):
         return APIError(503, f"no node can serve this request: {e}", code="no_node_available")
     if isinstance(e, GenerationTimeoutError):
