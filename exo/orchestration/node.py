@@ -343,7 +343,7 @@ class Node:
         except DownloadError as e:
             raise ModelUnavailableError(str(e)) from None
         except (ValueError, OSError) as e:  # not a model, an unsupported architecture, a truncated file
-            raise InvalidModelError(f"{model_id}: {e}") from None
+            raise InvalidModelError(str(e) if model_id in str(e) else f"{model_id}: {e}") from None
         self._cards[model_id] = card
         return card
 

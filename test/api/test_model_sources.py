@@ -64,7 +64,7 @@ def bad_models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind, status, words", [
     ("missing", 404, "no model at"),
-    ("not a model", 400, "not a GGUF file"),
+    ("not a model", 400, "neither a GGUF file nor a Hugging Face model directory"),
     ("truncated", 400, "truncated"),
     ("unsupported architecture", 400, "'bert' is not supported"),
     ("unsupported model type", 400, "'gpt2' is not supported"),

@@ -216,11 +216,15 @@ def model_base_name(name: str) -> str:
 
 
 async def _resolve(state: APIState, name: str) -> ModelCard:
+    """The card of ``name`` (Ollama's ``:latest`` tag allowed). Raises APIError: 404 as Ollama
+    words it ("model 'x' not found"), with why; 400 and 503 as ``resolve_model``."""
     try:
         return await resolve_model(state, model_base_name(name))
     except APIError as e:
         if e.status == 404:
-            raise APIError(404, f"model '{name}' not found", param="model", code="model_not_found") from None
+            why = e.message.split(": ", 1)[1] if ": " in e.message else ""
+            raise APIError(404, f"model '{name}' not found" + (f" ({why})" if why else ""), param="model",
+                           code="model_not_found") from None
         raise
 
 
