@@ -28,9 +28,12 @@ from exo.models.weights import ModelWeights, open_weights
 logger = logging.getLogger(__name__)
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(KeyError):
     """A model name that is no catalogue id, no existing path and no hub repo (the message says
     what was looked for)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "model not found"
 
 
 def as_local_path(name: str) -> Path | None:
