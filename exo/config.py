@@ -136,8 +136,7 @@ class GenerationConfig(BaseModel):
         """The API's ``GenerationDefaults``."""
         from exo.api.chat_api.models import GenerationDefaults
 
-        return GenerationDefaults(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                  max_tokens=self.max_tokens)
+        return GenerationDefaults(**{k: getattr(self, k) for k in self.model_fields_set})
 
 
 DEFAULT_PUBLIC_PATHS = ("/health", "/healthcheck")

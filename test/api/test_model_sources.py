@@ -115,3 +115,44 @@ async def test_a_model_named_by_path_is_served_whatever_its_form(single_node_api
     assert models[tiny_sources["gguf"]].model_extra["architecture"] == "qwen3"
     r = await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3)
     assert r.usage.completion_tokens == 3
+
+
+async def test_a_base_model_has_no_chat_unless_the_config_names_a_template(dummy_api: NodeUnderTest):
+    """Gemma 3 270M (base) has no chat template: chat is a 400 saying so, completions work; a
+    node whose configuration names a template for it chats with that template."""
+    from helpers import loopback_config
+
+    from exo.orchestration.launcher import start_node
+
+    gemma = "gemma3-270m"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(dummy_api.api_url + "/v1/chat/completions", json={"model": gemma, "messages": HI}) as r:
+            body = await r.json()
+            assert r.status == 400 and "no chat template" in body["error"]["message"], body
+        async with s.post(dummy_api.api_url + "/v1/completions", json={"model": gemma, "prompt": "x", "max_tokens": 2}) as r:
+            assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
+    running = await start_node(loopback_config(node_id="api-chat-template", discovery_module="none", inference_engine="dummy",
+                                               default_model=gemma, chat_templates={gemma: "chatml"}))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(running.api_base_url + "/v1/chat/completions",
+                              json={"model": gemma, "messages": HI, "max_tokens": 2}) as r:
+                assert r.status == 200, await r.text()
+    finally:
+        await running.stop()
+
+
+def test_a_model_s_generation_config_gives_the_defaults_the_server_leaves_open(tmp_path):
+    """generation_config.json's temperature and top_p apply to requests that leave them out,
+    unless the server's configuration sets them."""
+    from exo.api.chat_api.models import GenerationDefaults
+    from exo.api.chat_api.route_handlers import model_defaults
+    from exo.api.chat_api.state import APIState
+    from exo.config import GenerationConfig
+    from exo.inference.tokenizers import tokenizer_for_path
+
+    tok = tokenizer_for_path(build_hf_model("qwen2", tmp_path / "m"))  # generation_config: temperature 0.7, top_p 0.9
+    plain = APIState(node=None, default_model="x")
+    assert model_defaults(plain, tok) == GenerationDefaults(temperature=0.7, top_p=0.9)
+    configured = APIState(node=None, default_model="x", defaults=GenerationConfig(temperature=0.2).to_defaults())
+    assert model_defaults(configured, tok) == GenerationDefaults(temperature=0.2, top_p=0.9)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from exo.api.chat_api.dialects import anthropic_error_type
 from exo.api.chat_api.models import RequestParamError, parse_request
-from exo.api.chat_api.route_handlers import get_tokenizer, read_json, resolve_max_tokens, resolve_model
+from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, read_json, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError
@@ -198,7 +198,7 @@ def encode_event(event: str, data: dict[str, Any]) -> bytes:
 
 def _options(req: MessagesRequest, state: APIState, card: ModelCard, prompt_tokens: int,
              tokenizer: Tokenizer) -> GenerationOptions:
-    d = state.defaults
+    d = model_defaults(state, tokenizer)
     max_tokens = resolve_max_tokens(req.max_tokens, None, prompt_tokens, card.context_length, "messages")
     try:
         return GenerationOptions(

@@ -33,7 +33,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from exo.api.chat_api.models import parse_request
-from exo.api.chat_api.route_handlers import get_tokenizer, read_json, resolve_max_tokens, resolve_model
+from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, read_json, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError, new_id
@@ -166,9 +166,9 @@ def ollama_stops(options: dict[str, Any]) -> list[str]:
 
 
 def ollama_generation_options(options: dict[str, Any] | None, state: APIState, prompt_tokens: int, card: ModelCard,
-                              eos_ids: tuple[int, ...]) -> tuple[GenerationOptions, list[str]]:
-    """Ollama ``options`` -> (the engine's options, stop strings): request value > server
-    default (``state.defaults``).
+                              tokenizer: Tokenizer) -> tuple[GenerationOptions, list[str]]:
+    """Ollama ``options`` -> (the engine's options, stop strings): request value > the
+    model's defaults (``model_defaults``: the server's configuration, the model's own).
 
     Raises:
         APIError: 400 naming ``options.<name>`` for a bad value; 413 when the prompt leaves no
@@ -181,7 +181,7 @@ def ollama_generation_options(options: dict[str, Any] | None, state: APIState, p
             logger.warning("Ollama option %s is not implemented by exo; ignored", name)
         elif name not in _RUNTIME_OPTIONS:
             logger.warning("unknown Ollama option %s; ignored", name)
-    d = state.defaults
+    d = model_defaults(state, tokenizer)
     temperature = _number(options, "temperature", 0.0, 2.0)
     top_p = _number(options, "top_p", 0.0, 1.0, lo_open=True)
     top_k = _number(options, "top_k", 0, None, integer=True)
@@ -199,7 +199,7 @@ def ollama_generation_options(options: dict[str, Any] | None, state: APIState, p
         top_p=float(top_p if top_p is not None else d.top_p),
         top_k=int(top_k if top_k is not None else d.top_k),
         seed=int(seed) if seed is not None and seed >= 0 else None,
-        stop_token_ids=tuple(eos_ids),
+        stop_token_ids=tuple(tokenizer.eos_token_ids),
         presence_penalty=float(presence or 0.0),
         frequency_penalty=float(frequency or 0.0),
     )
@@ -276,7 +276,7 @@ def _durations(stats: GenerationStats, received: float) -> dict[str, int]:
 async def _answer(request: web.Request, state: APIState, req: _OllamaBase, card: ModelCard, tokenizer: Tokenizer,
                   prompt_ids: list[int], kind: Literal["chat", "generate"], received: float) -> web.StreamResponse:
     """Run the generation and answer in Ollama's framing (NDJSON lines or one object)."""
-    options, stops = ollama_generation_options(req.options, state, len(prompt_ids), card, tokenizer.eos_token_ids)
+    options, stops = ollama_generation_options(req.options, state, len(prompt_ids), card, tokenizer)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     request_id = new_id("ollama")
     steps = generate_text(state, card.model_id, tokenizer, prompt_ids, options, stops, request_id, stats)

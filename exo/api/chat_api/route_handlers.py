@@ -44,6 +44,7 @@ from exo.api.chat_api.token_handler import (
     completion_logprobs,
     encode_sse,
 )
+from exo.api.chat_api.models import GenerationDefaults
 from exo.api.chat_api.utils import APIError, new_id, unix_time
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
@@ -115,6 +116,18 @@ async def get_tokenizer(state: APIState, model_id: str) -> Tokenizer:
         raise APIError(400, str(e), param="model", code="invalid_model") from None
     except (ModelUnavailableError, FileNotFoundError) as e:
         raise APIError(503, str(e), code="model_not_available") from None
+
+
+def model_defaults(state: APIState, tokenizer: Tokenizer) -> GenerationDefaults:
+    """The defaults of a request's sampling options for this model: what the server's
+    configuration sets explicitly, then the model's own ``generation_config.json``
+    (``Tokenizer.generation_defaults``: temperature, top_p, top_k), then OpenAI's defaults."""
+    model = {k: v for k, v in (getattr(tokenizer, "generation_defaults", None) or {}).items()
+             if k in ("temperature", "top_p", "top_k") and v is not None}
+    configured = {k: getattr(state.defaults, k) for k in state.defaults.model_fields_set}
+    if not model:
+        return state.defaults
+    return GenerationDefaults(**{**model, **configured})
 
 
 def resolve_max_tokens(requested: int | None, server_default: int | None, prompt_tokens: int,
@@ -259,7 +272,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, tokenizer: Tokenizer, index: int,
              state: APIState) -> GenerationOptions:
     try:
-        return req.to_generation_options(max_tokens, tokenizer.eos_token_ids, index, state.defaults)
+        return req.to_generation_options(max_tokens, tokenizer.eos_token_ids, index, model_defaults(state, tokenizer))
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
 
