@@ -6,7 +6,8 @@ KV caches and, for the torch engine, its worker thread). The cache is bounded by
 ``keep_alive``) and by the node's memory for weights: a new shard evicts the least recently used
 idle ones until it fits. A model in use (a request holds a KV cache on its engine, or a step
 is running) is never evicted, even when that leaves the cache over its bounds for a while; a
-pinned model (the node's default) is not evicted for idleness.
+pinned model (the node's default) is not evicted for idleness, and for room only after every
+other idle model.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class ShardCache:
                 return True
             return bool(self.memory and incoming_bytes and self.weight_bytes() + incoming_bytes > self.memory)
 
-        for victim in list(self._engines):  # least recently used first
+        lru = list(self._engines)  # least recently used first, the pinned (default) model last
+        for victim in [m for m in lru if m not in pinned] + [m for m in lru if m in pinned]:
             if not over():
                 return
             if self.in_use(victim):
