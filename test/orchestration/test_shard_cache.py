@@ -44,7 +44,7 @@ async def test_a_model_in_use_is_never_evicted():
     cache.end(B)
     await a.clear_request("r1")
     await hold(cache, D)  # now idle, the least recently used go until D fits
-    assert set(cache.shards()) == {C, D} and b.shard is None
+    assert set(cache.shards()) == {C, D} and b.shard.model_id == D  # B's engine now holds D
 
 
 async def test_the_default_model_goes_last_and_never_for_idleness():
