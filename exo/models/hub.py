@@ -806,6 +806,7 @@ class HubDownloader:
             DownloadError: as ``ensure_shard``.
         """
         with self._operation(model) as op:
+            self._announce(op)
             path = self._header(op)
             if on_header is not None:
                 on_header(path)
@@ -879,6 +880,24 @@ class HubDownloader:
             shutil.rmtree(self.cache_dir / ".locks" / storage.name, ignore_errors=True)
         logger.info("%s: removed %d file(s) from %s", model.model_id, len(removed), storage)
         return removed
+
+    def _announce(self, op: _Operation) -> None:
+        """Every weight file's size in ``op``'s progress up front (with what is present), so that
+        its total is the whole model's from the start, not the header's first."""
+        model = op.model
+        for name in model.files:
+            remote = model.remote[name]
+            if remote.size is None:
+                continue
+            if model.kind == "gguf":
+                path = model.partial_dir / name
+                present = _PartialFile(path, remote, model.repo_id, model.commit, create=False).present \
+                    if path.is_file() else _Ranges()
+                op.need[name] = _Ranges([(0, remote.size)])
+                self.progress.set_file(model.model_id, name, remote.size, present.total, remote.sha256)
+            else:
+                done = remote.size if (model.snapshot / name).exists() else 0
+                self.progress.set_file(model.model_id, name, remote.size, done, remote.sha256)
 
     @contextmanager
     def _operation(self, model: HubModel) -> Iterator[_Operation]:
