@@ -16,7 +16,8 @@ file), ``org/name:FILE.gguf`` or ``org/name:Q4_K_M`` (a GGUF file by quant tag),
 3. ``ensure_shard``: the safetensors files holding a shard's tensors, or only the byte ranges
    of a GGUF's shard tensors (what is already there is never fetched again: a re-partition
    fetches only what is missing, and a cut transfer resumes from its last byte written).
-4. ``ensure_all``: everything (``exo pull``).
+4. ``ensure_all``: everything (``exo pull``), every file's size in the progress from the start.
+5. ``delete``: the model's files out of the cache (no request).
 
 Cache layout (``$HF_HOME/hub``, or ``$HF_HUB_CACHE``), as ``huggingface_hub`` keeps it, plus one
 directory of exo's own::

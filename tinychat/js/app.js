@@ -88,8 +88,7 @@ function renderModels() {
   const want = sel.value || store.settings.model || ui.defaultModel;
   const option = (m) => {
     const st = statusOf(m);
-    const name = m.name && m.name !== m.id ? `${m.name}` : m.id;
-    return h("option", { value: m.id, "data-state": st.kind, title: m.id, text: `${name} — ${st.label}` });
+    return h("option", { value: m.id, "data-state": st.kind, title: m.id, text: optionText(m, st) });
   };
   const groups = GROUPS.map((g) => ({ ...g, models: ui.models.filter((m) => g.kinds.includes(statusOf(m).kind)) }))
     .filter((g) => g.models.length);
@@ -97,6 +96,22 @@ function renderModels() {
   if (!ui.models.length) sel.append(h("option", { value: "", text: "no model available" }));
   if (ui.models.some((m) => m.id === want)) sel.value = want;
   sel.disabled = !ui.models.length;
+  renderModelBadge();
+}
+
+function optionText(m, st) {
+  const name = m.name && m.name !== m.id ? `${m.name}` : m.id;
+  return `${name} — ${st.label}`;
+}
+
+/** Redraw the option of model `id` and the badge only (a download's progress: the list stays put). */
+function renderModelProgress(id) {
+  const m = ui.models.find((x) => x.id === id);
+  const opt = m && [...$("model").options].find((o) => o.value === id);
+  if (!opt) { renderModels(); return; }
+  const st = statusOf(m);
+  opt.textContent = optionText(m, st);
+  opt.dataset.state = st.kind;
   renderModelBadge();
 }
 
@@ -141,7 +156,7 @@ async function downloadModel(id) {
   try {
     for await (const p of pullModel(id)) {
       entry.percent = p.percent;
-      renderModels();
+      renderModelProgress(id);
     }
     ui.downloads.delete(id);
     await refreshModels();

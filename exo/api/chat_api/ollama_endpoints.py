@@ -3,7 +3,8 @@ Open-WebUI-style front ends work against an exo node unchanged.
 
 Routes: ``POST /api/chat``, ``POST /api/generate`` (NDJSON streaming, the default, or one JSON
 object with ``"stream": false``), ``GET /api/tags``, ``POST /api/show``, ``GET /api/ps``,
-``GET /api/version``. Errors are ``{"error": "message"}`` with the HTTP status.
+``GET /api/version``; ``POST /api/pull`` and ``DELETE /api/delete`` are in ``ollama_downloads``.
+Errors are ``{"error": "message"}`` with the HTTP status.
 
 Requests become the same internal request as the OpenAI endpoints (chat template, the node's
 ``generate``, ``ChoiceTextStream`` for text and stop strings, see ``text_generation``).
