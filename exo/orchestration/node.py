@@ -525,6 +525,7 @@ class Node:
             InvalidModelError: not a model exo can run.
             ModelUnavailableError: it cannot be downloaded now (the hub unreachable, offline,
                 a gated repo without a token; the message says why).
+            NodeStoppingError: the node is shutting down.
         """
         model_id = canonical_name(name)
         task = self._pulls.get(model_id)
