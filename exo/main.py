@@ -113,10 +113,17 @@ async def run_prompt(config: NodeConfig, prompt: str, max_tokens: int) -> int:
 
 def pull(model: str) -> int:
     """Download every file of ``model`` to this machine (the Hugging Face cache), with a
-    progress bar; print where it is."""
+    progress bar on a terminal; print where it is. A model that cannot be had (unknown,
+    offline with nothing cached, the hub unreachable, not a model exo can run): its reason on
+    stderr and exit status 2."""
+    from exo.models.hub import DownloadError
     from exo.models.sources import STORE
 
-    path = STORE.pull(model)
+    try:
+        path = STORE.pull(model)
+    except (DownloadError, LookupError, ValueError, OSError) as e:
+        sys.stderr.write(f"exo pull: {e}\n")
+        return 2
     sys.stdout.write(f"{model}: {path}\n")
     return 0
 

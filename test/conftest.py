@@ -67,3 +67,17 @@ async def two_node_cluster() -> AsyncIterator[list[NodeUnderTest]]:
         yield [NodeUnderTest(n) for n in nodes]
     finally:
         await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_hub(tmp_path_factory):
+    """The local hub with a tiny llama any test may publish under its own repo names
+    (``hub_models.TinyHub``); stopped at the end of the session."""
+    from hub_models import build_tiny_hub
+
+    hub = build_tiny_hub(tmp_path_factory.mktemp("tiny-hub"))
+    try:
+        yield hub
+    finally:
+        hub.server.release()
+        hub.server.stop()

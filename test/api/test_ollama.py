@@ -93,7 +93,10 @@ async def test_system_and_raw_generate(dclient):
 async def test_tags_show_ps_version(dclient, dummy_api):
     tags = await dclient.list()
     by_name = {m.model: m for m in tags.models}  # the models whose weights are on this node
-    assert set(by_name) == {f"{MODEL}:latest", "gemma3-270m:latest"}
+    # the two packages' models (and any local path another module named to this process's store),
+    # never a catalogue model whose weights are not here
+    assert {f"{MODEL}:latest", "gemma3-270m:latest"} <= set(by_name)
+    assert "qwen2.5-0.5b:latest" not in by_name and "llama-3.2-1b:latest" not in by_name
     assert by_name[f"{MODEL}:latest"].details.family == "llama" and by_name[f"{MODEL}:latest"].size > 0
     assert by_name["gemma3-270m:latest"].details.family == "gemma3"
     show = await dclient.show(f"{MODEL}:latest")

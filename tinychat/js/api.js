@@ -1,6 +1,6 @@
-// The node's HTTP API as tinychat uses it: models, topology, and streamed chat completions
-// (OpenAI's server-sent events). Every failure becomes a FriendlyError whose message is
-// meant to be shown to a person as it is.
+// The node's HTTP API as tinychat uses it: models, downloads (Ollama's streamed /api/pull),
+// topology, and streamed chat completions (OpenAI's server-sent events). Every failure becomes
+// a FriendlyError whose message is meant to be shown to a person as it is.
 
 /** An error with a message in plain words (`message`) and the API's details (`detail`). */
 export class FriendlyError extends Error {
@@ -52,6 +52,93 @@ async function getJSON(path, signal) {
 export async function fetchModels(signal) {
   const body = await getJSON("/v1/models", signal);
   return Array.isArray(body.data) ? body.data : [];
+}
+
+/** The node's default model (`GET /health`: `model.id`, in its body whatever the status), or null. */
+export async function fetchDefaultModel(signal) {
+  try {
+    const r = await fetch("/health", { signal, headers: { Accept: "application/json" } });
+    const body = await r.json();
+    return (body && body.model && body.model.id) || null;
+  } catch {
+    return null;
+  }
+}
+
+/** A model name as a path under /v1/models/ (its slashes kept: hub names are org/name). */
+function modelPath(name) {
+  return name.split("/").map(encodeURIComponent).join("/");
+}
+
+/**
+ * `GET /v1/models/{name}` -> its model object. Naming a model (a Hugging Face repo, a path on
+ * the node) makes the node resolve it (a hub model's header is fetched) and list it from then on.
+ */
+export function fetchModel(name, signal) {
+  return getJSON(`/v1/models/${modelPath(name)}`, signal);
+}
+
+/**
+ * Download a model to the node (`POST /api/pull`, streamed). Yields {percent, done, total}
+ * (bytes of every file so far) as lines arrive, then returns once the node said "success".
+ * Throws FriendlyError (the node refused, the download failed, the connection broke) or the
+ * AbortError of `signal`; the node's download goes on when the page stops listening.
+ */
+export async function* pullModel(name, signal) {
+  let r;
+  try {
+    r = await fetch("/api/pull", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
+      body: JSON.stringify({ model: name, stream: true }),
+      signal,
+    });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new FriendlyError(UNREACHABLE());
+  }
+  if (!r.ok) {
+    const body = await r.json().catch(() => null);
+    throw describeApiError(r.status, body);
+  }
+  if (!r.body) throw new FriendlyError("The node answered without a stream.");
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  const files = new Map();  // digest -> {total, completed}
+  let buf = "";
+  let success = false;
+  try {
+    for (;;) {
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (e) {
+        if (e.name === "AbortError" || (signal && signal.aborted)) throw e;
+        throw new FriendlyError("The connection to the node broke during the download. It may go on there: reload to see.");
+      }
+      if (chunk.done) break;
+      buf += decoder.decode(chunk.value, { stream: true });
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl).trim();
+        buf = buf.slice(nl + 1);
+        if (!line) continue;
+        let obj;
+        try { obj = JSON.parse(line); } catch { continue; }
+        if (obj.error) throw new FriendlyError(`The download failed: ${obj.error}`, { detail: obj.error });
+        if (obj.digest && Number.isFinite(obj.total)) {
+          files.set(obj.digest, { total: obj.total, completed: obj.completed || 0 });
+          let total = 0, done = 0;
+          for (const f of files.values()) { total += f.total; done += f.completed; }
+          yield { percent: total > 0 ? (100 * done) / total : 0, done, total };
+        }
+        if (obj.status === "success") success = true;
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+  if (!success) throw new FriendlyError("The node ended the download without saying it was complete.");
 }
 
 /** `GET /v1/topology` -> {nodes, edges, partitions, active_node_ids, node_id}. */

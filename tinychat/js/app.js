@@ -1,7 +1,7 @@
 // tinychat: the web UI every exo node serves at `/`. Plain ES modules, no build step; the
 // libraries it uses are vendored in ../vendor (see vendor/README.md).
 
-import { FriendlyError, fetchModels, fetchTopology, streamChat } from "./api.js";
+import { FriendlyError, fetchDefaultModel, fetchModel, fetchModels, fetchTopology, pullModel, streamChat } from "./api.js";
 import { renderInto, renderMarkdown } from "./markdown.js";
 import { Store } from "./store.js";
 import { h, renderTopology } from "./topology.js";
@@ -11,6 +11,8 @@ const store = new Store();
 
 const ui = {
   models: [],
+  downloads: new Map(),  // model id -> {percent} of the downloads this page started
+  defaultModel: undefined,  // the node's default model (selected until the person picks one); null: unknown
   live: null,            // {conv, msg, el, controller, waitTimer, renderQueued}
   error: null,           // {text, source}
   topology: null,
@@ -41,20 +43,24 @@ function plainMessage(e) {
 
 /**
  * {label, kind, progress (0..1 or null)} of a model object of `GET /v1/models`. Its `state` is
- * "ready" (the answering node holds its shard), "loading", or "available" (weights present,
- * loaded on first use); a download in progress may come as "downloading" with a progress.
- * kind: "ready" | "loading" | "downloading" | "idle" | "unavailable".
+ * "ready" (the answering node holds its shard), "loading", "available" (weights present,
+ * loaded on first use), "downloading" (with `download: {bytes_done, bytes_total, percent}`) or
+ * "not downloaded".
+ * kind: "ready" | "loading" | "downloading" | "idle" | "absent" | "unavailable".
  */
 export function modelStatus(m) {
   let raw = m.state ?? m.status ?? (m.ready === true ? "ready" : m.ready === false ? "not ready" : null);
   if (raw && typeof raw === "object") raw = raw.state ?? raw.status ?? null;
-  let p = m.download_progress ?? m.progress ?? (m.download && m.download.progress) ?? null;
+  let p = m.download_progress ?? m.progress ?? m.download ?? null;
   if (p && typeof p === "object") {
-    p = p.fraction ?? p.progress ?? (p.total_bytes ? p.downloaded_bytes / p.total_bytes : null);
+    p = Number.isFinite(p.percent) ? p.percent / 100
+      : p.fraction ?? p.progress ?? (p.total_bytes ? p.downloaded_bytes / p.total_bytes
+        : p.bytes_total ? p.bytes_done / p.bytes_total : null);
   }
   if (typeof p === "number") p = p > 1 ? p / 100 : p;
   else p = null;
   const s = String(raw ?? (p !== null && p < 1 ? "downloading" : "ready")).toLowerCase().replace(/_/g, " ");
+  if (/^not (downloaded|installed)$/.test(s)) return { kind: "absent", progress: null, label: "not downloaded" };
   if (/download/.test(s) && !/not|need/.test(s)) {
     return { kind: "downloading", progress: p, label: p !== null ? `downloading ${Math.floor(p * 100)}%` : "downloading" };
   }
@@ -64,28 +70,123 @@ export function modelStatus(m) {
   return { kind: "unavailable", progress: p, label: s };
 }
 
+/** The status of `m` on this page: a download it started overrides what the node last said. */
+function statusOf(m) {
+  const d = ui.downloads.get(m.id);
+  if (d) return modelStatus({ state: "downloading", download: { percent: d.percent } });
+  return modelStatus(m);
+}
+
+const GROUPS = [
+  { label: "On this node", kinds: ["ready", "loading", "idle", "unavailable"] },
+  { label: "Downloading", kinds: ["downloading"] },
+  { label: "Not downloaded (select, then Download)", kinds: ["absent"] },
+];
+
 function renderModels() {
   const sel = $("model");
-  const want = sel.value || store.settings.model;
-  sel.replaceChildren(...ui.models.map((m) => {
-    const st = modelStatus(m);
-    const name = m.name && m.name !== m.id ? `${m.name}` : m.id;
-    return h("option", { value: m.id, "data-state": st.kind, text: `${name} — ${st.label}` });
-  }));
+  const want = sel.value || store.settings.model || ui.defaultModel;
+  const option = (m) => {
+    const st = statusOf(m);
+    return h("option", { value: m.id, "data-state": st.kind, title: m.id, text: optionText(m, st) });
+  };
+  const groups = GROUPS.map((g) => ({ ...g, models: ui.models.filter((m) => g.kinds.includes(statusOf(m).kind)) }))
+    .filter((g) => g.models.length);
+  sel.replaceChildren(...groups.map((g) => h("optgroup", { label: g.label }, g.models.map(option))));
   if (!ui.models.length) sel.append(h("option", { value: "", text: "no model available" }));
   if (ui.models.some((m) => m.id === want)) sel.value = want;
   sel.disabled = !ui.models.length;
   renderModelBadge();
 }
 
+function optionText(m, st) {
+  const name = m.name && m.name !== m.id ? `${m.name}` : m.id;
+  return `${name} — ${st.label}`;
+}
+
+/** Redraw the option of model `id` and the badge only (a download's progress: the list stays put). */
+function renderModelProgress(id) {
+  const m = ui.models.find((x) => x.id === id);
+  const opt = m && [...$("model").options].find((o) => o.value === id);
+  if (!opt) { renderModels(); return; }
+  const st = statusOf(m);
+  opt.textContent = optionText(m, st);
+  opt.dataset.state = st.kind;
+  renderModelBadge();
+}
+
+/** The selected model's state, and its Download button or progress bar. */
 function renderModelBadge() {
   const m = ui.models.find((x) => x.id === $("model").value);
   const badge = $("model-state");
-  if (!m) { badge.textContent = ""; badge.dataset.state = "none"; return; }
-  const st = modelStatus(m);
+  const download = $("model-download");
+  const progress = $("model-progress");
+  if (!m) {
+    badge.textContent = ""; badge.dataset.state = "none";
+    download.hidden = true; progress.hidden = true;
+    return;
+  }
+  const st = statusOf(m);
   badge.dataset.state = st.kind;
   badge.textContent = st.label;
   badge.title = `${m.id}: ${st.label}`;
+  download.hidden = st.kind !== "absent";
+  download.title = `Download ${m.id} to this node${m.size ? ` (${formatBytes(m.size)})` : ""}`;
+  progress.hidden = st.kind !== "downloading";
+  const pct = st.progress === null ? 0 : Math.min(100, st.progress * 100);
+  $("model-progress-bar").value = pct;
+  $("model-progress-text").textContent = `${Math.floor(pct)}%`;
+  progress.title = `${m.id}: ${st.label}`;
+}
+
+function formatBytes(n) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+  return `${n.toFixed(n >= 10 || i === 0 ? 0 : 1)} ${units[i]}`;
+}
+
+/** Download `id` to the node, showing its progress; usable when done. */
+async function downloadModel(id) {
+  if (ui.downloads.has(id)) return;
+  clearError();  // whatever it said (say, "download it first") is moot now
+  const entry = { percent: 0 };
+  ui.downloads.set(id, entry);
+  renderModels();
+  try {
+    for await (const p of pullModel(id)) {
+      entry.percent = p.percent;
+      renderModelProgress(id);
+    }
+    ui.downloads.delete(id);
+    await refreshModels();
+  } catch (e) {
+    ui.downloads.delete(id);
+    renderModels();
+    showError(`Could not download ${id}. ${plainMessage(e)}`, "download");
+    refreshModels();
+  }
+}
+
+/** Name a model to the node (a Hugging Face repo, a path there): listed and selected once it resolves. */
+async function addModel(name) {
+  clearError("add-model");
+  $("add-model-go").disabled = true;
+  try {
+    const m = await fetchModel(name);
+    await refreshModels();
+    if (ui.models.some((x) => x.id === m.id)) {
+      $("model").value = m.id;
+      store.settings.model = m.id;
+      store.saveSettings();
+      renderModelBadge();
+    }
+    $("add-model-name").value = "";
+  } catch (e) {
+    showError(`Could not add ${name}. ${plainMessage(e)}`, "add-model");
+  } finally {
+    $("add-model-go").disabled = false;
+  }
 }
 
 let modelTimer = null;
@@ -93,11 +194,14 @@ async function refreshModels() {
   clearTimeout(modelTimer);
   let delay = 15000;
   try {
-    ui.models = await fetchModels();
+    const [models, defaultModel] = await Promise.all([
+      fetchModels(), ui.defaultModel === undefined ? fetchDefaultModel() : ui.defaultModel]);
+    ui.models = models;
+    ui.defaultModel = defaultModel;
     renderModels();
     clearError("models");
     if (!ui.models.length) showError("This cluster has no model it can serve. Install a model's weights on a node, then reload.", "models");
-    if (ui.models.some((m) => ["loading", "downloading"].includes(modelStatus(m).kind))) delay = 2000;
+    if (ui.models.some((m) => ["loading", "downloading"].includes(statusOf(m).kind))) delay = 2000;
   } catch (e) {
     showError(plainMessage(e), "models");
     delay = 5000;
@@ -234,10 +338,21 @@ function scheduleRender() {
   });
 }
 
+/** Why `model` cannot answer yet (plain words), or null. */
+function notReady(model) {
+  const listed = ui.models.find((m) => m.id === model);
+  const kind = listed ? statusOf(listed).kind : null;
+  if (kind === "absent") return `${model} is not on this node yet: press Download next to it first.`;
+  if (kind === "downloading") return `${model} is still downloading: wait until it is done.`;
+  return null;
+}
+
 async function send(text) {
   if (ui.live) return;
   const model = $("model").value;
   if (!model) { showError("There is no model to chat with: this cluster lists none.", "chat"); return; }
+  const why = notReady(model);
+  if (why) { showError(why, "chat"); return; }
   clearError("chat");
   let conv = store.current();
   if (!conv) conv = store.create(model);
@@ -412,6 +527,8 @@ function init() {
     ev.preventDefault();
     const text = $("input").value.trim();
     if (!text || ui.live) return;
+    const why = notReady($("model").value);
+    if (why) { showError(why, "chat"); return; }  // the message stays in the box
     $("input").value = "";
     autoGrow();
     send(text);
@@ -423,6 +540,12 @@ function init() {
   $("stop").addEventListener("click", () => ui.live && ui.live.controller.abort());
   $("new-chat").addEventListener("click", newConversation);
   $("model").addEventListener("change", () => { store.settings.model = $("model").value; store.saveSettings(); renderModelBadge(); });
+  $("model-download").addEventListener("click", () => { if ($("model").value) downloadModel($("model").value); });
+  $("add-model").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const name = $("add-model-name").value.trim();
+    if (name) addModel(name);
+  });
   $("error-close").addEventListener("click", () => clearError());
   $("toggle-topology").addEventListener("click", () => setTopologyOpen(!ui.topologyOpen));
   $("close-topology").addEventListener("click", () => setTopologyOpen(false));

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from exo.api.chat_api import anthropic_endpoints, health, image_endpoints, metrics, model_endpoints, ollama_endpoints, route_handlers
+from exo.api.chat_api import (
+    anthropic_endpoints, health, image_endpoints, metrics, model_endpoints, ollama_downloads, ollama_endpoints, route_handlers,
+)
 from exo.api.chat_api.auth import setup as setup_auth
 from exo.api.chat_api.dialects import dialect_error_middleware
 from exo.api.chat_api.rate_limit import setup as setup_rate_limit
@@ -127,6 +129,7 @@ class ChatAPI:
         metrics.setup(app)
         health.setup(app)
         ollama_endpoints.setup_routes(app)
+        ollama_downloads.setup_routes(app)
         anthropic_endpoints.setup_routes(app)
         route_handlers.setup_routes(app)
         model_endpoints.setup_routes(app)

@@ -483,12 +483,21 @@ class Completion(BaseModel):
 ModelState = Literal["ready", "loading", "downloading", "available", "not downloaded"]
 
 
+class DownloadInfo(BaseModel):
+    """How far a model's download has come on the answering node (bytes; ``percent`` 0-100)."""
+
+    bytes_done: int
+    bytes_total: int
+    percent: float
+
+
 class ModelObject(BaseModel):
     """An entry of ``GET /v1/models`` (OpenAI's fields plus exo's).
 
     ``state``, as the answering node sees it: "ready" (its shard of the current ring is
     loaded), "loading" (being loaded), "downloading" (its files are coming; ``download``
     says how far), "available" (weights present, loaded on first use), "not downloaded".
+    ``source``: "catalogue", "path" or "hub"; ``size``: bytes of its weights, when known.
     """
 
     id: str
@@ -500,6 +509,9 @@ class ModelObject(BaseModel):
     context_length: int
     architecture: str
     state: ModelState
+    source: str
+    size: int | None = None
+    download: DownloadInfo | None = None
 
 
 class ModelList(BaseModel):

@@ -1,4 +1,4 @@
-"""Small helpers shared by the API modules: ids, timestamps and OpenAI-format errors."""
+"""Small helpers shared by the API modules: ids, timestamps, OpenAI-format errors, download progress."""
 
 from __future__ import annotations
 
@@ -74,3 +74,23 @@ class APIError(Exception):
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
     """A JSON response with an OpenAI-format error body and ``status``."""
     return APIError(status, message, param=param, code=code).response()
+
+
+def percent(done: int, total: int) -> float:
+    """``done`` of ``total`` in percent, one decimal (100 for nothing to do)."""
+    return round(100.0 * done / total, 1) if total > 0 else 100.0
+
+
+def download_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """One model's download as ``GET /v1/download/progress`` shows it, from its
+    ``exo.models.hub.DownloadProgress`` entry: ``state`` ("downloading", "done", "error"),
+    ``bytes_total``, ``bytes_done``, ``percent``, ``speed`` (bytes/s), ``files`` (name ->
+    bytes_total, bytes_done, percent, sha256), ``error``, ``repo_id``, ``started_at``,
+    ``updated_at`` (unix seconds)."""
+    files = {name: {"bytes_total": f["bytes_total"], "bytes_done": f["bytes_done"],
+                    "percent": percent(f["bytes_done"], f["bytes_total"]), "sha256": f.get("sha256")}
+             for name, f in entry.get("files", {}).items()}
+    return {"state": entry["state"], "bytes_total": entry["bytes_total"], "bytes_done": entry["bytes_done"],
+            "percent": percent(entry["bytes_done"], entry["bytes_total"]), "speed": entry["speed"], "files": files,
+            "error": entry["error"], "repo_id": entry.get("repo_id"), "started_at": entry.get("started_at"),
+            "updated_at": entry.get("updated_at")}
