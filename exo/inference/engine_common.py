@@ -1,5 +1,6 @@
-"""Pieces the framework engines share: input checks, the per-request KV cache map, and an
-engine base class over a sharded Llama.
+"""Pieces the framework engines share: input checks, the per-request KV cache map, which model
+variants an engine runs, and an engine base class over a sharded model built from a
+``ModelArgs`` (``exo.models.architectures``).
 
 Framework-free (numpy only), so an engine module imports its own ML package and nothing else.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
-from exo.models.llama import LlamaArgs
+from exo.models.architectures import ModelArgs, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +118,57 @@ class RequestCaches(Generic[C]):
             return set(self._caches)
 
 
-class ShardedModel(Protocol):
-    """What ``ShardedLlamaEngine`` needs of a framework's sharded model."""
+#: What a model may need beyond the plain Llama block (``exo.models.architectures``), each
+#: with the words a refusal uses.
+FEATURES: dict[str, str] = {
+    "qkv_bias": "bias on q, k and v",
+    "sliding_window": "sliding-window attention",
+    "qk_norm": "QK norm (per-head RMSNorm of q and k)",
+    "sandwich_norm": "post-attention and post-feed-forward norms",
+    "gelu_tanh": "the GELU (tanh) feed-forward",
+    "partial_rotary": "RoPE on part of each head",
+    "longrope": "LongRoPE",
+    "embed_scale": "a scaled token embedding",
+}
 
-    args: Any
+
+def model_features(args: ModelArgs) -> set[str]:
+    """The ``FEATURES`` a model needs (from its ``ModelArgs`` alone: no weights are read)."""
+    block = args.block
+    found = {name for name, on in (
+        ("qkv_bias", block.qkv_bias),
+        ("sliding_window", any(args.layer_window)),
+        ("qk_norm", block.qk_norm),
+        ("sandwich_norm", block.sandwich_norm),
+        ("gelu_tanh", block.activation == "gelu_tanh"),
+        ("partial_rotary", args.rope_dim < args.head_dim),
+        ("longrope", any(r.scaling == "longrope" or r.attention_factor != 1.0 for r in args.ropes)),
+        ("embed_scale", args.embed_scale != 1.0),
+    ) if on}
+    if block.activation not in ("silu", "gelu_tanh"):
+        found.add(f"activation {block.activation}")
+    return found
+
+
+def unsupported_reason(engine: str, architectures: frozenset[str], features: frozenset[str], args: ModelArgs) -> str | None:
+    """Why engine ``engine``, which runs ``architectures`` with ``features``, cannot run the model
+    of ``args``, in one line naming the architecture and what is missing; None when it can."""
+    missing = sorted(model_features(args) - features)
+    what = ", ".join(FEATURES.get(f, f) for f in missing)
+    if args.architecture not in architectures:
+        runs = ", ".join(sorted(architectures))
+        if missing:
+            return f"the {engine} engine cannot run {args.architecture} models: {what} not implemented (it runs {runs})"
+        return f"the {engine} engine does not run {args.architecture} models (it runs {runs})"
+    if missing:
+        return f"the {engine} engine cannot run this {args.architecture} model: {what} not implemented"
+    return None
+
+
+class ShardedModel(Protocol):
+    """What ``ShardedModelEngine`` needs of a framework's sharded model."""
+
+    args: ModelArgs
     shard: Shard
 
     def new_cache(self) -> Any: ...
@@ -132,12 +180,15 @@ class ShardedModel(Protocol):
     def weight_bytes(self) -> int: ...
 
 
-class ShardedLlamaEngine(InferenceEngine):
-    """An ``InferenceEngine`` over a framework's sharded Llama: loading from GGUF, input checks,
-    one KV cache per request (``RequestCaches``), all framework calls on ``executor``'s thread.
+class ShardedModelEngine(InferenceEngine):
+    """An ``InferenceEngine`` over a framework's sharded model: loading any checkpoint
+    ``exo.models.sources.open_model`` opens (its ``ModelArgs`` and the shard's canonical
+    tensors), refusing the variants the engine does not implement, input checks, one KV cache
+    per request (``RequestCaches``), all framework calls on ``executor``'s thread.
 
-    Subclasses set ``name`` and ``executor`` (one worker thread, shared by the engines of the
-    class: ML frameworks keep global state) and implement ``_build_model``.
+    Subclasses set ``name``, ``executor`` (one worker thread, shared by the engines of the
+    class: ML frameworks keep global state), ``supported_architectures`` and
+    ``supported_features`` (keys of ``FEATURES``), and implement ``_build_model``.
 
     Args:
         max_requests: most requests holding a KV cache at once; the least recently used is
@@ -146,6 +197,8 @@ class ShardedLlamaEngine(InferenceEngine):
     """
 
     executor: ThreadPoolExecutor
+    supported_architectures: frozenset[str] = frozenset()
+    supported_features: frozenset[str] = frozenset()
 
     def __init__(self, max_requests: int = 64, request_ttl: float = 600.0):
         self._model: ShardedModel | None = None
@@ -153,7 +206,13 @@ class ShardedLlamaEngine(InferenceEngine):
         self._requests: RequestCaches = RequestCaches(max_requests, request_ttl)
         self._load_lock = asyncio.Lock()
 
-    def _build_model(self, args: LlamaArgs, shard: Shard) -> ShardedModel:
+    @classmethod
+    def unsupported_reason(cls, args: ModelArgs) -> str | None:
+        """Why this engine cannot run the model of ``args`` (one line naming the architecture
+        and the missing feature), or None when it can. Cheap: reads ``args`` only."""
+        return unsupported_reason(cls.name, cls.supported_architectures, cls.supported_features, args)
+
+    def _build_model(self, args: ModelArgs, shard: Shard) -> ShardedModel:
         """An empty model of ``shard`` (runs on the executor thread)."""
         raise NotImplementedError
 
@@ -168,6 +227,14 @@ class ShardedLlamaEngine(InferenceEngine):
         return self._shard
 
     async def ensure_shard(self, shard: Shard) -> None:
+        """Load ``shard`` (see ``InferenceEngine.ensure_shard``).
+
+        Raises:
+            UnsupportedModelError: the model is of an architecture or variant this engine does
+                not implement (``unsupported_reason``), or exo reads no such checkpoint.
+            ValueError: ``shard.n_layers`` differs from the model's.
+            exo.models.sources.ModelNotFound, FileNotFoundError: no such model here.
+        """
         async with self._load_lock:
             if self._shard == shard:
                 return
@@ -177,24 +244,26 @@ class ShardedLlamaEngine(InferenceEngine):
             self._requests.clear()
 
     def _load(self, shard: Shard) -> ShardedModel:
-        from exo.models.gguf import load_llama_shard_tensors
-        from exo.models.registry import get_model_card
+        from exo.models.sources import open_model
 
         t0 = time.perf_counter()
-        path = get_model_card(shard.model_id).gguf_path()
-        args = LlamaArgs.from_gguf(path)
+        weights = open_model(shard.model_id)
+        args = weights.args
+        reason = self.unsupported_reason(args)
+        if reason is not None:
+            raise UnsupportedModelError(f"{shard.model_id}: {reason}")
         if args.n_layers != shard.n_layers:
             raise ValueError(f"shard says {shard.n_layers} layers but {shard.model_id} has {args.n_layers}")
         self._model = None  # drop the previous shard's weights before loading the next
         self._requests.clear()
         model = self._build_model(args, shard)
-        tensors = load_llama_shard_tensors(path, shard.start_layer, shard.end_layer, shard.n_layers, args.n_heads, args.n_kv_heads)
+        tensors = weights.load_shard(shard.start_layer, shard.end_layer)
         model.load_tensors(tensors)
         del tensors
         t1 = time.perf_counter()
         self._after_load(model)
-        logger.info("loaded %s layers %d-%d on %s in %.1f s (+%.1f s warming up), %.1f MiB of weights",
-                    shard.model_id, shard.start_layer, shard.end_layer, self._describe(),
+        logger.info("loaded %s (%s) layers %d-%d on %s in %.1f s (+%.1f s warming up), %.1f MiB of weights",
+                    shard.model_id, args.architecture, shard.start_layer, shard.end_layer, self._describe(),
                     t1 - t0, time.perf_counter() - t1, model.weight_bytes() / 2**20)
         return model
 
