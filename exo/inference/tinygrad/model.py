@@ -14,18 +14,19 @@ Compilation. tinygrad runs eagerly at ~1 s of scheduling per layer on this kind 
 every step goes through a ``TinyJit``. The layer is a pure function of its inputs
 (``block_forward``), so ONE captured graph serves every layer of the shard: weights, KV cache,
 hidden states, RoPE tables, the RMSNorm epsilon and the attention scale are the graph's inputs,
-and so are the symbolic start position and the layer's sliding window (a variable, so layers of
-different windows share the graph too; a full-attention layer gets a window longer than any
-cache). Warming a graph up costs two eager layers, not two eager shards. One graph serves every
-position of a KV cache of a given capacity. Two graphs per capacity: a decode step (T = 1) and
-a prefill chunk of exactly ``PREFILL_CHUNK`` tokens (shorter chunks are zero-padded; the padded
-rows write KV entries past the real tokens, which the causal mask hides and later tokens
-overwrite).
+and so are the symbolic start position and the layer's sliding window (a full-attention layer
+gets a window longer than any cache). A model without q/k/v bias gets zero biases, so every
+variant runs the same graph. Warming a graph up costs two eager layers, not two eager shards.
+One graph serves every position of a KV cache of a given capacity. Two graphs per capacity: a
+decode step (T = 1) and a prefill chunk of exactly ``PREFILL_CHUNK`` tokens (shorter chunks
+are zero-padded; the padded rows write KV entries past the real tokens, which the causal mask
+hides and later tokens overwrite). The graphs live in a process-wide cache keyed by the
+layer's shapes (``_GRAPHS``), so another shard of the same model (a new partition), or another
+model of the same shapes, starts with them captured.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from typing import Any
 
@@ -111,44 +112,39 @@ def _rotate_half(x: Tensor) -> Tensor:
     return (-x2).cat(x1, dim=-1)
 
 
-def block_forward(h: Tensor, start_pos: int | UOp, window: int | UOp | None, cache: Tensor, cos: Tensor, sin: Tensor,
-                  eps: Tensor, scale: Tensor, *weights: Tensor, keys: tuple[str, ...]) -> Tensor:
+def block_forward(h: Tensor, start_pos: int | UOp, window: int | UOp, cache: Tensor, cos: Tensor, sin: Tensor, eps: Tensor,
+                  scale: Tensor, attn_norm: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Tensor, bk: Tensor, bv: Tensor,
+                  wo: Tensor, ffn_norm: Tensor, wg: Tensor, wu: Tensor, wd: Tensor) -> Tensor:
     """One layer: ``h + o(attn(norm(h)))``, then ``+ down(silu(gate(.)) * up(.))`` of its norm.
 
     h: (1, T, hidden) float32; cache: (2, 1, n_kv, capacity, head_dim), written at
     ``[start_pos, start_pos + T)``; window: the layer's sliding window (query p sees keys
-    (p - window, p]), None when no layer of the model slides; cos, sin: the layer's whole RoPE
+    (p - window, p]; longer than the cache for full attention); cos, sin: the layer's whole RoPE
     tables (max_len, head_dim); eps, scale: the RMSNorm epsilon and the attention scale as
-    1-element tensors; weights: the layer's tensors, named by ``keys`` (canonical keys of
-    ``exo.models.architectures``; q_bias, k_bias, v_bias optional).
+    1-element tensors; then the layer's weights (``LAYER_KEYS``; zero biases for a model without).
     Returns the layer's output (1, T, hidden), realized.
     """
-    w = dict(zip(keys, weights))
     b, t, _ = h.shape
     head_dim = cos.shape[-1]
-    n_heads, n_kv = w["q"].shape[0] // head_dim, w["k"].shape[0] // head_dim
-    x = rms_norm(h, w["attn_norm"], eps)
-    q = x.linear(w["q"].T, w.get("q_bias")).reshape(b, t, n_heads, head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-    k = x.linear(w["k"].T, w.get("k_bias")).reshape(b, t, n_kv, head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
-    v = x.linear(w["v"].T, w.get("v_bias")).reshape(b, t, n_kv, head_dim).transpose(1, 2)
+    n_heads, n_kv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
+    x = rms_norm(h, attn_norm, eps)
+    q = x.linear(wq.T, bq).reshape(b, t, n_heads, head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+    k = x.linear(wk.T, bk).reshape(b, t, n_kv, head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
+    v = x.linear(wv.T, bv).reshape(b, t, n_kv, head_dim).transpose(1, 2)
     c, s = cos[start_pos:start_pos + t], sin[start_pos:start_pos + t]  # (T, head_dim)
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
     cache[:, :, :, start_pos:start_pos + t, :].assign(Tensor.stack(k, v)).realize()
-    keys_ = cache[0, :, :, 0:start_pos + t, :].repeat_interleave(n_heads // n_kv, dim=1)  # (B, n_heads, start_pos + T, head_dim)
+    keys = cache[0, :, :, 0:start_pos + t, :].repeat_interleave(n_heads // n_kv, dim=1)  # (B, n_heads, start_pos + T, head_dim)
     values = cache[1, :, :, 0:start_pos + t, :].repeat_interleave(n_heads // n_kv, dim=1)
-    scores = q.matmul(keys_.transpose(-2, -1)) * scale  # (B, n_heads, T, start_pos + T)
-    if t > 1 or window is not None:
-        # query i (position start_pos + i) sees key j iff start_pos + i - window < j <= start_pos + i
-        query, key = Tensor.arange(t).unsqueeze(-1), Tensor.arange(start_pos + t)  # (T, 1), (start_pos + T,)
-        hidden = query + (start_pos + 1) <= key
-        if window is not None:
-            hidden = hidden | (key <= query + (start_pos - window))
-        scores = scores + hidden.where(float("-inf"), 0.0).reshape(1, 1, t, start_pos + t)
+    # query i (position start_pos + i) sees key j iff start_pos + i - window < j <= start_pos + i
+    query, key = Tensor.arange(t).unsqueeze(-1), Tensor.arange(start_pos + t)  # (T, 1), (start_pos + T,)
+    hidden = (query + (start_pos + 1) <= key) | (key <= query + (start_pos - window))  # (T, start_pos + T)
+    scores = q.matmul(keys.transpose(-2, -1)) * scale + hidden.where(float("-inf"), 0.0)  # (B, n_heads, T, start_pos + T)
     attn = scores.softmax(-1) @ values  # (B, n_heads, T, head_dim)
-    h = h + attn.transpose(1, 2).reshape(b, t, n_heads * head_dim).linear(w["o"].T)
-    x = rms_norm(h, w["ffn_norm"], eps)
-    return (h + (x.linear(w["gate"].T).silu() * x.linear(w["up"].T)).linear(w["down"].T)).realize()
+    h = h + attn.transpose(1, 2).reshape(b, t, n_heads * head_dim).linear(wo.T)
+    x = rms_norm(h, ffn_norm, eps)
+    return (h + (x.linear(wg.T).silu() * x.linear(wu.T)).linear(wd.T)).realize()
 
 
 def head_forward(h: Tensor, eps: Tensor, norm: Tensor, output: Tensor) -> Tensor:
@@ -172,17 +168,15 @@ class ShardedModel:
         if shard.n_layers != args.n_layers:
             raise ValueError(f"shard has n_layers={shard.n_layers} but the model has {args.n_layers}")
         self.args, self.shard = args, shard
-        self.keys = args.block.layer_keys()  # the layer's tensors, in the order block_forward takes them
-        if set(self.keys) - _KEYS:
-            raise ValueError(f"layers with {sorted(set(self.keys) - _KEYS)} are not implemented")
+        extra = set(args.block.layer_keys()) - set(LAYER_KEYS)
+        if extra:
+            raise ValueError(f"layers with {sorted(extra)} are not implemented")
         self.layer_ids = range(shard.start_layer, shard.end_layer + 1)
         self.max_len = args.max_seq_len + PREFILL_CHUNK  # prefill chunks are padded: the cache and RoPE tables hold one more
-        # a full-attention layer's window: longer than any cache, so nothing is hidden (0 when no layer slides)
-        windows = [args.layer_window[i] for i in self.layer_ids]
-        self.sliding = any(0 < wn < args.max_seq_len for wn in windows)
-        self.windows = [min(wn, self.max_len) if wn else self.max_len for wn in windows]
+        # per layer; a full-attention layer's window is longer than any cache, so it hides nothing
+        self.windows = [min(args.layer_window[i] or self.max_len, self.max_len) for i in self.layer_ids]
         self.embed: np.ndarray | None = None  # (vocab, hidden), looked up on the host
-        self.layers: list[tuple[Tensor, ...]] = []  # per layer, weights in self.keys order
+        self.layers: list[tuple[Tensor, ...]] = []  # per layer, weights in LAYER_KEYS order
         self.output_norm: Tensor | None = None
         self.output: Tensor | None = None  # (vocab, hidden)
         self.eps = Tensor([args.rms_norm_eps], dtype=dtypes.float32).realize()
@@ -191,8 +185,7 @@ class ShardedModel:
         tables = {r: rope_tables(args.ropes[r], args.head_dim, self.max_len) for r in used}
         self.rope = [tables[args.layer_rope[i]] for i in self.layer_ids]  # per layer: (cos, sin)
         # what fixes the shapes of a layer graph's inputs, beside the KV cache capacity
-        self.signature = (self.keys, self.sliding, args.hidden_size, args.intermediate_size, args.n_heads, args.n_kv_heads,
-                          args.head_dim, self.max_len)
+        self.signature = (args.hidden_size, args.intermediate_size, args.n_heads, args.n_kv_heads, args.head_dim, self.max_len)
         self._const_inputs: list[tuple[UOp, ...]] = []  # per layer: buffers of the graph's inputs after h and kv
 
     def new_cache(self) -> KVCache:
@@ -201,19 +194,15 @@ class ShardedModel:
     def _layers(self, h: Tensor, position: int, t: int, cache: KVCache) -> Tensor:
         """Run every layer on h (1, t, hidden), t being 1 or PREFILL_CHUNK, at ``position``."""
         kind = "decode" if t == 1 else "prefill"
-        jit = _graph(("layer", kind, cache.capacity, self.signature), functools.partial(block_forward, keys=self.keys))
+        jit = _graph(("layer", kind, cache.capacity, self.signature), block_forward)
         pos = UOp.variable("start_pos", 0, cache.capacity - t).bind(position)
         for i, (weights, kv) in enumerate(zip(self.layers, cache.kv)):
-            var_vals = {"start_pos": position}
-            window = None
-            if self.sliding:
-                var_vals["window"] = self.windows[i]
-                window = UOp.variable("window", 1, self.max_len).bind(self.windows[i])
             if jit.captured is not None and jit.cnt >= 2:
                 # replay the captured graph directly: TinyJit's own argument checks cost ~0.4 ms per
                 # input on every call, and the inputs are the same realized buffers in the same order
-                h = jit.captured([h.uop.base, kv.uop.base, *self._const_inputs[i]], var_vals)
+                h = jit.captured([h.uop.base, kv.uop.base, *self._const_inputs[i]], {"start_pos": position, "window": self.windows[i]})
                 continue
+            window = UOp.variable("window", 1, self.max_len).bind(self.windows[i])
             cos, sin = self.rope[i]
             h = jit(h, pos, window, kv, cos, sin, self.eps, self.scale, *weights)
         return h
@@ -263,7 +252,14 @@ class ShardedModel:
             return np.ascontiguousarray(arr, dtype=np.float32)
 
         shapes = a.layer_shapes()
-        layers = [tuple(Tensor(get(f"layers.{i}.{k}", shapes[k])) for k in self.keys) for i in self.layer_ids]
+        zeros = {"q_bias": a.q_rows, "k_bias": a.kv_rows, "v_bias": a.kv_rows}  # a model without biases
+
+        def weight(i: int, key: str) -> Tensor:
+            if key in zeros and key not in shapes:
+                return Tensor.zeros(zeros[key], dtype=dtypes.float32).contiguous()
+            return Tensor(get(f"layers.{i}.{key}", shapes[key]))
+
+        layers = [tuple(weight(i, k) for k in LAYER_KEYS) for i in self.layer_ids]
         if shard.is_first_layer:
             self.embed = get("embed", (a.vocab_size, a.hidden_size))
         if shard.is_last_layer:
@@ -281,5 +277,6 @@ class ShardedModel:
         return total + (self.embed.nbytes if self.embed is not None else 0)
 
 
-#: The layer tensors ``block_forward`` knows.
-_KEYS = frozenset(("attn_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "ffn_norm", "gate", "up", "down"))
+#: A layer's tensors (canonical keys of ``exo.models.architectures``), in the order
+#: ``block_forward`` takes them.
+LAYER_KEYS = ("attn_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "ffn_norm", "gate", "up", "down")
