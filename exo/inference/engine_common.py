@@ -150,10 +150,11 @@ def model_features(args: ModelArgs) -> set[str]:
     return found
 
 
-def unsupported_reason(engine: str, architectures: frozenset[str], features: frozenset[str], args: ModelArgs) -> str | None:
+def explain_unsupported(engine: str, architectures: frozenset[str], features: frozenset[str], args: ModelArgs) -> str | None:
     """Why engine ``engine``, which runs ``architectures`` with ``features``, cannot run the model
     of ``args``, in one line naming the architecture and what is missing; None when it can."""
-    missing = sorted(model_features(args) - features)
+    needed = model_features(args) - features
+    missing = [f for f in FEATURES if f in needed] + sorted(needed - FEATURES.keys())
     what = ", ".join(FEATURES.get(f, f) for f in missing)
     if args.architecture not in architectures:
         runs = ", ".join(sorted(architectures))
@@ -210,7 +211,7 @@ class ShardedModelEngine(InferenceEngine):
     def unsupported_reason(cls, args: ModelArgs) -> str | None:
         """Why this engine cannot run the model of ``args`` (one line naming the architecture
         and the missing feature), or None when it can. Cheap: reads ``args`` only."""
-        return unsupported_reason(cls.name, cls.supported_architectures, cls.supported_features, args)
+        return explain_unsupported(cls.name, cls.supported_architectures, cls.supported_features, args)
 
     def _build_model(self, args: ModelArgs, shard: Shard) -> ShardedModel:
         """An empty model of ``shard`` (runs on the executor thread)."""
