@@ -15,7 +15,6 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from exo.inference.shard import Shard
-from exo.models.architectures import ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +47,6 @@ class InferenceEngine(ABC):
         Raises:
             KeyError: unknown model id.
             FileNotFoundError: the model's weights are not on this machine.
-            exo.models.architectures.UnsupportedModelError: a model this engine cannot run
-                (``unsupported_reason``).
         """
 
     @abstractmethod
@@ -73,14 +70,6 @@ class InferenceEngine(ABC):
     @abstractmethod
     def shard(self) -> Shard | None:
         """The shard currently loaded, if any."""
-
-    @classmethod
-    def unsupported_reason(cls, args: ModelArgs) -> str | None:
-        """Why this engine cannot run the model ``args`` describes (one line naming the
-        architecture and what is missing), or None when it can. Cheap (no weights are read):
-        a node whose engine cannot run a model stays out of that model's ring. The default
-        runs every model."""
-        return None
 
     def weight_bytes(self) -> int:
         """Bytes of model weights this engine holds in memory (0 when nothing is loaded)."""
