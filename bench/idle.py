@@ -56,9 +56,9 @@ async def measure(gap_ms: float, rounds: int, steps: int) -> dict:
 
     from exo.inference.shard import Shard
     from exo.inference.torch.engine import TorchInferenceEngine
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
-    n_layers = get_model_card(MODEL).n_layers
+    n_layers = STORE.card(MODEL).n_layers
     half = n_layers // 2
     shards = (Shard(MODEL, 0, half - 1, n_layers), Shard(MODEL, half, n_layers - 1, n_layers))
     engines = (TorchInferenceEngine(), TorchInferenceEngine())

@@ -92,7 +92,7 @@ async def _generate(node, ids: list[int], n_tokens: int) -> list[float]:
 
 
 async def drive(args) -> dict:
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
     running = await _start(args)
     node = running.node
@@ -103,7 +103,7 @@ async def drive(args) -> dict:
                 raise RuntimeError(f"the ring did not form: {len(node.topology.nodes)} of {args.nodes} nodes")
             await node.update_topology()
             await asyncio.sleep(0.2)
-        ring = node.partition(get_model_card(MODEL))
+        ring = node.partition(STORE.card(MODEL))
         ids = prompts()["short"]
         await _generate(node, ids, 8)  # warm-up: every node loads its shard
         ttft, decode = [], []

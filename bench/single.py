@@ -1,6 +1,6 @@
 """Single-node measurements of one engine, in a process of its own (so its peak memory is its own).
 
-    python -m bench.single {exo,transformers,llamacpp} [--dtype float32] [--runs 3] [--decode-tokens 64]
+    python -m bench.single {exo,transformers,llamacpp} [--model smollm2-135m] [--dtype float32] [--runs 3] [--decode-tokens 64]
 
 Measures, on the same token ids for every engine (``bench.common.prompts``):
 - prefill tokens/s of the ~30- and ~500-token prompts (one forward pass over the prompt);
@@ -20,7 +20,7 @@ import logging
 import os
 import time
 
-from bench.common import MODEL, emit, median, peak_rss_bytes, prompts, rss_bytes
+from bench.common import emit, median, peak_rss_bytes, prompts, rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +39,24 @@ def _result(engine: str, baseline: int, load_s: float, prefill: dict, ttft: list
     }
 
 
-async def bench_exo(runs: int, n_tokens: int, dtype: str, weights: str = "auto") -> dict:
+async def bench_exo(model: str, runs: int, n_tokens: int, dtype: str, weights: str = "auto") -> dict:
     """exo's torch engine behind a single Node (no network, no API)."""
     import numpy as np
 
     from exo.inference.generation import GenerationOptions
     from exo.inference.shard import Shard
+    from exo.models.sources import STORE
     from exo.orchestration.launcher import NodeConfig, start_node
 
-    ids = prompts()
+    ids = prompts(model)
     baseline = rss_bytes()
     config = NodeConfig(node_host="127.0.0.1", interfaces=["127.0.0.1"], discovery_module="none", serve_api=False,
-                        inference_engine="torch", inference_engine_options={"dtype": dtype, "weights": weights})
+                        inference_engine="torch", inference_engine_options={"dtype": dtype, "weights": weights},
+                        default_model=model)
     t0 = time.perf_counter()
     running = await start_node(config)
     node, engine = running.node, running.node.engine
-    shard = Shard.full(MODEL, 30)
+    shard = Shard.full(model, STORE.card(model).n_layers)
     await engine.ensure_shard(shard)
     load_s = time.perf_counter() - t0
     try:
@@ -81,7 +83,7 @@ async def bench_exo(runs: int, n_tokens: int, dtype: str, weights: str = "auto")
             # through the node, as a user's request runs
             t = time.perf_counter()
             stamps = []
-            async for r in node.generate(MODEL, ids["short"], options):
+            async for r in node.generate(model, ids["short"], options):
                 stamps += [time.perf_counter()] * len(r.tokens)
             if run:
                 engine_decode.append((len(times) - 1) / (times[-1] - times[0]))
@@ -94,18 +96,18 @@ async def bench_exo(runs: int, n_tokens: int, dtype: str, weights: str = "auto")
         await running.stop()
 
 
-def bench_transformers(runs: int, n_tokens: int) -> dict:
-    """transformers' Llama loaded from the same GGUF (dequantized to float32), ``generate``."""
+def bench_transformers(model: str, runs: int, n_tokens: int) -> dict:
+    """transformers' model loaded from the same GGUF (dequantized to float32), ``generate``."""
     import torch
     import transformers
 
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
-    ids = prompts()
+    ids = prompts(model)
     baseline = rss_bytes()
-    path = get_model_card(MODEL).gguf_path()
+    path = STORE.card(model).path
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
 
     class Stamps(transformers.generation.BaseStreamer):
@@ -129,13 +131,13 @@ def bench_transformers(runs: int, n_tokens: int) -> dict:
             for name, p in ids.items():
                 x = torch.tensor([p])
                 t = time.perf_counter()
-                model(x, use_cache=True)
+                reference(x, use_cache=True)
                 if run:
                     prefill[name].append(len(p) / (time.perf_counter() - t))
             streamer = Stamps()
             x = torch.tensor([ids["short"]])
             t = time.perf_counter()
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+            reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
                            do_sample=False, streamer=streamer, pad_token_id=0)
             if run:
                 ttft.append(streamer.times[0] - t)
@@ -143,17 +145,17 @@ def bench_transformers(runs: int, n_tokens: int) -> dict:
     return _result(f"transformers {transformers.__version__} generate", baseline, load_s, prefill, ttft, decode)
 
 
-def bench_llamacpp(runs: int, n_tokens: int) -> dict:
+def bench_llamacpp(model: str, runs: int, n_tokens: int) -> dict:
     """llama.cpp (llama-cpp-python) on the same GGUF, greedy ``Llama.generate``."""
     import llama_cpp
 
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
-    ids = prompts()
+    ids = prompts(model)
     baseline = rss_bytes()
     threads = os.cpu_count() or 1
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(get_model_card(MODEL).gguf_path()), n_ctx=2048, n_batch=512,
+    llm = llama_cpp.Llama(model_path=str(STORE.card(model).path), n_ctx=2048, n_batch=512,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
     prefill: dict[str, list[float]] = {k: [] for k in ids}
@@ -181,6 +183,7 @@ def bench_llamacpp(runs: int, n_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("engine", choices=["exo", "transformers", "llamacpp"])
+    parser.add_argument("--model", default="smollm2-135m", help="a model whose GGUF is on this machine")
     parser.add_argument("--dtype", default="float32", help="exo torch engine dtype")
     parser.add_argument("--weights", default="auto", choices=["auto", "gguf", "dense", "int4"], help="exo torch engine weights")
     parser.add_argument("--runs", type=int, default=3)
@@ -188,11 +191,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.engine == "exo":
-        result = asyncio.run(bench_exo(args.runs, args.decode_tokens, args.dtype, args.weights))
+        result = asyncio.run(bench_exo(args.model, args.runs, args.decode_tokens, args.dtype, args.weights))
     elif args.engine == "transformers":
-        result = bench_transformers(args.runs, args.decode_tokens)
+        result = bench_transformers(args.model, args.runs, args.decode_tokens)
     else:
-        result = bench_llamacpp(args.runs, args.decode_tokens)
+        result = bench_llamacpp(args.model, args.runs, args.decode_tokens)
     emit(result)
 
 

@@ -98,13 +98,21 @@ class ModelConfig(BaseModel):
     """``model``: what this node serves.
 
     Attributes:
-        default: model id used when a request names none (flag ``--default-model``).
+        default: model used when a request names none (flag ``--default-model``): a catalogue
+            id, a local GGUF file or Hugging Face directory, or a Hugging Face repo.
         inference_engine: "torch", "tinygrad", "mlx" or "dummy" (default: the best installed).
+        max_models: models whose shards the node holds at once (flag ``--max-models``).
+        idle_ttl: seconds an unused model's shard stays loaded (flag ``--model-idle-ttl``).
+        chat_templates: model id -> the chat template to use when the model has none (a base
+            model): a built-in name ("chatml"), a path to a Jinja file, or the Jinja source.
     """
 
     model_config = _SECTION
     default: str = "smollm2-135m"
     inference_engine: Literal["torch", "tinygrad", "mlx", "dummy"] | None = None
+    max_models: int = Field(3, ge=1)
+    idle_ttl: float = Field(300.0, gt=0)
+    chat_templates: dict[str, str] = Field(default_factory=dict)
 
 
 class GenerationConfig(BaseModel):
@@ -128,8 +136,7 @@ class GenerationConfig(BaseModel):
         """The API's ``GenerationDefaults``."""
         from exo.api.chat_api.models import GenerationDefaults
 
-        return GenerationDefaults(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                  max_tokens=self.max_tokens)
+        return GenerationDefaults(**{k: getattr(self, k) for k in self.model_fields_set})
 
 
 DEFAULT_PUBLIC_PATHS = ("/health", "/healthcheck")
@@ -383,6 +390,8 @@ FLAG_FIELDS: dict[tuple[str, str], str] = {
     ("node", "memory"): "memory",
     ("model", "default"): "default_model",
     ("model", "inference_engine"): "inference_engine",
+    ("model", "max_models"): "max_models",
+    ("model", "idle_ttl"): "model_idle_ttl",
     ("logging", "level"): "log_level",
 }
 

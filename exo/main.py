@@ -20,8 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="exo",
         description="Run a node of an exo inference cluster (default), or `exo run MODEL --prompt TEXT`.",
     )
-    p.add_argument("command", nargs="?", choices=["run"], help="`run`: answer --prompt with MODEL and exit")
-    p.add_argument("model_name", nargs="?", help="model id for `run` (default: --default-model)")
+    p.add_argument("command", nargs="?", choices=["run", "pull"],
+                   help="`run`: answer --prompt with MODEL and exit; `pull`: download MODEL's weights and exit")
+    p.add_argument("model_name", nargs="?", help="model for `run` / `pull` (default: --default-model): a catalogue id, "
+                                                 "a .gguf path, a Hugging Face directory or repo (org/name[:FILE.gguf|:QUANT])")
     p.add_argument("--prompt", default="Who are you?", help="prompt for `run`")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens `run` generates")
     p.add_argument("--node-id", default=None, help="unique id of this node (default: a random UUID)")
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-engine", choices=["torch", "tinygrad", "mlx", "dummy"], default=None,
                    help="engine (default: the best one installed)")
     p.add_argument("--default-model", default="smollm2-135m", help="model served when a request names none")
+    p.add_argument("--max-models", type=int, default=3, help="models whose shards this node holds at once")
+    p.add_argument("--model-idle-ttl", type=float, default=300.0, help="seconds an unused model stays loaded")
     p.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
     p.add_argument("--cluster-secret", default=None,
                    help="shared key; only nodes with the same key join (env EXO_CLUSTER_SECRET)")
@@ -62,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         discovery_config_path=args.discovery_config_path, interfaces=parse_interfaces(args.interfaces),
         inference_engine=args.inference_engine, default_model=args.model_name or args.default_model,
         wait_for_peers=args.wait_for_peers, cluster_secret=args.cluster_secret, memory=args.memory,
-        response_timeout=args.response_timeout,
+        response_timeout=args.response_timeout, max_models=args.max_models, model_idle_ttl=args.model_idle_ttl,
     )
     if args.node_id:
         kwargs["node_id"] = args.node_id
@@ -107,6 +111,16 @@ async def run_prompt(config: NodeConfig, prompt: str, max_tokens: int) -> int:
         await running.stop()
 
 
+def pull(model: str) -> int:
+    """Download every file of ``model`` to this machine (the Hugging Face cache), with a
+    progress bar; print where it is."""
+    from exo.models.sources import STORE
+
+    path = STORE.pull(model)
+    sys.stdout.write(f"{model}: {path}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from exo.config import ConfigError, apply_config, setup_logging
 
@@ -121,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = config_from_args(args)
     config.api_options = file_config.api_options()
+    config.chat_templates = dict(file_config.model.chat_templates)
     try:
+        if args.command == "pull":
+            return pull(args.model_name or args.default_model)
         if args.command == "run":
             return asyncio.run(run_prompt(config, args.prompt, args.max_tokens))
         asyncio.run(serve(config))

@@ -13,8 +13,8 @@ LLAMA_CPP_PYTHON="llama-cpp-python==0.3.36"
 llama_cpp_works() {  # load the model and run one forward pass, in a process of its own
     python - >/dev/null 2>&1 <<'PY'
 import llama_cpp
-from exo.models.registry import get_model_card
-llm = llama_cpp.Llama(model_path=str(get_model_card("smollm2-135m").gguf_path()), n_ctx=64, verbose=False)
+from exo.models.sources import STORE
+llm = llama_cpp.Llama(model_path=str(STORE.card("smollm2-135m").path), n_ctx=64, verbose=False)
 llm.eval([1, 2, 3])
 PY
 }

@@ -50,14 +50,14 @@ async def two_node_cluster() -> AsyncIterator[list[NodeUnderTest]]:
     """Two nodes on loopback that found each other over mDNS and split the layers between them."""
     from helpers import wait_for
 
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
     from exo.orchestration.launcher import start_node
 
     nodes = []
     try:
         for name in ("ring-a", "ring-b"):
             nodes.append(await start_node(loopback_config(node_id=f"{name}-{SESSION_TAG}")))
-        card = get_model_card(MODEL)
+        card = STORE.card(MODEL)
 
         def ring_formed() -> bool:
             rings = [n.node.partition(card) for n in nodes]

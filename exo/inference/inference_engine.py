@@ -12,9 +12,14 @@ import importlib.util
 import logging
 from abc import ABC, abstractmethod
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from exo.inference.shard import Shard
+
+if TYPE_CHECKING:
+    from exo.models.architectures import ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,18 @@ class InferenceEngine(ABC):
         """Bytes of model weights this engine holds in memory (0 when nothing is loaded)."""
         return 0
 
+    #: Bytes per parameter this engine holds weights in; 0: the checkpoint's own size (the
+    #: torch engine's native CPU kernels keep GGUF blocks as they are). Partitioning sizes a
+    #: node's share of layers with it.
+    param_bytes: float = 4.0
+
+    def unsupported_reason(self, args: "ModelArgs") -> str | None:
+        """Why this engine cannot run a model of ``args`` (None: it can); see ``unsupported_reason``."""
+        return unsupported_reason(self.name, args)
+
+    async def unload(self) -> None:
+        """Drop the shard held and every KV cache (the engine stays usable for another shard)."""
+
     def can_decode_now(self, request_id: str, shard: Shard) -> bool:
         """Whether ``decode_now`` would likely run a decode step of ``request_id`` at once: the
         engine holds ``shard`` and has nothing else to do (no other request decoding, no step
@@ -93,6 +110,59 @@ class InferenceEngine(ABC):
 
     async def close(self) -> None:
         """Release resources (threads, device memory)."""
+
+
+#: What each engine lacks of ``exo.models.architectures``: the architectures it runs (None:
+#: all) and the variant features it does not implement. Framework-free, so that every node can
+#: tell which of its peers can run a model (``NodeInfo.engine``) and leave the others out of
+#: that model's ring.
+ENGINE_LIMITS: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
+    "torch": (None, frozenset()),
+    "dummy": (None, frozenset()),
+    "tinygrad": (frozenset({"llama", "mistral", "qwen2"}),
+                 frozenset({"qk_norm", "sandwich_norm", "gelu_tanh", "partial_rotary", "longrope", "embed_scale"})),
+    "mlx": (frozenset({"llama", "mistral", "qwen2"}),
+            frozenset({"qk_norm", "sandwich_norm", "gelu_tanh", "partial_rotary", "longrope", "embed_scale"})),
+}
+
+
+def model_features(args: "ModelArgs") -> set[str]:
+    """The variant features a model of ``args`` uses (names of ``ENGINE_LIMITS``)."""
+    features = set()
+    if args.block.qk_norm:
+        features.add("qk_norm")
+    if args.block.sandwich_norm:
+        features.add("sandwich_norm")
+    if args.block.activation != "silu":
+        features.add(args.block.activation)
+    if args.rope_dim != args.head_dim:
+        features.add("partial_rotary")
+    if any(r.scaling == "longrope" for r in args.ropes):
+        features.add("longrope")
+    if args.embed_scale != 1.0:
+        features.add("embed_scale")
+    return features
+
+
+def unsupported_reason(engine: str, args: "ModelArgs | None", architecture: str | None = None) -> str | None:
+    """Why engine ``engine`` cannot run a model (None: it can, or the engine is unknown).
+
+    Args:
+        engine: an engine name ("" or an unknown name: assumed able).
+        args: the model's hyper-parameters, or None when only ``architecture`` is known.
+        architecture: the architecture name when ``args`` is None.
+    """
+    limits = ENGINE_LIMITS.get(engine)
+    if limits is None:
+        return None
+    archs, missing = limits
+    arch = args.architecture if args is not None else architecture
+    if archs is not None and arch is not None and arch not in archs:
+        return f"the {engine} engine does not run the {arch} architecture (it runs {', '.join(sorted(archs))})"
+    lacking = sorted(model_features(args) & missing) if args is not None else []
+    if lacking:
+        return f"the {engine} engine does not implement {', '.join(lacking)} ({arch})"
+    return None
 
 
 ENGINES: dict[str, str] = {

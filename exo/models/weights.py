@@ -27,7 +27,7 @@ from exo.models.architectures import (
     GGUF_GLOBAL, GGUF_LAYER, HF_GLOBAL, Architecture, ModelArgs, UnsupportedModelError, architecture, args_from_gguf,
     args_from_hf_config, layer_name, parse_layer_name,
 )
-from exo.models.gguf import BF16, F16, F32, GGUFError, GGUFModel, dequantize, open_gguf, row_bytes, type_name
+from exo.models.gguf import BF16, DEQUANTIZABLE, F16, F32, GGUFError, GGUFModel, dequantize, open_gguf, row_bytes, type_name
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,18 @@ class ModelWeights(ABC):
             return
         n = shape[0] if len(shape) > 1 else 1
         self._sources[canonical] = _Source(name, first_row, n - first_row if rows is None else rows, permute_heads, offset)
+
+    def check_types(self) -> None:
+        """Every tensor the model needs is of a type exo can read.
+
+        Raises:
+            WeightsError: naming the first tensor of an unreadable type.
+        """
+        for canonical, src in self._sources.items():
+            _, qtype = self._info(src.name)
+            if qtype not in DEQUANTIZABLE:
+                raise WeightsError(f"{self.path}: tensor {src.name!r} ({canonical}) is of GGML type {type_name(qtype)}, "
+                                   f"which exo cannot read")
 
     def tensor_info(self) -> dict[str, TensorInfo]:
         """Every canonical tensor of the model with its stored shape, type and bytes."""
@@ -301,6 +313,7 @@ class GGUFWeights(ModelWeights):
         self._map("output_norm", GGUF_GLOBAL["output_norm"])
         if not a.tie_word_embeddings:
             self._map("output", GGUF_GLOBAL["output"])
+        self.check_types()
 
     def _map_fused(self, i: int, name: str, keys: tuple[str, ...]) -> None:
         rows = {"q": self.args.q_rows, "k": self.args.kv_rows, "v": self.args.kv_rows,
@@ -472,18 +485,20 @@ class SafetensorsWeights(ModelWeights):
             raise WeightsError(f"{self.path}: tensor {name!r} is {dtype}; only F32, F16 and BF16 safetensors are supported")
         return tuple(int(d) for d in entry["shape"]), _ST_DTYPES[dtype]
 
-    def _shape_from_config(self, name: str) -> tuple[tuple[int, ...], int]:
-        """Shape and (assumed BF16) type of a tensor whose file is not here (not downloaded):
-        from the config, for byte counts only."""
+    def _shape_from_config(self, name: str, canonical: str | None = None) -> tuple[tuple[int, ...], int]:
+        """Shape and (assumed from the config's dtype, else BF16) type of a tensor whose file is
+        not here (not downloaded): from the config, for byte counts only. ``canonical``: the
+        canonical tensor it holds, when it is not mapped yet."""
         dtype = {"float32": F32, "float16": F16}.get(str(self.config.get("torch_dtype") or self.config.get("dtype")), BF16)
         a = self.args
-        for canonical, src in self._sources.items():
-            if src.name == name:
-                parsed = parse_layer_name(canonical)
-                if parsed is None:
-                    return ((a.vocab_size, a.hidden_size) if canonical != "output_norm" else (a.hidden_size,)), dtype
-                return a.layer_shapes()[parsed[1]], dtype
-        return (a.hidden_size,), dtype
+        if canonical is None:
+            canonical = next((c for c, src in self._sources.items() if src.name == name), None)
+        if canonical is None:
+            return (a.hidden_size,), dtype
+        parsed = parse_layer_name(canonical)
+        if parsed is None:
+            return ((a.vocab_size, a.hidden_size) if canonical != "output_norm" else (a.hidden_size,)), dtype
+        return a.layer_shapes()[parsed[1]], dtype
 
     def _raw_rows(self, name: str, first_row: int, n_rows: int) -> np.ndarray:
         file, entry, data_start = self._entry(name)
@@ -506,7 +521,8 @@ class SafetensorsWeights(ModelWeights):
             if required:
                 raise WeightsError(f"{self.path}: tensor {name!r} ({canonical}) is missing")
             return
-        shape, _ = self._info(name)
+        # a file not downloaded (yet): the shape the config implies for ``canonical``
+        shape = self._info(name)[0] if self._files[name].is_file() else self._shape_from_config(name, canonical)[0]
         n = shape[0] if len(shape) > 1 else 1
         self._sources[canonical] = _Source(name, first_row, n - first_row if rows is None else rows, permute_heads, offset)
 
@@ -525,7 +541,9 @@ def open_weights(path: str | Path) -> ModelWeights:
     """
     path = Path(path).resolve()
     if path.is_dir():
-        stamp = (path / "config.json").stat().st_mtime_ns if (path / "config.json").is_file() else 0
+        # opened again when the config changes or safetensors files arrive (download by shard)
+        stamp = ((path / "config.json").stat().st_mtime_ns if (path / "config.json").is_file() else 0,
+                 tuple(sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors") if p.is_file())))
         return _open_cached(str(path), stamp)
     if path.is_file():
         st = path.stat()

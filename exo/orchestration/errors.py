@@ -4,10 +4,20 @@ from __future__ import annotations
 
 
 class ModelNotFoundError(KeyError):
-    """The requested model is not in the registry."""
+    """The requested model is no catalogue id, no existing path and no hub repo."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "model not found"
+
+
+class InvalidModelError(ValueError):
+    """The named file or repo is not a model exo can run (not a model, a truncated file, an
+    unsupported architecture or tensor type); the message names the model and what is wrong."""
+
+
+class ModelUnavailableError(ConnectionError):
+    """The model's weights are not on this machine and cannot be fetched now (offline with
+    nothing cached, the hub unreachable, a gated repo without a token); the message says why."""
 
 
 class NoNodeAvailableError(RuntimeError):

@@ -62,6 +62,9 @@ class NodeConfig:
     inference_engine_options: dict = field(default_factory=dict)  # keyword arguments of the engine's constructor
     api_options: dict = field(default_factory=dict)  # keyword arguments of ChatAPI (auth, rate_limit, defaults, cors_allow_origin)
     default_model: str = "smollm2-135m"
+    max_models: int = 3  # models whose shards a node holds at once
+    model_idle_ttl: float = 300.0  # seconds a model's shard stays loaded unused
+    chat_templates: dict = field(default_factory=dict)  # model id -> template for models without one
     wait_for_peers: int = 0
     cluster_secret: str | None = None
     memory: int | None = None
@@ -110,14 +113,20 @@ async def start_node(config: NodeConfig) -> RunningNode:
     from exo.topology.device_capabilities import device_capabilities
 
     secret = config.cluster_secret if config.cluster_secret is not None else os.environ.get("EXO_CLUSTER_SECRET") or None
-    engine = get_inference_engine(config.inference_engine or default_engine_name(), **config.inference_engine_options)
+    engine_name = config.inference_engine or default_engine_name()
+
+    def create_engine():
+        return get_inference_engine(engine_name, **config.inference_engine_options)
+
+    engine = create_engine()
     caps = device_capabilities(config.memory)
 
     def create_peer_handle(node_id, address, capabilities):
         return GRPCPeerHandle(node_id, address, capabilities, cluster_secret=secret)
 
     node = Node(config.node_id, engine, caps, create_peer_handle, default_model=config.default_model,
-                response_timeout=config.response_timeout)
+                response_timeout=config.response_timeout, create_engine=create_engine, max_models=config.max_models,
+                idle_ttl=config.model_idle_ttl, chat_templates=config.chat_templates)
     node_host = config.resolved_host(config.node_host)
     server = GRPCServer(node, node_host, config.node_port, cluster_secret=secret, ring_port=config.ring_port,
                         lane_port=config.lane_port)

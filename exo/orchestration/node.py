@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Collection, Sequence
 
 import numpy as np
@@ -25,14 +27,19 @@ from exo.inference.generation import GenerationOptions
 from exo.inference.inference_engine import WIRE_TOKEN_DTYPE, InferenceEngine
 from exo.inference.sampling import Sampler
 from exo.inference.shard import Shard
-from exo.inference.tokenizers import Tokenizer, load_tokenizer
-from exo.models.registry import ModelCard, MODELS, get_model_card
+from exo.inference.tokenizers import Tokenizer, tokenizer_for_path
+from exo.models.sources import STORE, ModelCard, ModelNotFound, ModelStore, canonical_name
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
-from exo.orchestration.errors import GenerationError, GenerationTimeoutError, ModelNotFoundError, NoNodeAvailableError, NodeStoppingError
+from exo.inference.inference_engine import unsupported_reason
+from exo.models.hub import DownloadError
+from exo.orchestration.errors import (
+    GenerationError, GenerationTimeoutError, InvalidModelError, ModelNotFoundError, ModelUnavailableError,
+    NoNodeAvailableError, NodeStoppingError,
+)
 from exo.orchestration.request import RequestContext, TokenResult
+from exo.orchestration.shards import DEFAULT_IDLE_TTL, DEFAULT_MAX_MODELS, ShardCache
 from exo.topology.device_capabilities import DeviceCapabilities
-from exo.topology.model_memory import layer_bytes
 from exo.topology.partitioning import Partition, PartitioningStrategy, PartitionPlan, RingMemoryWeightedPartitioningStrategy
 from exo.topology.topology import NodeInfo, Topology
 
@@ -91,7 +98,7 @@ class Node:
 
     Args:
         node_id: unique id of this node.
-        engine: the inference engine running this node's shard.
+        engine: the inference engine running this node's shard (of its first model).
         device_capabilities: this node's device (memory decides its share of layers).
         create_peer_handle: builds a PeerHandle for (node_id, "host:port", capabilities); used for
             ring members that discovery has not reported (yet).
@@ -99,6 +106,12 @@ class Node:
         default_model: model loaded ahead of the first request when the ring changes.
         response_timeout: seconds the origin waits for the next token before failing the request.
         topology_interval: seconds between topology refreshes.
+        create_engine: makes an engine for each further model held at once (None: one model at a
+            time; a request for another swaps the shard when the first is idle).
+        max_models, idle_ttl: bounds of the cache of shards held (``ShardCache``).
+        models: where model names resolve and weights come from (default: the process's store).
+        chat_templates: model id -> chat template for a model that has none (a built-in name,
+            a Jinja file's path, or the Jinja source).
     """
 
     def __init__(
@@ -111,13 +124,20 @@ class Node:
         default_model: str | None = None,
         response_timeout: float = 60.0,
         topology_interval: float = 2.0,
+        create_engine: Callable[[], InferenceEngine] | None = None,
+        max_models: int = DEFAULT_MAX_MODELS,
+        idle_ttl: float = DEFAULT_IDLE_TTL,
+        models: ModelStore | None = None,
+        chat_templates: dict[str, str] | None = None,
     ):
         self.id = node_id
-        self.engine = engine
+        self.shards = ShardCache(engine, create_engine, max_models, idle_ttl, memory=device_capabilities.memory)
+        self.models = models if models is not None else STORE
+        self.chat_templates = {canonical_name(k): v for k, v in (chat_templates or {}).items()}
         self.device_capabilities = device_capabilities
         self.create_peer_handle = create_peer_handle
         self.partitioning_strategy = partitioning_strategy or RingMemoryWeightedPartitioningStrategy()
-        self.default_model = default_model
+        self.default_model = canonical_name(default_model) if default_model else default_model
         self.response_timeout = response_timeout
         self.topology_interval = topology_interval
         self.address = ""  # "host:port" of this node's gRPC server, set once it listens
@@ -136,13 +156,23 @@ class Node:
         self.active_request_ids: set[str] = set()  # requests this node is computing right now
         self._epochs: OrderedDict[str, int] = OrderedDict()  # request id -> latest epoch seen here
         self._lost_peers: dict[str, float] = {}  # node id -> monotonic time it stopped being a peer
-        self._layer_bytes: dict[str, int] = {}  # model id -> bytes of one layer (0: unknown)
+        self._cards: dict[str, ModelCard] = {}  # model id -> its card, once resolved
         self._left_out_logged: dict[str, str] = {}  # model id -> reason this node holds no layer
         self._loading: dict[str, int] = {}  # model id -> shard loads in progress
         self._deliveries: dict[str, asyncio.Future] = {}  # request id -> its latest result's delivery
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on (ring lane threads post to it)
         #: Decode steps run by ``step_now`` on a ring lane's thread (for tests and benchmarks).
         self.lane_steps = 0
+
+    @property
+    def engine(self) -> InferenceEngine:
+        """The engine of the default model (the first engine while it holds none)."""
+        e = self.shards.get(self.default_model) if self.default_model else None
+        return e if e is not None else self.shards.first_engine
+
+    def engine_for(self, model_id: str) -> InferenceEngine | None:
+        """The engine holding ``model_id``'s shard on this node, if any."""
+        return self.shards.get(model_id)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -156,8 +186,11 @@ class Node:
             if hasattr(discovery, "add_peer_listener"):
                 discovery.add_peer_listener(self._on_peers_changed)
             await discovery.start()
-        if self.default_model:
-            self._spawn(self._warm_layer_bytes(self.default_model), "layer-bytes")
+        if self.default_model:  # its card first: partitions, /health and /v1/topology need it
+            await self._warm_card(self.default_model)
+        for model_id in self.models.installed_catalogue_ids():  # listed as "available" by /v1/models
+            if model_id != self.default_model:
+                self._spawn(self._warm_card(model_id), f"model-card-{model_id}")
         await self.update_topology()
         if discovery is None and self.default_model:  # alone for good: no ring change will preload
             self._spawn(self._preload(self.default_model), "preload")
@@ -178,13 +211,14 @@ class Node:
         await asyncio.gather(*self._disconnecting, return_exceptions=True)
         for h in self._extra_handles.values():
             await h.disconnect()
-        await self.engine.close()
+        await self.shards.close()
 
     def is_healthy(self) -> bool:
         return not self._stopping
 
     def node_info(self) -> NodeInfo:
-        return NodeInfo(self.id, self.address, self.device_capabilities)
+        e = self.shards.first_engine
+        return NodeInfo(self.id, self.address, self.device_capabilities, e.name, float(e.param_bytes))
 
     # ---------------------------------------------------------------- topology
 
@@ -214,6 +248,7 @@ class Node:
             await asyncio.sleep(self.topology_interval)
             try:
                 await self.update_topology()
+                await self.shards.evict_idle(pinned={self.default_model} if self.default_model else ())
             except Exception:
                 logger.exception("topology refresh failed")
 
@@ -247,8 +282,8 @@ class Node:
             for p, r in zip(peers, results):
                 if isinstance(r, Topology):
                     own = r.nodes.get(p.id())
-                    if own is not None:  # a peer knows its own device best (a manual peer file may not say)
-                        topo.add_node(NodeInfo(p.id(), p.address(), own.capabilities))
+                    if own is not None:  # a peer knows its own device and engine best (a manual peer file may not say)
+                        topo.add_node(NodeInfo(p.id(), p.address(), own.capabilities, own.engine, own.param_bytes))
                     for nid, info in r.nodes.items():
                         if nid not in topo.nodes and nid not in self._lost_peers:
                             topo.add_node(info)
@@ -267,11 +302,14 @@ class Node:
         return topo
 
     async def _preload(self, model_id: str) -> None:
-        card = get_model_card(model_id)
-        if not card.is_available():
-            return
         try:
-            await self._warm_layer_bytes(model_id)
+            card = await self.model_card(model_id)
+        except Exception as e:
+            logger.warning("cannot preload %s: %s", model_id, e)
+            return
+        if card.path is None and card.source != "hub":
+            return  # not on this machine: loaded (downloaded) by the first request
+        try:
             plan = self.partition_plan(card)
             reason = plan.left_out.get(self.id, "")
             if reason != self._left_out_logged.get(model_id, ""):
@@ -286,15 +324,38 @@ class Node:
         except Exception:
             logger.exception("preloading %s failed", model_id)
 
-    async def _warm_layer_bytes(self, model_id: str) -> int:
-        """Read (once, in a thread) the bytes one layer of ``model_id`` takes; 0 when unknown."""
-        if model_id not in self._layer_bytes:
-            try:
-                card = get_model_card(model_id)
-            except KeyError:
-                return 0
-            self._layer_bytes[model_id] = await asyncio.to_thread(layer_bytes, card)
-        return self._layer_bytes[model_id]
+    async def model_card(self, name: str) -> ModelCard:
+        """The card of model ``name`` (resolved once, in a thread: reading a header may take a
+        second, fetching a hub model's header longer).
+
+        Raises:
+            ModelNotFoundError: an unknown name, or a path with nothing there.
+            InvalidModelError: a file that is not a model exo can run (the message says why).
+        """
+        model_id = canonical_name(name)
+        card = self._cards.get(model_id)
+        if card is not None:
+            return card
+        try:
+            card = await asyncio.to_thread(self.models.card, model_id)
+        except (ModelNotFound, FileNotFoundError) as e:
+            raise ModelNotFoundError(str(e.args[0]) if e.args else str(e)) from None
+        except DownloadError as e:
+            raise ModelUnavailableError(str(e)) from None
+        except (ValueError, OSError) as e:  # not a model, an unsupported architecture, a truncated file
+            raise InvalidModelError(str(e) if model_id in str(e) else f"{model_id}: {e}") from None
+        self._cards[model_id] = card
+        return card
+
+    def cached_card(self, name: str) -> ModelCard | None:
+        """The card of ``name`` if this node resolved it before (no I/O)."""
+        return self._cards.get(canonical_name(name))
+
+    async def _warm_card(self, model_id: str) -> None:
+        try:
+            await self.model_card(model_id)
+        except Exception as e:
+            logger.warning("model %s: %s", model_id, e)
 
     def _notify_ring_loss(self, gone: set[str]) -> None:
         """Tell this node's requests in flight whose ring has a member in ``gone``."""
@@ -332,21 +393,47 @@ class Node:
 
     def partition_plan(self, card: ModelCard, exclude: Collection[str] = ()) -> PartitionPlan:
         """The ring for ``card`` and the nodes left out of it (see ``PartitioningStrategy.plan``),
-        over the current topology without the nodes in ``exclude``; layer sizes are known once
-        ``_warm_layer_bytes`` read them.
+        over the current topology without the nodes in ``exclude``: nodes whose engine cannot
+        run the model's architecture are left out (``unsupported_reason``), and each node's
+        share of layers is bounded by its memory over the model's real bytes per layer (the
+        checkpoint's, or its parameters at the node engine's ``param_bytes``).
 
         Raises:
             NoNodeAvailableError: no node can hold a layer.
         """
+        gone = set(exclude)
+        left_out: dict[str, str] = {}
+        for nid, info in self.topology.nodes.items():
+            why = unsupported_reason(info.engine, card.args, card.architecture)
+            if why is not None:
+                left_out[nid] = why
+        drop = gone | set(left_out)
         topo = self.topology
-        if exclude:
-            gone = set(exclude)
-            topo = Topology({nid: n for nid, n in topo.nodes.items() if nid not in gone},
-                            {(a, b) for a, b in topo.edges if a not in gone and b not in gone})
+        if drop:
+            topo = Topology({nid: n for nid, n in topo.nodes.items() if nid not in drop},
+                            {(a, b) for a, b in topo.edges if a not in drop and b not in drop})
+        if not topo.nodes:
+            raise NoNodeAvailableError(f"no node can run {card.model_id}: {left_out or 'no node left'}")
         try:
-            return self.partitioning_strategy.plan(topo, card.n_layers, self._layer_bytes.get(card.model_id, 0))
+            plan = self.partitioning_strategy.plan(topo, card.n_layers, self._layer_bytes(card, topo))
         except ValueError as e:
             raise NoNodeAvailableError(str(e)) from e
+        return PartitionPlan(plan.ring, {**left_out, **plan.left_out})
+
+    @staticmethod
+    def _layer_bytes(card: ModelCard, topo: Topology) -> dict[str, int]:
+        """Bytes one layer of ``card`` takes on each node of ``topo`` (0: unknown): the
+        checkpoint's largest layer where the node's engine keeps the checkpoint's format, else
+        the layer's parameters at the engine's bytes per parameter."""
+        file_bytes = card.max_layer_bytes
+        params = card.args.layer_params() if card.args is not None else 0
+        out = {}
+        for nid, info in topo.nodes.items():
+            if info.param_bytes and params:
+                out[nid] = int(params * info.param_bytes)
+            else:
+                out[nid] = file_bytes
+        return out
 
     def topology_dict(self) -> dict:
         """The cluster as this node sees it, JSON-able (``GET /v1/topology``).
@@ -354,21 +441,26 @@ class Node:
         Keys: ``node_id`` (this node); ``nodes`` (id -> address and capabilities, every node of
         the cluster, not only direct peers); ``edges`` ([a, b]: a sees b as a peer); ``partitions``
         (model id -> the ring new requests get: node id, address, inclusive layer range);
-        ``left_out`` (model id -> node id -> why it holds no layer); ``active_node_ids`` (nodes
-        working on a request now, as far as this node knows: itself while it computes, and the
-        rings of the requests it streams); ``requests`` (those requests: id, epoch, ring);
-        ``shard`` (the layers this node's engine holds, or None); ``last_load`` (what the
-        engine's latest shard change read and what it kept, where the engine reports it).
+        ``left_out`` (model id -> node id -> why it holds no layer: too little memory, an engine
+        that cannot run the model's architecture); ``active_node_ids`` (nodes working on a
+        request now, as far as this node knows: itself while it computes, and the rings of the
+        requests it streams); ``requests`` (those requests: id, epoch, ring); ``shards`` (model
+        id -> the layers this node holds of it); ``shard`` (the default model's, or None);
+        ``last_load`` (what the default model's engine's latest shard change read and kept,
+        where the engine reports it).
         """
         d = self.topology.to_dict()
         d["node_id"] = self.id
         d["partitions"], d["left_out"] = {}, {}
         model_ids = ([self.default_model] if self.default_model else []) + sorted(
-            {r.ctx.model_id for r in self._origin_requests.values()} - {self.default_model})
+            ({r.ctx.model_id for r in self._origin_requests.values()} | set(self.shards.shards())) - {self.default_model})
         for model_id in model_ids:
+            card = self._cards.get(model_id)
+            if card is None:
+                continue
             try:
-                plan = self.partition_plan(get_model_card(model_id))
-            except (KeyError, NoNodeAvailableError):
+                plan = self.partition_plan(card)
+            except NoNodeAvailableError:
                 continue
             d["partitions"][model_id] = [p.to_dict() for p in plan.ring]
             if plan.left_out:
@@ -377,9 +469,9 @@ class Node:
         d["requests"] = [{"request_id": r.ctx.request_id, "model_id": r.ctx.model_id, "epoch": r.ctx.epoch,
                           "ring": [p.to_dict() for p in r.ctx.ring]}
                          for r in sorted(self._origin_requests.values(), key=lambda r: r.ctx.request_id)]
+        d["shards"] = {m: sh.to_dict() for m, sh in sorted(self.shards.shards().items())}
         shard = self.engine.shard
-        d["shard"] = None if shard is None else {"model_id": shard.model_id, "start_layer": shard.start_layer,
-                                                 "end_layer": shard.end_layer, "n_layers": shard.n_layers}
+        d["shard"] = None if shard is None else shard.to_dict()
         d["last_load"] = getattr(self.engine, "last_load", None)
         return d
 
@@ -392,41 +484,83 @@ class Node:
     # ---------------------------------------------------------------- API-facing
 
     def available_models(self) -> list[ModelCard]:
-        """Models whose weights this node has (the cluster serves what its nodes can load)."""
-        return [c for c in MODELS.values() if c.is_available()]
+        """Every model this node knows (the catalogue, and each model named to it so far)."""
+        known = {c.model_id: c for c in self.models.cards()}
+        known.update(self._cards)
+        return sorted(known.values(), key=lambda c: c.model_id)
 
     def model_state(self, model_id: str) -> str:
         """This node's readiness for ``model_id``: "loading" while it loads a shard of it, "ready"
-        when it holds its shard of the current ring, else "available" (loaded on first use)."""
+        when it holds its shard of the current ring, "downloading" while its files come,
+        "available" when its weights are here (loaded by the first request), else "not
+        downloaded"."""
+        model_id = canonical_name(model_id)
         if self._loading.get(model_id):
             return "loading"
-        shard = self.engine.shard
-        if shard is None or shard.model_id != model_id:
-            return "available"
-        try:
-            ring = self.partition(get_model_card(model_id))
-        except (KeyError, NoNodeAvailableError):
-            return "available"
-        mine = [(p.start_layer, p.end_layer) for p in ring if p.node_id == self.id]
-        return "ready" if mine == [(shard.start_layer, shard.end_layer)] else "available"
+        card = self._cards.get(model_id) or self.models.cached(model_id)
+        engine = self.shards.get(model_id)
+        shard = engine.shard if engine is not None else None
+        if shard is not None and card is not None:
+            try:
+                mine = [(p.start_layer, p.end_layer) for p in self.partition(card) if p.node_id == self.id]
+            except NoNodeAvailableError:
+                mine = []
+            if mine == [(shard.start_layer, shard.end_layer)]:
+                return "ready"
+        download = self.models.download_state(model_id)
+        if download is not None and download.get("state") == "downloading":
+            return "downloading"
+        return "available" if self.models.is_complete(model_id) else "not downloaded"
 
-    async def _ensure_shard(self, shard: Shard) -> None:
-        """Have the engine hold ``shard``, counting the load for ``model_state``."""
-        if self.engine.shard == shard:
-            return
+    async def _ensure_shard(self, shard: Shard) -> InferenceEngine:
+        """Have an engine hold ``shard`` (downloading what its layers need first), counting the
+        load for ``model_state``; the engine."""
+        engine = self.shards.get(shard.model_id)
+        if engine is not None and engine.shard == shard:
+            self.shards.touch(shard.model_id)
+            return engine
         self._loading[shard.model_id] = self._loading.get(shard.model_id, 0) + 1
         try:
-            await self.engine.ensure_shard(shard)
+            card = await self.model_card(shard.model_id)
+            incoming = sum((card.layer_bytes or ())[shard.start_layer:shard.end_layer + 1]) or card.max_layer_bytes * shard.n_shard_layers
+            try:
+                await asyncio.to_thread(self.models.ensure_shard, shard.model_id, shard.start_layer, shard.end_layer)
+            except DownloadError as e:
+                raise ModelUnavailableError(str(e)) from None
+            if card.path is None:  # its header came with the shard: the card knows its real sizes now
+                self._cards[card.model_id] = card = await asyncio.to_thread(self.models.card, card.model_id)
+            engine = await self.shards.engine_for(shard.model_id, incoming, pinned={self.default_model})
+            await engine.ensure_shard(shard)
+            return engine
         finally:
             self._loading[shard.model_id] -= 1
+            if not self._loading[shard.model_id]:
+                del self._loading[shard.model_id]
 
     async def get_tokenizer(self, model_id: str) -> Tokenizer:
-        """The tokenizer of ``model_id``. Raises ModelNotFoundError; FileNotFoundError (no weights)."""
+        """The tokenizer of ``model_id`` (from its GGUF metadata or its directory's tokenizer files).
+
+        Raises:
+            ModelNotFoundError, InvalidModelError: as ``model_card``.
+            ModelUnavailableError: its files are not on this machine and cannot be fetched now.
+        """
+        card = await self.model_card(model_id)
+        if card.path is None:
+            try:
+                card = await asyncio.to_thread(self.models.ensure_header, card.model_id)
+            except (DownloadError, FileNotFoundError) as e:
+                raise ModelUnavailableError(str(e)) from None
+            self._cards[card.model_id] = card
         try:
-            get_model_card(model_id)
-        except KeyError as e:
-            raise ModelNotFoundError(str(e.args[0])) from None
-        return await asyncio.to_thread(load_tokenizer, model_id)
+            tok = await asyncio.to_thread(tokenizer_for_path, card.path)
+        except (ValueError, KeyError) as e:
+            raise InvalidModelError(f"{model_id}: its tokenizer cannot be read: {e}") from None
+        template = self.chat_templates.get(card.model_id)
+        if template and not tok.chat_template:
+            if template.endswith((".jinja", ".j2")) and os.path.isfile(template):
+                template = await asyncio.to_thread(Path(template).read_text)
+            tok = tok.with_chat_template(template)
+        return tok
 
     async def generate(
         self, model_id: str, prompt_token_ids: list[int], options: GenerationOptions, request_id: str | None = None
@@ -456,16 +590,11 @@ class Node:
             GenerationTimeoutError: no token came within ``response_timeout`` seconds.
             ValueError: empty prompt.
         """
-        try:
-            card = get_model_card(model_id)
-        except KeyError as e:
-            raise ModelNotFoundError(str(e.args[0])) from None
+        card = await self.model_card(model_id)
+        model_id = card.model_id
         if not prompt_token_ids:
             raise ValueError("the prompt has no tokens")
-        if not card.is_available():
-            raise NoNodeAvailableError(f"the weights of {model_id} are not installed on node {self.id}")
         request_id = request_id or str(uuid.uuid4())
-        await self._warm_layer_bytes(model_id)
         ring = self.partition(card)
         ctx = RequestContext(request_id, self.id, model_id, card.n_layers, tuple(ring), options, prompt_len=len(prompt_token_ids))
         req = _OriginRequest(ctx, asyncio.Queue(), list(prompt_token_ids), members={p.node_id: p for p in ring})
@@ -681,7 +810,8 @@ class Node:
         if latest is not None and ctx.epoch < latest:
             logger.debug("dropping a message of request %s from epoch %d (now %d)", rid, ctx.epoch, latest)
             return
-        if position > 0 and rid not in self.engine.cached_request_ids():
+        engine = self.shards.get(ctx.model_id)
+        if position > 0 and (engine is None or rid not in engine.cached_request_ids()):
             raise KeyError(f"unknown request {rid}: node {self.id} has no KV cache to continue it at position {position}")
         if latest is None or ctx.epoch > latest:
             self._epochs[rid] = ctx.epoch
@@ -697,14 +827,15 @@ class Node:
     async def _run_shard(self, ctx: RequestContext, x: np.ndarray, position: int) -> None:
         rid = ctx.request_id
         self.active_request_ids.add(rid)
+        self.shards.begin(ctx.model_id)
         try:
             shard = ctx.shard_of(self.id)
-            await self._ensure_shard(shard)
+            engine = await self._ensure_shard(shard)
             if self._is_stale(ctx):
                 return
-            out = await self.engine.infer_tensor(rid, shard, x, position)
+            out = await engine.infer_tensor(rid, shard, x, position)
             if rid in self._ended:
-                await self.engine.clear_request(rid)
+                await engine.clear_request(rid)
                 return
             if self._is_stale(ctx):
                 return
@@ -720,6 +851,7 @@ class Node:
             await self._step_failed(ctx, e)
         finally:
             self.active_request_ids.discard(rid)
+            self.shards.end(ctx.model_id)
 
     async def _pass_on(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
         """Send this shard's output to the next node of the ring. Raises as ``send_tensor``."""
@@ -766,11 +898,12 @@ class Node:
         sampler = entry[1]
         s = sampler.sample(logits)
         n_generated = next_position - ctx.prompt_len + 1
-        card_ctx = get_model_card(ctx.model_id).context_length
+        card = self._cards.get(ctx.model_id) or self.models.cached(ctx.model_id)
+        context = card.context_length if card is not None else None  # the origin bounds max_tokens by it too
         if s.token in ctx.options.stop_token_ids:
             result = TokenResult(rid, finish_reason="stop", epoch=ctx.epoch)
         else:
-            finish = "length" if n_generated >= ctx.options.max_tokens or next_position + 1 >= card_ctx else None
+            finish = "length" if n_generated >= ctx.options.max_tokens or (context and next_position + 1 >= context) else None
             result = TokenResult(rid, [s.token], finish_reason=finish, epoch=ctx.epoch)
             if s.logprob is not None:
                 result.logprobs = [s.logprob]
@@ -858,13 +991,14 @@ class Node:
             shard = ctx.shard_of(self.id)
         except KeyError:
             return False
-        if shard.is_first_layer != (x.ndim == 2) or not self.engine.can_decode_now(rid, shard):
+        engine = self.shards.get(ctx.model_id)
+        if engine is None or shard.is_first_layer != (x.ndim == 2) or not engine.can_decode_now(rid, shard):
             return False
         if result is not None:
             self._post(self._deliver_now, result)
         self.active_request_ids.add(rid)
         try:
-            out = self.engine.decode_now(rid, shard, x, position)
+            out = engine.decode_now(rid, shard, x, position)
             if out is None:  # the engine took other work meanwhile
                 self._post(self._schedule_or_fail, ctx, x, position)
             else:
@@ -880,7 +1014,7 @@ class Node:
         """``_run_shard``'s continuation of a step ``step_now`` ran, on the same thread."""
         rid = ctx.request_id
         if rid in self._ended:
-            self._post_task(self.engine.clear_request(rid), f"clear-{rid}")
+            self._post_task(self.shards.clear_request(rid), f"clear-{rid}")
             return
         if self._is_stale(ctx):
             return
@@ -1000,4 +1134,4 @@ class Node:
         self._mark_ended(request_id)
         self._samplers.pop(request_id, None)
         self._epochs.pop(request_id, None)
-        await self.engine.clear_request(request_id)
+        await self.shards.clear_request(request_id)

@@ -6,6 +6,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Mapping
 
 from exo.topology.topology import NodeInfo, Topology
 
@@ -54,7 +55,7 @@ class PartitioningStrategy(ABC):
     the topology's contents (and the model's sizes), never on which node computes it.
     """
 
-    def partition(self, topology: Topology, n_layers: int, layer_bytes: int = 0) -> list[Partition]:
+    def partition(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0) -> list[Partition]:
         """Partitions in ring order, covering layers ``0 .. n_layers-1`` exactly once (see ``plan``).
 
         Raises:
@@ -63,13 +64,14 @@ class PartitioningStrategy(ABC):
         return self.plan(topology, n_layers, layer_bytes).ring
 
     @abstractmethod
-    def plan(self, topology: Topology, n_layers: int, layer_bytes: int = 0) -> PartitionPlan:
+    def plan(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0) -> PartitionPlan:
         """The ring and the nodes left out of it.
 
         Args:
             topology: the cluster.
             n_layers: the model's transformer layers.
-            layer_bytes: bytes one layer takes in memory (0: unknown, no size check).
+            layer_bytes: bytes one layer takes in memory (0: unknown, no size check), the same
+                on every node or per node id (engines hold weights in different formats).
 
         Raises:
             ValueError: no node can hold a layer, ``n_layers < 1`` or ``layer_bytes < 0``.
@@ -81,7 +83,7 @@ class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
 
     Layer counts come from the largest-remainder method (Hamilton apportionment) in exact
     rational arithmetic, so they sum to ``n_layers`` exactly and every node computes the same
-    counts. With ``layer_bytes`` known:
+    counts. With ``layer_bytes`` known (for every node of the ring, when given per node):
     - a node whose memory is below one layer is left out ("too small to hold a layer");
     - no node gets more layers than its memory holds (``memory // layer_bytes``): a node whose
       proportional share exceeds that gets exactly its capacity, and the rest of the layers are
@@ -93,11 +95,13 @@ class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
     case all share the layers equally.
     """
 
-    def plan(self, topology: Topology, n_layers: int, layer_bytes: int = 0) -> PartitionPlan:
+    def plan(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0) -> PartitionPlan:
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        if layer_bytes < 0:
+        per_node = dict(layer_bytes) if isinstance(layer_bytes, Mapping) else {nid: layer_bytes for nid in topology.nodes}
+        if any(b < 0 for b in per_node.values()):
             raise ValueError(f"layer_bytes must be >= 0, got {layer_bytes}")
+        lb = lambda n: per_node.get(n.node_id, 0)  # noqa: E731
         nodes = sorted(topology.nodes.values(), key=lambda n: (-n.capabilities.memory, n.node_id))
         if not nodes:
             raise ValueError("the topology has no nodes")
@@ -108,20 +112,20 @@ class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
                 if n.capabilities.memory <= 0:
                     left_out[n.node_id] = "its memory is unknown (0 bytes)"
             nodes = known
-            if layer_bytes:
-                for n in nodes:
-                    if n.capabilities.memory < layer_bytes:
-                        left_out[n.node_id] = (f"too small to hold a layer: {n.capabilities.memory} bytes of memory, "
-                                               f"one layer needs {layer_bytes}")
-                nodes = [n for n in nodes if n.capabilities.memory >= layer_bytes]
-                if not nodes:
-                    raise ValueError(f"no node can hold a layer of {layer_bytes} bytes: {left_out}")
+            for n in nodes:
+                if lb(n) and n.capabilities.memory < lb(n):
+                    left_out[n.node_id] = (f"too small to hold a layer: {n.capabilities.memory} bytes of memory, "
+                                           f"one layer needs {lb(n)}")
+            nodes = [n for n in nodes if not lb(n) or n.capabilities.memory >= lb(n)]
+            if not nodes:
+                raise ValueError(f"no node can hold a layer: {left_out}")
         while True:
             weights = [max(n.capabilities.memory, 1) for n in nodes]
-            capacities = [n.capabilities.memory // layer_bytes for n in nodes] if layer_bytes and known else None
+            sized = known and all(lb(n) for n in nodes)
+            capacities = [n.capabilities.memory // lb(n) for n in nodes] if sized else None
             if capacities is not None and sum(capacities) < n_layers:
-                logger.warning("the model's %d layers of %d bytes do not fit in the memory of %s; ignoring capacities",
-                               n_layers, layer_bytes, [n.node_id for n in nodes])
+                logger.warning("the model's %d layers (%s bytes each) do not fit in the memory of %s; ignoring capacities",
+                               n_layers, sorted({lb(n) for n in nodes}), [n.node_id for n in nodes])
                 capacities = None
             counts = apportion(weights, n_layers, capacities)
             if all(c > 0 for c in counts):

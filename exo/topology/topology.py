@@ -15,18 +15,26 @@ class NodeInfo:
         node_id: the node's unique id.
         address: "host:port" of its gRPC server.
         capabilities: its device.
+        engine: its inference engine's name ("torch", "tinygrad", ...; "" when not known yet):
+            which architectures it can run (``exo.inference.inference_engine.unsupported_reason``).
+        param_bytes: bytes per parameter its engine holds weights in (0: the checkpoint's own
+            size, as the torch engine's native CPU kernels keep GGUF blocks).
     """
 
     node_id: str
     address: str
     capabilities: DeviceCapabilities
+    engine: str = ""
+    param_bytes: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"node_id": self.node_id, "address": self.address, "capabilities": self.capabilities.to_dict()}
+        return {"node_id": self.node_id, "address": self.address, "capabilities": self.capabilities.to_dict(),
+                "engine": self.engine, "param_bytes": self.param_bytes}
 
     @classmethod
     def from_dict(cls, d: dict) -> "NodeInfo":
-        return cls(d["node_id"], d["address"], DeviceCapabilities.from_dict(d["capabilities"]))
+        return cls(d["node_id"], d["address"], DeviceCapabilities.from_dict(d["capabilities"]), d.get("engine", ""),
+                   float(d.get("param_bytes", 0.0)))
 
 
 @dataclass

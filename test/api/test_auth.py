@@ -98,7 +98,7 @@ async def test_official_clients_wrong_and_right_key(keyed):
     assert e.value.status_code == 401
     client = ollama.AsyncClient(host=keyed, headers={"Authorization": "Bearer key-one"})
     assert (await client.chat(model=MODEL, messages=HI, options={"num_predict": 2})).eval_count == 2
-    assert [m.model for m in (await client.list()).models] == [f"{MODEL}:latest"]
+    assert f"{MODEL}:latest" in [m.model for m in (await client.list()).models]
 
 
 async def test_web_page_and_health_stay_public(keyed):

@@ -87,7 +87,7 @@ async def test_model_state_loading_then_ready():
         async with aiohttp.ClientSession() as s:
             async def ready() -> bool:
                 async with s.get(running.api_base_url + "/v1/models") as r:
-                    state = (await r.json())["data"][0]["state"]
+                    state = {m["id"]: m["state"] for m in (await r.json())["data"]}["smollm2-135m"]
                 if not seen or seen[-1] != state:
                     seen.append(state)
                 return state == "ready"

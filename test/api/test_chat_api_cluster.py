@@ -22,7 +22,7 @@ from helpers import NodeUnderTest, loopback_config, wait_for
 
 from exo.api.chat_api.state import STATE_KEY
 from exo.inference.dummy import expected_tokens
-from exo.models.registry import get_model_card
+from exo.models.sources import STORE
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -207,7 +207,7 @@ async def dummy_ring() -> AsyncIterator[list[NodeUnderTest]]:
         for name in ("dring-a", "dring-b"):
             nodes.append(await start_node(loopback_config(node_id=name, inference_engine="dummy", response_timeout=60.0,
                                                           cluster_secret="api-cluster-tests")))
-        card = get_model_card(MODEL)
+        card = STORE.card(MODEL)
         await wait_for(lambda: all(len(n.node.partition(card)) == 2 for n in nodes), 20)
         await wait_for(lambda: all(n.node.model_state(MODEL) == "ready" for n in nodes), 20)
         yield [NodeUnderTest(n) for n in nodes]
@@ -239,7 +239,7 @@ async def test_error_on_the_other_node_reaches_the_client_within_seconds(dummy_r
                                                                     stream=True):
                     chunks.append(chunk)
             text, want = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), tok.decode(expected_tokens(ids, 3))
-            if other.node.id == other.node.partition(get_model_card(MODEL))[-1].node_id:
+            if other.node.id == other.node.partition(STORE.card(MODEL))[-1].node_id:
                 assert text == want  # all the failing last node sent before its error
             else:  # tokens sent by the other node may still be on their way when the error arrives
                 assert want.startswith(text)
@@ -276,7 +276,7 @@ async def test_tokens_reach_the_origin_in_order(dummy_ring):
     engine the next token's delivery used to overtake it, and the origin lost or swapped tokens."""
     from exo.inference.generation import GenerationOptions
 
-    card = get_model_card(MODEL)
+    card = STORE.card(MODEL)
     origin = next(n for n in dummy_ring if n.node.id == n.node.partition(card)[0].node_id)  # not the last node
     for i in range(30):
         prompt = [1, 100 + i, 200]

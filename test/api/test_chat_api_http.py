@@ -16,13 +16,12 @@ import json
 import aiohttp
 import openai
 import pytest
-from helpers import wait_for
+from helpers import smollm2_gguf_path, wait_for
 
 from exo.api.chat_api.state import STATE_KEY
 from exo.api.chatgpt_api import ChatGPTAPI
 from exo.inference.dummy import PEAK, expected_tokens
-from exo.inference.tokenizers import load_tokenizer
-from exo.models.registry import MODELS, ModelCard
+from exo.inference.tokenizers import tokenizer_for_path
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -34,7 +33,7 @@ EOS = 2  # SmolLM2's <|im_end|>
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(MODEL)
+    return tokenizer_for_path(smollm2_gguf_path())
 
 
 def chat_ids(tok, messages) -> list[int]:
@@ -89,8 +88,10 @@ async def test_healthcheck_models_topology(dummy_api):
             assert r.status == 404 and body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
     c = client(dummy_api)
     await wait_for(lambda: dummy_api.node.model_state(MODEL) == "ready", 10.0)  # preloaded at start
-    models = await c.models.list()
-    assert [(m.id, m.state) for m in models.data] == [(MODEL, "ready")]
+    await wait_for(lambda: dummy_api.node.model_state("gemma3-270m") == "available", 10.0)  # its package is read at start
+    states = {m.id: m.state for m in (await c.models.list()).data}
+    assert states[MODEL] == "ready" and states["gemma3-270m"] == "available"  # shipped in a package, not loaded
+    assert states["llama-3.2-1b"] == "not downloaded" and len(states) >= 37  # the catalogue
     m = await c.models.retrieve(MODEL)
     assert m.id == MODEL and m.owned_by == "exo" and m.n_layers == 30 and m.state == "ready"
 
@@ -105,7 +106,7 @@ async def test_a_node_alone_loads_its_model_before_the_first_request():
         async with aiohttp.ClientSession() as s:
             async def ready() -> bool:
                 async with s.get(running.api_base_url + "/v1/models") as r:
-                    return [(m["id"], m["state"]) for m in (await r.json())["data"]] == [(MODEL, "ready")]
+                    return {m["id"]: m["state"] for m in (await r.json())["data"]}[MODEL] == "ready"
 
             await wait_for(ready, 10.0)
         assert running.node.engine.calls == 0  # no request ran
@@ -401,15 +402,15 @@ async def test_413_prompt_longer_than_the_context(dummy_api):
     assert dummy_api.node.engine.calls == calls
 
 
-async def test_503_when_no_node_has_the_weights(dummy_api, monkeypatch):
-    monkeypatch.setitem(MODELS, "ghost-1b", ModelCard("ghost-1b", "Ghost 1B", n_layers=16, architecture="llama",
-                                                      gguf_package="exo_test_no_such_weights", gguf_filename="g.gguf"))
+async def test_503_when_no_node_has_the_weights_and_the_hub_is_out_of_reach(dummy_api):
+    # a catalogue model not on this machine, with the hub offline (HF_HUB_OFFLINE=1 in the suite)
     c = client(dummy_api)
-    assert "ghost-1b" not in [m.id for m in (await c.models.list()).data]
-    for path, body in (("/v1/chat/completions", {"model": "ghost-1b", "messages": HI}),
-                       ("/v1/completions", {"model": "ghost-1b", "prompt": "x"})):
+    listed = {m.id: m for m in (await c.models.list()).data}
+    assert listed["qwen2.5-0.5b"].model_extra["state"] == "not downloaded"
+    for path, body in (("/v1/chat/completions", {"model": "qwen2.5-0.5b", "messages": HI}),
+                       ("/v1/completions", {"model": "qwen2.5-0.5b", "prompt": "x"})):
         status, r = await post(dummy_api, path, body)
-        assert status == 503 and r["error"]["code"] == "model_not_available" and "ghost-1b" in r["error"]["message"]
+        assert status == 503 and r["error"]["code"] == "model_not_available" and "qwen2.5-0.5b" in r["error"]["message"]
         assert r["error"]["type"] == "service_unavailable_error"
 
 

@@ -92,8 +92,10 @@ async def test_system_and_raw_generate(dclient):
 
 async def test_tags_show_ps_version(dclient, dummy_api):
     tags = await dclient.list()
-    assert f"{MODEL}:latest" in [m.model for m in tags.models]
-    assert tags.models[0].details.family == "llama" and tags.models[0].size > 0
+    by_name = {m.model: m for m in tags.models}  # the models whose weights are on this node
+    assert set(by_name) == {f"{MODEL}:latest", "gemma3-270m:latest"}
+    assert by_name[f"{MODEL}:latest"].details.family == "llama" and by_name[f"{MODEL}:latest"].size > 0
+    assert by_name["gemma3-270m:latest"].details.family == "gemma3"
     show = await dclient.show(f"{MODEL}:latest")
     assert show.modelinfo["llama.block_count"] == 30
     assert "im_start" in show.template

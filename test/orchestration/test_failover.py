@@ -20,7 +20,7 @@ from helpers import make_request_context, wait_for
 from exo.inference.dummy import expected_tokens
 from exo.inference.generation import GenerationOptions
 from exo.inference.sampling import Sampler
-from exo.models.registry import get_model_card
+from exo.models.sources import STORE
 from exo.orchestration.node import replayed_sampler
 from exo.orchestration.request import TokenResult
 
@@ -60,7 +60,7 @@ async def cluster(memories: dict[str, int], token_delay: float = 0.01, health_ch
 
 
 def ring_agreed(nodes, n: int) -> bool:
-    card = get_model_card(MODEL)
+    card = STORE.card(MODEL)
     rings = [r.node.partition(card) for r in nodes]
     return all(len(ring) == n and ring == rings[0] for ring in rings)
 
@@ -79,7 +79,7 @@ async def kill(running) -> None:
 async def test_middle_node_killed_mid_generation_the_stream_completes_unchanged():
     async with cluster({"a": 3 * GiB, "b": 2 * GiB, "c": 1 * GiB}) as nodes:
         a, b = nodes["a"].node, nodes["b"]
-        ring = [(p.node_id, p.start_layer, p.end_layer) for p in a.partition(get_model_card(MODEL))]
+        ring = [(p.node_id, p.start_layer, p.end_layer) for p in a.partition(STORE.card(MODEL))]
         assert ring == [(a.id, 0, 14), (b.node.id, 15, 24), (nodes["c"].node.id, 25, 29)]
         tokens, epochs = [], []
         options = GenerationOptions(max_tokens=60, temperature=0.0)
@@ -91,8 +91,8 @@ async def test_middle_node_killed_mid_generation_the_stream_completes_unchanged(
         assert tokens == expected_tokens(PROMPT, 60)
         assert epochs[0] == 0 and epochs[-1] >= 1
         # the new ring has no zero-layer member and does not count the dead node
-        await wait_for(lambda: len(a.partition(get_model_card(MODEL))) == 2, timeout=10)
-        ring = [(p.node_id, p.start_layer, p.end_layer) for p in a.partition(get_model_card(MODEL))]
+        await wait_for(lambda: len(a.partition(STORE.card(MODEL))) == 2, timeout=10)
+        ring = [(p.node_id, p.start_layer, p.end_layer) for p in a.partition(STORE.card(MODEL))]
         assert ring == [(a.id, 0, 22), (nodes["c"].node.id, 23, 29)]  # 22.5 : 7.5, the tie to the first
 
 
@@ -179,7 +179,7 @@ async def test_messages_of_an_older_epoch_are_dropped():
     async with cluster({"a": 2 * GiB}) as nodes:
         node = nodes["a"].node
         engine = node.engine
-        ring = node.partition(get_model_card(MODEL))
+        ring = node.partition(STORE.card(MODEL))
         ctx1 = make_request_context(request_id="epochs", origin_node_id=node.id, ring=tuple(ring), epoch=1, prompt_len=3,
                                     options=GenerationOptions(max_tokens=1, temperature=0.0))
         ctx0 = make_request_context(request_id="epochs", origin_node_id=node.id, ring=tuple(ring), epoch=0, prompt_len=3,

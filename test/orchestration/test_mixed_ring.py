@@ -18,7 +18,7 @@ import pytest_asyncio
 from helpers import NodeUnderTest, loopback_config, wait_for
 
 from exo.inference.generation import GenerationOptions
-from exo.models.registry import get_model_card
+from exo.models.sources import STORE
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -47,7 +47,7 @@ async def mixed_ring():
 
     engines = _engines()
     options = {"tinygrad": {"warmup": False}}  # shards change while the ring forms: compile on first use
-    card = get_model_card(MODEL)
+    card = STORE.card(MODEL)
     nodes = []
     try:
         nodes = list(await asyncio.gather(*(

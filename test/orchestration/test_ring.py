@@ -163,7 +163,7 @@ async def test_a_node_that_has_not_discovered_the_origin_still_answers_it(tmp_pa
 
     from helpers import SESSION_TAG, loopback_config
 
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
     from exo.orchestration.launcher import start_node
 
     memory = 8 * 2**30
@@ -177,7 +177,7 @@ async def test_a_node_that_has_not_discovered_the_origin_still_answers_it(tmp_pa
                                                                  "device_capabilities": caps}}}))
         origin = await start_node(loopback_config(node_id=f"a-origin-{SESSION_TAG}", discovery_module="manual",
                                                   discovery_config_path=str(path), memory=memory, default_model=""))
-        card = get_model_card(MODEL)
+        card = STORE.card(MODEL)
         await wait_for(lambda: [p.node_id for p in origin.node.partition(card)] == [origin.node.id, unaware.node.id],
                        timeout=20)
         ids = (await origin.node.get_tokenizer(MODEL)).encode("The capital of France is")

@@ -8,7 +8,7 @@ import pytest
 from helpers import wait_for
 
 from exo.inference.generation import GenerationOptions
-from exo.models.registry import get_model_card
+from exo.models.sources import STORE
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -29,7 +29,7 @@ async def test_a_lone_request_decodes_on_the_ring_lane_like_one_node(two_node_cl
     ids = tok.encode(tok.apply_chat_template(MESSAGES))
     expected = await _greedy(single_node_api.node, ids)
     nodes = [n.node for n in two_node_cluster]
-    ring = nodes[0].partition(get_model_card(MODEL))
+    ring = nodes[0].partition(STORE.card(MODEL))
     first = next(n for n in nodes if n.id == ring[0].node_id)
     last = next(n for n in nodes if n.id == ring[-1].node_id)
     assert await _greedy(first, ids) == expected  # opens the lanes, if no earlier test did

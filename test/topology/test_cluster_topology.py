@@ -16,7 +16,7 @@ import pytest
 from helpers import wait_for
 
 from exo.inference.generation import GenerationOptions
-from exo.models.registry import get_model_card
+from exo.models.sources import STORE
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -63,10 +63,11 @@ async def test_chain_of_peers_every_node_sees_every_node(tmp_path, caplog) -> No
         # c's capabilities as c reports them, though a's peer file says nothing about c (or b)
         await wait_for(lambda: a.topology.nodes[c.id].capabilities.memory == 10 * MiB
                        and a.topology.nodes[b.id].capabilities.memory == 1 * GiB, timeout=10)
-        assert {(b.id, c.id), (c.id, b.id), (a.id, b.id), (b.id, a.id)} <= a.topology.edges
+        # c's own link to b reaches a through b's next refresh
+        await wait_for(lambda: {(b.id, c.id), (c.id, b.id), (a.id, b.id), (b.id, a.id)} <= a.topology.edges, timeout=10)
 
-        card = get_model_card(MODEL)
-        await wait_for(lambda: all(n._layer_bytes.get(MODEL) for n in (a, b, c)), timeout=30)
+        card = STORE.card(MODEL)
+        await wait_for(lambda: all(n.cached_card(MODEL) is not None for n in (a, b, c)), timeout=30)
         await wait_for(lambda: all(len(n.partition(card)) == 2 for n in (a, b, c)), timeout=10)
         view = a.topology_dict()
         assert view["node_id"] == a.id and set(view["nodes"]) == ids

@@ -142,14 +142,21 @@ def test_very_uneven_memory_with_many_nodes_never_counts_an_empty_range():
     assert set(p.left_out) == {"n0", "n1", "n2", "n3", "n4"}
 
 
-def test_layer_bytes_of_the_shipped_model():
-    from exo.models.registry import get_model_card
-    from exo.topology.model_memory import BYTES_PER_PARAM, layer_bytes, layer_params_from_shapes
+def test_bytes_per_layer_of_the_shipped_model_as_each_engine_holds_it():
+    """A node's share is sized by the model's real bytes per layer: the GGUF's own (Q4_1 layers)
+    on a node whose engine keeps the file's blocks, its parameters at 4 bytes on one that holds
+    float32."""
+    from exo.models.gguf import open_gguf
+    from exo.models.sources import STORE
+    from exo.orchestration.node import Node
+    from exo.topology.topology import NodeInfo, Topology
 
     # SmolLM2-135M: hidden 576, 9 heads of 64 (3 KV heads), FFN 1536
     per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536 + 2 * 576
-    assert layer_params_from_shapes({"blk.0.attn_q.weight": (576, 576), "blk.0.ffn_up.weight": (576, 1536),
-                                     "token_embd.weight": (576, 49152)}) == 576 * 576 + 576 * 1536
-    card = get_model_card("smollm2-135m")
-    if card.is_available():
-        assert layer_bytes(card) == per_layer * BYTES_PER_PARAM
+    card = STORE.card("smollm2-135m")
+    assert card.args.layer_params() == per_layer
+    file_bytes = sum(t.nbytes for t in open_gguf(card.path).tensors.values() if t.name.startswith("blk.0."))
+    assert card.layer_bytes == (file_bytes,) * 30 and card.max_layer_bytes == file_bytes
+    caps = DeviceCapabilities("test", "test", 8 * GiB)
+    topo = Topology({"native": NodeInfo("native", "a:1", caps, "torch", 0.0), "f32": NodeInfo("f32", "b:1", caps, "mlx", 4.0)})
+    assert Node._layer_bytes(card, topo) == {"native": file_bytes, "f32": per_layer * 4}

@@ -30,13 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from exo.api.chat_api.dialects import anthropic_error_type
 from exo.api.chat_api.models import RequestParamError, parse_request
-from exo.api.chat_api.route_handlers import get_tokenizer, read_json, resolve_max_tokens, resolve_model
+from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, read_json, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
-from exo.models.registry import ModelCard
+from exo.models.sources import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def encode_event(event: str, data: dict[str, Any]) -> bytes:
 
 def _options(req: MessagesRequest, state: APIState, card: ModelCard, prompt_tokens: int,
              tokenizer: Tokenizer) -> GenerationOptions:
-    d = state.defaults
+    d = model_defaults(state, tokenizer)
     max_tokens = resolve_max_tokens(req.max_tokens, None, prompt_tokens, card.context_length, "messages")
     try:
         return GenerationOptions(
@@ -221,7 +221,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     """
     state = request.app[STATE_KEY]
     req = parse_request(MessagesRequest, await read_json(request))
-    card = resolve_model(state, req.model)
+    card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
     prompt_ids = tokenizer.encode(req.prompt(tokenizer))
     options = _options(req, state, card, len(prompt_ids), tokenizer)
@@ -277,7 +277,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     would send. Errors as for ``/v1/messages``."""
     state = request.app[STATE_KEY]
     req = parse_request(CountTokensRequest, await read_json(request))
-    card = resolve_model(state, req.model)
+    card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
     return web.json_response({"input_tokens": len(tokenizer.encode(req.prompt(tokenizer)))})
 

@@ -27,12 +27,12 @@ logger = logging.getLogger(__name__)
 
 def ring_status(node: Any, model_id: str) -> dict[str, Any]:
     """``{"complete": bool, "nodes": [...]}`` for ``model_id``'s ring as ``node`` sees it."""
-    from exo.models.registry import get_model_card
-
     try:
-        card = get_model_card(model_id)
+        card = node.cached_card(model_id)
+        if card is None:
+            return {"complete": False, "nodes": [], "error": f"{model_id} is not resolved yet"}
         ring = node.partition(card)
-    except Exception as e:  # unknown model, no node can hold a layer, a node without partition()
+    except Exception as e:  # no node can hold a layer, a node without partition()
         return {"complete": False, "nodes": [], "error": str(e)}
     nodes = [{"node_id": p.node_id, "start_layer": p.start_layer, "end_layer": p.end_layer} for p in ring]
     expected = 0

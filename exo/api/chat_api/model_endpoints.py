@@ -9,7 +9,7 @@ from aiohttp import web
 from exo.api.chat_api.models import ModelList, ModelObject
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.utils import APIError
-from exo.models.registry import ModelCard
+from exo.models.sources import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +34,17 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    """``GET /v1/models/{model_id}``.
+    """``GET /v1/models/{model_id}``: any model name a request may use (a hub repo's slash included).
 
     Raises:
-        APIError: 404 "model_not_found" for a model this cluster cannot serve.
+        APIError: 404 "model_not_found", 400 "invalid_model" (see ``resolve_model``).
     """
+    from exo.api.chat_api.route_handlers import resolve_model
+
     state = _state(request)
-    model_id = request.match_info["model_id"]
-    for card in state.node.available_models():
-        if card.model_id == model_id:
-            obj = model_object(card, state.created, state.node.model_state(model_id))
-            return web.json_response(obj.model_dump(mode="json"))
-    raise APIError(404, f"The model `{model_id}` does not exist or is not available on this cluster",
-                   param="model", code="model_not_found")
+    card = await resolve_model(state, request.match_info["model_id"])
+    obj = model_object(card, state.created, state.node.model_state(card.model_id))
+    return web.json_response(obj.model_dump(mode="json"))
 
 
 async def topology(request: web.Request) -> web.Response:
@@ -56,5 +54,5 @@ async def topology(request: web.Request) -> web.Response:
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model_id}", get_model)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/v1/topology", topology)

@@ -480,14 +480,15 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
-ModelState = Literal["ready", "loading", "available"]
+ModelState = Literal["ready", "loading", "downloading", "available", "not downloaded"]
 
 
 class ModelObject(BaseModel):
     """An entry of ``GET /v1/models`` (OpenAI's fields plus exo's).
 
     ``state``, as the answering node sees it: "ready" (its shard of the current ring is
-    loaded), "loading" (being loaded), "available" (weights present, loaded on first use).
+    loaded), "loading" (being loaded), "downloading" (its files are coming; ``download``
+    says how far), "available" (weights present, loaded on first use), "not downloaded".
     """
 
     id: str

@@ -33,13 +33,13 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from exo.api.chat_api.models import parse_request
-from exo.api.chat_api.route_handlers import get_tokenizer, read_json, resolve_max_tokens, resolve_model
+from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, read_json, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError, new_id
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
-from exo.models.registry import ModelCard
+from exo.models.sources import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,9 @@ def ollama_stops(options: dict[str, Any]) -> list[str]:
 
 
 def ollama_generation_options(options: dict[str, Any] | None, state: APIState, prompt_tokens: int, card: ModelCard,
-                              eos_ids: tuple[int, ...]) -> tuple[GenerationOptions, list[str]]:
-    """Ollama ``options`` -> (the engine's options, stop strings): request value > server
-    default (``state.defaults``).
+                              tokenizer: Tokenizer) -> tuple[GenerationOptions, list[str]]:
+    """Ollama ``options`` -> (the engine's options, stop strings): request value > the
+    model's defaults (``model_defaults``: the server's configuration, the model's own).
 
     Raises:
         APIError: 400 naming ``options.<name>`` for a bad value; 413 when the prompt leaves no
@@ -181,7 +181,7 @@ def ollama_generation_options(options: dict[str, Any] | None, state: APIState, p
             logger.warning("Ollama option %s is not implemented by exo; ignored", name)
         elif name not in _RUNTIME_OPTIONS:
             logger.warning("unknown Ollama option %s; ignored", name)
-    d = state.defaults
+    d = model_defaults(state, tokenizer)
     temperature = _number(options, "temperature", 0.0, 2.0)
     top_p = _number(options, "top_p", 0.0, 1.0, lo_open=True)
     top_k = _number(options, "top_k", 0, None, integer=True)
@@ -199,7 +199,7 @@ def ollama_generation_options(options: dict[str, Any] | None, state: APIState, p
         top_p=float(top_p if top_p is not None else d.top_p),
         top_k=int(top_k if top_k is not None else d.top_k),
         seed=int(seed) if seed is not None and seed >= 0 else None,
-        stop_token_ids=tuple(eos_ids),
+        stop_token_ids=tuple(tokenizer.eos_token_ids),
         presence_penalty=float(presence or 0.0),
         frequency_penalty=float(frequency or 0.0),
     )
@@ -215,12 +215,16 @@ def model_base_name(name: str) -> str:
     return base if sep and tag == DEFAULT_TAG and base else name
 
 
-def _resolve(state: APIState, name: str) -> ModelCard:
+async def _resolve(state: APIState, name: str) -> ModelCard:
+    """The card of ``name`` (Ollama's ``:latest`` tag allowed). Raises APIError: 404 as Ollama
+    words it ("model 'x' not found"), with why; 400 and 503 as ``resolve_model``."""
     try:
-        return resolve_model(state, model_base_name(name))
+        return await resolve_model(state, model_base_name(name))
     except APIError as e:
         if e.status == 404:
-            raise APIError(404, f"model '{name}' not found", param="model", code="model_not_found") from None
+            why = e.message.split(": ", 1)[1] if ": " in e.message else ""
+            raise APIError(404, f"model '{name}' not found" + (f" ({why})" if why else ""), param="model",
+                           code="model_not_found") from None
         raise
 
 
@@ -230,12 +234,13 @@ def now_rfc3339() -> str:
 
 
 def _file_facts(card: ModelCard) -> tuple[int, str, str]:
-    """(size in bytes, modification time RFC 3339, digest) of the model's weights file."""
+    """(size in bytes, modification time RFC 3339, digest) of the model's weights."""
+    size, mtime = card.size or 0, 0.0
     try:
-        st = card.gguf_path().stat()
-        size, mtime = st.st_size, st.st_mtime
-    except (FileNotFoundError, OSError):
-        size, mtime = 0, 0.0
+        if card.path is not None:
+            mtime = card.path.stat().st_mtime
+    except OSError:
+        pass
     modified = dt.datetime.fromtimestamp(mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     digest = hashlib.sha256(f"{card.model_id}:{size}:{mtime}".encode()).hexdigest()
     return size, modified, digest
@@ -243,8 +248,11 @@ def _file_facts(card: ModelCard) -> tuple[int, str, str]:
 
 def model_details(card: ModelCard) -> dict[str, Any]:
     """Ollama's ``details`` object of a model."""
-    return {"parent_model": "", "format": "gguf" if card.gguf_filename else "", "family": card.architecture,
-            "families": [card.architecture], "parameter_size": "", "quantization_level": ""}
+    fmt = "" if card.path is None else "gguf" if card.path.suffix == ".gguf" else "safetensors"
+    params = card.args.layer_params() * card.n_layers if card.args is not None else 0
+    return {"parent_model": "", "format": fmt, "family": card.architecture, "families": [card.architecture],
+            "parameter_size": f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M" if params else "",
+            "quantization_level": ""}
 
 
 def _durations(stats: GenerationStats, received: float) -> dict[str, int]:
@@ -268,7 +276,7 @@ def _durations(stats: GenerationStats, received: float) -> dict[str, int]:
 async def _answer(request: web.Request, state: APIState, req: _OllamaBase, card: ModelCard, tokenizer: Tokenizer,
                   prompt_ids: list[int], kind: Literal["chat", "generate"], received: float) -> web.StreamResponse:
     """Run the generation and answer in Ollama's framing (NDJSON lines or one object)."""
-    options, stops = ollama_generation_options(req.options, state, len(prompt_ids), card, tokenizer.eos_token_ids)
+    options, stops = ollama_generation_options(req.options, state, len(prompt_ids), card, tokenizer)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     request_id = new_id("ollama")
     steps = generate_text(state, card.model_id, tokenizer, prompt_ids, options, stops, request_id, stats)
@@ -347,7 +355,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     req.check_unsupported()
     if req.tools:
         raise APIError(400, f"{req.model} does not support tools", param="tools", code="unsupported_parameter")
-    card = _resolve(state, req.model)
+    card = await _resolve(state, req.model)
     if not req.messages:
         return _load_response(req, "chat")
     for i, m in enumerate(req.messages):
@@ -382,7 +390,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             raise APIError(400, f"{name} is not supported by exo", param=name, code="unsupported_parameter")
     if req.images:
         raise APIError(400, "images are not supported by this model", param="images", code="unsupported_parameter")
-    card = _resolve(state, req.model)
+    card = await _resolve(state, req.model)
     if not req.prompt and not req.context:
         return _load_response(req, "generate")
     tokenizer = await get_tokenizer(state, card.model_id)
@@ -405,10 +413,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def tags(request: web.Request) -> web.Response:
-    """``GET /api/tags``: the models this cluster can serve, named with Ollama's ``:latest`` tag."""
+    """``GET /api/tags``: the models whose weights are on this node (Ollama's local models), named
+    with Ollama's ``:latest`` tag."""
     state = request.app[STATE_KEY]
     models = []
     for card in sorted(state.node.available_models(), key=lambda c: c.model_id):
+        if state.node.model_state(card.model_id) in ("not downloaded", "downloading"):
+            continue
         size, modified, digest = _file_facts(card)
         name = f"{card.model_id}:{DEFAULT_TAG}"
         models.append({"name": name, "model": name, "modified_at": modified, "size": size, "digest": digest,
@@ -426,7 +437,7 @@ async def show(request: web.Request) -> web.Response:
     name = req.model or req.name
     if not name:
         raise APIError(400, "Missing required parameter: 'model'", param="model", code="missing_required_parameter")
-    card = _resolve(state, name)
+    card = await _resolve(state, name)
     tokenizer = await get_tokenizer(state, card.model_id)
     size, modified, _ = _file_facts(card)
     arch = card.architecture
@@ -450,15 +461,15 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def ps(request: web.Request) -> web.Response:
-    """``GET /api/ps``: the model this node has loaded (its shard's weights)."""
+    """``GET /api/ps``: the models this node has loaded (its shards' weights), most recently used last."""
     state = request.app[STATE_KEY]
-    engine = getattr(state.node, "engine", None)
-    shard = getattr(engine, "shard", None)
     models = []
-    if shard is not None:
-        cards = {c.model_id: c for c in state.node.available_models()}
-        card = cards.get(shard.model_id)
-        name = f"{shard.model_id}:{DEFAULT_TAG}"
+    for model_id, engine in state.node.shards.items():
+        shard = engine.shard
+        if shard is None:
+            continue
+        card = state.node.cached_card(model_id)
+        name = f"{model_id}:{DEFAULT_TAG}"
         _, _, digest = _file_facts(card) if card else (0, "", "")
         models.append({
             "name": name, "model": name, "size": int(engine.weight_bytes()), "digest": digest,

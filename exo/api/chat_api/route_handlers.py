@@ -44,11 +44,15 @@ from exo.api.chat_api.token_handler import (
     completion_logprobs,
     encode_sse,
 )
+from exo.api.chat_api.models import GenerationDefaults
 from exo.api.chat_api.utils import APIError, new_id, unix_time
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
-from exo.models.registry import MODELS, ModelCard
-from exo.orchestration.errors import GenerationError, GenerationTimeoutError, ModelNotFoundError, NoNodeAvailableError
+from exo.models.sources import ModelCard
+from exo.orchestration.errors import (
+    GenerationError, GenerationTimeoutError, InvalidModelError, ModelNotFoundError, ModelUnavailableError,
+    NoNodeAvailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,26 +80,26 @@ async def read_json(request: web.Request) -> Any:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
 
 
-def resolve_model(state: APIState, requested: str | None) -> ModelCard:
-    """The card of the requested model (the default when None), if this cluster serves it.
+async def resolve_model(state: APIState, requested: str | None) -> ModelCard:
+    """The card of the requested model (the default when None): a catalogue id or alias, a
+    local GGUF file or Hugging Face directory, or a Hugging Face repo.
 
     Raises:
-        APIError: 404 "model_not_found" for a model not in the registry (never a silent
-            fallback to another model); 503 "model_not_available" for a registered model (or
-            the default model) whose weights no node has.
+        APIError: 404 "model_not_found" for a name that is none of those, or a path with
+            nothing there (never a silent fallback to another model); 400 "invalid_model" for
+            a file or repo that is not a model exo can run (the message says why).
     """
-    cards = {c.model_id: c for c in state.node.available_models()}
     model_id = requested if requested is not None else state.default_model
-    card = cards.get(model_id)
-    if card is not None:
-        return card
-    available = ", ".join(sorted(cards)) or "none"
-    if requested is None or model_id in MODELS:  # known, but no node has its weights
-        raise APIError(503, f"no node can serve the model {model_id!r}: its weights are not installed on this cluster "
-                            f"(available: {available})", param=None if requested is None else "model",
-                       code="model_not_available")
-    raise APIError(404, f"The model `{model_id}` does not exist or is not available on this cluster "
-                        f"(available: {available})", param="model", code="model_not_found")
+    try:
+        return await state.node.model_card(model_id)
+    except ModelNotFoundError as e:
+        raise APIError(404, f"The model `{model_id}` does not exist or is not available on this cluster: {e}",
+                       param="model", code="model_not_found") from None
+    except InvalidModelError as e:
+        raise APIError(400, f"The model `{model_id}` cannot be served: {e}", param="model", code="invalid_model") from None
+    except ModelUnavailableError as e:
+        raise APIError(503, f"no node can serve the model `{model_id}` now: {e}", param="model",
+                       code="model_not_available") from None
 
 
 async def get_tokenizer(state: APIState, model_id: str) -> Tokenizer:
@@ -108,8 +112,22 @@ async def get_tokenizer(state: APIState, model_id: str) -> Tokenizer:
         return await state.node.get_tokenizer(model_id)
     except ModelNotFoundError as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
-    except FileNotFoundError as e:
+    except InvalidModelError as e:
+        raise APIError(400, str(e), param="model", code="invalid_model") from None
+    except (ModelUnavailableError, FileNotFoundError) as e:
         raise APIError(503, str(e), code="model_not_available") from None
+
+
+def model_defaults(state: APIState, tokenizer: Tokenizer) -> GenerationDefaults:
+    """The defaults of a request's sampling options for this model: what the server's
+    configuration sets explicitly, then the model's own ``generation_config.json``
+    (``Tokenizer.generation_defaults``: temperature, top_p, top_k), then OpenAI's defaults."""
+    model = {k: v for k, v in (getattr(tokenizer, "generation_defaults", None) or {}).items()
+             if k in ("temperature", "top_p", "top_k") and v is not None}
+    configured = {k: getattr(state.defaults, k) for k in state.defaults.model_fields_set}
+    if not model:
+        return state.defaults
+    return GenerationDefaults(**{**model, **configured})
 
 
 def resolve_max_tokens(requested: int | None, server_default: int | None, prompt_tokens: int,
@@ -134,6 +152,8 @@ def api_error_from(e: BaseException) -> APIError:
         return e
     if isinstance(e, ModelNotFoundError):
         return APIError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, ModelUnavailableError):
+        return APIError(503, str(e), code="model_not_available")
     if isinstance(e, NoNodeAvailableError):
         return APIError(503, f"no node can serve this request: {e}", code="no_node_available")
     if isinstance(e, GenerationTimeoutError):
@@ -191,7 +211,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """
     state = request.app[STATE_KEY]
     req = parse_request(ChatCompletionRequest, await read_json(request))
-    card = resolve_model(state, req.model)
+    card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
     try:
         prompt = tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
@@ -218,7 +238,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     """
     state = request.app[STATE_KEY]
     req = parse_request(CompletionRequest, await read_json(request))
-    card = resolve_model(state, req.model)
+    card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
     stops = req.stop_strings()
     want_logprobs = req.logprobs is not None
@@ -252,7 +272,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, tokenizer: Tokenizer, index: int,
              state: APIState) -> GenerationOptions:
     try:
-        return req.to_generation_options(max_tokens, tokenizer.eos_token_ids, index, state.defaults)
+        return req.to_generation_options(max_tokens, tokenizer.eos_token_ids, index, model_defaults(state, tokenizer))
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
 

@@ -13,7 +13,7 @@ from exo.api.chat_api.models import GenerationDefaults
 if TYPE_CHECKING:
     from exo.inference.generation import GenerationOptions
     from exo.inference.tokenizers import Tokenizer
-    from exo.models.registry import ModelCard
+    from exo.models.sources import ModelCard
     from exo.orchestration.request import TokenResult
 
 
@@ -26,6 +26,8 @@ class APINode(Protocol):
                  request_id: str | None = None) -> AsyncIterator["TokenResult"]: ...
 
     async def get_tokenizer(self, model_id: str) -> "Tokenizer": ...
+
+    async def model_card(self, name: str) -> "ModelCard": ...
 
     def available_models(self) -> list["ModelCard"]: ...
 

@@ -1,7 +1,7 @@
-"""The torch InferenceEngine: a ShardedLlama plus one KV cache per request.
+"""The torch InferenceEngine: a ShardedTransformer plus one KV cache per request.
 
 Decode steps of concurrent requests that reach the engine together run as one batched forward
-pass (``ShardedLlama.decode``): the weights are read once for the whole batch, which is what
+pass (``ShardedTransformer.decode``): the weights are read once for the whole batch, which is what
 bounds decode speed on a CPU. Prefills run one at a time. Model work happens on one worker
 thread, in arrival order, except a lone request's decode step that a ring lane's thread runs
 itself (``decode_now``); a lock keeps the two apart.
@@ -26,12 +26,13 @@ import torch
 
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
-from exo.inference.torch.model import KVCache, LlamaArgs, ShardedLlama, gguf_kind_types
-from exo.inference.torch.quantize import quantize_weights
 from exo.inference.torch.gguf_weights import KERNEL_MAX_ROWS
 from exo.inference.torch.kernels import gguf_kernels_error
-from exo.models.gguf import gguf_metadata, gguf_tensor_names, gguf_tensor_types, iter_llama_shard_chunks, open_gguf
-from exo.models.registry import get_model_card
+from exo.inference.torch.model import KVCache, ShardedTransformer, native_weight_types
+from exo.inference.torch.quantize import quantize_weights
+from exo.models.architectures import ModelArgs
+from exo.models.sources import open_model
+from exo.models.weights import ModelWeights
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class TorchInferenceEngine(InferenceEngine):
         self._model_lock = threading.Lock()  # held by whichever thread runs the model
         self._busy = 0  # model jobs submitted to the worker and not finished
         self._threads = torch.get_num_threads()  # intra-op threads of a forward pass
-        self._model: ShardedLlama | None = None
+        self._model: ShardedTransformer | None = None
         self._shard: Shard | None = None
         self._requests: OrderedDict[str, _RequestState] = OrderedDict()
         self._load_lock = asyncio.Lock()
@@ -151,6 +152,26 @@ class TorchInferenceEngine(InferenceEngine):
     @property
     def shard(self) -> Shard | None:
         return self._shard
+
+    @property
+    def param_bytes(self) -> float:
+        """0 where the native kernels keep the checkpoint's own blocks (CPU, float32), else the
+        compute dtype's bytes (int4: about 0.6)."""
+        if self.requested_weights == "int4":
+            return 0.6
+        if self.requested_weights in ("gguf", "auto") and self.device.type == "cpu" and self.dtype == torch.float32:
+            return 0.0
+        return float(torch.finfo(self.dtype).bits // 8)
+
+    async def unload(self) -> None:
+        """Drop the shard and every KV cache (on the worker, after any step running)."""
+        async with self._load_lock:
+            await self._on_worker(self._drop)
+
+    def _drop(self) -> None:
+        self._model, self._shard = None, None
+        self._requests.clear()
+        _release_freed_memory()
 
     async def ensure_shard(self, shard: Shard) -> None:
         async with self._load_lock:
@@ -175,66 +196,65 @@ class TorchInferenceEngine(InferenceEngine):
         with self._model_lock:
             return fn(*args)
 
-    def _load(self, shard: Shard) -> ShardedLlama:
+    def _load(self, shard: Shard) -> ShardedTransformer:
         model = self._load_model(shard)
         if self.weights == "int4":
             quantize_weights(model)  # layers kept from the previous shard are int4 already
             _release_freed_memory()
         return model
 
-    def _gguf_types(self, path, args: LlamaArgs, shard: Shard) -> dict[str, int] | None:
-        """The GGML type of each kind of matrix (``GGUF_WEIGHT_KINDS``) when this shard is held
-        in GGUF blocks, None for dense weights; sets ``weights`` to the choice.
+    def _weight_types(self, weights: ModelWeights, shard: Shard) -> dict[str, int]:
+        """The GGML type each matrix of ``shard`` is held in by the native kernels (see
+        ``native_weight_types``), or {} for dense weights; sets ``weights`` to the choice.
 
         Raises:
             RuntimeError: weights="gguf" but the kernels cannot be built (why in the message).
-            ValueError: weights="gguf" but the file's matrices are in other GGML types.
         """
         if self.requested_weights not in ("gguf", "auto"):
-            return None
+            return {}
         if self.requested_weights == "auto" and (self.device.type != "cpu" or self.dtype != torch.float32):
             self.weights = "dense"
-            return None
-        types, why = gguf_kind_types(gguf_tensor_types(path), args.n_layers)
-        if why is None:
-            why = gguf_kernels_error()
+            return {}
+        why = gguf_kernels_error()
         if why is not None:
             if self.requested_weights == "gguf":
-                raise (ValueError if types is None else RuntimeError)(f"weights='gguf' cannot run here: {why}")
+                raise RuntimeError(f"weights='gguf' cannot run here: {why}")
             logger.warning("holding %s as dense %s weights: %s", shard.model_id, self.dtype, why)
             self.weights = "dense"
-            return None
+            return {}
         self.weights = "gguf"
-        return types
+        stored = {name: info.qtype for name, info in weights.tensor_info().items()}
+        return native_weight_types(weights.args, shard, stored)
 
-    def _new_model(self, args: LlamaArgs, shard: Shard, tied: bool, gguf_types: dict[str, int] | None) -> ShardedLlama:
+    def _new_model(self, args: ModelArgs, shard: Shard, weight_types: dict[str, int]) -> ShardedTransformer:
         """The shard's model with uninitialised weights, in the final dtype and place."""
         with torch.device("meta"):
-            model = ShardedLlama(args, shard, tie_word_embeddings=tied, gguf_types=gguf_types).to(dtype=self.dtype)
+            model = ShardedTransformer(args, shard, weight_types).to(dtype=self.dtype)
         model = model.to_empty(device=self.device)
         model.tie_weights()
         return model
 
     @staticmethod
-    def _chunks(path, shard: Shard, args: LlamaArgs, gguf_types: dict[str, int] | None):
-        raw = frozenset(gguf_types.values()) if gguf_types else frozenset()
-        return iter_llama_shard_chunks(path, shard.start_layer, shard.end_layer, shard.n_layers, args.n_heads, args.n_kv_heads, raw_types=raw)
+    def _chunks(weights: ModelWeights, shard: Shard, weight_types: dict[str, int]):
+        return weights.iter_shard(shard.start_layer, shard.end_layer, raw_types=frozenset(weight_types.values()))
 
-    def _load_model(self, shard: Shard) -> ShardedLlama:
+    def unsupported_reason(self, args: ModelArgs) -> str | None:
+        """None: this engine runs every architecture and variant ``ModelArgs`` describes."""
+        return None
+
+    def _load_model(self, shard: Shard) -> ShardedTransformer:
         t0 = time.perf_counter()
-        card = get_model_card(shard.model_id)
-        path = card.gguf_path()
-        args = LlamaArgs.from_gguf_metadata(gguf_metadata(path))
+        weights = open_model(shard.model_id)
+        args = weights.args
         if args.n_layers != shard.n_layers:
             raise ValueError(f"shard says {shard.n_layers} layers but {shard.model_id} has {args.n_layers}")
-        tied = "output.weight" not in gguf_tensor_names(path)
-        gguf_types = self._gguf_types(path, args, shard)
-        reused = self._load_reusing(shard, args, path, tied, gguf_types)
+        weight_types = self._weight_types(weights, shard)
+        reused = self._load_reusing(shard, args, weights, weight_types)
         if reused is not None:
             return reused
         self._model = None  # drop the previous shard's weights before loading the next
-        model = self._new_model(args, shard, tied, gguf_types)
-        model.load_weights(self._chunks(path, shard, args, gguf_types))
+        model = self._new_model(args, shard, weight_types)
+        model.load_weights(self._chunks(weights, shard, weight_types))
         model.eval()
         _release_freed_memory()
         logger.info("loaded %s layers %d-%d on %s (%s, %s weights) in %.1f s, %.1f MiB of weights",
@@ -244,7 +264,7 @@ class TorchInferenceEngine(InferenceEngine):
                           "loaded_layers": list(range(shard.start_layer, shard.end_layer + 1)), "reused_layers": []}
         return model
 
-    def _load_reusing(self, shard: Shard, args, path, tied: bool, gguf_types: dict[str, int] | None) -> ShardedLlama | None:
+    def _load_reusing(self, shard: Shard, args: ModelArgs, weights: ModelWeights, weight_types: dict[str, int]) -> ShardedTransformer | None:
         """Build ``shard`` from the model held now, reading only the layers it lacks.
 
         When the ring re-partitions, a node's new layer range usually overlaps its old one: the
@@ -256,7 +276,9 @@ class TorchInferenceEngine(InferenceEngine):
         would lack a tensor: the caller then loads the shard in full.
         """
         old = self._model
-        if old is None or old.shard.model_id != shard.model_id or old.shard.n_layers != shard.n_layers or old.gguf_types != gguf_types:
+        if old is None or old.shard.model_id != shard.model_id or old.shard.n_layers != shard.n_layers or old.args != args:
+            return None
+        if any(old.weight_types.get(k) != t for k, t in weight_types.items() if k in old.weight_types):
             return None
         keep = range(max(old.shard.start_layer, shard.start_layer), min(old.shard.end_layer, shard.end_layer) + 1)
         if not keep:
@@ -267,11 +289,11 @@ class TorchInferenceEngine(InferenceEngine):
         self._model = old = None  # free the blocks that are not kept before reading new ones
         for start, end in _runs(loaded):
             part = Shard(shard.model_id, start, end, shard.n_layers)
-            piece = self._new_model(args, part, tied, gguf_types)
-            piece.load_weights(self._chunks(path, part, args, gguf_types))
+            piece = self._new_model(args, part, weight_types)
+            piece.load_weights(self._chunks(weights, part, weight_types))
             donors.append((start, piece))
         with torch.device("meta"):
-            model = ShardedLlama(args, shard, tie_word_embeddings=tied, gguf_types=gguf_types).to(dtype=self.dtype)
+            model = ShardedTransformer(args, shard, weight_types).to(dtype=self.dtype)
         for first, donor in donors:
             for j, block in enumerate(donor.layers):
                 if shard.start_layer <= first + j <= shard.end_layer:

@@ -32,6 +32,11 @@ TILE_BYTES = {Q4_1: 320, Q8_0: 544}
 KERNEL_MAX_ROWS = 96
 
 
+def kernel_supports(qtype: int, rows: int, cols: int) -> bool:
+    """Whether the kernels can hold a (rows, cols) matrix of GGML type ``qtype``."""
+    return qtype in TILE_BYTES and rows % TILE_ROWS == 0 and cols % BLOCK_WEIGHTS == 0
+
+
 def _check_shape(qtype: int, out_features: int, in_features: int) -> None:
     if qtype not in TILE_BYTES:
         raise ValueError(f"GGML type {qtype} is not supported (Q4_1 = {Q4_1}, Q8_0 = {Q8_0})")

@@ -1,17 +1,22 @@
-"""A sharded Llama transformer in plain PyTorch.
+"""A sharded decoder-only transformer in plain PyTorch, built from ``exo.models.architectures``.
 
-Architecture: Llama (Touvron et al. 2023, arXiv:2302.13971): pre-norm RMSNorm (Zhang & Sennrich
-2019, arXiv:1910.07467), rotary position embeddings (Su et al. 2021, RoFormer,
-arXiv:2104.09864) in the HF "rotate half" layout, grouped-query attention (Ainslie et al. 2023,
-arXiv:2305.13245) and a SwiGLU feed-forward (Shazeer 2020, arXiv:2002.05202).
+One block serves every architecture (the module docstring of ``exo.models.architectures`` lists
+the variants): pre-norm RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), rotary position
+embeddings (Su et al. 2021, RoFormer, arXiv:2104.09864) in the HF "rotate half" layout over the
+first ``rope_dim`` dimensions of each head, grouped-query attention (Ainslie et al. 2023,
+arXiv:2305.13245), causal or sliding-window (Beltagy et al. 2020, Longformer, arXiv:2004.05150),
+and a gated feed-forward, SwiGLU or GeGLU (Shazeer 2020, arXiv:2002.05202); with the switches
+of ``BlockVariant``: q/k/v bias, per-head QK norm, Gemma's post-attention and post-FFN norms.
 
-A ``ShardedLlama`` holds only layers ``[shard.start_layer, shard.end_layer]``; the token
-embedding only on the first shard, the final norm and output head only on the last.
+A ``ShardedTransformer`` holds only layers ``[shard.start_layer, shard.end_layer]``; the token
+embedding only on the first shard, the final norm and output head only on the last. Each weight
+matrix is either dense (``nn.Linear``, any dtype, any device) or held in its checkpoint's own
+format by the native CPU kernels (``GGUFLinear``: GGUF blocks, or F32/F16/BF16 rows), and a
+whole shard's decode step then runs in one native call (``decode_layers``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -20,13 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from exo.inference.shard import Shard
-from exo.inference.torch.gguf_weights import TILE_BYTES, GGUFEmbedding, GGUFLinear
-from exo.models.gguf import QuantizedRows
-from exo.models.llama import LlamaArgs  # noqa: F401  (the config of every engine's Llama; re-exported)
-
+from exo.inference.torch.gguf_weights import GGUFEmbedding, GGUFLinear, kernel_supports
+from exo.models.architectures import LAYER_KEYS, ModelArgs, Rope, layer_name, parse_layer_name
+from exo.models.gguf import F32
+from exo.models.weights import QuantizedRows
 
 #: KV cache capacity is allocated in multiples of this many tokens.
 KV_BLOCK = 256
+#: ``decode_layers``' activation codes.
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
 
 class KVCache:
@@ -35,6 +42,7 @@ class KVCache:
     Buffers: (B, n_kv_heads, capacity, head_dim); ``offset`` tokens are filled. Capacity is a
     multiple of ``KV_BLOCK`` tokens and at least doubles when exceeded, so appending a decode
     step never allocates (amortised O(1) per token); ``reserve`` sizes it ahead of a prefill.
+    Sliding-window layers keep every key too; attention reads only the window.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, capacity: int = KV_BLOCK):
@@ -79,7 +87,8 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
+    """RMSNorm: x / sqrt(mean(x^2) + eps) * weight over the last dimension, computed in float32.
+    ``weight`` is the factor applied (Gemma's 1 + w already added by the weight reader)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -94,38 +103,48 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding:
-    """cos/sin tables of RoPE with base ``theta``, grown on demand.
+    """cos/sin tables of one ``Rope`` over its first ``rope_dim`` dimensions, grown on demand.
 
     The sin table is stored with the first half of each row negated, so that
     ``x * cos + swap_halves(x) * sin`` equals HF's ``x * cos + rotate_half(x) * sin`` exactly
-    (negating a factor commutes with rounding). Plain tensors, not module buffers: a model built
-    on the meta device never holds uninitialised tables.
+    (negating a factor commutes with rounding); LongRoPE's ``attention_factor`` is folded into
+    both. A LongRoPE with distinct long factors uses them for a step whose last position is past
+    ``original_max_position_embeddings`` (transformers' rule). Plain tensors, not module
+    buffers: a model built on the meta device never holds uninitialised tables.
     """
 
-    def __init__(self, head_dim: int, theta: float):
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
-        self._cos = self._sin = None
+    def __init__(self, rope: Rope, rope_dim: int):
+        self.rope, self.rope_dim = rope, rope_dim
+        self._inv = {False: rope.inv_freq(rope_dim), True: rope.inv_freq(rope_dim, long=True)}
+        self._tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _tables(self, end: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype or self._cos.device != device:
-            n = max(end, 2 * (self._cos.shape[0] if self._cos is not None else 256))
-            t = torch.arange(n, dtype=torch.float64, device="cpu")
-            freqs = torch.outer(t, self.inv_freq)
-            emb = torch.cat([freqs, freqs], dim=-1)
+    def _long(self, end: int) -> bool:
+        return self.rope.switches_to_long and end > self.rope.original_max_position_embeddings
+
+    def _table(self, long: bool, end: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._tables.get(long)
+        if t is None or t[0].shape[0] < end or t[0].dtype != dtype or t[0].device != device:
+            n = max(end, 2 * (t[0].shape[0] if t is not None else 256))
+            freqs = np.outer(np.arange(n, dtype=np.float64), self._inv[long])
+            emb = np.concatenate([freqs, freqs], axis=-1)
             half = emb.shape[-1] // 2
-            sin = emb.sin()
+            sin = np.sin(emb)
             sin[:, :half] = -sin[:, :half]
-            self._cos, self._sin = emb.cos().to(device, dtype), sin.to(device, dtype)
-        return self._cos, self._sin
+            a = self.rope.attention_factor
+            t = self._tables[long] = (torch.from_numpy(np.cos(emb) * a).to(device, dtype), torch.from_numpy(sin * a).to(device, dtype))
+        return t
 
     def __call__(self, position: int, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin of shape (length, 1, head_dim) for positions [position, position + length)."""
-        cos, sin = self._tables(position + length, dtype, device)
+        """cos, signed sin of shape (length, 1, rope_dim) for positions [position, position + length)."""
+        cos, sin = self._table(self._long(position + length), position + length, dtype, device)
         return cos[position:position + length, None], sin[position:position + length, None]
 
     def at(self, positions: list[int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin of shape (B, 1, 1, head_dim) for one position per row of a batch."""
-        cos, sin = self._tables(max(positions) + 1, dtype, device)
+        """cos, signed sin of shape (B, 1, 1, rope_dim) for one position per row of a batch."""
+        rows = [self(p, 1, dtype, device) for p in positions] if self.rope.switches_to_long else None
+        if rows is not None:
+            return torch.cat([c for c, _ in rows])[:, None], torch.cat([s for _, s in rows])[:, None]
+        cos, sin = self._table(False, max(positions) + 1, dtype, device)
         if len(positions) == 1:
             p = positions[0]
             return cos[p:p + 1, None, None], sin[p:p + 1, None, None]
@@ -134,183 +153,207 @@ class RotaryEmbedding:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding (RoFormer eq. 34, HF "rotate half" layout).
+    """Rotary position embedding (RoFormer eq. 34, HF "rotate half" layout) of the first
+    ``cos.shape[-1]`` dimensions of each head; the others pass unchanged (partial rotary).
 
-    x: (B, T, heads, head_dim); cos, sin (signed, see ``RotaryEmbedding``): broadcastable to x.
+    x: (B, T, heads, head_dim); cos, sin (signed, see ``RotaryEmbedding``): broadcastable to
+    (B, T, heads, rope_dim).
     """
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + swapped * sin
+    rot = cos.shape[-1]
+    xr = x[..., :rot]
+    half = rot // 2
+    swapped = torch.cat((xr[..., half:], xr[..., :half]), dim=-1)
+    out = xr * cos + swapped * sin
+    return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def _linear(in_features: int, out_features: int, qtype: int | None) -> nn.Module:
+    """A bias-free projection: dense ``nn.Linear`` (``qtype`` None), or ``GGUFLinear`` holding
+    the weights in GGML type ``qtype``."""
+    if qtype is None:
+        return nn.Linear(in_features, out_features, bias=False)
+    return GGUFLinear(in_features, out_features, qtype)
+
+
+def _fuse(types: list[int | None]) -> bool:
+    """Matrices of these types can be one fused projection: all dense, or all one GGML type."""
+    return len(set(types)) == 1
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention with RoPE and a KV cache.
+    """Grouped-query causal (or sliding-window) self-attention with RoPE and a KV cache.
 
-    Q, K and V come from one fused projection ``qkv_proj`` (rows: n_heads * head_dim of Q, then
-    n_kv_heads * head_dim of K, then of V), one matrix multiply instead of three.
+    Projections: ``qkv_proj`` (rows: Q, then K, then V) when q, k and v are held alike, else
+    ``q_proj``, ``k_proj``, ``v_proj``; ``qkv_bias`` (Q, K, V rows) when the variant has biases;
+    ``q_norm``, ``k_norm`` (RMSNorm over each head) when it has QK norm; ``o_proj``.
     """
 
-    def __init__(self, args: LlamaArgs, gguf_types: Mapping[str, int] | None = None):
+    def __init__(self, args: ModelArgs, layer: int, types: Mapping[str, int | None]):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.qkv_proj = _linear(args.hidden_size, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, gguf_types, "qkv")
-        self.o_proj = _linear(args.n_heads * args.head_dim, args.hidden_size, gguf_types, "o")
+        self.scale, self.window, self.rope_index = args.attn_scale, args.layer_window[layer], args.layer_rope[layer]
+        h, q, kv = args.hidden_size, args.q_rows, args.kv_rows
+        self.fused = _fuse([types["q"], types["k"], types["v"]])
+        if self.fused:
+            self.qkv_proj = _linear(h, q + 2 * kv, types["q"])
+        else:
+            self.q_proj, self.k_proj, self.v_proj = _linear(h, q, types["q"]), _linear(h, kv, types["k"]), _linear(h, kv, types["v"])
+        self.qkv_bias = nn.Parameter(torch.zeros(q + 2 * kv)) if args.block.qkv_bias else None
+        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.block.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.block.qk_norm else None
+        self.o_proj = _linear(q, h, types["o"])
+
+    def projections(self) -> list[nn.Module]:
+        """The q/k/v projection modules in row order (one when fused)."""
+        return [self.qkv_proj] if self.fused else [self.q_proj, self.k_proj, self.v_proj]
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape  # (B, T, hidden)
         nh, nkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(b, t, nh + 2 * nkv, self.head_dim)
-        qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)  # (B, T, n_heads + n_kv, head_dim)
-        q = qk[:, :, :nh].transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = qk[:, :, nh:].transpose(1, 2)  # (B, n_kv, T, head_dim)
-        v = qkv[:, :, nh + nkv:].transpose(1, 2)  # (B, n_kv, T, head_dim)
-        return q, k, v
+        qkv = self.qkv_proj(x) if self.fused else torch.cat([p(x) for p in self.projections()], dim=-1)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        qkv = qkv.view(b, t, nh + 2 * nkv, self.head_dim)
+        q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
 
     @property
-    def _native_decode(self) -> bool:
+    def native_decode(self) -> bool:
         """Decode attention by the native kernel (``torch.ops.exo_gguf.decode_attention``):
-        with GGUF block weights (the kernels are loaded then), float32 on the CPU."""
-        return isinstance(self.qkv_proj, GGUFLinear)
+        projections in GGUF blocks (the kernels are loaded then), float32 on the CPU."""
+        return all(isinstance(p, GGUFLinear) for p in self.projections())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Prefill (or any chunk) of one sequence: x (B, T, hidden), cos/sin (T, 1, head_dim)."""
+        """Prefill (or any chunk) of one sequence: x (B, T, hidden), cos/sin (T, 1, rope_dim)."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         past = cache.offset
         k, v = cache.update(k, v)  # (B, n_kv, past + T, head_dim)
-        if t == 1:
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        w = self.window
+        if w and past + t > w:  # query i (position past + i) sees keys (past + i - w, past + i]
+            lo = max(0, past + 1 - w)  # keys before the first query's window are never read
+            k, v = k[:, :, lo:], v[:, :, lo:]
+            pos_q = torch.arange(past, past + t, device=x.device)[:, None]
+            pos_k = torch.arange(lo, past + t, device=x.device)[None, :]
+            mask = (pos_k <= pos_q) & (pos_k > pos_q - w)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        elif t == 1:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=True)
         elif past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
         else:  # chunk appended to a non-empty cache: query i sees keys [0, past + i]
             mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """One decode step of B independent requests: x (B, 1, hidden), cos/sin (B, 1, 1, head_dim),
+        """One decode step of B independent requests: x (B, 1, hidden), cos/sin (B, 1, 1, rope_dim),
         ``caches[i]`` the KV cache of row i (each at its own length). Projections run batched;
         attention runs per row over that row's own keys, so no padding or mask is needed."""
         b = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)  # q (B, n_heads, 1, head_dim), k/v (B, n_kv, 1, head_dim)
-        if self._native_decode:  # one call for the whole batch: appends to each cache, attends
-            for cache in caches:
+        if self.native_decode and x.device.type == "cpu" and x.dtype == torch.float32:
+            for cache in caches:  # one call for the whole batch: appends to each cache, attends
                 cache.reserve(cache.offset + 1)
             out = torch.ops.exo_gguf.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], [c.k for c in caches],
-                                                      [c.v for c in caches], [c.offset for c in caches])
+                                                      [c.v for c in caches], [c.offset for c in caches], self.scale, self.window)
             for cache in caches:
                 cache.offset += 1
             return self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim))
         outs = []
         for i, cache in enumerate(caches):
             ki, vi = cache.update(k[i:i + 1], v[i:i + 1])  # (1, n_kv, len_i, head_dim)
-            outs.append(F.scaled_dot_product_attention(q[i:i + 1], ki, vi, enable_gqa=True))
+            if self.window:
+                ki, vi = ki[:, :, -self.window:], vi[:, :, -self.window:]
+            outs.append(F.scaled_dot_product_attention(q[i:i + 1], ki, vi, scale=self.scale, enable_gqa=True))
         out = outs[0] if b == 1 else torch.cat(outs)  # (B, n_heads, 1, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one ``gate_up_proj``
-    (rows: intermediate_size of gate, then of up)."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-approximated
+    GELU (GeGLU); gate and up fused into ``gate_up_proj`` (rows: gate, then up) when held alike."""
 
-    def __init__(self, args: LlamaArgs, gguf_types: Mapping[str, int] | None = None):
+    def __init__(self, args: ModelArgs, types: Mapping[str, int | None]):
         super().__init__()
-        self.gate_up_proj = _linear(args.hidden_size, 2 * args.intermediate_size, gguf_types, "gate_up")
-        self.down_proj = _linear(args.intermediate_size, args.hidden_size, gguf_types, "down")
+        h, i = args.hidden_size, args.intermediate_size
+        self.activation = args.block.activation
+        self.fused = _fuse([types["gate"], types["up"]])
+        if self.fused:
+            self.gate_up_proj = _linear(h, 2 * i, types["gate"])
+        else:
+            self.gate_proj, self.up_proj = _linear(h, i, types["gate"]), _linear(h, i, types["up"])
+        self.down_proj = _linear(i, h, types["down"])
+
+    def projections(self) -> list[nn.Module]:
+        return [self.gate_up_proj] if self.fused else [self.gate_proj, self.up_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(act * up)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: LlamaArgs, gguf_types: Mapping[str, int] | None = None):
+    """One layer: ``h = x + post_attn_norm?(attn(attn_norm(x)))``, then
+    ``h + post_ffn_norm?(mlp(ffn_norm(h)))``."""
+
+    def __init__(self, args: ModelArgs, layer: int, types: Mapping[str, int | None]):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, gguf_types)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = FeedForward(args, gguf_types)
+        eps = args.rms_norm_eps
+        self.attn_norm = RMSNorm(args.hidden_size, eps)
+        self.self_attn = Attention(args, layer, types)
+        self.attn_post_norm = RMSNorm(args.hidden_size, eps) if args.block.sandwich_norm else None
+        self.ffn_norm = RMSNorm(args.hidden_size, eps)
+        self.mlp = FeedForward(args, types)
+        self.ffn_post_norm = RMSNorm(args.hidden_size, eps) if args.block.sandwich_norm else None
+
+    def _residual(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        h = x + (self.attn_post_norm(a) if self.attn_post_norm is not None else a)
+        f = self.mlp(self.ffn_norm(h))
+        return h + (self.ffn_post_norm(f) if self.ffn_post_norm is not None else f)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self._residual(x, self.self_attn(self.attn_norm(x), cos, sin, cache))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        h = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, caches)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self._residual(x, self.self_attn.decode(self.attn_norm(x), cos, sin, caches))
+
+    def matrices(self) -> list[nn.Module]:
+        return [*self.self_attn.projections(), self.self_attn.o_proj, *self.mlp.projections(), self.mlp.down_proj]
 
 
-#: The GGUF tensors behind each kind of weight matrix of ``ShardedLlama`` ({i}: a layer
-#: index); the tensors of one fused kind share one GGML type. The output head ("head") is
-#: ``output.weight``, or the embedding when the file ties them.
-GGUF_KIND_TENSORS = {
-    "qkv": ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
-    "o": ("blk.{i}.attn_output.weight",),
-    "gate_up": ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
-    "down": ("blk.{i}.ffn_down.weight",),
-    "embed": ("token_embd.weight",),
-}
-#: Keys of ``ShardedLlama``'s ``gguf_types``: the GGML type of each (fused) projection's
-#: weights, of the token embedding and of the output head.
-GGUF_WEIGHT_KINDS = (*GGUF_KIND_TENSORS, "head")
-
-
-def gguf_kind_types(tensor_types: Mapping[str, int], n_layers: int) -> tuple[dict[str, int] | None, str | None]:
-    """``(gguf_types, None)`` for ``ShardedLlama`` when the block kernels can hold every weight
-    matrix of a file whose tensors have GGML types ``tensor_types`` (by GGUF name, as
-    ``exo.models.gguf.gguf_tensor_types``), else ``(None, why not)``."""
-    types: dict[str, int] = {}
-    for kind, names in GGUF_KIND_TENSORS.items():
-        found = {tensor_types.get(n.format(i=i)) for n in names for i in range(n_layers)}
-        if len(found) != 1 or next(iter(found)) not in TILE_BYTES:
-            return None, f"its {kind} matrices are in GGML types {sorted(map(str, found))}, not all one of Q4_1 (3) / Q8_0 (8)"
-        types[kind] = found.pop()
-    head = tensor_types.get("output.weight", types["embed"])
-    if head not in TILE_BYTES:
-        return None, f"its output head is in GGML type {head}, not Q4_1 (3) / Q8_0 (8)"
-    types["head"] = head
-    return types, None
-
-
-def _linear(in_features: int, out_features: int, gguf_types: Mapping[str, int] | None, kind: str) -> nn.Module:
-    """A bias-free projection: dense ``nn.Linear``, or ``GGUFLinear`` in ``gguf_types[kind]``."""
-    if gguf_types is None:
-        return nn.Linear(in_features, out_features, bias=False)
-    return GGUFLinear(in_features, out_features, gguf_types[kind])
-
-
-def _weight_targets(args: LlamaArgs, shard: Shard) -> dict[str, tuple[str, int, int]]:
-    """Checkpoint tensor name (HF-style, global layer index) -> (parameter name, first row, rows).
-
-    The explicit mapping of checkpoint tensors onto this model's parameters, fused projections
-    included. Output head excluded (see ``ShardedLlama.load_weights``).
-    """
-    q_rows, kv_rows, ffn = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
-    per_layer = {
-        "input_layernorm.weight": ("input_layernorm.weight", 0, args.hidden_size),
-        "self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0, q_rows),
-        "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", q_rows, kv_rows),
-        "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", q_rows + kv_rows, kv_rows),
-        "self_attn.o_proj.weight": ("self_attn.o_proj.weight", 0, args.hidden_size),
-        "post_attention_layernorm.weight": ("post_attention_layernorm.weight", 0, args.hidden_size),
-        "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0, ffn),
-        "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", ffn, ffn),
-        "mlp.down_proj.weight": ("mlp.down_proj.weight", 0, args.hidden_size),
-    }
-    out = {}
-    if shard.is_first_layer:
-        out["embed_tokens.weight"] = ("embed_tokens.weight", 0, args.vocab_size)
-    for local, layer in enumerate(range(shard.start_layer, shard.end_layer + 1)):
-        for src, (param, row, rows) in per_layer.items():
-            out[f"layers.{layer}.{src}"] = (f"layers.{local}.{param}", row, rows)
-    if shard.is_last_layer:
-        out["norm.weight"] = ("norm.weight", 0, args.hidden_size)
+def native_weight_types(args: ModelArgs, shard: Shard, stored: Mapping[str, int]) -> dict[str, int]:
+    """The GGML type each weight matrix of ``shard`` is held in by the native kernels: its
+    checkpoint's type where the kernels take it (``kernel_supports``), else F32 (the reader
+    dequantizes it). ``stored``: canonical name -> the checkpoint's GGML type. Matrices whose
+    shape the kernels cannot tile are left out (held dense)."""
+    shapes = args.layer_shapes()
+    out: dict[str, int] = {}
+    names = [layer_name(i, k) for i in range(shard.start_layer, shard.end_layer + 1) for k in ("q", "k", "v", "o", "gate", "up", "down")]
+    globals_ = [("embed", (args.vocab_size, args.hidden_size))] if shard.is_first_layer or (shard.is_last_layer and args.tie_word_embeddings) else []
+    if shard.is_last_layer and not args.tie_word_embeddings:
+        globals_.append(("output", (args.vocab_size, args.hidden_size)))
+    for name, shape in [(n, shapes[parse_layer_name(n)[1]]) for n in names] + globals_:
+        qtype = stored.get(name)
+        if qtype is None:
+            continue
+        if kernel_supports(qtype, *shape):
+            out[name] = qtype
+        elif kernel_supports(F32, *shape):
+            out[name] = F32
     return out
 
 
-class ShardedLlama(nn.Module):
-    """Layers ``[shard.start_layer, shard.end_layer]`` of a Llama model.
+class ShardedTransformer(nn.Module):
+    """Layers ``[shard.start_layer, shard.end_layer]`` of a model described by ``args``.
 
     ``forward(x, caches, position)`` (prefill, or one step of one request):
         x: token ids (B, T) int64 on the first shard, else hidden states (B, T, hidden).
@@ -322,44 +365,52 @@ class ShardedLlama(nn.Module):
     Both return hidden states (B, T, hidden), or on the last shard the logits of the last
     position (B, vocab) in float32.
 
-    ``tie_word_embeddings``: the output head shares the embedding's weights (SmolLM2); a shard
-    holding both keeps one copy.
-
-    ``gguf_types``: None for dense weights (``nn.Linear``, ``nn.Embedding``), or the GGML type
-    of each kind of weight matrix (keys ``GGUF_WEIGHT_KINDS``) to keep the projections, the
-    embedding and the output head in the GGUF's own blocks (``gguf_weights.py``; float32 only).
-    ``load_weights`` then takes those matrices as the file's raw blocks.
+    ``weight_types``: canonical name -> GGML type of each weight matrix (and the embedding /
+    output head) held natively (``GGUFLinear`` / ``GGUFEmbedding``, float32 compute on the
+    CPU, see ``native_weight_types``); every matrix not named is dense. When every layer
+    matrix is native, ``decode`` runs all layers in one ``torch.ops.exo_gguf.decode_layers``
+    call. A tied head shares the embedding's storage when both are held.
 
     Raises:
         ValueError: ``shard`` is of a model with another number of layers; a GGML type or a
-            matrix shape the block kernels do not support.
+            matrix shape the kernels do not support.
     """
 
-    def __init__(self, args: LlamaArgs, shard: Shard, tie_word_embeddings: bool = True, gguf_types: Mapping[str, int] | None = None):
+    def __init__(self, args: ModelArgs, shard: Shard, weight_types: Mapping[str, int] | None = None):
         super().__init__()
         if shard.n_layers != args.n_layers:
             raise ValueError(f"shard has n_layers={shard.n_layers} but the model has {args.n_layers}")
-        self.args, self.shard, self.tie_word_embeddings = args, shard, tie_word_embeddings
-        self.gguf_types = dict(gguf_types) if gguf_types is not None else None
+        self.args, self.shard = args, shard
+        self.weight_types = dict(weight_types or {})
+        wt = self.weight_types
         if not shard.is_first_layer:
             self.embed_tokens = None
-        elif gguf_types is None:
-            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        elif "embed" in wt:
+            self.embed_tokens = GGUFEmbedding(args.vocab_size, args.hidden_size, wt["embed"])
         else:
-            self.embed_tokens = GGUFEmbedding(args.vocab_size, args.hidden_size, gguf_types["embed"])
-        self.layers = nn.ModuleList(TransformerBlock(args, gguf_types) for _ in range(shard.n_shard_layers))
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, i, {k: wt.get(layer_name(i, k)) for k in ("q", "k", "v", "o", "gate", "up", "down")})
+            for i in range(shard.start_layer, shard.end_layer + 1))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if shard.is_last_layer else None
-        self.lm_head = _linear(args.hidden_size, args.vocab_size, gguf_types, "head") if shard.is_last_layer else None
-        self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
+        head_type = wt.get("embed" if args.tie_word_embeddings else "output")
+        self.lm_head = _linear(args.hidden_size, args.vocab_size, head_type) if shard.is_last_layer else None
+        self.rotary = [RotaryEmbedding(r, args.rope_dim) for r in args.ropes]
+        # float32's rounding of the factor, as HF's float32 scale tensor (Gemma: sqrt(hidden))
+        self._embed_scale = float(np.float32(args.embed_scale)) if args.embed_scale != 1.0 else None
         self._native_cache: list[torch.Tensor] | None = None
-        self._native_qtypes = [gguf_types[k] for k in ("qkv", "o", "gate_up", "down")] if gguf_types is not None else None
         self.tie_weights()
+
+    @property
+    def native_decode(self) -> bool:
+        """Every layer matrix is held by the native kernels: decode runs in one native call."""
+        return len(self.layers) > 0 and all(isinstance(m, GGUFLinear) for layer in self.layers for m in layer.matrices())
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when tied and both are here (call again
         after ``to_empty``, which allocates each parameter separately)."""
         self._native_cache = None
-        if not self.tie_word_embeddings or self.embed_tokens is None or self.lm_head is None:
+        if not self.args.tie_word_embeddings or self.embed_tokens is None or self.lm_head is None:
             return
         if isinstance(self.lm_head, nn.Linear) and isinstance(self.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.embed_tokens.weight
@@ -368,16 +419,19 @@ class ShardedLlama(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].input_layernorm.weight.dtype
+        return self.layers[0].attn_norm.weight.dtype
 
     def new_caches(self, batch: int = 1, capacity: int = KV_BLOCK) -> list[KVCache]:
-        p = self.layers[0].input_layernorm.weight
+        p = self.layers[0].attn_norm.weight
         return [KVCache(batch, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device, capacity) for _ in self.layers]
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embed_tokens is not None:
-            return self.embed_tokens(x)  # (B, T, hidden)
-        return x.to(self.dtype)
+        if self.embed_tokens is None:
+            return x.to(self.dtype)
+        h = self.embed_tokens(x)  # (B, T, hidden)
+        if self._embed_scale is not None:
+            h = h * self._embed_scale
+        return h
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -385,11 +439,12 @@ class ShardedLlama(nn.Module):
         return self.lm_head(self.norm(h[:, -1, :])).float()  # (B, vocab)
 
     def forward(self, x: torch.Tensor, caches: list[KVCache], position: int) -> torch.Tensor:
-        if self.gguf_types is not None and x.shape[:2] == (1, 1):  # one token: the native decode step
+        if self.native_decode and x.shape[:2] == (1, 1):  # one token: the native decode step
             return self.decode(x, [caches], [position])
         h = self._embed(x)
-        cos, sin = self.rotary(position, h.shape[1], h.dtype, h.device)  # (T, 1, head_dim)
+        tables = [r(position, h.shape[1], h.dtype, h.device) for r in self.rotary]  # (T, 1, rope_dim) each
         for layer, cache in zip(self.layers, caches):
+            cos, sin = tables[layer.self_attn.rope_index]
             h = layer(h, cos, sin, cache)
         return self._head(h)
 
@@ -397,86 +452,174 @@ class ShardedLlama(nn.Module):
         if not len(caches) == len(positions) == x.shape[0] or x.shape[1] != 1:
             raise ValueError(f"decode takes one token per request: x {tuple(x.shape)}, {len(caches)} caches, {len(positions)} positions")
         h = self._embed(x)  # (B, 1, hidden)
-        cos, sin = self.rotary.at(positions, h.dtype, h.device)  # (B, 1, 1, head_dim)
-        if self.gguf_types is not None and len(self.layers):
-            return self._head(self._decode_layers(h, cos, sin, caches))
+        tables = [r.at(positions, h.dtype, h.device) for r in self.rotary]  # (B, 1, 1, rope_dim) each
+        if self.native_decode and h.dtype == torch.float32 and h.device.type == "cpu":
+            return self._head(self._decode_layers(h, tables, caches))
         for layer, layer_caches in zip(self.layers, zip(*caches)):
+            cos, sin = tables[layer.self_attn.rope_index]
             h = layer.decode(h, cos, sin, layer_caches)
         return self._head(h)
 
-    def _decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[list[KVCache]]) -> torch.Tensor:
+    def _decode_layers(self, h: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]],
+                       caches: list[list[KVCache]]) -> torch.Tensor:
         """Every layer's decode step in one native call (``torch.ops.exo_gguf.decode_layers``,
-        the arithmetic of ``TransformerBlock.decode``): h (B, 1, hidden) float32, cos/sin
-        (B, 1, 1, head_dim), ``caches[i]`` request i's per-layer caches. Appends to the caches."""
+        the arithmetic of ``TransformerBlock.decode``): h (B, 1, hidden) float32, ``tables``
+        each rope set's (cos, sin) (B, 1, 1, rope_dim), ``caches[i]`` request i's per-layer
+        caches. Appends to the caches."""
         b = h.shape[0]
+        a = self.args
         layer_caches = [c for per_layer in zip(*caches) for c in per_layer]  # layer-major
         for c in layer_caches:
             c.reserve(c.offset + 1)
-        out = torch.ops.exo_gguf.decode_layers(h, self._native_weights(), self._native_qtypes, cos.reshape(b, -1), sin.reshape(b, -1),
-                                               [c.k for c in layer_caches], [c.v for c in layer_caches],
-                                               [c.offset for c in layer_caches], self.args.n_heads, self.args.n_kv_heads,
-                                               self.args.rms_norm_eps)
+        weights, qtypes = self._native_weights()
+        first = self.shard.start_layer
+        out = torch.ops.exo_gguf.decode_layers(
+            h, weights, qtypes, [c.reshape(b, -1) for c, _ in tables], [s.reshape(b, -1) for _, s in tables],
+            list(a.layer_rope[first:first + len(self.layers)]), list(a.layer_window[first:first + len(self.layers)]),
+            [c.k for c in layer_caches], [c.v for c in layer_caches], [c.offset for c in layer_caches],
+            a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dim, a.rms_norm_eps, a.attn_scale, ACTIVATIONS[a.block.activation])
         for c in layer_caches:
             c.offset += 1
         return out
 
-    def _native_weights(self) -> list[torch.Tensor]:
-        """The layers' weights in ``decode_layers``' order, 6 per layer (cached; ``_apply``, which
-        ``to``/``to_empty`` go through, and ``tie_weights`` drop the cache)."""
+    def _native_weights(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The layers' weights in ``decode_layers``' slot order (``LAYER_KEYS``, 16 per layer, an
+        empty tensor for a slot the layer lacks) and each slot's GGML type (-1 for vectors).
+        Cached; ``_apply`` (``to``, ``to_empty``) and ``tie_weights`` drop the cache."""
         if self._native_cache is None:
-            self._native_cache = [t for layer in self.layers for t in (
-                layer.input_layernorm.weight, layer.self_attn.qkv_proj.tiles, layer.self_attn.o_proj.tiles,
-                layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj.tiles, layer.mlp.down_proj.tiles)]
+            empty = torch.empty(0)
+            weights: list[torch.Tensor] = []
+            qtypes: list[int] = []
+            for layer in self.layers:
+                att, mlp = layer.self_attn, layer.mlp
+                q, kv = self.args.q_rows, self.args.kv_rows
+                bias = att.qkv_bias.detach() if att.qkv_bias is not None else None
+                if att.fused:
+                    qkv = [att.qkv_proj, None, None]
+                    biases = [bias, None, None]
+                else:
+                    qkv = [att.q_proj, att.k_proj, att.v_proj]
+                    biases = [bias[:q], bias[q:q + kv], bias[q + kv:]] if bias is not None else [None] * 3
+                gate_up = [mlp.gate_up_proj, None] if mlp.fused else [mlp.gate_proj, mlp.up_proj]
+                slots = {
+                    "attn_norm": layer.attn_norm.weight, "q": qkv[0], "k": qkv[1], "v": qkv[2], "q_bias": biases[0],
+                    "k_bias": biases[1], "v_bias": biases[2], "q_norm": att.q_norm.weight if att.q_norm is not None else None,
+                    "k_norm": att.k_norm.weight if att.k_norm is not None else None, "o": att.o_proj,
+                    "attn_post_norm": layer.attn_post_norm.weight if layer.attn_post_norm is not None else None,
+                    "ffn_norm": layer.ffn_norm.weight, "gate": gate_up[0], "up": gate_up[1], "down": mlp.down_proj,
+                    "ffn_post_norm": layer.ffn_post_norm.weight if layer.ffn_post_norm is not None else None,
+                }
+                for key in LAYER_KEYS:
+                    v = slots[key]
+                    if isinstance(v, GGUFLinear):
+                        weights.append(v.tiles)
+                        qtypes.append(v.qtype)
+                    else:
+                        weights.append(empty if v is None else v.detach().contiguous())
+                        qtypes.append(-1)
+            self._native_cache = (weights, qtypes)
         return self._native_cache
 
     def _apply(self, fn, recurse=True):
         self._native_cache = None
         return super()._apply(fn, recurse)
 
+    # ------------------------------------------------------------------ loading
+
+    def _targets(self) -> dict[str, tuple[nn.Module | nn.Parameter, int]]:
+        """Canonical tensor name -> (where it goes: a native module or a parameter, first row).
+
+        The explicit mapping of checkpoint tensors onto this model, fused projections included.
+        A tied head that shares the embedding here takes no tensor of its own."""
+        a = self.args
+        q, kv, i_rows = a.q_rows, a.kv_rows, a.intermediate_size
+        out: dict[str, tuple[nn.Module | nn.Parameter, int]] = {}
+
+        def target(m: nn.Module) -> nn.Module | nn.Parameter:
+            return m if isinstance(m, (GGUFLinear, GGUFEmbedding)) else m.weight
+
+        if self.embed_tokens is not None:
+            out["embed"] = (target(self.embed_tokens), 0)
+        for local, layer in enumerate(self.layers):
+            i = self.shard.start_layer + local
+            att, mlp = layer.self_attn, layer.mlp
+            n = lambda key: layer_name(i, key)  # noqa: E731
+            out[n("attn_norm")] = (layer.attn_norm.weight, 0)
+            if att.fused:
+                out[n("q")], out[n("k")], out[n("v")] = (target(att.qkv_proj), 0), (target(att.qkv_proj), q), (target(att.qkv_proj), q + kv)
+            else:
+                out[n("q")], out[n("k")], out[n("v")] = (target(att.q_proj), 0), (target(att.k_proj), 0), (target(att.v_proj), 0)
+            if att.qkv_bias is not None:
+                out[n("q_bias")], out[n("k_bias")], out[n("v_bias")] = (att.qkv_bias, 0), (att.qkv_bias, q), (att.qkv_bias, q + kv)
+            if att.q_norm is not None:
+                out[n("q_norm")], out[n("k_norm")] = (att.q_norm.weight, 0), (att.k_norm.weight, 0)
+            out[n("o")] = (target(att.o_proj), 0)
+            if layer.attn_post_norm is not None:
+                out[n("attn_post_norm")] = (layer.attn_post_norm.weight, 0)
+            out[n("ffn_norm")] = (layer.ffn_norm.weight, 0)
+            if mlp.fused:
+                out[n("gate")], out[n("up")] = (target(mlp.gate_up_proj), 0), (target(mlp.gate_up_proj), i_rows)
+            else:
+                out[n("gate")], out[n("up")] = (target(mlp.gate_proj), 0), (target(mlp.up_proj), 0)
+            out[n("down")] = (target(mlp.down_proj), 0)
+            if layer.ffn_post_norm is not None:
+                out[n("ffn_post_norm")] = (layer.ffn_post_norm.weight, 0)
+        if self.norm is not None:
+            out["output_norm"] = (self.norm.weight, 0)
+        if self.lm_head is not None and not self._head_shares_embedding():
+            out["output"] = (target(self.lm_head), 0)
+        return out
+
     def load_weights(self, chunks: Iterable[tuple[str, tuple[int, ...], int, "np.ndarray | QuantizedRows"]]) -> None:
         """Copy checkpoint tensors, a block of rows at a time, into the parameters (converting to
         their dtype and device), so no second full copy of the weights is ever held.
 
-        ``chunks`` yields ``(name, shape, row, block)`` as ``exo.models.gguf.iter_llama_shard_chunks``:
-        HF-style name with the global layer index, the tensor's full shape, the first row of
-        ``block`` (float32, ``(rows,) + shape[1:]``; for a matrix this model keeps in GGUF blocks,
-        a ``QuantizedRows`` of the same rows in the model's GGML type). Tensors this shard does
-        not hold are skipped.
+        ``chunks`` yields ``(name, shape, row, block)`` as ``ModelWeights.iter_shard``: canonical
+        name, the tensor's full shape, the first row of ``block`` (float32 ``(rows,) +
+        shape[1:]``, or for a matrix held natively in its file's type a ``QuantizedRows``).
+        Tensors this shard does not hold are skipped.
 
         Raises:
-            KeyError: a parameter of the shard got no (or partial) weights (named in the message).
-            ValueError: a tensor's shape or GGML type differs from the parameter's (both named).
+            KeyError: a tensor of the shard got no (or partial) weights (named in the message).
+            ValueError: a tensor's shape or GGML type differs from where it goes (both named).
         """
-        targets = _weight_targets(self.args, self.shard)
-        if self.lm_head is not None and not self._head_shares_embedding():
-            targets["lm_head.weight"] = ("lm_head.weight", 0, self.args.vocab_size)
-        params = dict(self.named_parameters())
+        targets = self._targets()
         filled = dict.fromkeys(targets, 0)
         with torch.no_grad():
             for name, shape, row, block in chunks:
                 if name not in targets:
                     continue
-                pname, base, rows = targets[name]
+                dest, base = targets[name]
                 n = block.shape[0]
-                module = self.get_submodule(pname.rsplit(".", 1)[0])
-                if isinstance(module, (GGUFLinear, GGUFEmbedding)):
-                    if tuple(shape) != (rows, module.cols):
-                        raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, expected {(rows, module.cols)} for {pname!r}")
-                    if not isinstance(block, QuantizedRows) or block.qtype != module.qtype:
-                        got = f"GGML type {block.qtype}" if isinstance(block, QuantizedRows) else "float32 rows"
-                        raise ValueError(f"tensor {name!r} is {got}, but {pname!r} holds GGML type {module.qtype}")
-                    module.load_rows(base + row, block.data)
+                if isinstance(dest, (GGUFLinear, GGUFEmbedding)):
+                    if tuple(shape[1:]) != (dest.cols,) or base + shape[0] > dest.rows:
+                        raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, which does not fit a ({dest.rows}, {dest.cols}) matrix")
+                    if not isinstance(block, QuantizedRows):
+                        if dest.qtype != F32:
+                            raise ValueError(f"tensor {name!r} came as float32 rows, but it is held in GGML type {dest.qtype}")
+                        block = QuantizedRows(F32, np.ascontiguousarray(block, dtype="<f4").view(np.uint8).reshape(n, -1))
+                    elif block.qtype != dest.qtype:
+                        raise ValueError(f"tensor {name!r} is GGML type {block.qtype}, but it is held in GGML type {dest.qtype}")
+                    dest.load_rows(base + row, block.data)
                 else:
-                    param = params[pname]
-                    if tuple(shape) != (rows, *param.shape[1:]):
-                        raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, expected {(rows, *param.shape[1:])} for {pname!r}")
                     if isinstance(block, QuantizedRows):
-                        raise ValueError(f"tensor {name!r} came as GGML type {block.qtype} blocks, but {pname!r} is dense")
-                    param[base + row:base + row + n].copy_(torch.from_numpy(block))
+                        raise ValueError(f"tensor {name!r} came as GGML type {block.qtype} blocks, but it is held dense")
+                    if tuple(shape[1:]) != tuple(dest.shape[1:]) or base + shape[0] > dest.shape[0]:
+                        raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, which does not fit {tuple(dest.shape)}")
+                    dest[base + row:base + row + n].copy_(torch.from_numpy(np.asarray(block)))
                 filled[name] += n
-        for name, (pname, _, rows) in targets.items():
+        for name, (dest, _) in targets.items():
+            parsed = parse_layer_name(name)
+            rows = self._rows(name, parsed)
             if filled[name] != rows:
                 raise KeyError(f"no weights for {name!r}" if not filled[name] else f"only {filled[name]} of {rows} rows of {name!r}")
+        self._native_cache = None
+
+    def _rows(self, name: str, parsed: tuple[int, str] | None) -> int:
+        a = self.args
+        if parsed is None:
+            return a.hidden_size if name == "output_norm" else a.vocab_size
+        return a.layer_shapes()[parsed[1]][0]
 
     def _head_shares_embedding(self) -> bool:
         if self.embed_tokens is None or self.lm_head is None:
@@ -486,5 +629,9 @@ class ShardedLlama(nn.Module):
         return self.lm_head.weight is getattr(self.embed_tokens, "weight", None)
 
     def load_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
-        """Load whole HF-named float32 arrays (``layers.17.mlp.up_proj.weight``); see ``load_weights``."""
+        """Load whole float32 arrays by canonical name; see ``load_weights``."""
         self.load_weights((name, arr.shape, 0, arr) for name, arr in tensors.items())
+
+
+__all__ = ["KVCache", "KV_BLOCK", "RMSNorm", "RotaryEmbedding", "apply_rope", "Attention", "FeedForward", "TransformerBlock",
+           "ShardedTransformer", "native_weight_types"]

