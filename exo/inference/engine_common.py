@@ -1,6 +1,5 @@
-"""Pieces the framework engines share: input checks, the per-request KV cache map, which model
-variants an engine runs, and an engine base class over a sharded model built from a
-``ModelArgs`` (``exo.models.architectures``).
+"""Pieces the framework engines share: input checks, the per-request KV cache map, and an
+engine base class over a sharded model built from a ``ModelArgs`` (``exo.models.architectures``).
 
 Framework-free (numpy only), so an engine module imports its own ML package and nothing else.
 """
@@ -118,54 +117,6 @@ class RequestCaches(Generic[C]):
             return set(self._caches)
 
 
-#: What a model may need beyond the plain Llama block (``exo.models.architectures``), each
-#: with the words a refusal uses.
-FEATURES: dict[str, str] = {
-    "qkv_bias": "bias on q, k and v",
-    "sliding_window": "sliding-window attention",
-    "qk_norm": "QK norm (per-head RMSNorm of q and k)",
-    "sandwich_norm": "post-attention and post-feed-forward norms",
-    "gelu_tanh": "the GELU (tanh) feed-forward",
-    "partial_rotary": "RoPE on part of each head",
-    "longrope": "LongRoPE",
-    "embed_scale": "a scaled token embedding",
-}
-
-
-def model_features(args: ModelArgs) -> set[str]:
-    """The ``FEATURES`` a model needs (from its ``ModelArgs`` alone: no weights are read)."""
-    block = args.block
-    found = {name for name, on in (
-        ("qkv_bias", block.qkv_bias),
-        ("sliding_window", any(args.layer_window)),
-        ("qk_norm", block.qk_norm),
-        ("sandwich_norm", block.sandwich_norm),
-        ("gelu_tanh", block.activation == "gelu_tanh"),
-        ("partial_rotary", args.rope_dim < args.head_dim),
-        ("longrope", any(r.scaling == "longrope" or r.attention_factor != 1.0 for r in args.ropes)),
-        ("embed_scale", args.embed_scale != 1.0),
-    ) if on}
-    if block.activation not in ("silu", "gelu_tanh"):
-        found.add(f"activation {block.activation}")
-    return found
-
-
-def explain_unsupported(engine: str, architectures: frozenset[str], features: frozenset[str], args: ModelArgs) -> str | None:
-    """Why engine ``engine``, which runs ``architectures`` with ``features``, cannot run the model
-    of ``args``, in one line naming the architecture and what is missing; None when it can."""
-    needed = model_features(args) - features
-    missing = [f for f in FEATURES if f in needed] + sorted(needed - FEATURES.keys())
-    what = ", ".join(FEATURES.get(f, f) for f in missing)
-    if args.architecture not in architectures:
-        runs = ", ".join(sorted(architectures))
-        if missing:
-            return f"the {engine} engine cannot run {args.architecture} models: {what} not implemented (it runs {runs})"
-        return f"the {engine} engine does not run {args.architecture} models (it runs {runs})"
-    if missing:
-        return f"the {engine} engine cannot run this {args.architecture} model: {what} not implemented"
-    return None
-
-
 class ShardedModel(Protocol):
     """What ``ShardedModelEngine`` needs of a framework's sharded model."""
 
@@ -188,8 +139,9 @@ class ShardedModelEngine(InferenceEngine):
     per request (``RequestCaches``), all framework calls on ``executor``'s thread.
 
     Subclasses set ``name``, ``executor`` (one worker thread, shared by the engines of the
-    class: ML frameworks keep global state), ``supported_architectures`` and
-    ``supported_features`` (keys of ``FEATURES``), and implement ``_build_model``.
+    class: ML frameworks keep global state) and ``supported_architectures`` (from
+    ``ENGINE_LIMITS``, which ``unsupported_reason`` reads: peers judge an engine by its name),
+    and implement ``_build_model``.
 
     Args:
         max_requests: most requests holding a KV cache at once; the least recently used is
@@ -199,19 +151,12 @@ class ShardedModelEngine(InferenceEngine):
 
     executor: ThreadPoolExecutor
     supported_architectures: frozenset[str] = frozenset()
-    supported_features: frozenset[str] = frozenset()
 
     def __init__(self, max_requests: int = 64, request_ttl: float = 600.0):
         self._model: ShardedModel | None = None
         self._shard: Shard | None = None
         self._requests: RequestCaches = RequestCaches(max_requests, request_ttl)
         self._load_lock = asyncio.Lock()
-
-    @classmethod
-    def unsupported_reason(cls, args: ModelArgs) -> str | None:
-        """Why this engine cannot run the model of ``args`` (one line naming the architecture
-        and the missing feature), or None when it can. Cheap: reads ``args`` only."""
-        return explain_unsupported(cls.name, cls.supported_architectures, cls.supported_features, args)
 
     def _build_model(self, args: ModelArgs, shard: Shard) -> ShardedModel:
         """An empty model of ``shard`` (runs on the executor thread)."""
