@@ -1,5 +1,5 @@
 """Pieces the framework engines share: input checks, the per-request KV cache map, and an
-engine base class over a sharded Llama.
+engine base class over a sharded model built from a ``ModelArgs`` (``exo.models.architectures``).
 
 Framework-free (numpy only), so an engine module imports its own ML package and nothing else.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
-from exo.models.llama import LlamaArgs
+from exo.models.architectures import ModelArgs, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +118,9 @@ class RequestCaches(Generic[C]):
 
 
 class ShardedModel(Protocol):
-    """What ``ShardedLlamaEngine`` needs of a framework's sharded model."""
+    """What ``ShardedModelEngine`` needs of a framework's sharded model."""
 
-    args: Any
+    args: ModelArgs
     shard: Shard
 
     def new_cache(self) -> Any: ...
@@ -132,12 +132,16 @@ class ShardedModel(Protocol):
     def weight_bytes(self) -> int: ...
 
 
-class ShardedLlamaEngine(InferenceEngine):
-    """An ``InferenceEngine`` over a framework's sharded Llama: loading from GGUF, input checks,
-    one KV cache per request (``RequestCaches``), all framework calls on ``executor``'s thread.
+class ShardedModelEngine(InferenceEngine):
+    """An ``InferenceEngine`` over a framework's sharded model: loading any checkpoint
+    ``exo.models.sources.open_model`` opens (its ``ModelArgs`` and the shard's canonical
+    tensors), refusing the variants the engine does not implement, input checks, one KV cache
+    per request (``RequestCaches``), all framework calls on ``executor``'s thread.
 
-    Subclasses set ``name`` and ``executor`` (one worker thread, shared by the engines of the
-    class: ML frameworks keep global state) and implement ``_build_model``.
+    Subclasses set ``name``, ``executor`` (one worker thread, shared by the engines of the
+    class: ML frameworks keep global state) and ``supported_architectures`` (from
+    ``ENGINE_LIMITS``, which ``unsupported_reason`` reads: peers judge an engine by its name),
+    and implement ``_build_model``.
 
     Args:
         max_requests: most requests holding a KV cache at once; the least recently used is
@@ -146,6 +150,7 @@ class ShardedLlamaEngine(InferenceEngine):
     """
 
     executor: ThreadPoolExecutor
+    supported_architectures: frozenset[str] = frozenset()
 
     def __init__(self, max_requests: int = 64, request_ttl: float = 600.0):
         self._model: ShardedModel | None = None
@@ -153,7 +158,7 @@ class ShardedLlamaEngine(InferenceEngine):
         self._requests: RequestCaches = RequestCaches(max_requests, request_ttl)
         self._load_lock = asyncio.Lock()
 
-    def _build_model(self, args: LlamaArgs, shard: Shard) -> ShardedModel:
+    def _build_model(self, args: ModelArgs, shard: Shard) -> ShardedModel:
         """An empty model of ``shard`` (runs on the executor thread)."""
         raise NotImplementedError
 
@@ -168,6 +173,14 @@ class ShardedLlamaEngine(InferenceEngine):
         return self._shard
 
     async def ensure_shard(self, shard: Shard) -> None:
+        """Load ``shard`` (see ``InferenceEngine.ensure_shard``).
+
+        Raises:
+            UnsupportedModelError: the model is of an architecture or variant this engine does
+                not implement (``unsupported_reason``), or exo reads no such checkpoint.
+            ValueError: ``shard.n_layers`` differs from the model's.
+            exo.models.sources.ModelNotFound, FileNotFoundError: no such model here.
+        """
         async with self._load_lock:
             if self._shard == shard:
                 return
@@ -177,24 +190,26 @@ class ShardedLlamaEngine(InferenceEngine):
             self._requests.clear()
 
     def _load(self, shard: Shard) -> ShardedModel:
-        from exo.models.gguf import load_llama_shard_tensors
-        from exo.models.registry import get_model_card
+        from exo.models.sources import open_model
 
         t0 = time.perf_counter()
-        path = get_model_card(shard.model_id).gguf_path()
-        args = LlamaArgs.from_gguf(path)
+        weights = open_model(shard.model_id)
+        args = weights.args
+        reason = self.unsupported_reason(args)
+        if reason is not None:
+            raise UnsupportedModelError(f"{shard.model_id}: {reason}")
         if args.n_layers != shard.n_layers:
             raise ValueError(f"shard says {shard.n_layers} layers but {shard.model_id} has {args.n_layers}")
         self._model = None  # drop the previous shard's weights before loading the next
         self._requests.clear()
         model = self._build_model(args, shard)
-        tensors = load_llama_shard_tensors(path, shard.start_layer, shard.end_layer, shard.n_layers, args.n_heads, args.n_kv_heads)
+        tensors = weights.load_shard(shard.start_layer, shard.end_layer)
         model.load_tensors(tensors)
         del tensors
         t1 = time.perf_counter()
         self._after_load(model)
-        logger.info("loaded %s layers %d-%d on %s in %.1f s (+%.1f s warming up), %.1f MiB of weights",
-                    shard.model_id, shard.start_layer, shard.end_layer, self._describe(),
+        logger.info("loaded %s (%s) layers %d-%d on %s in %.1f s (+%.1f s warming up), %.1f MiB of weights",
+                    shard.model_id, args.architecture, shard.start_layer, shard.end_layer, self._describe(),
                     t1 - t0, time.perf_counter() - t1, model.weight_bytes() / 2**20)
         return model
 

@@ -126,6 +126,17 @@ ENGINE_LIMITS: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
 }
 
 
+#: The words a refusal uses for each feature of ``model_features``.
+FEATURE_NAMES = {
+    "qk_norm": "QK norm (per-head RMSNorm of q and k)",
+    "sandwich_norm": "post-attention and post-feed-forward norms",
+    "gelu_tanh": "the GELU (tanh) feed-forward",
+    "partial_rotary": "RoPE on part of each head",
+    "longrope": "LongRoPE",
+    "embed_scale": "a scaled token embedding",
+}
+
+
 def model_features(args: "ModelArgs") -> set[str]:
     """The variant features a model of ``args`` uses (names of ``ENGINE_LIMITS``)."""
     features = set()
@@ -145,7 +156,8 @@ def model_features(args: "ModelArgs") -> set[str]:
 
 
 def unsupported_reason(engine: str, args: "ModelArgs | None", architecture: str | None = None) -> str | None:
-    """Why engine ``engine`` cannot run a model (None: it can, or the engine is unknown).
+    """Why engine ``engine`` cannot run a model (None: it can, or the engine is unknown), in one
+    line naming the architecture and, when ``args`` are known, the features the engine lacks.
 
     Args:
         engine: an engine name ("" or an unknown name: assumed able).
@@ -157,11 +169,12 @@ def unsupported_reason(engine: str, args: "ModelArgs | None", architecture: str 
         return None
     archs, missing = limits
     arch = args.architecture if args is not None else architecture
+    lacking = ", ".join(FEATURE_NAMES.get(f, f) for f in sorted(model_features(args) & missing)) if args is not None else ""
     if archs is not None and arch is not None and arch not in archs:
-        return f"the {engine} engine does not run the {arch} architecture (it runs {', '.join(sorted(archs))})"
-    lacking = sorted(model_features(args) & missing) if args is not None else []
+        why = f": {lacking} not implemented" if lacking else ""
+        return f"the {engine} engine does not run the {arch} architecture (it runs {', '.join(sorted(archs))}){why}"
     if lacking:
-        return f"the {engine} engine does not implement {', '.join(lacking)} ({arch})"
+        return f"the {engine} engine does not implement {lacking} ({arch})"
     return None
 
 

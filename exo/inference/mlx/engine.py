@@ -1,4 +1,4 @@
-"""The MLX InferenceEngine: a ShardedLlama in MLX plus one KV cache per request.
+"""The MLX InferenceEngine: a ShardedModel in MLX plus one KV cache per request.
 
 Environment (install with ``pip install -e .[mlx]``): Metal on Apple silicon; on Linux the
 ``mlx[cpu]`` wheel, which this package speeds up with the system OpenBLAS (see
@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import exo.inference.mlx as exo_mlx  # noqa: F401  (loads OpenBLAS before mlx.core on Linux)
 import mlx.core as mx
 
-from exo.inference.engine_common import ShardedLlamaEngine
-from exo.inference.mlx.model import ShardedLlama
+from exo.inference.engine_common import ShardedModelEngine
+from exo.inference.inference_engine import ENGINE_LIMITS
+from exo.inference.mlx.model import ShardedModel
 from exo.inference.shard import Shard
-from exo.models.llama import LlamaArgs
+from exo.models.architectures import ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ logger = logging.getLogger(__name__)
 _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-engine")
 
 
-class MLXInferenceEngine(ShardedLlamaEngine):
-    """Runs a shard of a Llama model with MLX, in float32 (see ``exo.inference.mlx.model``).
+class MLXInferenceEngine(ShardedModelEngine):
+    """Runs a shard of a llama, mistral or qwen2 model with MLX, in float32 (see
+    ``exo.inference.mlx.model``); ``unsupported_reason`` says why it cannot run another.
 
     Args:
         max_requests: most requests holding a KV cache at once; the least recently used is
@@ -35,10 +37,11 @@ class MLXInferenceEngine(ShardedLlamaEngine):
 
     name = "mlx"
     executor = _EXECUTOR
+    supported_architectures = ENGINE_LIMITS["mlx"][0]
 
     def _describe(self) -> str:
         blas = f", BLAS {exo_mlx.blas_library}" if exo_mlx.blas_library else ""
         return f"mlx {mx.__version__} {mx.default_device()}{blas}"
 
-    def _build_model(self, args: LlamaArgs, shard: Shard) -> ShardedLlama:
-        return ShardedLlama(args, shard)
+    def _build_model(self, args: ModelArgs, shard: Shard) -> ShardedModel:
+        return ShardedModel(args, shard)

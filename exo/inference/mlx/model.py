@@ -1,13 +1,15 @@
-"""A sharded Llama transformer in MLX, the same math as ``exo.inference.torch.model``.
+"""A sharded decoder-only transformer in MLX, built from a ``ModelArgs``: the block of
+``exo.models.architectures`` (Llama, Touvron et al. 2023, arXiv:2302.13971) with the switches
+this engine implements: bias on q, k, v (Qwen2) and sliding-window attention per layer
+(Mistral). Pre-norm RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), rotary position
+embeddings (Su et al. 2021, RoFormer, arXiv:2104.09864) in the HF "rotate half" layout with the
+frequencies of ``Rope.inv_freq`` (Llama 3.1 scaling included), grouped-query attention (Ainslie
+et al. 2023, arXiv:2305.13245), a SwiGLU feed-forward (Shazeer 2020, arXiv:2002.05202). Float32.
 
-Architecture: Llama (Touvron et al. 2023, arXiv:2302.13971): pre-norm RMSNorm (Zhang & Sennrich
-2019, arXiv:1910.07467), rotary position embeddings (Su et al. 2021, RoFormer, arXiv:2104.09864)
-in the HF "rotate half" layout, grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245)
-and a SwiGLU feed-forward (Shazeer 2020, arXiv:2002.05202).
-
-A ``ShardedLlama`` holds only layers ``[shard.start_layer, shard.end_layer]``; the token
-embedding only on the first shard, the final norm and output head only on the last. MLX is
-lazy: a step builds the graph of the whole shard and ``mx.eval`` runs it once.
+A ``ShardedModel`` holds only layers ``[shard.start_layer, shard.end_layer]``; the token
+embedding only on the first shard, the final norm and output head (the embedding array itself
+when tied) only on the last. MLX is lazy: a step builds the graph of the whole shard and
+``mx.eval`` runs it once.
 
 No ``mx.compile``: on the Linux CPU build, compiling the feed-forward (the part of a decode
 step with no KV cache state) measured within noise (~160 vs ~155 ms per token, 30 layers), and
@@ -17,29 +19,15 @@ element-wise ops may pay; measure there before adding it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from exo.inference.shard import Shard
-from exo.models.llama import LlamaArgs
+from exo.models.architectures import ModelArgs, Rope
 
 CACHE_STEP = 256  # tokens; a request's KV cache grows by whole steps (as mlx-lm's KVCache)
-
-# HF names of one layer's weights.
-LAYER_WEIGHTS = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
 
 
 class KVCache:
@@ -85,12 +73,13 @@ class ShardCache:
         self.offset = 0
 
 
-def rope_tables(head_dim: int, theta: float, length: int) -> tuple[mx.array, mx.array]:
-    """RoPE cos, sin tables (length, head_dim) float32, computed in float64 like the torch engine."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    freqs = np.outer(np.arange(length, dtype=np.float64), inv_freq)
+def rope_tables(rope: Rope, head_dim: int, length: int) -> tuple[mx.array, mx.array]:
+    """RoPE cos, sin tables (length, head_dim) float32 of ``rope`` over a whole head, computed
+    in float64."""
+    freqs = np.outer(np.arange(length, dtype=np.float64), rope.inv_freq(head_dim))
     emb = np.concatenate([freqs, freqs], axis=-1)
-    return mx.array(np.cos(emb).astype(np.float32)), mx.array(np.sin(emb).astype(np.float32))
+    cos, sin = np.cos(emb) * rope.attention_factor, np.sin(emb) * rope.attention_factor
+    return mx.array(cos.astype(np.float32)), mx.array(sin.astype(np.float32))
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -98,43 +87,68 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps) * weight
 
 
+def silu(x: mx.array) -> mx.array:
+    """SiLU (Hendrycks & Gimpel 2016, arXiv:1606.08415): x * sigmoid(x)."""
+    return x * mx.sigmoid(x)
+
+
 def _rotate_half(x: mx.array) -> mx.array:
     half = x.shape[-1] // 2
     return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-class TransformerBlock:
-    """One Llama layer over a dict of its weights (HF names, see ``LAYER_WEIGHTS``)."""
+def _linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    y = x @ weight.T
+    return y if bias is None else y + bias
 
-    def __init__(self, args: LlamaArgs, weights: dict[str, mx.array]):
-        self.args, self.w = args, weights
-        self.scale = 1.0 / math.sqrt(args.head_dim)
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, cache: KVCache) -> mx.array:
+class Block:
+    """One layer over a dict of its weights (canonical keys: ``ModelArgs.layer_shapes``).
+
+    Args:
+        window: the layer's sliding window (a query sees itself and the window - 1 keys
+            before it), 0 for full causal attention.
+        rope: the layer's RoPE (cos, sin) tables (max_len, head_dim).
+    """
+
+    def __init__(self, args: ModelArgs, weights: dict[str, mx.array], window: int, rope: tuple[mx.array, mx.array]):
+        self.args, self.w, self.window = args, weights, window
+        self.cos, self.sin = rope
+
+    def __call__(self, x: mx.array, position: int, cache: KVCache) -> mx.array:
         a, w = self.args, self.w
         b, t, _ = x.shape  # (B, T, hidden)
-        h = rms_norm(x, w["input_layernorm.weight"], a.rms_norm_eps)
-        q = (h @ w["self_attn.q_proj.weight"].T).reshape(b, t, a.n_heads, a.head_dim).transpose(0, 2, 1, 3)  # (B, n_heads, T, hd)
-        k = (h @ w["self_attn.k_proj.weight"].T).reshape(b, t, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, T, hd)
-        v = (h @ w["self_attn.v_proj.weight"].T).reshape(b, t, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)
+        h = rms_norm(x, w["attn_norm"], a.rms_norm_eps)
+        q = _linear(h, w["q"], w.get("q_bias")).reshape(b, t, a.n_heads, a.head_dim).transpose(0, 2, 1, 3)  # (B, n_heads, T, hd)
+        k = _linear(h, w["k"], w.get("k_bias")).reshape(b, t, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, T, hd)
+        v = _linear(h, w["v"], w.get("v_bias")).reshape(b, t, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)
+        cos, sin = self.cos[position:position + t], self.sin[position:position + t]  # (T, hd)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.update_and_fetch(k, v)  # (B, n_kv, past + T, hd)
-        # "causal" is aligned lower-right: query i sees keys [0, past + i]
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask="causal" if t > 1 else None)
-        x = x + out.transpose(0, 2, 1, 3).reshape(b, t, a.n_heads * a.head_dim) @ w["self_attn.o_proj.weight"].T
-        h = rms_norm(x, w["post_attention_layernorm.weight"], a.rms_norm_eps)
-        gate = h @ w["mlp.gate_proj.weight"].T
-        return x + (nn_silu(gate) * (h @ w["mlp.up_proj.weight"].T)) @ w["mlp.down_proj.weight"].T
+        keys, values = cache.update_and_fetch(k, v)  # (B, n_kv, position + T, hd)
+        keys, values, mask = self._visible(keys, values, position, t)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=a.attn_scale, mask=mask)
+        x = x + out.transpose(0, 2, 1, 3).reshape(b, t, a.n_heads * a.head_dim) @ w["o"].T
+        h = rms_norm(x, w["ffn_norm"], a.rms_norm_eps)
+        return x + (silu(h @ w["gate"].T) * (h @ w["up"].T)) @ w["down"].T
+
+    def _visible(self, keys: mx.array, values: mx.array, position: int, t: int) -> tuple[mx.array, mx.array, Any]:
+        """The keys and values the queries at ``[position, position + t)`` may see, and the
+        mask ``mx.fast.scaled_dot_product_attention`` takes for them."""
+        if not self.window:
+            # "causal" is aligned lower-right: query i sees keys [0, position + i]
+            return keys, values, ("causal" if t > 1 else None)
+        first = max(0, position - self.window + 1)  # no query sees a key before this
+        keys, values = keys[..., first:, :], values[..., first:, :]
+        if t == 1:
+            return keys, values, None
+        query = mx.arange(position, position + t)[:, None]  # (T, 1)
+        key = mx.arange(first, position + t)[None, :]  # (1, position + T - first)
+        return keys, values, (key <= query) & (key > query - self.window)
 
 
-def nn_silu(x: mx.array) -> mx.array:
-    """SiLU (Hendrycks & Gimpel 2016, arXiv:1606.08415): x * sigmoid(x)."""
-    return x * mx.sigmoid(x)
-
-
-class ShardedLlama:
-    """Layers ``[shard.start_layer, shard.end_layer]`` of a Llama model in MLX.
+class ShardedModel:
+    """Layers ``[shard.start_layer, shard.end_layer]`` of the model ``args`` describes, in MLX.
 
     ``__call__(x, cache)``:
         x: token ids (1, T) int on the first shard, else hidden states (1, T, hidden) float32.
@@ -143,50 +157,48 @@ class ShardedLlama:
     last position (vocab,).
     """
 
-    def __init__(self, args: LlamaArgs, shard: Shard):
+    def __init__(self, args: ModelArgs, shard: Shard):
         if shard.n_layers != args.n_layers:
             raise ValueError(f"shard has n_layers={shard.n_layers} but the model has {args.n_layers}")
+        extra = set(args.block.layer_keys()) - _KEYS
+        if extra:
+            raise ValueError(f"layers with {sorted(extra)} are not implemented")
         self.args, self.shard = args, shard
-        self.embed_tokens: mx.array | None = None  # (vocab, hidden)
-        self.layers: list[TransformerBlock] = []
-        self.norm: mx.array | None = None
-        self.lm_head: mx.array | None = None  # (vocab, hidden)
-        self.cos, self.sin = rope_tables(args.head_dim, args.rope_theta, args.max_seq_len)
+        self.layer_ids = range(shard.start_layer, shard.end_layer + 1)
+        self.embed: mx.array | None = None  # (vocab, hidden)
+        self.layers: list[Block] = []
+        self.output_norm: mx.array | None = None
+        self.output: mx.array | None = None  # (vocab, hidden)
+        used = sorted({args.layer_rope[i] for i in self.layer_ids})
+        self.ropes = {r: rope_tables(args.ropes[r], args.head_dim, args.max_seq_len) for r in used}
 
     def new_cache(self) -> ShardCache:
         return ShardCache(self.shard.n_shard_layers)
 
     def __call__(self, x: np.ndarray, cache: ShardCache) -> np.ndarray:
         position, t = cache.offset, x.shape[1]
-        if self.embed_tokens is not None:
-            h = self.embed_tokens[mx.array(np.asarray(x, dtype=np.int32))]  # (1, T, hidden)
+        if self.embed is not None:
+            h = self.embed[mx.array(np.asarray(x, dtype=np.int32))]  # (1, T, hidden)
         else:
             h = mx.array(np.asarray(x, dtype=np.float32))
-        cos, sin = self.cos[position:position + t], self.sin[position:position + t]  # (T, head_dim)
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, cos, sin, layer_cache)
-        if self.lm_head is not None:
-            h = rms_norm(h[:, -1, :], self.norm, self.args.rms_norm_eps) @ self.lm_head.T  # (1, vocab)
+            h = layer(h, position, layer_cache)
+        if self.output is not None:
+            h = rms_norm(h[:, -1, :], self.output_norm, self.args.rms_norm_eps) @ self.output.T  # (1, vocab)
         mx.eval(h, *[a for c in cache.layers for a in (c.keys, c.values)])
         cache.offset = position + t
         out = np.array(h)
-        return out[0] if self.lm_head is not None else out
+        return out[0] if self.output is not None else out
 
     def load_tensors(self, tensors: dict[str, Any]) -> None:
-        """Load HF-named float32 arrays (layer names global, e.g. ``layers.17.mlp.up_proj.weight``).
+        """Load the shard's float32 arrays by canonical name (``layers.{i}.{key}`` with ``i``
+        global, ``embed``, ``output_norm``, ``output``: ``ModelWeights.load_shard``).
 
         Raises:
             KeyError: a weight of the shard has no tensor (named in the message).
             ValueError: a tensor's shape differs from the weight's (both named).
         """
         a, shard = self.args, self.shard
-        h, i, hd = a.hidden_size, a.intermediate_size, a.head_dim
-        shapes = {
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (a.n_heads * hd, h), "self_attn.k_proj.weight": (a.n_kv_heads * hd, h),
-            "self_attn.v_proj.weight": (a.n_kv_heads * hd, h), "self_attn.o_proj.weight": (h, a.n_heads * hd),
-            "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
-        }
 
         def get(name: str, shape: tuple[int, ...]) -> mx.array:
             if name not in tensors:
@@ -196,22 +208,27 @@ class ShardedLlama:
                 raise ValueError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
             return mx.array(np.asarray(arr, dtype=np.float32))
 
-        layers = [TransformerBlock(a, {n: get(f"layers.{li}.{n}", shapes[n]) for n in LAYER_WEIGHTS})
-                  for li in range(shard.start_layer, shard.end_layer + 1)]
+        shapes = a.layer_shapes()
+        layers = [Block(a, {k: get(f"layers.{i}.{k}", s) for k, s in shapes.items()}, a.layer_window[i],
+                        self.ropes[a.layer_rope[i]]) for i in self.layer_ids]
         if shard.is_first_layer:
-            self.embed_tokens = get("embed_tokens.weight", (a.vocab_size, h))
+            self.embed = get("embed", (a.vocab_size, a.hidden_size))
         if shard.is_last_layer:
-            self.norm = get("norm.weight", (h,))
-            if shard.is_first_layer and tensors.get("lm_head.weight") is tensors.get("embed_tokens.weight"):
-                self.lm_head = self.embed_tokens  # tied embeddings: one copy in memory
+            self.output_norm = get("output_norm", (a.hidden_size,))
+            if shard.is_first_layer and tensors.get("output") is tensors.get("embed"):
+                self.output = self.embed  # tied head: one copy in memory
             else:
-                self.lm_head = get("lm_head.weight", (a.vocab_size, h))
+                self.output = get("output", (a.vocab_size, a.hidden_size))
         self.layers = layers
         mx.eval(*[w for layer in layers for w in layer.w.values()],
-                *[w for w in (self.embed_tokens, self.norm, self.lm_head) if w is not None])
+                *[w for w in (self.embed, self.output_norm, self.output) if w is not None])
 
     def weight_bytes(self) -> int:
         """Bytes of weights held."""
         arrays = {id(w): w for layer in self.layers for w in layer.w.values()}
-        arrays.update({id(w): w for w in (self.embed_tokens, self.norm, self.lm_head) if w is not None})
+        arrays.update({id(w): w for w in (self.embed, self.output_norm, self.output) if w is not None})
         return sum(w.nbytes for w in arrays.values())
+
+
+#: The layer tensors ``Block`` knows.
+_KEYS = frozenset(("attn_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "ffn_norm", "gate", "up", "down"))

@@ -1,4 +1,4 @@
-"""The tinygrad InferenceEngine: a ShardedLlama in tinygrad plus one KV cache per request.
+"""The tinygrad InferenceEngine: a ShardedModel in tinygrad plus one KV cache per request.
 
 Environment (install with ``pip install -e .[tinygrad]``):
     - tinygrad 0.14. Its device comes from tinygrad's own ``DEV`` variable (default: the best
@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tinygrad import Device
 
-from exo.inference.engine_common import ShardedLlamaEngine
+from exo.inference.engine_common import ShardedModelEngine
+from exo.inference.inference_engine import ENGINE_LIMITS
 from exo.inference.shard import Shard
-from exo.inference.tinygrad.model import ShardedLlama
-from exo.models.llama import LlamaArgs
+from exo.inference.tinygrad.model import ShardedModel
+from exo.models.architectures import ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ def tinygrad_device() -> str:
     return device
 
 
-class TinygradInferenceEngine(ShardedLlamaEngine):
-    """Runs a shard of a Llama model with tinygrad, in float32 (see ``exo.inference.tinygrad.model``).
+class TinygradInferenceEngine(ShardedModelEngine):
+    """Runs a shard of a llama, mistral or qwen2 model with tinygrad, in float32 (see
+    ``exo.inference.tinygrad.model``); ``unsupported_reason`` says why it cannot run another.
 
     Args:
         max_requests: most requests holding a KV cache at once; the least recently used is
@@ -62,6 +64,7 @@ class TinygradInferenceEngine(ShardedLlamaEngine):
 
     name = "tinygrad"
     executor = _EXECUTOR
+    supported_architectures = ENGINE_LIMITS["tinygrad"][0]
 
     def __init__(self, max_requests: int = 64, request_ttl: float = 600.0, warmup: bool = True):
         super().__init__(max_requests, request_ttl)
@@ -71,10 +74,10 @@ class TinygradInferenceEngine(ShardedLlamaEngine):
     def _describe(self) -> str:
         return f"tinygrad {self.device}"
 
-    def _build_model(self, args: LlamaArgs, shard: Shard) -> ShardedLlama:
-        return ShardedLlama(args, shard)
+    def _build_model(self, args: ModelArgs, shard: Shard) -> ShardedModel:
+        return ShardedModel(args, shard)
 
-    def _after_load(self, model: ShardedLlama) -> None:
+    def _after_load(self, model: ShardedModel) -> None:
         """Capture the prefill and decode graphs (and the head's) on a scratch KV cache."""
         if not self.warmup:
             return
