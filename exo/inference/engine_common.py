@@ -140,7 +140,7 @@ class ShardedModelEngine(InferenceEngine):
 
     Subclasses set ``name``, ``executor`` (one worker thread, shared by the engines of the
     class: ML frameworks keep global state) and ``supported_architectures`` (from
-    ``ENGINE_LIMITS``, which ``unsupported_reason`` reads: peers judge an engine by its name),
+    ``ENGINE_SUPPORT``, which ``unsupported_reason`` reads: peers judge an engine by its name),
     and implement ``_build_model``.
 
     Args:

@@ -112,22 +112,14 @@ class InferenceEngine(ABC):
         """Release resources (threads, device memory)."""
 
 
-#: What each engine lacks of ``exo.models.architectures``: the architectures it runs (None:
-#: all) and the variant features it does not implement. Framework-free, so that every node can
-#: tell which of its peers can run a model (``NodeInfo.engine``) and leave the others out of
-#: that model's ring.
-ENGINE_LIMITS: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
-    "torch": (None, frozenset()),
-    "dummy": (None, frozenset()),
-    "tinygrad": (frozenset({"llama", "mistral", "qwen2"}),
-                 frozenset({"qk_norm", "sandwich_norm", "gelu_tanh", "partial_rotary", "longrope", "embed_scale"})),
-    "mlx": (frozenset({"llama", "mistral", "qwen2"}),
-            frozenset({"qk_norm", "sandwich_norm", "gelu_tanh", "partial_rotary", "longrope", "embed_scale"})),
-}
-
-
-#: The words a refusal uses for each feature of ``model_features``.
+#: The variant features of ``exo.models.architectures`` (``model_features``), with the words a
+#: refusal uses for each.
 FEATURE_NAMES = {
+    "qkv_bias": "bias on q, k and v",
+    "sliding_window": "sliding-window attention",
+    "llama3_rope": "Llama 3.1 RoPE scaling",
+    "linear_rope": "linearly scaled RoPE",
+    "tied_head": "an output head tied to the embedding",
     "qk_norm": "QK norm (per-head RMSNorm of q and k)",
     "sandwich_norm": "post-attention and post-feed-forward norms",
     "gelu_tanh": "the GELU (tanh) feed-forward",
@@ -135,11 +127,31 @@ FEATURE_NAMES = {
     "longrope": "LongRoPE",
     "embed_scale": "a scaled token embedding",
 }
+ALL_FEATURES = frozenset(FEATURE_NAMES)
+
+#: What each engine implements of ``exo.models.architectures``: the architectures it runs and
+#: the variant features it handles; a feature not listed counts as missing, so a new one is
+#: refused until an engine says it has it. Framework-free, so that every node can tell which of
+#: its peers can run a model (``NodeInfo.engine``) and leave the others out of that model's ring.
+ENGINE_SUPPORT: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
+    "torch": (None, ALL_FEATURES),
+    "dummy": (None, ALL_FEATURES),
+    "tinygrad": (frozenset({"llama", "mistral", "qwen2"}), frozenset({"qkv_bias", "sliding_window", "llama3_rope", "linear_rope", "tied_head"})),
+    "mlx": (frozenset({"llama", "mistral", "qwen2"}), frozenset({"qkv_bias", "sliding_window", "llama3_rope", "linear_rope", "tied_head"})),
+}
 
 
 def model_features(args: "ModelArgs") -> set[str]:
-    """The variant features a model of ``args`` uses (names of ``ENGINE_LIMITS``)."""
+    """The variant features a model of ``args`` uses (names of ``FEATURE_NAMES``)."""
     features = set()
+    if args.block.qkv_bias:
+        features.add("qkv_bias")
+    if any(args.layer_window):
+        features.add("sliding_window")
+    if any(r.scaling == "llama3" or r.freq_factors is not None for r in args.ropes):
+        features.add("llama3_rope")
+    if args.tie_word_embeddings:
+        features.add("tied_head")
     if args.block.qk_norm:
         features.add("qk_norm")
     if args.block.sandwich_norm:
@@ -150,6 +162,8 @@ def model_features(args: "ModelArgs") -> set[str]:
         features.add("partial_rotary")
     if any(r.scaling == "longrope" for r in args.ropes):
         features.add("longrope")
+    if any(r.scaling == "linear" for r in args.ropes):
+        features.add("linear_rope")
     if args.embed_scale != 1.0:
         features.add("embed_scale")
     return features
@@ -164,12 +178,13 @@ def unsupported_reason(engine: str, args: "ModelArgs | None", architecture: str 
         args: the model's hyper-parameters, or None when only ``architecture`` is known.
         architecture: the architecture name when ``args`` is None.
     """
-    limits = ENGINE_LIMITS.get(engine)
-    if limits is None:
+    support = ENGINE_SUPPORT.get(engine)
+    if support is None:
         return None
-    archs, missing = limits
+    archs, features = support
     arch = args.architecture if args is not None else architecture
-    lacking = ", ".join(FEATURE_NAMES.get(f, f) for f in sorted(model_features(args) & missing)) if args is not None else ""
+    missing = sorted(model_features(args) - features) if args is not None else []
+    lacking = ", ".join(FEATURE_NAMES.get(f, f.replace("_", " ")) for f in missing)
     if archs is not None and arch is not None and arch not in archs:
         why = f": {lacking} not implemented" if lacking else ""
         return f"the {engine} engine does not run the {arch} architecture (it runs {', '.join(sorted(archs))}){why}"

@@ -14,7 +14,7 @@ import exo.inference.mlx as exo_mlx  # noqa: F401  (loads OpenBLAS before mlx.co
 import mlx.core as mx
 
 from exo.inference.engine_common import ShardedModelEngine
-from exo.inference.inference_engine import ENGINE_LIMITS
+from exo.inference.inference_engine import ENGINE_SUPPORT
 from exo.inference.mlx.model import ShardedModel
 from exo.inference.shard import Shard
 from exo.models.architectures import ModelArgs
@@ -37,7 +37,7 @@ class MLXInferenceEngine(ShardedModelEngine):
 
     name = "mlx"
     executor = _EXECUTOR
-    supported_architectures = ENGINE_LIMITS["mlx"][0]
+    supported_architectures = ENGINE_SUPPORT["mlx"][0]
 
     def _describe(self) -> str:
         blas = f", BLAS {exo_mlx.blas_library}" if exo_mlx.blas_library else ""

@@ -21,7 +21,7 @@ import numpy as np
 from tinygrad import Device
 
 from exo.inference.engine_common import ShardedModelEngine
-from exo.inference.inference_engine import ENGINE_LIMITS
+from exo.inference.inference_engine import ENGINE_SUPPORT
 from exo.inference.shard import Shard
 from exo.inference.tinygrad.model import ShardedModel
 from exo.models.architectures import ModelArgs
@@ -64,7 +64,7 @@ class TinygradInferenceEngine(ShardedModelEngine):
 
     name = "tinygrad"
     executor = _EXECUTOR
-    supported_architectures = ENGINE_LIMITS["tinygrad"][0]
+    supported_architectures = ENGINE_SUPPORT["tinygrad"][0]
 
     def __init__(self, max_requests: int = 64, request_ttl: float = 600.0, warmup: bool = True):
         super().__init__(max_requests, request_ttl)
