@@ -4,7 +4,6 @@ its conftest.py)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import socket
 import uuid
 import inspect

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from exo.models.architectures import (
-    GGUF_GLOBAL, GGUF_LAYER, HF_GLOBAL, Architecture, ModelArgs, UnsupportedModelError, architecture, args_from_gguf,
+    GGUF_GLOBAL, GGUF_LAYER, HF_GLOBAL, ModelArgs, UnsupportedModelError, architecture, args_from_gguf,
     args_from_hf_config, layer_name, parse_layer_name,
 )
 from exo.models.gguf import BF16, DEQUANTIZABLE, F16, F32, GGUFError, GGUFModel, dequantize, open_gguf, row_bytes, type_name

@@ -108,3 +108,47 @@ async def test_mixed_ring_generates_the_same_token_ids_from_the_torch_node(mixed
     assert await _greedy(mixed_ring["torch"].node, ids) == expected
     for n in mixed_ring.values():
         await wait_for(lambda n=n: not n.node.engine.cached_request_ids(), timeout=10)
+
+
+async def test_a_model_an_engine_cannot_run_leaves_its_node_out_and_topology_says_why(mixed_ring, tmp_path):
+    """A Qwen3 model (QK norm, which tinygrad and MLX do not implement) asked of the tinygrad
+    node: only the torch node holds its layers, /v1/topology names the others with the reason,
+    and the answer equals the torch engine's alone."""
+    import aiohttp
+    from tiny_models import build_hf_model
+
+    model = str(build_hf_model("qwen3", tmp_path / "qwen3"))
+    ids = [5, 17, 99, 200, 33, 8, 150]
+    got = []
+    async for r in mixed_ring["tinygrad"].node.generate(model, ids, GenerationOptions(max_tokens=8, temperature=0.0, stop_token_ids=())):
+        got.extend(r.tokens)
+    card = await mixed_ring["torch"].node.model_card(model)
+    ring = mixed_ring["torch"].node.partition(card)
+    assert [(p.node_id, p.start_layer, p.end_layer) for p in ring] == [(mixed_ring["torch"].node.id, 0, 3)]
+    async with aiohttp.ClientSession() as s, s.get(mixed_ring["tinygrad"].base_url + "/topology") as r:
+        topo = await r.json()
+    left_out = topo["left_out"][model]
+    for name in set(mixed_ring) - {"torch"}:
+        assert "QK norm" in left_out[mixed_ring[name].node.id] and name in left_out[mixed_ring[name].node.id]
+    assert got == await _torch_alone(model, ids, 8)
+
+
+async def _torch_alone(model: str, ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens of the torch engine alone holding every layer (no ring)."""
+    import numpy as np
+
+    from exo.inference.shard import Shard
+    from exo.inference.torch.engine import TorchInferenceEngine
+
+    engine = TorchInferenceEngine()
+    try:
+        shard = Shard(model, 0, 3, 4)
+        out = await engine.infer_tensor("ref", shard, np.array([ids]), 0)
+        tokens, pos = [int(np.argmax(out))], len(ids)
+        while len(tokens) < n:
+            out = await engine.infer_tensor("ref", shard, np.array([[tokens[-1]]]), pos)
+            pos += 1
+            tokens.append(int(np.argmax(out)))
+        return tokens
+    finally:
+        await engine.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest

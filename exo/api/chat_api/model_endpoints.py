@@ -13,7 +13,7 @@ from aiohttp import web
 
 from exo.api.chat_api.models import DownloadInfo, ModelList, ModelObject
 from exo.api.chat_api.state import STATE_KEY, APIState
-from exo.api.chat_api.utils import APIError, download_entry, percent
+from exo.api.chat_api.utils import download_entry, percent
 from exo.models.sources import ModelCard
 
 logger = logging.getLogger(__name__)

@@ -334,7 +334,6 @@ class TorchInferenceEngine(InferenceEngine):
 
     async def _drain(self) -> None:
         """Run the queued decode steps in batches until none is left."""
-        loop = asyncio.get_running_loop()
         while self._pending:
             seen, stable, turns = len(self._pending), 0, 0
             while stable < _GATHER_STABLE_TURNS and seen < self.max_batch and turns < _GATHER_MAX_TURNS:
