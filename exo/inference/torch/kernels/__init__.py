@@ -33,6 +33,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gguf_blocks.cpp")
+#: The test-only emulation of the AVX-512 and AMX intrinsics (``load_emulated_kernels``).
+EMULATION = Path(__file__).with_name("avx512_emulation.h")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -49,7 +51,7 @@ def _cpu_flags() -> str:
 
 
 def _build_name(tag: str) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + platform.machine().encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + EMULATION.read_bytes() + _cpu_flags().encode() + platform.machine().encode()).hexdigest()[:12]
     return f"exo_gguf{tag}_{digest}"
 
 
@@ -106,3 +108,21 @@ def load_portable_kernels():
             torch.ops.exo_gguf_portable.set_threads(torch.get_num_threads())
             _state["portable"] = True
     return torch.ops.exo_gguf_portable
+
+
+def load_emulated_kernels():
+    """The AVX-512 and AMX code paths with their intrinsics emulated in plain C++ (slow; any
+    x86-64 CPU), as ``torch.ops.exo_gguf_emulated``, so that tests cover those paths on a CPU
+    without them. The AMX path is on for every product of ``amx_rows()`` (8) rows or more.
+
+    Raises:
+        RuntimeError, OSError, subprocess.CalledProcessError: the build failed.
+    """
+    import torch
+
+    with _lock:
+        if "emulated" not in _state:
+            _build("_emulated", ("EXO_GGUF_EMULATE_AVX512", "EXO_GGUF_NAMESPACE=exo_gguf_emulated"))
+            torch.ops.exo_gguf_emulated.set_threads(torch.get_num_threads())
+            _state["emulated"] = True
+    return torch.ops.exo_gguf_emulated

@@ -47,16 +47,23 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512F__) && !defined(EXO_GGUF_PORTABLE)
-#define EXO_GGUF_AVX512 1
-#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(EXO_GGUF_EMULATE_AVX512)
+// Tests only: the AVX-512 and AMX paths on any x86-64 CPU, their intrinsics emulated.
+#include "avx512_emulation.h"
+#define EXO_GGUF_AVX512 1
+#define EXO_GGUF_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#elif defined(__AVX512F__) && !defined(EXO_GGUF_PORTABLE)
+#define EXO_GGUF_AVX512 1
 #endif
 // Intel AMX (Advanced Matrix Extensions, Intel SDM vol. 1 ch. 18): the tile unit's bfloat16
 // products for batches of rows (see linear_amx). Built where the compiler targets it
 // (-march=native on such a CPU); used only once the kernel grants the process the tile state.
-#if defined(EXO_GGUF_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+#if !defined(EXO_GGUF_EMULATE_AVX512) && defined(EXO_GGUF_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
     defined(__AVX512VBMI__) && defined(__linux__)
 #define EXO_GGUF_AMX 1
 #include <sys/syscall.h>
@@ -399,6 +406,9 @@ struct TileConfig {  // the 64-byte operand of LDTILECFG, palette 1
 bool amx_permitted() {
   static const bool ok = [] {
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+#ifdef EXO_GGUF_EMULATE_AVX512
+    return true;
+#endif
     return __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return ok;
