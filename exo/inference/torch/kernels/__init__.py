@@ -64,7 +64,7 @@ def _build(tag: str = "", defines: tuple[str, ...] = ()) -> None:
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     cpp_extension.load(name=_build_name(tag), sources=[str(SOURCE)], is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", *(f"-D{d}" for d in defines)],
+                       extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", *(f"-D{d}" for d in defines)],
                        extra_ldflags=["-fopenmp"], verbose=False)
 
 
