@@ -318,6 +318,12 @@ inline __m512i maskz_permutexvar_epi8(__mmask64 k, __m512i idx_, __m512i a_) {
   for (int i = 0; i < 64; ++i) r[i] = (k >> i & 1) ? a[idx[i] & 63] : 0;
   return bits<__m512i>(r);
 }
+inline __m512i permutexvar_epi16(__m512i idx_, __m512i a_) {
+  const u16x32 idx = bits<u16x32>(idx_), a = bits<u16x32>(a_);
+  u16x32 r;
+  for (int i = 0; i < 32; ++i) r[i] = a[idx[i] & 31];
+  return bits<__m512i>(r);
+}
 inline __m256i permutexvar_epi8_256(__m256i idx_, __m256i a_) {
   const u8x32 idx = bits<u8x32>(idx_), a = bits<u8x32>(a_);
   u8x32 r;
@@ -436,6 +442,7 @@ inline void tile_dpbf16ps(int c, int a, int b) {
 #define _mm512_unpackhi_pd exo_emu::unpackhi_pd
 #define _mm512_shuffle_f32x4 exo_emu::shuffle_f32x4
 #define _mm512_maskz_permutexvar_epi8 exo_emu::maskz_permutexvar_epi8
+#define _mm512_permutexvar_epi16 exo_emu::permutexvar_epi16
 #define _mm256_permutexvar_epi8 exo_emu::permutexvar_epi8_256
 #undef _tile_loadd
 #undef _tile_stored

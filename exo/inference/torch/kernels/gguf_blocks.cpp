@@ -299,6 +299,7 @@ struct FQ4_0 {
         q[j + 16][r] = float(b[32 + j * R + r] >> 4);
       }
   }
+  static const uint8_t* nibbles(const uint8_t* b, int64_t) { return b + 32; }  // qs[16][16] of sub-block s
 #ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t, V&& v) { nibble_columns(b + 32, v); }
@@ -334,6 +335,7 @@ struct FQ4_1 {
         q[j + 16][r] = float(b[64 + j * R + r] >> 4);
       }
   }
+  static const uint8_t* nibbles(const uint8_t* b, int64_t) { return b + 64; }  // qs[16][16] of sub-block s
 #ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t, V&& v) { nibble_columns(b + 64, v); }
@@ -502,6 +504,7 @@ struct FQ4_K {
         q[j + 16][r] = float(qs[j * R + r] >> 4);
       }
   }
+  static const uint8_t* nibbles(const uint8_t* b, int64_t s) { return b + 320 + s * 256; }  // qs[16][16] of sub-block s
 #ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t s, V&& v) { nibble_columns(b + 320 + s * 256, v); }
@@ -863,11 +866,10 @@ void sub_block_sums(const float* xp, int64_t M, int64_t K, int64_t sb, float* xs
 // block loses to it (set_amx_rows). F32 and F16 weights (not exact in bfloat16) stay on the
 // float32 path.
 //
-// Q4_1 nibbles are unpacked without arithmetic: the bfloat16 bits 0x4300 | q are 128 + q, so
-// the unit sums x * (128 + q), and the scales subtract 128 * sum_j x[j] again (that sum is
-// taken over hi + lo, the values the unit multiplied, so the offset cancels up to float32
-// rounding). The other types go through their float32 columns (exact small integers, whose
-// bfloat16 bits are the top half of their float32 bits).
+// Nibbles (Q4_0, Q4_1, Q4_K) are unpacked without arithmetic: a byte shuffle puts each into a
+// 16-bit lane, a 16-bit lookup (VPERMW) turns 0..15 into its bfloat16 bits; Q8_0's bytes are
+// converted through float32. The other types go through their float32 columns (exact small
+// integers, whose bfloat16 bits are the top half of their float32 bits).
 constexpr int64_t AMX_ROWS = 16;  // activation rows per tile
 
 struct TileConfig {  // the 64-byte operand of LDTILECFG, palette 1
@@ -903,6 +905,18 @@ void amx_configure(int64_t sb) {
   _tile_loadconfig(&c);
 }
 
+// bfloat16 of 0 .. 31 in the 16-bit lanes: the table of a 16-bit lookup (VPERMW).
+inline __m512i bf16_of_small_integers() {
+  alignas(64) uint16_t t[32];
+  for (int q = 0; q < 32; ++q) {
+    const float f = static_cast<float>(q);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    t[q] = static_cast<uint16_t>(u >> 16);  // exact: q has at most 5 significant bits
+  }
+  return _mm512_load_si512(t);
+}
+
 inline __m512i nibble_pairs_index() {  // byte 2 * (r * 2 + c) of the result <- byte c * 16 + r
   alignas(64) uint8_t idx[64];
   for (int r = 0; r < 16; ++r)
@@ -921,16 +935,18 @@ template <class F>
 inline void amx_unpack(const uint8_t* b, int64_t s, const __m512i& idx, uint16_t* out, float* dq, float* mq) {
   if (s == 0)
     for (int64_t l = 0; l < F::TILE; l += 64) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + l), _MM_HINT_T0);
-  if constexpr (F::kType == 3) {  // Q4_1
-    const __m512 d = load_f16x16(b);
+  if constexpr (F::kType == 2 || F::kType == 3 || F::kType == 12) {  // Q4_0, Q4_1, Q4_K: Q4_1's nibble layout
+    __m512 d, m;
+    F::scales(b, s, d, m);
     _mm512_storeu_ps(dq, d);
-    _mm512_storeu_ps(mq, _mm512_fnmadd_ps(_mm512_set1_ps(128.f), d, load_f16x16(b + 32)));
-    const __m512i low4 = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
+    _mm512_storeu_ps(mq, m);
+    const uint8_t* qs = F::nibbles(b, s);
+    const __m512i low4 = _mm512_set1_epi16(15), bf16 = bf16_of_small_integers();
     for (int64_t p = 0; p < 8; ++p) {  // qs[2p], qs[2p + 1]: inputs 2p, 2p + 1 (low) and 2p + 16, 2p + 17 (high)
-      const __m512i raw = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 + 2 * p * R)));
+      const __m512i raw = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 2 * p * R)));
       const __m512i w = _mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, idx, raw);
-      _mm512_storeu_si512(out + p * 32, _mm512_or_si512(_mm512_and_si512(w, low4), bias));
-      _mm512_storeu_si512(out + (p + 8) * 32, _mm512_or_si512(_mm512_srli_epi16(w, 4), bias));
+      _mm512_storeu_si512(out + p * 32, _mm512_permutexvar_epi16(_mm512_and_si512(w, low4), bf16));
+      _mm512_storeu_si512(out + (p + 8) * 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), bf16));
     }
   } else if constexpr (F::kType == 8) {  // Q8_0
     _mm512_storeu_ps(dq, load_f16x16(b));
@@ -1019,7 +1035,7 @@ void amx_group(const uint8_t* tile0, int64_t tile_row, const uint16_t* xh, const
         float* o = acc + (j * M + mt * AMX_ROWS) * R;
         const float* xs = xsum + mt * AMX_ROWS * U + u;
         const __m512 d = _mm512_load_ps(dq[u % 2][j]);
-        if (with_min || F::kType == 3) {
+        if (with_min) {
           const __m512 m = _mm512_load_ps(mq[u % 2][j]);
           for (int64_t i = 0; i < rows; ++i)
             _mm512_storeu_ps(o + i * R, _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i * U]),
