@@ -223,38 +223,176 @@ inline float f32_at(const uint8_t* p) {
   return f;
 }
 
-#ifdef EXO_GGUF_AVX512
-inline __m512 load_f16x16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline __m512i load_u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m512i load_i8x16(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m512 to_ps(__m512i v) { return _mm512_cvtepi32_ps(v); }
+// 16 lanes, one per row of a tile, as the compiler's generic vectors (GCC and Clang) of the
+// target's register width: one AVX-512 register, two AVX2 ones, four 16-byte ones elsewhere
+// (GCC keeps a vector wider than the target's registers in memory). The arithmetic is plain
+// operators; only the loads that widen bytes, fp16 or bf16 to 32-bit lanes use each
+// instruction set's own conversions (GCC's generic ones go through scalars).
+#if defined(EXO_GGUF_AVX512)
+constexpr int VB = 64;  // bytes per register
+#elif defined(__AVX__)
+constexpr int VB = 32;
+#else
+constexpr int VB = 16;
+#endif
+
+template <class T>
+struct V16 {
+  typedef T reg __attribute__((vector_size(VB)));
+  static constexpr int N = 64 / VB, L = VB / static_cast<int>(sizeof(T));
+  reg p[N];
+
+  static V16 load(const void* src) {
+    V16 v;
+    std::memcpy(v.p, src, 64);
+    return v;
+  }
+  void store(void* dst) const { std::memcpy(dst, p, 64); }
+  static V16 set(T x) {
+    V16 v;
+    for (int i = 0; i < N; ++i) v.p[i] = reg{} + x;
+    return v;
+  }
+  template <class U>
+  V16<U> as() const {  // the same bits
+    V16<U> v;
+    for (int i = 0; i < N; ++i) v.p[i] = (typename V16<U>::reg)p[i];
+    return v;
+  }
+  V16<float> to_f() const {  // integer lanes to float
+    V16<float> v;
+    for (int i = 0; i < N; ++i) v.p[i] = __builtin_convertvector(p[i], typename V16<float>::reg);
+    return v;
+  }
+#define EXO_V16_OP(op)                                                   \
+  friend V16 operator op(V16 a, const V16& b) {                          \
+    for (int i = 0; i < N; ++i) a.p[i] = a.p[i] op b.p[i];               \
+    return a;                                                            \
+  }                                                                      \
+  friend V16 operator op(V16 a, T b) {                                   \
+    for (int i = 0; i < N; ++i) a.p[i] = a.p[i] op b;                    \
+    return a;                                                            \
+  }                                                                      \
+  V16& operator op##=(const V16& b) { return *this = *this op b; }
+  EXO_V16_OP(+)
+  EXO_V16_OP(-)
+  EXO_V16_OP(*)
+#undef EXO_V16_OP
+#define EXO_V16_BITS(op)                                                 \
+  friend V16 operator op(V16 a, const V16& b) {                          \
+    for (int i = 0; i < N; ++i) a.p[i] = a.p[i] op b.p[i];               \
+    return a;                                                            \
+  }                                                                      \
+  friend V16 operator op(V16 a, T b) {                                   \
+    for (int i = 0; i < N; ++i) a.p[i] = a.p[i] op b;                    \
+    return a;                                                            \
+  }
+  EXO_V16_BITS(&)
+  EXO_V16_BITS(|)
+#undef EXO_V16_BITS
+  friend V16 operator>>(V16 a, int n) {
+    for (int i = 0; i < N; ++i) a.p[i] = a.p[i] >> n;
+    return a;
+  }
+  friend V16 operator<<(V16 a, int n) {
+    for (int i = 0; i < N; ++i) a.p[i] = a.p[i] << n;
+    return a;
+  }
+  friend V16 operator-(V16 a) {
+    for (int i = 0; i < N; ++i) a.p[i] = -a.p[i];
+    return a;
+  }
+};
+using vf = V16<float>;
+using vi = V16<int32_t>;
+using vu = V16<uint32_t>;
+
+inline vf vload(const float* p) { return vf::load(p); }
+inline void vstore(float* p, const vf& v) { v.store(p); }
+inline vu load_u32x16(const uint8_t* p) { return vu::load(p); }  // 16 uint32
+inline vf to_f(const vu& v) { return v.as<int32_t>().to_f(); }  // values < 2^31
+inline vf to_f(const vi& v) { return v.to_f(); }
+
+#if defined(EXO_GGUF_AVX512)
+template <class V, class M>
+inline V from_m512(M m) {
+  V v;
+  std::memcpy(v.p, &m, 64);
+  return v;
+}
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vu load_u8x16(const uint8_t* p) { return from_m512<vu>(_mm512_cvtepu8_epi32(load16(p))); }
+inline vi load_i8x16(const uint8_t* p) { return from_m512<vi>(_mm512_cvtepi8_epi32(load16(p))); }
+inline vf load_f16x16(const uint8_t* p) { return from_m512<vf>(_mm512_cvtph_ps(load32(p))); }
+inline vu load_u16x16(const uint8_t* p) { return from_m512<vu>(_mm512_cvtepu16_epi32(load32(p))); }
+#elif defined(__AVX2__) && defined(__F16C__) && !defined(EXO_GGUF_PORTABLE)
+inline __m128i load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+template <class V>
+inline V join(__m256i lo, __m256i hi) {
+  V v;
+  v.p[0] = (typename V::reg)lo;
+  v.p[1] = (typename V::reg)hi;
+  return v;
+}
+inline vu load_u8x16(const uint8_t* p) { return join<vu>(_mm256_cvtepu8_epi32(load8(p)), _mm256_cvtepu8_epi32(load8(p + 8))); }
+inline vi load_i8x16(const uint8_t* p) { return join<vi>(_mm256_cvtepi8_epi32(load8(p)), _mm256_cvtepi8_epi32(load8(p + 8))); }
+inline vf load_f16x16(const uint8_t* p) {
+  vf v;
+  v.p[0] = (vf::reg)_mm256_cvtph_ps(load16(p));
+  v.p[1] = (vf::reg)_mm256_cvtph_ps(load16(p + 16));
+  return v;
+}
+inline vu load_u16x16(const uint8_t* p) {
+  return join<vu>(_mm256_cvtepu16_epi32(load16(p)), _mm256_cvtepu16_epi32(load16(p + 16)));
+}
+#else
+inline vu load_u8x16(const uint8_t* p) {
+  uint32_t v[16];
+  for (int i = 0; i < 16; ++i) v[i] = p[i];
+  return vu::load(v);
+}
+inline vi load_i8x16(const uint8_t* p) {
+  int32_t v[16];
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<int8_t>(p[i]);
+  return vi::load(v);
+}
+inline vf load_f16x16(const uint8_t* p) {
+  float v[16];
+  for (int i = 0; i < 16; ++i) v[i] = f16_at(p + 2 * i);
+  return vf::load(v);
+}
+inline vu load_u16x16(const uint8_t* p) {
+  uint32_t v[16];
+  for (int i = 0; i < 16; ++i) v[i] = u16_at(p + 2 * i);
+  return vu::load(v);
+}
+#endif
+inline vf load_bf16x16(const uint8_t* p) { return (load_u16x16(p) << 16).as<float>(); }
 
 // The 32 columns of a block of nibbles qs[16][16] (byte j of row r at qs[16 j + r]: low nibble
 // input j, high nibble input j + 16), as integers 0..15 in float32: v(j, column).
 template <class V>
 inline void nibble_columns(const uint8_t* qs, V&& v) {
-  const __m512i low4 = _mm512_set1_epi32(15);
   for (int64_t j = 0; j < 16; ++j) {
-    const __m512i q = load_u8x16(qs + j * R);
-    v(j, to_ps(_mm512_and_si512(q, low4)));
-    v(j + 16, to_ps(_mm512_srli_epi32(q, 4)));
+    const vu q = load_u8x16(qs + j * R);
+    v(j, to_f(q & 15));
+    v(j + 16, to_f(q >> 4));
   }
 }
 
 // The same with a fifth bit from qh (16 uint32, one per row: bit i for input i): 0..31.
 template <class V>
 inline void nibble5_columns(const uint8_t* qs, const uint8_t* qh_p, V&& v) {
-  const __m512i low4 = _mm512_set1_epi32(15), bit4 = _mm512_set1_epi32(16);
-  const __m512i qh = _mm512_loadu_si512(qh_p);
-  const __m512i lo4 = _mm512_slli_epi32(qh, 4), hi4 = _mm512_srli_epi32(qh, 12);  // bit j, j + 16 at 4 + j
+  const vu qh = load_u32x16(qh_p);
+  const vu lo4 = qh << 4, hi4 = qh >> 12;  // bit j, j + 16 at 4 + j
   for (int64_t j = 0; j < 16; ++j) {
-    const __m512i q = load_u8x16(qs + j * R);
-    // a | (b & c): ternary-logic table 0xF8
-    v(j, to_ps(_mm512_ternarylogic_epi32(_mm512_and_si512(q, low4), _mm512_srli_epi32(lo4, j), bit4, 0xF8)));
-    v(j + 16, to_ps(_mm512_ternarylogic_epi32(_mm512_srli_epi32(q, 4), _mm512_srli_epi32(hi4, j), bit4, 0xF8)));
+    const vu q = load_u8x16(qs + j * R);
+    v(j, to_f((q & 15) | ((lo4 >> j) & 16)));
+    v(j + 16, to_f((q >> 4) | ((hi4 >> j) & 16)));
   }
 }
-#endif
 
 // ---------------------------------------------------------------------------------------------
 // The block formats. Each is a struct of static members:
@@ -265,12 +403,12 @@ inline void nibble5_columns(const uint8_t* qs, const uint8_t* qh_p, V&& v) {
 //   (else w = d q); kAmx: the integers (or the weights) are exact in bfloat16.
 //   pack(file block, tile block, r): row r's block into the tile block.
 //   weight(b, r, j): weight j < QB of row r of tile block b, computed as gguf-py does.
-//   decode(b, s, q[SB][16], d[16], m[16]): sub-block s as float integers and scales (portable).
-//   AVX-512: columns(b, s, v): v(j, 16 rows of input j of sub-block s as float32), in any
-//   order of j; scales(b, s, d, m).
+//   columns(b, s, v): v(j, the 16 rows' integers (or weights) of input j of sub-block s as
+//   float32), in any order of j; scales(b, s, d, m): the sub-block's d and m of the 16 rows.
 // The kernels' sums per sub-block are d * sum_j q[j] x[j] + m * sum_j x[j], which equal a sum
-// of w[j] x[j] up to float32 rounding (d q is exact in float32 for every integer type: an fp16
-// or fp16-times-6-or-8-bit-integer scale times a <= 8-bit integer).
+// of w[j] x[j] up to float32 rounding; d q + m rounded once is w exactly as gguf-py rounds it
+// (d q is exact in float32 where a minimum follows: an fp16, or fp16 times 6-bit, scale times a
+// <= 5-bit integer; Q6_K's d sc (q - 32) is one product).
 // ---------------------------------------------------------------------------------------------
 
 // Q4_0 (2): file d (fp16), qs[16]; w[j] = d (q[j] - 8), q[j] = qs[j] & 15, q[j + 16] = qs[j] >> 4.
@@ -288,26 +426,14 @@ struct FQ4_0 {
     return j < 16 ? q & 15 : q >> 4;
   }
   static float weight(const uint8_t* b, int64_t r, int64_t j) { return f16_at(b + 2 * r) * float(nib(b, r, j) - 8); }
-  static void decode(const uint8_t* b, int64_t, float (*q)[R], float* d, float* m) {
-    for (int64_t r = 0; r < R; ++r) {
-      d[r] = f16_at(b + 2 * r);
-      m[r] = -8.f * d[r];
-    }
-    for (int64_t j = 0; j < 16; ++j)
-      for (int64_t r = 0; r < R; ++r) {
-        q[j][r] = float(b[32 + j * R + r] & 15);
-        q[j + 16][r] = float(b[32 + j * R + r] >> 4);
-      }
-  }
   static const uint8_t* nibbles(const uint8_t* b, int64_t) { return b + 32; }  // qs[16][16] of sub-block s
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t, V&& v) { nibble_columns(b + 32, v); }
-  static void scales(const uint8_t* b, int64_t, __m512& d, __m512& m) {
+  static void scales(const uint8_t* b, int64_t, vf& d, vf& m) {
     d = load_f16x16(b);
-    m = _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+    m = d * -8.f;
   }
-#endif
+
 };
 
 // Q4_1 (3): file d, m (fp16), qs[16]; w[j] = d q[j] + m. Tile: d[16], m[16] (fp16), qs[16][16].
@@ -324,26 +450,14 @@ struct FQ4_1 {
     const uint8_t q = b[64 + (j % 16) * R + r];
     return f16_at(b + 2 * r) * float(j < 16 ? q & 15 : q >> 4) + f16_at(b + 32 + 2 * r);
   }
-  static void decode(const uint8_t* b, int64_t, float (*q)[R], float* d, float* m) {
-    for (int64_t r = 0; r < R; ++r) {
-      d[r] = f16_at(b + 2 * r);
-      m[r] = f16_at(b + 32 + 2 * r);
-    }
-    for (int64_t j = 0; j < 16; ++j)
-      for (int64_t r = 0; r < R; ++r) {
-        q[j][r] = float(b[64 + j * R + r] & 15);
-        q[j + 16][r] = float(b[64 + j * R + r] >> 4);
-      }
-  }
   static const uint8_t* nibbles(const uint8_t* b, int64_t) { return b + 64; }  // qs[16][16] of sub-block s
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t, V&& v) { nibble_columns(b + 64, v); }
-  static void scales(const uint8_t* b, int64_t, __m512& d, __m512& m) {
+  static void scales(const uint8_t* b, int64_t, vf& d, vf& m) {
     d = load_f16x16(b);
     m = load_f16x16(b + 32);
   }
-#endif
+
 };
 
 // Q5_0 (6): file d (fp16), qh (uint32: bit j the fifth bit of q[j]), qs[16]; w[j] = d (q[j] - 16).
@@ -362,28 +476,13 @@ struct FQ5_0 {
     return (j < 16 ? q & 15 : q >> 4) | ((u32_at(b + 32 + 4 * r) >> j & 1) << 4);
   }
   static float weight(const uint8_t* b, int64_t r, int64_t j) { return f16_at(b + 2 * r) * float(q5(b, r, j) - 16); }
-  static void decode(const uint8_t* b, int64_t, float (*q)[R], float* d, float* m) {
-    uint32_t qh[R];
-    for (int64_t r = 0; r < R; ++r) {
-      d[r] = f16_at(b + 2 * r);
-      m[r] = -16.f * d[r];
-      qh[r] = u32_at(b + 32 + 4 * r);
-    }
-    for (int64_t j = 0; j < 16; ++j)
-      for (int64_t r = 0; r < R; ++r) {
-        const uint32_t x = b[96 + j * R + r];
-        q[j][r] = float((x & 15) | ((qh[r] >> j & 1) << 4));
-        q[j + 16][r] = float((x >> 4) | ((qh[r] >> (j + 16) & 1) << 4));
-      }
-  }
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t, V&& v) { nibble5_columns(b + 96, b + 32, v); }
-  static void scales(const uint8_t* b, int64_t, __m512& d, __m512& m) {
+  static void scales(const uint8_t* b, int64_t, vf& d, vf& m) {
     d = load_f16x16(b);
-    m = _mm512_mul_ps(d, _mm512_set1_ps(-16.f));
+    m = d * -16.f;
   }
-#endif
+
 };
 
 // Q5_1 (7): file d, m (fp16), qh (uint32), qs[16]; w[j] = d q[j] + m.
@@ -403,28 +502,13 @@ struct FQ5_1 {
     const int q5 = (j < 16 ? q & 15 : q >> 4) | ((u32_at(b + 64 + 4 * r) >> j & 1) << 4);
     return f16_at(b + 2 * r) * float(q5) + f16_at(b + 32 + 2 * r);
   }
-  static void decode(const uint8_t* b, int64_t, float (*q)[R], float* d, float* m) {
-    uint32_t qh[R];
-    for (int64_t r = 0; r < R; ++r) {
-      d[r] = f16_at(b + 2 * r);
-      m[r] = f16_at(b + 32 + 2 * r);
-      qh[r] = u32_at(b + 64 + 4 * r);
-    }
-    for (int64_t j = 0; j < 16; ++j)
-      for (int64_t r = 0; r < R; ++r) {
-        const uint32_t x = b[128 + j * R + r];
-        q[j][r] = float((x & 15) | ((qh[r] >> j & 1) << 4));
-        q[j + 16][r] = float((x >> 4) | ((qh[r] >> (j + 16) & 1) << 4));
-      }
-  }
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t, V&& v) { nibble5_columns(b + 128, b + 64, v); }
-  static void scales(const uint8_t* b, int64_t, __m512& d, __m512& m) {
+  static void scales(const uint8_t* b, int64_t, vf& d, vf& m) {
     d = load_f16x16(b);
     m = load_f16x16(b + 32);
   }
-#endif
+
 };
 
 // Q8_0 (8): file d (fp16), qs[32] (int8); w[j] = d qs[j]. Tile: d[16] (fp16), qs[32][16] (int8).
@@ -439,18 +523,12 @@ struct FQ8_0 {
   static float weight(const uint8_t* b, int64_t r, int64_t j) {
     return f16_at(b + 2 * r) * float(static_cast<int8_t>(b[32 + j * R + r]));
   }
-  static void decode(const uint8_t* b, int64_t, float (*q)[R], float* d, float*) {
-    for (int64_t r = 0; r < R; ++r) d[r] = f16_at(b + 2 * r);
-    for (int64_t j = 0; j < 32; ++j)
-      for (int64_t r = 0; r < R; ++r) q[j][r] = float(static_cast<int8_t>(b[32 + j * R + r]));
-  }
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t, V&& v) {
-    for (int64_t j = 0; j < 32; ++j) v(j, to_ps(load_i8x16(b + 32 + j * R)));
+    for (int64_t j = 0; j < 32; ++j) v(j, to_f(load_i8x16(b + 32 + j * R)));
   }
-  static void scales(const uint8_t* b, int64_t, __m512& d, __m512&) { d = load_f16x16(b); }
-#endif
+  static void scales(const uint8_t* b, int64_t, vf& d, vf&) { d = load_f16x16(b); }
+
 };
 
 // Q4_K and Q5_K's 6-bit scale and minimum of sub-block s (0..7) from the 12 packed bytes
@@ -492,28 +570,14 @@ struct FQ4_K {
     const uint8_t q = b[320 + s * 256 + (i % 16) * R + r];
     return d * float(i < 16 ? q & 15 : q >> 4) - m;
   }
-  static void decode(const uint8_t* b, int64_t s, float (*q)[R], float* d, float* m) {
-    for (int64_t r = 0; r < R; ++r) {
-      d[r] = f16_at(b + 2 * r) * float(b[64 + s * R + r]);
-      m[r] = -(f16_at(b + 32 + 2 * r) * float(b[192 + s * R + r]));
-    }
-    const uint8_t* qs = b + 320 + s * 256;
-    for (int64_t j = 0; j < 16; ++j)
-      for (int64_t r = 0; r < R; ++r) {
-        q[j][r] = float(qs[j * R + r] & 15);
-        q[j + 16][r] = float(qs[j * R + r] >> 4);
-      }
-  }
   static const uint8_t* nibbles(const uint8_t* b, int64_t s) { return b + 320 + s * 256; }  // qs[16][16] of sub-block s
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t s, V&& v) { nibble_columns(b + 320 + s * 256, v); }
-  static void scales(const uint8_t* b, int64_t s, __m512& d, __m512& m) {
-    d = _mm512_mul_ps(load_f16x16(b), to_ps(load_u8x16(b + 64 + s * R)));
-    m = _mm512_mul_ps(load_f16x16(b + 32), to_ps(load_u8x16(b + 192 + s * R)));
-    m = _mm512_sub_ps(_mm512_setzero_ps(), m);
+  static void scales(const uint8_t* b, int64_t s, vf& d, vf& m) {
+    d = load_f16x16(b) * to_f(load_u8x16(b + 64 + s * R));
+    m = -(load_f16x16(b + 32) * to_f(load_u8x16(b + 192 + s * R)));
   }
-#endif
+
 };
 
 // Q5_K (13): Q4_K with a fifth bit per weight: file d, dmin, scales[12], qh[32], qs[128]; the
@@ -547,36 +611,20 @@ struct FQ5_K {
     const int q5 = (i < 16 ? q & 15 : q >> 4) | ((u32_at(b + 320 + s * 64 + 4 * r) >> i & 1) << 4);
     return d * float(q5) - m;
   }
-  static void decode(const uint8_t* b, int64_t s, float (*q)[R], float* d, float* m) {
-    uint32_t qh[R];
-    for (int64_t r = 0; r < R; ++r) {
-      d[r] = f16_at(b + 2 * r) * float(b[64 + s * R + r]);
-      m[r] = -(f16_at(b + 32 + 2 * r) * float(b[192 + s * R + r]));
-      qh[r] = u32_at(b + 320 + s * 64 + 4 * r);
-    }
-    const uint8_t* qs = b + 832 + s * 256;
-    for (int64_t j = 0; j < 16; ++j)
-      for (int64_t r = 0; r < R; ++r) {
-        const uint32_t x = qs[j * R + r];
-        q[j][r] = float((x & 15) | ((qh[r] >> j & 1) << 4));
-        q[j + 16][r] = float((x >> 4) | ((qh[r] >> (j + 16) & 1) << 4));
-      }
-  }
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t s, V&& v) { nibble5_columns(b + 832 + s * 256, b + 320 + s * 64, v); }
-  static void scales(const uint8_t* b, int64_t s, __m512& d, __m512& m) { FQ4_K::scales(b, s, d, m); }
-#endif
+  static void scales(const uint8_t* b, int64_t s, vf& d, vf& m) { FQ4_K::scales(b, s, d, m); }
+
 };
 
 // Q6_K (14), super-blocks of 256 in 16 sub-blocks of 16: file ql[128], qh[64], scales[16]
 // (int8), d (fp16); w = d sc[s] (q - 32) with q = 4 low bits | 2 high bits << 4 (ggml's
 // interleaving, see pack). Tile: d[16] (fp16), sc[16][16] (int8), qh[16][16] (uint32: bits 2i,
 // 2i + 1 the high bits of input i of a sub-block), ql[16][8][16] (low nibble: input k, high:
-// input k + 8): 210 bytes per row and 256 weights, as the file. Kernel: m = -32 d sc[s].
+// input k + 8): 210 bytes per row and 256 weights, as the file. Kernel: q - 32 (signed).
 struct FQ6_K {
   static constexpr int64_t kType = 14, QB = 256, SB = 16, FILE = 210, TILE = 3360;
-  static constexpr bool kFloat = false, kMin = true, kAmx = true;
+  static constexpr bool kFloat = false, kMin = false, kAmx = true;
   static constexpr const char* kName = "Q6_K";
   static void pack(const uint8_t* f, uint8_t* t, int64_t r) {
     const uint8_t *ql = f, *qh = f + 128;
@@ -606,40 +654,20 @@ struct FQ6_K {
     const float d = f16_at(b + 2 * r) * float(static_cast<int8_t>(b[32 + s * R + r]));
     return d * float(q6(b, s, r, j % 16) - 32);
   }
-  static void decode(const uint8_t* b, int64_t s, float (*q)[R], float* d, float* m) {
-    uint32_t qh[R];
-    for (int64_t r = 0; r < R; ++r) {
-      d[r] = f16_at(b + 2 * r) * float(static_cast<int8_t>(b[32 + s * R + r]));
-      m[r] = -32.f * d[r];
-      qh[r] = u32_at(b + 288 + s * 64 + 4 * r);
-    }
-    const uint8_t* ql = b + 1312 + s * 128;
-    for (int64_t k = 0; k < 8; ++k)
-      for (int64_t r = 0; r < R; ++r) {
-        const uint32_t x = ql[k * R + r];
-        q[k][r] = float((x & 15) | ((qh[r] >> (2 * k) & 3) << 4));
-        q[k + 8][r] = float((x >> 4) | ((qh[r] >> (2 * k + 16) & 3) << 4));
-      }
-  }
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t s, V&& v) {
-    const __m512i low4 = _mm512_set1_epi32(15), bits45 = _mm512_set1_epi32(0x30);
-    const __m512i qh = _mm512_loadu_si512(b + 288 + s * 64);
+    const vu qh = load_u32x16(b + 288 + s * 64);
     // bits 2k, 2k + 1 (input k) and 2k + 16, 2k + 17 (input k + 8) at 4 + 2k
-    const __m512i lo4 = _mm512_slli_epi32(qh, 4), hi4 = _mm512_srli_epi32(qh, 12);
+    const vu lo4 = qh << 4, hi4 = qh >> 12;
     const uint8_t* ql = b + 1312 + s * 128;
     for (int64_t k = 0; k < 8; ++k) {
-      const __m512i q = load_u8x16(ql + k * R);
-      v(k, to_ps(_mm512_ternarylogic_epi32(_mm512_and_si512(q, low4), _mm512_srli_epi32(lo4, 2 * k), bits45, 0xF8)));
-      v(k + 8, to_ps(_mm512_ternarylogic_epi32(_mm512_srli_epi32(q, 4), _mm512_srli_epi32(hi4, 2 * k), bits45, 0xF8)));
+      const vu q = load_u8x16(ql + k * R);
+      v(k, to_f(((q & 15) | ((lo4 >> (2 * k)) & 0x30)).as<int32_t>() - 32));
+      v(k + 8, to_f(((q >> 4) | ((hi4 >> (2 * k)) & 0x30)).as<int32_t>() - 32));
     }
   }
-  static void scales(const uint8_t* b, int64_t s, __m512& d, __m512& m) {
-    d = _mm512_mul_ps(load_f16x16(b), to_ps(load_i8x16(b + 32 + s * R)));
-    m = _mm512_mul_ps(d, _mm512_set1_ps(-32.f));
-  }
-#endif
+  static void scales(const uint8_t* b, int64_t s, vf& d, vf&) { d = load_f16x16(b) * to_f(load_i8x16(b + 32 + s * R)); }
+
 };
 
 // Unquantized matrices: a tile block holds 32 inputs of 16 rows, w[j][r] (j-major), in the
@@ -654,22 +682,17 @@ struct FFloat {
   }
   static float at(const uint8_t* p) { return type == 0 ? f32_at(p) : type == 1 ? f16_at(p) : bf16_at(p); }
   static float weight(const uint8_t* b, int64_t r, int64_t j) { return at(b + (j * R + r) * bytes); }
-  static void decode(const uint8_t* b, int64_t, float (*q)[R], float*, float*) {
-    for (int64_t j = 0; j < 32; ++j)
-      for (int64_t r = 0; r < R; ++r) q[j][r] = at(b + (j * R + r) * bytes);
-  }
-#ifdef EXO_GGUF_AVX512
   template <class V>
   static void columns(const uint8_t* b, int64_t, V&& v) {
     for (int64_t j = 0; j < 32; ++j) {
       const uint8_t* p = b + j * R * bytes;
-      if constexpr (type == 0) v(j, _mm512_loadu_ps(p));
+      if constexpr (type == 0) v(j, vload(reinterpret_cast<const float*>(p)));
       else if constexpr (type == 1) v(j, load_f16x16(p));
-      else v(j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)));
+      else v(j, load_bf16x16(p));
     }
   }
-  static void scales(const uint8_t*, int64_t, __m512&, __m512&) {}
-#endif
+  static void scales(const uint8_t*, int64_t, vf&, vf&) {}
+
 };
 using FF32 = FFloat<0, 4>;
 using FF16 = FFloat<1, 2>;
@@ -776,59 +799,32 @@ void tile_kernel(const uint8_t* tile, const float* x, const float* xsum, int64_t
   constexpr int64_t NS = F::QB / F::SB;  // sub-blocks per block
   const int64_t G = K / F::QB, S = K / F::SB;
   const float* x0 = x + m0 * K;
-#ifdef EXO_GGUF_AVX512
-  __m512 acc[MB];
-  for (int64_t i = 0; i < mb; ++i) acc[i] = _mm512_setzero_ps();
+  vf acc[MB];
+  for (int64_t i = 0; i < mb; ++i) acc[i] = vf::set(0.f);
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* b = tile + g * F::TILE;
-    for (int64_t l = 0; l < F::TILE; l += 64) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + l), _MM_HINT_T0);
+#if defined(__GNUC__)
+    for (int64_t l = 0; l < F::TILE; l += 64) __builtin_prefetch(b + PREFETCH + l);
+#endif
     for (int64_t s = 0; s < NS; ++s) {
       const float* xs = x0 + g * F::QB + s * F::SB;
-      __m512 sum[MB];
-      for (int64_t i = 0; i < mb; ++i) sum[i] = _mm512_setzero_ps();
-      F::columns(b, s, [&](int64_t j, __m512 q) {
-        for (int64_t i = 0; i < mb; ++i) sum[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(xs[i * K + j]), sum[i]);
+      vf sum[MB];
+      for (int64_t i = 0; i < mb; ++i) sum[i] = vf::set(0.f);
+      F::columns(b, s, [&](int64_t j, vf q) {
+        for (int64_t i = 0; i < mb; ++i) sum[i] += q * xs[i * K + j];
       });
       if constexpr (F::kFloat) {
-        for (int64_t i = 0; i < mb; ++i) acc[i] = _mm512_add_ps(acc[i], sum[i]);
+        for (int64_t i = 0; i < mb; ++i) acc[i] += sum[i];
       } else {
-        __m512 d, m;
+        vf d, m;
         F::scales(b, s, d, m);
-        for (int64_t i = 0; i < mb; ++i) acc[i] = _mm512_fmadd_ps(sum[i], d, acc[i]);
+        for (int64_t i = 0; i < mb; ++i) acc[i] += sum[i] * d;
         if constexpr (F::kMin)
-          for (int64_t i = 0; i < mb; ++i) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[(m0 + i) * S + g * NS + s]), acc[i]);
+          for (int64_t i = 0; i < mb; ++i) acc[i] += m * xsum[(m0 + i) * S + g * NS + s];
       }
     }
   }
-  for (int64_t i = 0; i < mb; ++i) _mm512_storeu_ps(out + i * R, acc[i]);
-#else
-  float acc[MB][R] = {}, sum[MB][R], q[F::SB][R], d[R], m[R];
-  for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* b = tile + g * F::TILE;
-    for (int64_t s = 0; s < NS; ++s) {
-      const float* xs = x0 + g * F::QB + s * F::SB;
-      F::decode(b, s, q, d, m);
-      for (int64_t i = 0; i < mb; ++i)
-        for (int64_t r = 0; r < R; ++r) sum[i][r] = 0.f;
-      for (int64_t j = 0; j < F::SB; ++j)
-        for (int64_t i = 0; i < mb; ++i) {
-          const float xj = xs[i * K + j];
-          for (int64_t r = 0; r < R; ++r) sum[i][r] += q[j][r] * xj;
-        }
-      for (int64_t i = 0; i < mb; ++i) {
-        if constexpr (F::kFloat) {
-          for (int64_t r = 0; r < R; ++r) acc[i][r] += sum[i][r];
-        } else if constexpr (F::kMin) {
-          const float xm = xsum[(m0 + i) * S + g * NS + s];
-          for (int64_t r = 0; r < R; ++r) acc[i][r] += sum[i][r] * d[r] + m[r] * xm;
-        } else {
-          for (int64_t r = 0; r < R; ++r) acc[i][r] += sum[i][r] * d[r];
-        }
-      }
-    }
-  }
-  for (int64_t i = 0; i < mb; ++i) std::memcpy(out + i * R, acc[i], R * sizeof(float));
-#endif
+  for (int64_t i = 0; i < mb; ++i) vstore(out + i * R, acc[i]);
 }
 
 // The tile kernels of a format by number of activation rows (1 .. MB).
@@ -936,10 +932,10 @@ inline void amx_unpack(const uint8_t* b, int64_t s, const __m512i& idx, uint16_t
   if (s == 0)
     for (int64_t l = 0; l < F::TILE; l += 64) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + l), _MM_HINT_T0);
   if constexpr (F::kType == 2 || F::kType == 3 || F::kType == 12) {  // Q4_0, Q4_1, Q4_K: Q4_1's nibble layout
-    __m512 d, m;
+    vf d, m;
     F::scales(b, s, d, m);
-    _mm512_storeu_ps(dq, d);
-    _mm512_storeu_ps(mq, m);
+    vstore(dq, d);
+    vstore(mq, m);
     const uint8_t* qs = F::nibbles(b, s);
     const __m512i low4 = _mm512_set1_epi16(15), bf16 = bf16_of_small_integers();
     for (int64_t p = 0; p < 8; ++p) {  // qs[2p], qs[2p + 1]: inputs 2p, 2p + 1 (low) and 2p + 16, 2p + 17 (high)
@@ -949,7 +945,7 @@ inline void amx_unpack(const uint8_t* b, int64_t s, const __m512i& idx, uint16_t
       _mm512_storeu_si512(out + (p + 8) * 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), bf16));
     }
   } else if constexpr (F::kType == 8) {  // Q8_0
-    _mm512_storeu_ps(dq, load_f16x16(b));
+    vstore(dq, load_f16x16(b));
     const __m256i pairs = _mm256_set_epi8(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
                                           5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t p = 0; p < 16; ++p) {  // qs[2p], qs[2p + 1]
@@ -961,7 +957,7 @@ inline void amx_unpack(const uint8_t* b, int64_t s, const __m512i& idx, uint16_t
   } else {
     (void)idx;
     alignas(64) float cols[F::SB][R];
-    F::columns(b, s, [&](int64_t j, __m512 q) { _mm512_store_ps(cols[j], q); });
+    F::columns(b, s, [&](int64_t j, vf q) { vstore(cols[j], q); });
     for (int64_t p = 0; p < F::SB / 2; ++p) {  // bfloat16 pairs: the top halves of exact float32 values
       const __m512i c0 = _mm512_castps_si512(_mm512_load_ps(cols[2 * p]));
       const __m512i c1 = _mm512_castps_si512(_mm512_load_ps(cols[2 * p + 1]));
@@ -971,10 +967,10 @@ inline void amx_unpack(const uint8_t* b, int64_t s, const __m512i& idx, uint16_t
       _mm512_storeu_ps(dq, _mm512_set1_ps(1.f));
       _mm512_storeu_ps(mq, _mm512_setzero_ps());
     } else {
-      __m512 d, m = _mm512_setzero_ps();
+      vf d, m = vf::set(0.f);
       F::scales(b, s, d, m);
-      _mm512_storeu_ps(dq, d);
-      _mm512_storeu_ps(mq, m);
+      vstore(dq, d);
+      vstore(mq, m);
     }
   }
 }
@@ -1213,24 +1209,19 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
         for (int64_t g = 0; g < K / F::QB; ++g) {
           const uint8_t* b = tp + t * tile_row + g * F::TILE;
           float* o = wp + g * F::QB * N + t * R;  // o[j * N + r]: W[16t + r, QB g + j]
-#ifdef EXO_GGUF_AVX512
           for (int64_t s = 0; s < F::QB / F::SB; ++s) {
             float* os = o + s * F::SB * N;
             if constexpr (F::kFloat) {
-              F::columns(b, s, [&](int64_t j, __m512 q) { _mm512_storeu_ps(os + j * N, q); });
+              F::columns(b, s, [&](int64_t j, vf q) { vstore(os + j * N, q); });
             } else {
-              __m512 d, m = _mm512_setzero_ps();
+              vf d, m = vf::set(0.f);
               F::scales(b, s, d, m);
-              if constexpr (F::kMin)
-                F::columns(b, s, [&](int64_t j, __m512 q) { _mm512_storeu_ps(os + j * N, _mm512_fmadd_ps(q, d, m)); });
+              if constexpr (F::kMin)  // d q + m, one rounding (an FMA where there is one): d q is exact
+                F::columns(b, s, [&](int64_t j, vf q) { vstore(os + j * N, q * d + m); });
               else
-                F::columns(b, s, [&](int64_t j, __m512 q) { _mm512_storeu_ps(os + j * N, _mm512_mul_ps(q, d)); });
+                F::columns(b, s, [&](int64_t j, vf q) { vstore(os + j * N, q * d); });
             }
           }
-#else
-          for (int64_t j = 0; j < F::QB; ++j)
-            for (int64_t r = 0; r < R; ++r) o[j * N + r] = F::weight(b, r, j);
-#endif
         }
     });
   });
