@@ -195,7 +195,6 @@ class WorkerPool {
 };
 
 constexpr int64_t R = 16;   // rows per tile
-constexpr int64_t MB = 8;   // activation rows sharing one decode of a tile
 constexpr int64_t PREFETCH = 2048;  // bytes ahead of the block being read that are prefetched
 
 inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
@@ -307,6 +306,10 @@ using vf = V16<float>;
 using vi = V16<int32_t>;
 using vu = V16<uint32_t>;
 
+// Activation rows sharing one decode of a tile: as many as keep their sums in registers (32
+// AVX-512 registers; 16 AVX2 ones, two per row).
+constexpr int64_t MB = VB == 64 ? 8 : 4;
+
 inline vf vload(const float* p) { return vf::load(p); }
 inline void vstore(float* p, const vf& v) { v.store(p); }
 inline vu load_u32x16(const uint8_t* p) { return vu::load(p); }  // 16 uint32
@@ -407,8 +410,8 @@ inline void nibble5_columns(const uint8_t* qs, const uint8_t* qh_p, V&& v) {
 //   float32), in any order of j; scales(b, s, d, m): the sub-block's d and m of the 16 rows.
 // The kernels' sums per sub-block are d * sum_j q[j] x[j] + m * sum_j x[j], which equal a sum
 // of w[j] x[j] up to float32 rounding; d q + m rounded once is w exactly as gguf-py rounds it
-// (d q is exact in float32 where a minimum follows: an fp16, or fp16 times 6-bit, scale times a
-// <= 5-bit integer; Q6_K's d sc (q - 32) is one product).
+// (d q is exact in float32: an fp16, or fp16 times 6-bit, scale times a <= 5-bit integer), but
+// for Q6_K, whose d sc q may not be: dequantize_t computes its d sc (q - 32) as one product.
 // ---------------------------------------------------------------------------------------------
 
 // Q4_0 (2): file d (fp16), qs[16]; w[j] = d (q[j] - 8), q[j] = qs[j] & 15, q[j + 16] = qs[j] >> 4.
@@ -621,10 +624,10 @@ struct FQ5_K {
 // (int8), d (fp16); w = d sc[s] (q - 32) with q = 4 low bits | 2 high bits << 4 (ggml's
 // interleaving, see pack). Tile: d[16] (fp16), sc[16][16] (int8), qh[16][16] (uint32: bits 2i,
 // 2i + 1 the high bits of input i of a sub-block), ql[16][8][16] (low nibble: input k, high:
-// input k + 8): 210 bytes per row and 256 weights, as the file. Kernel: q - 32 (signed).
+// input k + 8): 210 bytes per row and 256 weights, as the file. Kernel: m = -32 d sc[s].
 struct FQ6_K {
   static constexpr int64_t kType = 14, QB = 256, SB = 16, FILE = 210, TILE = 3360;
-  static constexpr bool kFloat = false, kMin = false, kAmx = true;
+  static constexpr bool kFloat = false, kMin = true, kAmx = true;
   static constexpr const char* kName = "Q6_K";
   static void pack(const uint8_t* f, uint8_t* t, int64_t r) {
     const uint8_t *ql = f, *qh = f + 128;
@@ -657,16 +660,21 @@ struct FQ6_K {
   template <class V>
   static void columns(const uint8_t* b, int64_t s, V&& v) {
     const vu qh = load_u32x16(b + 288 + s * 64);
-    // bits 2k, 2k + 1 (input k) and 2k + 16, 2k + 17 (input k + 8) at 4 + 2k
-    const vu lo4 = qh << 4, hi4 = qh >> 12;
+    // bits 2k, 2k + 1 (input k) and 2k + 16, 2k + 17 (input k + 8) at 4 + 2k, then 2 lower per k
+    vu lo4 = qh << 4, hi4 = qh >> 12;
     const uint8_t* ql = b + 1312 + s * 128;
     for (int64_t k = 0; k < 8; ++k) {
       const vu q = load_u8x16(ql + k * R);
-      v(k, to_f(((q & 15) | ((lo4 >> (2 * k)) & 0x30)).as<int32_t>() - 32));
-      v(k + 8, to_f(((q >> 4) | ((hi4 >> (2 * k)) & 0x30)).as<int32_t>() - 32));
+      v(k, to_f((q & 15) | (lo4 & 0x30)));
+      v(k + 8, to_f((q >> 4) | (hi4 & 0x30)));
+      lo4 = lo4 >> 2;
+      hi4 = hi4 >> 2;
     }
   }
-  static void scales(const uint8_t* b, int64_t s, vf& d, vf&) { d = load_f16x16(b) * to_f(load_i8x16(b + 32 + s * R)); }
+  static void scales(const uint8_t* b, int64_t s, vf& d, vf& m) {
+    d = load_f16x16(b) * to_f(load_i8x16(b + 32 + s * R));
+    m = d * -32.f;
+  }
 
 };
 
@@ -831,9 +839,9 @@ void tile_kernel(const uint8_t* tile, const float* x, const float* xsum, int64_t
 template <class F>
 struct TileKernels {
   using Fn = void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*);
-  static constexpr Fn by_rows[MB + 1] = {nullptr,           tile_kernel<F, 1>, tile_kernel<F, 2>, tile_kernel<F, 3>,
-                                         tile_kernel<F, 4>, tile_kernel<F, 5>, tile_kernel<F, 6>, tile_kernel<F, 7>,
-                                         tile_kernel<F, 8>};
+  static constexpr Fn by_rows[9] = {nullptr,           tile_kernel<F, 1>, tile_kernel<F, 2>, tile_kernel<F, 3>,
+                                    tile_kernel<F, 4>, tile_kernel<F, 5>, tile_kernel<F, 6>, tile_kernel<F, 7>,
+                                    tile_kernel<F, 8>};
 };
 
 // Sums of x (M, K) over each run of `sb` inputs: xsum (M, K / sb).
@@ -1216,7 +1224,9 @@ at::Tensor dequantize_t(const at::Tensor& tiles_in, int64_t qtype, int64_t K) {
             } else {
               vf d, m = vf::set(0.f);
               F::scales(b, s, d, m);
-              if constexpr (F::kMin)  // d q + m, one rounding (an FMA where there is one): d q is exact
+              if constexpr (F::kType == 14)  // Q6_K: d (q - 32), one rounding as gguf-py's
+                F::columns(b, s, [&](int64_t j, vf q) { vstore(os + j * N, (q - 32.f) * d); });
+              else if constexpr (F::kMin)  // d q + m: d q is exact
                 F::columns(b, s, [&](int64_t j, vf q) { vstore(os + j * N, q * d + m); });
               else
                 F::columns(b, s, [&](int64_t j, vf q) { vstore(os + j * N, q * d); });
