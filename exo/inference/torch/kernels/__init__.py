@@ -1,20 +1,22 @@
 """Native CPU kernels of the torch engine, compiled on this machine at first use.
 
-``gguf_blocks.cpp`` multiplies float32 activations by weights kept in the GGUF's own quantized
-blocks (Q4_1, Q8_0), runs a decode step's attention for a whole batch, and a whole shard's
-decode step (every layer: norms, RoPE, attention, SwiGLU) in one call, registered as the torch
-operators ``torch.ops.exo_gguf.{pack, linear, dequantize_rows, dequantize_t, decode_attention,
-decode_layers}`` (see the file's header for the formats); on a CPU with Intel AMX, products
-of ``amx_rows()`` rows or more (batched decode steps, prefill chunks; 8 by default, 0 where
-the path is missing, ``set_amx_rows(n)`` to change, 0 to turn it off) run on the tile unit in
-bfloat16 with each activation split into two parts, within the float32 path's error bound.
+``gguf_blocks.cpp`` multiplies float32 activations by weights kept in the GGUF's own blocks
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, and unquantized F32, F16, BF16), runs a decode
+step's attention for a whole batch (optionally over a sliding window), and a whole shard's
+decode step (every layer of exo's transformer block: norms, q/k norms, RoPE, attention, SwiGLU
+or GeGLU) in one call, registered as the torch operators ``torch.ops.exo_gguf.{pack, linear,
+dequantize_rows, dequantize_t, decode_attention, decode_layers, block_format}`` (see the
+file's header for the formats); on a CPU with Intel AMX, products of ``amx_rows()`` rows or more
+(batched decode steps, prefill chunks; 8 by default, 0 where the path is missing,
+``set_amx_rows(n)`` to change, 0 to turn it off) run on the tile unit in bfloat16 with each
+activation split into two parts, within the float32 path's error bound.
 The kernels run on their own worker threads
 (``set_threads``; as many as torch's intra-op threads when loaded) that spin between calls only
 while some forward pass holds ``set_spin(True)`` (each paired with a ``set_spin(False)``). It is
 built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native
--fopenmp``, sharing torch's own libgomp) into torch's
+-ffp-contract=fast -fopenmp``, sharing torch's own libgomp) into torch's
 extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per
-machine: about 6 s on 2 cores, later loads take milliseconds. The build directory's name
+machine: about 40 s on 2 cores (eleven weight types), later loads take milliseconds. The build directory's name
 carries a hash of the source and of the CPU's instruction-set flags, so a cache shared by
 different machines never hands one a binary built for another.
 """

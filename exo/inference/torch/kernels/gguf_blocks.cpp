@@ -1,33 +1,42 @@
-// Matrix products straight from GGUF quantized weights, in float32, on the CPU.
+// Matrix products straight from GGUF quantized weights, in float32, on the CPU, and a whole
+// decode step of a transformer shard (decode_layers) on them.
 //
-// Source formats (ggml's, ggml-common.h; gguf-py's quants.py dequantizes them the same way), a
-// block of 32 consecutive weights of one row:
-//   Q4_1 (GGML type 3): d (fp16), m (fp16), qs[16];
-//         w[j] = d * (qs[j] & 15) + m and w[j + 16] = d * (qs[j] >> 4) + m for j < 16.
-//   Q8_0 (GGML type 8): d (fp16), qs[32] (int8); w[j] = d * qs[j].
+// Weight types (ggml's block formats, ggml-common.h; gguf-py's quants.py dequantizes them the
+// same way and is the reference): Q4_0 (GGML type 2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8)
+// in blocks of 32 weights of a row; the K-quants Q4_K (12), Q5_K (13), Q6_K (14) in
+// super-blocks of 256; and unquantized F32 (0), F16 (1), BF16 (30). Each type is a struct below
+// (FQ4_0 ... FFloat) with its file layout, its tile layout and the arithmetic of its weights.
 //
 // Tiled layout (what `pack` makes and the other ops take): rows are grouped 16 at a time so
-// that one SIMD lane holds one output row. A matrix (N, K), N a multiple of 16, becomes a uint8
-// tensor (N / 16, G * tile_bytes), G = K / 32 blocks per row; tile (t, g) holds block g of rows
-// 16t .. 16t + 15:
+// that one SIMD lane holds one output row. A matrix (N, K), N a multiple of 16 and K of the
+// type's block (32 or 256), becomes a uint8 tensor (N / 16, K / block * tile_bytes); tile
+// (t, g) holds block g of rows 16t .. 16t + 15, each field of the 16 rows side by side, e.g.
 //   Q4_1: d[16] (fp16), m[16] (fp16), qs[16][16] (qs[j][r]: byte j of row r's block): 320 bytes
-//   Q8_0: d[16] (fp16), qs[32][16] (int8, qs[j][r]): 544 bytes
-// The bytes per weight are the file's (0.625 for Q4_1, 1.0625 for Q8_0).
+//   Q4_K: d[16], dmin[16] (fp16), scales[8][16], mins[8][16] (the 6-bit values unpacked to
+//         bytes), then per 32-weight sub-block Q4_1's nibbles: 2368 bytes
+//   F32:  w[32][16]: 2048 bytes
+// The bytes per weight are the file's (Q4_K and Q5_K: 2.8 and 2.3 % more, their packed 6-bit
+// scales held as bytes).
 //
 // y = x @ W.T keeps activations and accumulation in float32 (llama.cpp instead rounds the
 // activations to 8 bits), so it agrees with a float32 matmul on the dequantized weights up to
-// summation order. Per block: sum_j w[j] x[j] = d * sum_j q[j] x[j] + m * sum_j x[j]. On a CPU
-// with AMX, products of enough rows take the tile unit instead (linear_amx below), in bfloat16
-// with each activation split into two parts, within the same error bound.
+// summation order. Per sub-block: sum_j w[j] x[j] = d * sum_j q[j] x[j] + m * sum_j x[j]. On a
+// CPU with AMX, products of enough rows take the tile unit instead (linear_amx below), in
+// bfloat16 with each activation split into two parts, within the same error bound (every type
+// but F32 and F16, whose weights bfloat16 does not hold exactly).
 // Tiles are split over this library's own worker threads (WorkerPool below) rather than
 // OpenMP's: an idle OpenMP worker keeps spinning for GOMP_SPINCOUNT iterations after each
 // parallel region, which is what bridges the gaps between one forward pass's operations, but
 // also what takes the cores from another node's forward pass on the same machine. These workers
 // spin only while the engine says a forward pass is under way (`set_spin`) and sleep at once
-// after it. `dequantize_t` (the path of long prefills, next to torch's own matmul) runs on
-// torch's OpenMP threads instead (built with -fopenmp, this library shares torch's libgomp).
-// With AVX-512 the inner loops use its intrinsics; elsewhere (or with
-// -DEXO_GGUF_PORTABLE) plain loops that the compiler vectorizes.
+// after it. `pack` and `dequantize_t` (the path of long prefills, next to torch's own matmul)
+// run on torch's OpenMP threads instead (built with -fopenmp, this library shares torch's
+// libgomp).
+// The matrix kernels are written once in the compiler's generic vectors (V16 below: one AVX-512
+// register, two AVX2 ones, or 16-byte ones), with each instruction set's own widening loads
+// (with -DEXO_GGUF_PORTABLE: plain loops); attention and activations use AVX-512 intrinsics
+// where there are, plain loops elsewhere. -DEXO_GGUF_EMULATE_AVX512 (tests only) builds the
+// AVX-512 and AMX paths on any x86-64 CPU with their intrinsics emulated (avx512_emulation.h).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -36,6 +45,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -45,6 +55,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -836,12 +847,14 @@ void tile_kernel(const uint8_t* tile, const float* x, const float* xsum, int64_t
 }
 
 // The tile kernels of a format by number of activation rows (1 .. MB).
+template <class F, int64_t... mb>
+constexpr std::array<void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*), sizeof...(mb) + 1>
+tile_kernels(std::integer_sequence<int64_t, mb...>) {
+  return {nullptr, tile_kernel<F, mb + 1>...};
+}
 template <class F>
 struct TileKernels {
-  using Fn = void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*);
-  static constexpr Fn by_rows[9] = {nullptr,           tile_kernel<F, 1>, tile_kernel<F, 2>, tile_kernel<F, 3>,
-                                    tile_kernel<F, 4>, tile_kernel<F, 5>, tile_kernel<F, 6>, tile_kernel<F, 7>,
-                                    tile_kernel<F, 8>};
+  static constexpr auto by_rows = tile_kernels<F>(std::make_integer_sequence<int64_t, MB>{});
 };
 
 // Sums of x (M, K) over each run of `sb` inputs: xsum (M, K / sb).
