@@ -48,8 +48,12 @@ def random_tiles(n: int, k: int, qtype: int, gen: np.random.Generator) -> torch.
     f = FORMATS[qtype]
     if qtype in (0, 1, 30):  # F32, F16, BF16: normal values
         values = gen.standard_normal((n, k)).astype(np.float32)
-        raw = values.view(np.uint8) if qtype == 0 else (
-            values.astype(np.float16).view(np.uint8) if qtype == 1 else (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8))
+        if qtype == 0:
+            raw = values.view(np.uint8)
+        elif qtype == 1:
+            raw = values.astype(np.float16).view(np.uint8)
+        else:  # bfloat16: the top halves
+            raw = (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     else:
         blocks = gen.integers(0, 256, (n, k // f.block_weights, f.file_block_bytes), dtype=np.uint8)
         for offset in _FP16_SCALES[qtype]:

@@ -91,7 +91,10 @@ BLOCKS = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3, "gemma3": GEMMA3, "phi
 #: Tokens already in each request's cache: a first token, short ones, and more than Gemma's window.
 OFFSETS = [0, 5, 37]
 CAPACITY = 48
-_Q_STD = {Q4_0: 4.6, Q4_1: 4.6, Q5_0: 9.2, Q5_1: 9.2, Q8_0: 74.0, Q4_K: 140.0, Q5_K: 280.0, Q6_K: 500.0, F32: 10.0, F16: 10.0, BF16: 10.0}  # random_blocks: normal values times 10 * scale
+#: About the standard deviation of a type's weights from random_blocks(scale=1) (float types:
+#: normal values times 10).
+_Q_STD = {Q4_0: 4.6, Q4_1: 4.6, Q5_0: 9.2, Q5_1: 9.2, Q8_0: 74.0, Q4_K: 140.0, Q5_K: 280.0, Q6_K: 500.0, F32: 10.0,
+          F16: 10.0, BF16: 10.0}
 
 
 def _matrix(ops, qtype: int, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -196,7 +196,8 @@ def test_python_shape_checks_name_the_type_and_shape():
     assert kernel_supports(Q4_K, 640, 1024) and kernel_supports(Q8_0, 256, 640) and kernel_supports(BF16, 16, 32)
     assert not kernel_supports(Q4_K, 2048, 640)  # Gemma 3's gate is Q5_0 for this reason
     assert not kernel_supports(Q8_0, 100, 640) and not kernel_supports(10, 256, 256)
-    with pytest.raises(ValueError, match=r"Q4_K block weights need rows a multiple of 16 and columns a multiple of 256, got \(2048, 640\)"):
+    with pytest.raises(ValueError, match=r"Q4_K block weights need rows a multiple of 16 and columns a multiple of 256, "
+                                         r"got \(2048, 640\)"):
         GGUFLinear(640, 2048, Q4_K)
     with pytest.raises(ValueError, match="multiple of 16"):
         GGUFLinear(576, 100, Q4_1)

@@ -10,14 +10,14 @@ file's header for the formats); on a CPU with Intel AMX, products of ``amx_rows(
 (batched decode steps, prefill chunks; 8 by default, 0 where the path is missing,
 ``set_amx_rows(n)`` to change, 0 to turn it off) run on the tile unit in bfloat16 with each
 activation split into two parts, within the float32 path's error bound.
-The kernels run on their own worker threads
-(``set_threads``; as many as torch's intra-op threads when loaded) that spin between calls only
-while some forward pass holds ``set_spin(True)`` (each paired with a ``set_spin(False)``). It is
-built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native
--ffp-contract=fast -fopenmp``, sharing torch's own libgomp) into torch's
-extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per
-machine: about 40 s on 2 cores (eleven weight types), later loads take milliseconds. The build directory's name
-carries a hash of the source and of the CPU's instruction-set flags, so a cache shared by
+The kernels run on their own worker threads (``set_threads``; as many as torch's intra-op
+threads when loaded) that spin between calls only while some forward pass holds
+``set_spin(True)`` (each paired with a ``set_spin(False)``). It is built with
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native
+-ffp-contract=fast -fopenmp``, sharing torch's own libgomp) into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per machine: about
+40 s on 2 cores (eleven weight types), later loads take milliseconds. The build directory's
+name carries a hash of the source and of the CPU's instruction-set flags, so a cache shared by
 different machines never hands one a binary built for another.
 """
 
@@ -53,7 +53,8 @@ def _cpu_flags() -> str:
 
 
 def _build_name(tag: str) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + EMULATION.read_bytes() + _cpu_flags().encode() + platform.machine().encode()).hexdigest()[:12]
+    sources = SOURCE.read_bytes() + EMULATION.read_bytes()
+    digest = hashlib.sha256(sources + _cpu_flags().encode() + platform.machine().encode()).hexdigest()[:12]
     return f"exo_gguf{tag}_{digest}"
 
 
