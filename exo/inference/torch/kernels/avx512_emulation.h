@@ -6,8 +6,9 @@
 // flushes denormals), but the same lanes, masks, shuffles and tile layouts, which is what the
 // tests check. Semantics: Intel's Intrinsics Guide and SDM vol. 1 ch. 18 (AMX).
 //
-// Included after <immintrin.h>: each intrinsic name becomes a macro for its emulation below,
-// and the types (__m512, __m512i, ...) stay GCC's own vector types.
+// Included after <immintrin.h>: each intrinsic name becomes a macro for its emulation below
+// (replacing the header's own, where it is a macro), and the types (__m512, __m512i, ...) stay
+// the compiler's own vector types.
 
 #pragma once
 
@@ -383,66 +384,127 @@ inline void tile_dpbf16ps(int c, int a, int b) {
 
 }  // namespace exo_emu
 
+#undef _mm512_setzero_ps
 #define _mm512_setzero_ps exo_emu::setzero_ps
+#undef _mm512_set1_ps
 #define _mm512_set1_ps exo_emu::set1_ps
+#undef _mm512_set1_epi32
 #define _mm512_set1_epi32 exo_emu::set1_epi32
+#undef _mm512_set1_epi16
 #define _mm512_set1_epi16 exo_emu::set1_epi16
+#undef _mm512_setzero_si512
 #define _mm512_setzero_si512 exo_emu::setzero_si512
+#undef _mm512_add_ps
 #define _mm512_add_ps exo_emu::add_ps
+#undef _mm512_sub_ps
 #define _mm512_sub_ps exo_emu::sub_ps
+#undef _mm512_mul_ps
 #define _mm512_mul_ps exo_emu::mul_ps
+#undef _mm512_div_ps
 #define _mm512_div_ps exo_emu::div_ps
+#undef _mm512_min_ps
 #define _mm512_min_ps exo_emu::min_ps
+#undef _mm512_max_ps
 #define _mm512_max_ps exo_emu::max_ps
+#undef _mm512_fmadd_ps
 #define _mm512_fmadd_ps exo_emu::fmadd_ps
+#undef _mm512_fnmadd_ps
 #define _mm512_fnmadd_ps exo_emu::fnmadd_ps
+#undef _mm512_mask_add_ps
 #define _mm512_mask_add_ps exo_emu::mask_add_ps
+#undef _mm512_mask_max_ps
 #define _mm512_mask_max_ps exo_emu::mask_max_ps
+#undef _mm512_reduce_add_ps
 #define _mm512_reduce_add_ps exo_emu::reduce_add_ps
+#undef _mm512_reduce_max_ps
 #define _mm512_reduce_max_ps exo_emu::reduce_max_ps
+#undef _mm512_roundscale_ps
 #define _mm512_roundscale_ps exo_emu::roundscale_ps
+#undef _mm512_scalef_ps
 #define _mm512_scalef_ps exo_emu::scalef_ps
+#undef _mm512_loadu_ps
 #define _mm512_loadu_ps exo_emu::loadu_ps
+#undef _mm512_load_ps
 #define _mm512_load_ps exo_emu::loadu_ps
+#undef _mm512_storeu_ps
 #define _mm512_storeu_ps exo_emu::storeu_ps
+#undef _mm512_store_ps
 #define _mm512_store_ps exo_emu::storeu_ps
+#undef _mm512_loadu_si512
 #define _mm512_loadu_si512 exo_emu::loadu_si512
+#undef _mm512_load_si512
 #define _mm512_load_si512 exo_emu::loadu_si512
+#undef _mm512_storeu_si512
 #define _mm512_storeu_si512 exo_emu::storeu_si512
+#undef _mm512_maskz_loadu_ps
 #define _mm512_maskz_loadu_ps exo_emu::maskz_loadu_ps
+#undef _mm512_mask_storeu_ps
 #define _mm512_mask_storeu_ps exo_emu::mask_storeu_ps
+#undef _mm512_and_si512
 #define _mm512_and_si512 exo_emu::and_si512
+#undef _mm512_or_si512
 #define _mm512_or_si512 exo_emu::or_si512
+#undef _mm512_xor_si512
 #define _mm512_xor_si512 exo_emu::xor_si512
+#undef _mm512_ternarylogic_epi32
 #define _mm512_ternarylogic_epi32 exo_emu::ternarylogic_epi32
+#undef _mm512_add_epi32
 #define _mm512_add_epi32 exo_emu::add_epi32
+#undef _mm512_sub_epi32
 #define _mm512_sub_epi32 exo_emu::sub_epi32
+#undef _mm512_srli_epi32
 #define _mm512_srli_epi32 exo_emu::srli_epi32
+#undef _mm512_slli_epi32
 #define _mm512_slli_epi32 exo_emu::slli_epi32
+#undef _mm512_srai_epi32
 #define _mm512_srai_epi32 exo_emu::srai_epi32
+#undef _mm512_srli_epi16
 #define _mm512_srli_epi16 exo_emu::srli_epi16
+#undef _mm512_slli_epi16
 #define _mm512_slli_epi16 exo_emu::slli_epi16
+#undef _mm512_mask_blend_epi16
 #define _mm512_mask_blend_epi16 exo_emu::mask_blend_epi16
+#undef _mm512_cvtepu8_epi32
 #define _mm512_cvtepu8_epi32 exo_emu::cvtepu8_epi32
+#undef _mm512_cvtepi8_epi32
 #define _mm512_cvtepi8_epi32 exo_emu::cvtepi8_epi32
+#undef _mm512_cvtepu16_epi32
 #define _mm512_cvtepu16_epi32 exo_emu::cvtepu16_epi32
+#undef _mm512_cvtepi16_epi32
 #define _mm512_cvtepi16_epi32 exo_emu::cvtepi16_epi32
+#undef _mm512_cvtepi32_ps
 #define _mm512_cvtepi32_ps exo_emu::cvtepi32_ps
+#undef _mm512_cvtph_ps
 #define _mm512_cvtph_ps exo_emu::cvtph_ps
+#undef _mm512_cvtneps_pbh
 #define _mm512_cvtneps_pbh exo_emu::cvtneps_pbh
+#undef _mm512_cvtne2ps_pbh
 #define _mm512_cvtne2ps_pbh exo_emu::cvtne2ps_pbh
+#undef _mm512_castsi512_ps
 #define _mm512_castsi512_ps exo_emu::castsi512_ps
+#undef _mm512_castps_si512
 #define _mm512_castps_si512 exo_emu::castps_si512
+#undef _mm512_castps_pd
 #define _mm512_castps_pd exo_emu::castps_pd
+#undef _mm512_castpd_ps
 #define _mm512_castpd_ps exo_emu::castpd_ps
+#undef _mm512_castsi256_si512
 #define _mm512_castsi256_si512 exo_emu::castsi256_si512
+#undef _mm512_unpacklo_ps
 #define _mm512_unpacklo_ps exo_emu::unpacklo_ps
+#undef _mm512_unpackhi_ps
 #define _mm512_unpackhi_ps exo_emu::unpackhi_ps
+#undef _mm512_unpacklo_pd
 #define _mm512_unpacklo_pd exo_emu::unpacklo_pd
+#undef _mm512_unpackhi_pd
 #define _mm512_unpackhi_pd exo_emu::unpackhi_pd
+#undef _mm512_shuffle_f32x4
 #define _mm512_shuffle_f32x4 exo_emu::shuffle_f32x4
+#undef _mm512_maskz_permutexvar_epi8
 #define _mm512_maskz_permutexvar_epi8 exo_emu::maskz_permutexvar_epi8
+#undef _mm512_permutexvar_epi16
 #define _mm512_permutexvar_epi16 exo_emu::permutexvar_epi16
+#undef _mm256_permutexvar_epi8
 #define _mm256_permutexvar_epi8 exo_emu::permutexvar_epi8_256
 #undef _tile_loadd
 #undef _tile_stored

@@ -74,9 +74,11 @@
 // Intel AMX (Advanced Matrix Extensions, Intel SDM vol. 1 ch. 18): the tile unit's bfloat16
 // products for batches of rows (see linear_amx). Built where the compiler targets it
 // (-march=native on such a CPU); used only once the kernel grants the process the tile state.
-#if !defined(EXO_GGUF_EMULATE_AVX512) && defined(EXO_GGUF_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+#if !defined(EXO_GGUF_EMULATE_AVX512) && defined(EXO_GGUF_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && \
+    defined(__AVX512BF16__) && defined(__AVX512BW__) && \
     defined(__AVX512VBMI__) && defined(__linux__)
 #define EXO_GGUF_AMX 1
+#include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -904,8 +906,11 @@ bool amx_permitted() {
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
 #ifdef EXO_GGUF_EMULATE_AVX512
     return true;
+#else
+    unsigned eax, ebx, ecx, edx;  // AMX-BF16: CPUID.(EAX=7, ECX=0):EDX[22] (GCC and Clang alike)
+    const bool bf16 = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 22 & 1);
+    return bf16 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #endif
-    return __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return ok;
 }
