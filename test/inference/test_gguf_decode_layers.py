@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf_block_data import dequantized, random_blocks
+from gguf_block_data import dequantized, gemma3_path, random_blocks, smollm2_path
 
 from exo.inference.torch.gguf_weights import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from exo.inference.torch.kernels import gguf_kernels_error, load_emulated_kernels, load_portable_kernels
@@ -249,6 +249,63 @@ def test_decode_layers_equals_the_reference_block(ops, name):
     assert (got[:, 0] - expected).abs().max().item() < 1e-5 * scale, name
     for mine, theirs in zip(k_caches + v_caches, k_ref + v_ref):  # appended: this step's k (normed, rotated) and v
         assert (mine - theirs).abs().max().item() < 1e-5 * max(1.0, theirs.abs().max().item())
+
+
+#: Real layers: (path getter, block, GGUF layer indices). SmolLM2: Llama, Q4_1, q/k/v apart;
+#: Gemma 3 270M Q4_K_M: Q5_0, Q8_0, Q4_K and (layers 0, 1) Q6_K or (layer 2) Q4_K matrices,
+#: here with windows small enough to matter in a short cache.
+REAL = {
+    "smollm2": (smollm2_path, Block(hidden=576, heads=9, kv_heads=3, head_dim=64, inter=1536, rope_bases=(100000.0,),
+                                    layer_types=[{}] * 2), [0, 1]),
+    "gemma3": (gemma3_path, Block(hidden=640, heads=4, kv_heads=1, head_dim=256, inter=2048, qk_norm=True, sandwich=True,
+                                  activation=1, eps=1e-6, attn_scale=256 ** -0.5, windows=[4, 4, 0], layer_rope=[0, 0, 1],
+                                  rope_bases=(10000.0, 1000000.0), layer_types=[{}] * 3), [0, 1, 2]),
+}
+_GGUF_NAMES = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "q_norm": "attn_q_norm",
+               "k_norm": "attn_k_norm", "o": "attn_output", "attn_post_norm": "post_attention_norm", "ffn_norm": "ffn_norm",
+               "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down", "ffn_post_norm": "post_ffw_norm"}
+
+
+def _real_layer(ops, path, layer: int):
+    """A GGUF layer's tensors as decode_layers takes them, its types, and the dense weights."""
+    from exo.models.gguf import open_gguf
+
+    model = open_gguf(path)
+    weights, qtypes, dense = [], [], {}
+    for slot in SLOTS:
+        name = f"blk.{layer}.{_GGUF_NAMES.get(slot, slot)}.weight"
+        if name not in model.tensors:
+            weights.append(torch.empty(0))
+            qtypes.append(-1)
+            continue
+        t = model.tensors[name]
+        raw = np.array(model.raw(name))
+        dense[slot] = torch.from_numpy(dequantized(raw, t.qtype)).reshape(t.shape)
+        weights.append(ops.pack(torch.from_numpy(raw), t.qtype) if slot in MATRICES else dense[slot].contiguous())
+        qtypes.append(t.qtype if slot in MATRICES else -1)
+    return weights, qtypes, dense
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_decode_layers_on_real_layers(ops, name):
+    path, blk, layers = REAL[name]
+    path = path()
+    gen = torch.Generator().manual_seed(3)
+    weights, qtypes, dense = [], [], []
+    for layer in layers:
+        w, t, d = _real_layer(ops, path, layer)
+        weights, qtypes, dense = weights + w, qtypes + t, dense + [d]
+    if name == "gemma3":
+        assert {qtypes[16 * i + 14] for i in range(3)} == {Q6_K, Q4_K} and Q5_0 in qtypes and Q8_0 in qtypes
+    B, L = len(OFFSETS), len(layers)
+    k_caches = [torch.randn(1, blk.kv_heads, CAPACITY, blk.head_dim, generator=gen) for _ in range(L * B)]
+    v_caches = [torch.randn(1, blk.kv_heads, CAPACITY, blk.head_dim, generator=gen) for _ in range(L * B)]
+    offsets = [o for _ in range(L) for o in OFFSETS]
+    x = torch.randn(B, 1, blk.hidden, generator=gen)
+    cos, sin_k, sin = _rope_tables(blk, OFFSETS)
+    expected = _reference(blk, x[:, 0], dense, cos, sin, [c.clone() for c in k_caches], [c.clone() for c in v_caches], offsets)
+    got = _call(ops, blk, x, weights, qtypes, cos, sin_k, k_caches, v_caches, offsets)
+    assert (got[:, 0] - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
 
 
 def test_a_sliding_window_reads_only_its_keys(ops):
