@@ -1,71 +1,178 @@
 """Layers whose weights stay in the GGUF's own quantized blocks, computed in float32 (CPU).
 
 Decode reads every weight once per token, so on a CPU its speed is the bytes of weights over
-memory bandwidth. SmolLM2's GGUF ships the transformer layers as Q4_1 and the embedding (tied
-to the output head) as Q8_0: 0.625 and 1.0625 bytes per weight, against 4 once dequantized to
-float32. ``GGUFLinear`` and ``GGUFEmbedding`` keep those exact weights, repacked 16 rows at a
-time for SIMD (``kernels/gguf_blocks.cpp``), and multiply them by float32 activations with
-float32 accumulation. Unlike llama.cpp, which rounds activations to 8 bits, the result equals a
-float32 matmul on the dequantized weights up to summation order, so the logits stay within the
-1e-3 check against the float32 reference (test/inference/test_gguf_weights.py).
+memory bandwidth. A GGUF file keeps each matrix in one GGML type (a Q4_K_M file mixes Q4_K,
+Q5_0, Q6_K and Q8_0, even per layer); ``GGUFLinear`` and ``GGUFEmbedding`` keep those exact
+weights, repacked 16 rows at a time for SIMD (``kernels/gguf_blocks.cpp``) at about the file's
+bytes per weight (``FORMATS``), and multiply them by float32 activations with float32
+accumulation. Unquantized matrices (F32, F16, BF16: a safetensors checkpoint, or the tensors a
+GGUF keeps unquantized) take the same path. Unlike llama.cpp, which rounds activations to 8
+bits, the result equals a float32 matmul on the dequantized weights up to summation order
+(test/inference/test_gguf_weights.py).
 
 Decode steps and short prompts use the block kernel; prefill chunks of more than
 ``KERNEL_MAX_ROWS`` rows dequantize the matrix to float32 for the duration of the call and use
 torch's matmul, which is faster there.
+
+The model code asks ``kernel_supports(qtype, rows, cols)`` (or ``native_types()``) whether a
+matrix can be held natively, and otherwise holds it dense.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-#: GGML types the kernels take (``gguf.GGMLQuantizationType``).
-Q4_1, Q8_0 = 3, 8
-#: Weights per block, rows per tile, and bytes per tile (16 blocks) of each type.
-BLOCK_WEIGHTS, TILE_ROWS = 32, 16
-FILE_BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
-TILE_BYTES = {Q4_1: 320, Q8_0: 544}
+
+#: GGML type ids (``gguf.GGMLQuantizationType``) the kernels take.
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """How the kernels hold one GGML type (the same facts as ``gguf_blocks.cpp``'s format
+    structs; a test checks them against ``torch.ops.exo_gguf.block_format``).
+
+    Attributes:
+        name: GGML name ("Q4_K").
+        block_weights: weights per block of a row; a matrix's columns must be a multiple.
+        file_block_bytes: bytes of one such block in the file.
+        tile_bytes: bytes of one tile: a block of each of 16 rows, as the kernels hold it.
+        amx: whether products of 8 or more rows may take the AMX tile path (the weights, or
+            their integers, are exact in bfloat16; F32 and F16 are not).
+    """
+
+    name: str
+    block_weights: int
+    file_block_bytes: int
+    tile_bytes: int
+    amx: bool
+
+    @property
+    def file_bytes_per_weight(self) -> float:
+        return self.file_block_bytes / self.block_weights
+
+    @property
+    def bytes_per_weight(self) -> float:
+        """Bytes per weight as the kernels hold the matrix."""
+        return self.tile_bytes / (TILE_ROWS * self.block_weights)
+
+
+#: Rows per tile: a matrix's rows must be a multiple.
+TILE_ROWS = 16
+#: Every type the kernels take, by GGML type id: the one table of per-type facts.
+FORMATS: dict[int, BlockFormat] = {
+    F32: BlockFormat("F32", 32, 128, 2048, False),
+    F16: BlockFormat("F16", 32, 64, 1024, False),
+    BF16: BlockFormat("BF16", 32, 64, 1024, True),
+    Q4_0: BlockFormat("Q4_0", 32, 18, 288, True),
+    Q4_1: BlockFormat("Q4_1", 32, 20, 320, True),
+    Q5_0: BlockFormat("Q5_0", 32, 22, 352, True),
+    Q5_1: BlockFormat("Q5_1", 32, 24, 384, True),
+    Q8_0: BlockFormat("Q8_0", 32, 34, 544, True),
+    Q4_K: BlockFormat("Q4_K", 256, 144, 2368, True),  # + 16 bytes of unpacked 6-bit scales per 256: 2.8 % over the file
+    Q5_K: BlockFormat("Q5_K", 256, 176, 2880, True),  # likewise, 2.3 % over
+    Q6_K: BlockFormat("Q6_K", 256, 210, 3360, True),
+}
+#: Views of FORMATS by field.
+BLOCK_WEIGHTS = {q: f.block_weights for q, f in FORMATS.items()}
+FILE_BLOCK_BYTES = {q: f.file_block_bytes for q, f in FORMATS.items()}
+TILE_BYTES = {q: f.tile_bytes for q, f in FORMATS.items()}
 #: Largest number of activation rows multiplied by the block kernel; more rows (prefill) go
 #: through a float32 copy of the weights and torch's matmul (faster from about 100 rows on 2
 #: cores: ``python -m bench.gguf_kernels``).
 KERNEL_MAX_ROWS = 96
+#: numpy / torch element types whose arrays ``load_rows`` takes as the file's bytes of a type.
+_ELEMENT_TYPES = {F32: (np.float32, torch.float32), F16: (np.float16, torch.float16), BF16: (None, torch.bfloat16)}
+
+
+def native_types() -> frozenset[int]:
+    """The GGML types the kernels hold natively (``FORMATS``' keys)."""
+    return frozenset(FORMATS)
+
+
+def shape_error(qtype: int, rows: int, cols: int) -> str | None:
+    """Why a (rows, cols) matrix of GGML type ``qtype`` cannot be held natively, or None."""
+    f = FORMATS.get(qtype)
+    if f is None:
+        names = ", ".join(f"{v.name} = {k}" for k, v in sorted(FORMATS.items()))
+        return f"GGML type {qtype} is not supported by the block kernels ({names})"
+    if rows <= 0 or cols <= 0 or rows % TILE_ROWS or cols % f.block_weights:
+        return (f"{f.name} block weights need rows a multiple of {TILE_ROWS} and columns a multiple of "
+                f"{f.block_weights}, got ({rows}, {cols})")
+    return None
 
 
 def kernel_supports(qtype: int, rows: int, cols: int) -> bool:
-    """Whether the kernels can hold a (rows, cols) matrix of GGML type ``qtype``."""
-    return qtype in TILE_BYTES and rows % TILE_ROWS == 0 and cols % BLOCK_WEIGHTS == 0
+    """Whether a (rows, cols) matrix (out_features, in_features) of GGML type ``qtype`` can be
+    held in the kernels' tiles (a supported type, rows a multiple of 16, columns of the type's
+    block: 256 for K-quants, 32 otherwise)."""
+    return shape_error(qtype, rows, cols) is None
 
 
-def _check_shape(qtype: int, out_features: int, in_features: int) -> None:
-    if qtype not in TILE_BYTES:
-        raise ValueError(f"GGML type {qtype} is not supported (Q4_1 = {Q4_1}, Q8_0 = {Q8_0})")
-    if out_features % TILE_ROWS or in_features % BLOCK_WEIGHTS:
-        raise ValueError(f"GGUF block weights need rows a multiple of {TILE_ROWS} and columns of {BLOCK_WEIGHTS}, "
-                         f"got ({out_features}, {in_features})")
+def packed_bytes(qtype: int, rows: int, cols: int) -> int:
+    """Bytes of a (rows, cols) matrix of type ``qtype`` as the kernels hold it.
+
+    Raises:
+        ValueError: as ``_check_shape``.
+    """
+    _check_shape(qtype, rows, cols)
+    return rows // TILE_ROWS * cols // FORMATS[qtype].block_weights * FORMATS[qtype].tile_bytes
+
+
+def _check_shape(qtype: int, rows: int, cols: int) -> None:
+    """Raises ValueError naming the type and shape unless ``kernel_supports(qtype, rows, cols)``."""
+    error = shape_error(qtype, rows, cols)
+    if error:
+        raise ValueError(error)
+
+
+def _file_bytes(qtype: int, blocks: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``blocks`` as uint8 rows of file bytes: uint8 already, or (F32 / F16 / BF16) an array of
+    that element type, whose bytes are the file's."""
+    if isinstance(blocks, torch.Tensor):
+        if blocks.dtype != torch.uint8:
+            if qtype not in _ELEMENT_TYPES or blocks.dtype != _ELEMENT_TYPES[qtype][1]:
+                raise ValueError(f"cannot load {blocks.dtype} rows into a {FORMATS[qtype].name} matrix")
+            blocks = blocks.contiguous().view(torch.uint8)
+        return blocks.contiguous().numpy()
+    blocks = np.asarray(blocks)
+    if blocks.dtype != np.uint8:
+        if qtype not in _ELEMENT_TYPES or blocks.dtype != _ELEMENT_TYPES[qtype][0]:
+            raise ValueError(f"cannot load {blocks.dtype} rows into a {FORMATS[qtype].name} matrix")
+        blocks = np.ascontiguousarray(blocks).view(np.uint8)
+    return np.ascontiguousarray(blocks)
 
 
 class _GGUFBlocks(nn.Module):
-    """A (rows, cols) matrix held as a buffer ``tiles`` (rows / 16, cols / 32 * tile bytes) uint8."""
+    """A (rows, cols) matrix held as a buffer ``tiles`` (rows / 16, cols / block * tile bytes) uint8."""
 
     def __init__(self, rows: int, cols: int, qtype: int):
         super().__init__()
         _check_shape(qtype, rows, cols)
         self.rows, self.cols, self.qtype = rows, cols, qtype
-        self.register_buffer("tiles", torch.empty(rows // TILE_ROWS, cols // BLOCK_WEIGHTS * TILE_BYTES[qtype], dtype=torch.uint8))
+        f = FORMATS[qtype]
+        self.register_buffer("tiles", torch.empty(rows // TILE_ROWS, cols // f.block_weights * f.tile_bytes, dtype=torch.uint8))
 
-    def load_rows(self, row: int, blocks: np.ndarray) -> None:
-        """Copy rows ``[row, row + len(blocks))`` from the file's blocks: ``blocks`` uint8
-        (n, cols / 32 * file block bytes), ``row`` and ``n`` multiples of 16.
+    def load_rows(self, row: int, blocks: np.ndarray | torch.Tensor) -> None:
+        """Copy rows ``[row, row + n)`` from the file's blocks: ``blocks`` uint8 (n, cols / block
+        * file block bytes), or for F32 / F16 / BF16 an (n, cols) array of that element type;
+        ``row`` and ``n`` multiples of 16.
 
         Raises:
             ValueError: the rows do not fit this matrix or are not whole tiles.
         """
-        n = blocks.shape[0]
-        if row % TILE_ROWS or n % TILE_ROWS or row + n > self.rows or blocks.shape[1] != self.cols // BLOCK_WEIGHTS * FILE_BLOCK_BYTES[self.qtype]:
-            raise ValueError(f"cannot load rows {row}..{row + n} of {blocks.shape[1]} bytes into a ({self.rows}, {self.cols}) "
-                             f"GGML type {self.qtype} matrix")
-        packed = torch.ops.exo_gguf.pack(torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.uint8)), self.qtype)
+        raw = _file_bytes(self.qtype, blocks)
+        n = raw.shape[0]
+        f = FORMATS[self.qtype]
+        if (raw.ndim != 2 or row % TILE_ROWS or n % TILE_ROWS or row + n > self.rows
+                or raw.shape[1] != self.cols // f.block_weights * f.file_block_bytes):
+            raise ValueError(f"cannot load rows {row}..{row + n} of {raw.shape[1:]} bytes into a ({self.rows}, {self.cols}) "
+                             f"{f.name} matrix")
+        packed = torch.ops.exo_gguf.pack(torch.from_numpy(raw), self.qtype)
         self.tiles[row // TILE_ROWS:(row + n) // TILE_ROWS].copy_(packed)
 
     def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
@@ -73,14 +180,15 @@ class _GGUFBlocks(nn.Module):
         return torch.ops.exo_gguf.dequantize_rows(self.tiles, self.qtype, self.cols, rows)
 
     def extra_repr(self) -> str:
-        return f"rows={self.rows}, cols={self.cols}, qtype={self.qtype}"
+        return f"rows={self.rows}, cols={self.cols}, qtype={FORMATS[self.qtype].name}"
 
 
 class GGUFLinear(_GGUFBlocks):
     """``y = x @ W.T`` without bias, ``W`` (out_features, in_features) in GGUF blocks.
 
     Input (..., in_features) of any float dtype, computed in float32; output (..., out_features)
-    float32. ``out_features`` must be a multiple of 16 and ``in_features`` of 32.
+    float32. ``out_features`` must be a multiple of 16 and ``in_features`` of the type's block
+    (``kernel_supports``).
 
     Raises:
         ValueError: an unsupported ``qtype`` or shape.

@@ -1,21 +1,23 @@
 """Native CPU kernels of the torch engine, compiled on this machine at first use.
 
-``gguf_blocks.cpp`` multiplies float32 activations by weights kept in the GGUF's own quantized
-blocks (Q4_1, Q8_0), runs a decode step's attention for a whole batch, and a whole shard's
-decode step (every layer: norms, RoPE, attention, SwiGLU) in one call, registered as the torch
-operators ``torch.ops.exo_gguf.{pack, linear, dequantize_rows, dequantize_t, decode_attention,
-decode_layers}`` (see the file's header for the formats); on a CPU with Intel AMX, products
-of ``amx_rows()`` rows or more (batched decode steps, prefill chunks; 8 by default, 0 where
-the path is missing, ``set_amx_rows(n)`` to change, 0 to turn it off) run on the tile unit in
-bfloat16 with each activation split into two parts, within the float32 path's error bound.
-The kernels run on their own worker threads
-(``set_threads``; as many as torch's intra-op threads when loaded) that spin between calls only
-while some forward pass holds ``set_spin(True)`` (each paired with a ``set_spin(False)``). It is
-built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native
--fopenmp``, sharing torch's own libgomp) into torch's
-extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per
-machine: about 6 s on 2 cores, later loads take milliseconds. The build directory's name
-carries a hash of the source and of the CPU's instruction-set flags, so a cache shared by
+``gguf_blocks.cpp`` multiplies float32 activations by weights kept in the GGUF's own blocks
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, and unquantized F32, F16, BF16), runs a decode
+step's attention for a whole batch (optionally over a sliding window), and a whole shard's
+decode step (every layer of exo's transformer block: norms, q/k norms, RoPE, attention, SwiGLU
+or GeGLU) in one call, registered as the torch operators ``torch.ops.exo_gguf.{pack, linear,
+dequantize_rows, dequantize_t, decode_attention, decode_layers, block_format}`` (see the
+file's header for the formats); on a CPU with Intel AMX, products of ``amx_rows()`` rows or more
+(batched decode steps, prefill chunks; 8 by default, 0 where the path is missing,
+``set_amx_rows(n)`` to change, 0 to turn it off) run on the tile unit in bfloat16 with each
+activation split into two parts, within the float32 path's error bound.
+The kernels run on their own worker threads (``set_threads``; as many as torch's intra-op
+threads when loaded) that spin between calls only while some forward pass holds
+``set_spin(True)`` (each paired with a ``set_spin(False)``). It is built with
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native
+-ffp-contract=fast -fopenmp``, sharing torch's own libgomp) into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per machine: about
+40 s on 2 cores (eleven weight types), later loads take milliseconds. The build directory's
+name carries a hash of the source and of the CPU's instruction-set flags, so a cache shared by
 different machines never hands one a binary built for another.
 """
 
@@ -33,6 +35,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gguf_blocks.cpp")
+#: The test-only emulation of the AVX-512 and AMX intrinsics (``load_emulated_kernels``).
+EMULATION = Path(__file__).with_name("avx512_emulation.h")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -49,7 +53,8 @@ def _cpu_flags() -> str:
 
 
 def _build_name(tag: str) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + platform.machine().encode()).hexdigest()[:12]
+    sources = SOURCE.read_bytes() + EMULATION.read_bytes()
+    digest = hashlib.sha256(sources + _cpu_flags().encode() + platform.machine().encode()).hexdigest()[:12]
     return f"exo_gguf{tag}_{digest}"
 
 
@@ -62,7 +67,7 @@ def _build(tag: str = "", defines: tuple[str, ...] = ()) -> None:
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     cpp_extension.load(name=_build_name(tag), sources=[str(SOURCE)], is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", *(f"-D{d}" for d in defines)],
+                       extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", *(f"-D{d}" for d in defines)],
                        extra_ldflags=["-fopenmp"], verbose=False)
 
 
@@ -106,3 +111,21 @@ def load_portable_kernels():
             torch.ops.exo_gguf_portable.set_threads(torch.get_num_threads())
             _state["portable"] = True
     return torch.ops.exo_gguf_portable
+
+
+def load_emulated_kernels():
+    """The AVX-512 and AMX code paths with their intrinsics emulated in plain C++ (slow; any
+    x86-64 CPU), as ``torch.ops.exo_gguf_emulated``, so that tests cover those paths on a CPU
+    without them. The AMX path is on for every product of ``amx_rows()`` (8) rows or more.
+
+    Raises:
+        RuntimeError, OSError, subprocess.CalledProcessError: the build failed.
+    """
+    import torch
+
+    with _lock:
+        if "emulated" not in _state:
+            _build("_emulated", ("EXO_GGUF_EMULATE_AVX512", "EXO_GGUF_NAMESPACE=exo_gguf_emulated"))
+            torch.ops.exo_gguf_emulated.set_threads(torch.get_num_threads())
+            _state["emulated"] = True
+    return torch.ops.exo_gguf_emulated
