@@ -1,12 +1,5 @@
 """The torch engine's weights="gguf" mode and its fused decode step, against its own torch
-modules.
-
-TO BE UPDATED WITH THE MODEL CODE: these tests use exo/inference/torch/model.py and engine.py,
-which still import the GGUF reader's old API (``QuantizedRows``, ``iter_llama_shard_chunks``)
-and call ``decode_layers`` with its old schema (6 weights per layer, one cos/sin table); they
-fail until the model code is rewritten. The kernels themselves are tested in
-test_gguf_weights.py and test_gguf_decode_layers.py.
-"""
+modules. The kernels themselves are tested in test_gguf_weights.py and test_gguf_decode_layers.py."""
 
 import pytest
 import torch
@@ -60,9 +53,11 @@ async def test_decode_layers_equals_the_layer_modules_for_a_batch_at_different_l
         x = torch.randint(0, 49152, (len(lengths), 1), generator=gen)
         fused = model.decode(x, caches, lengths)  # (B, 1, hidden): not the last shard
         h = model._embed(x)
-        cos, sin = model.rotary.at(lengths, h.dtype, h.device)
+        tables = [r.at(lengths, h.dtype, h.device) for r in model.rotary]
         for layer, layer_caches in zip(model.layers, zip(*twins)):
+            cos, sin = tables[layer.self_attn.rope_index]
             h = layer.decode(h, cos, sin, layer_caches)
+    assert model.native_decode
     assert fused.shape == h.shape == (3, 1, 576)
     assert (fused - h).abs().max().item() < 1e-4 * h.abs().max().item()
     for mine, theirs in zip(caches, twins):
@@ -70,19 +65,22 @@ async def test_decode_layers_equals_the_layer_modules_for_a_batch_at_different_l
             assert c.offset == t.offset and c.capacity >= c.offset
             assert torch.allclose(c.k[:, :, :c.offset], t.k[:, :, :t.offset], atol=1e-5)
             assert torch.allclose(c.v[:, :, :c.offset], t.v[:, :, :t.offset], atol=1e-5)
-    weights, qtypes = model._native_weights(), model._native_qtypes
+    weights, qtypes = model._native_weights()
     k = [c.k for per_layer in zip(*caches) for c in per_layer]
     v = [c.v for per_layer in zip(*caches) for c in per_layer]
     offsets = [c.offset for per_layer in zip(*caches) for c in per_layer]
-    args = model.args
+    a = model.args
+    cos, sin = tables[0]
+
+    def call(weights=weights, k=k, offsets=offsets):
+        return torch.ops.exo_gguf.decode_layers(fused, weights, qtypes, [cos.reshape(3, -1)], [sin.reshape(3, -1)],
+                                                [0] * 4, [0] * 4, k, v, offsets, a.n_heads, a.n_kv_heads, a.head_dim,
+                                                a.rope_dim, a.rms_norm_eps, a.attn_scale, 0)
+
     with pytest.raises(RuntimeError, match="outside the cache capacity"):
-        torch.ops.exo_gguf.decode_layers(fused, weights, qtypes, cos.reshape(3, -1), sin.reshape(3, -1), k, v,
-                                         [c.capacity for per_layer in zip(*caches) for c in per_layer],
-                                         args.n_heads, args.n_kv_heads, args.rms_norm_eps)
+        call(offsets=[c.capacity for per_layer in zip(*caches) for c in per_layer])
     with pytest.raises(RuntimeError, match="one KV cache and offset per layer and request"):
-        torch.ops.exo_gguf.decode_layers(fused, weights, qtypes, cos.reshape(3, -1), sin.reshape(3, -1), k[:-1], v,
-                                         offsets, args.n_heads, args.n_kv_heads, args.rms_norm_eps)
-    with pytest.raises(RuntimeError, match="6 weights per layer"):
-        torch.ops.exo_gguf.decode_layers(fused, weights[:-1], qtypes, cos.reshape(3, -1), sin.reshape(3, -1), k, v,
-                                         offsets, args.n_heads, args.n_kv_heads, args.rms_norm_eps)
+        call(k=k[:-1])
+    with pytest.raises(RuntimeError, match="16 weights and 16 GGML types per layer"):
+        call(weights=weights[:-1])
     await engine.close()
