@@ -50,9 +50,9 @@ def dequantized(raw: np.ndarray, qtype: int) -> np.ndarray:
 
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 (its layers Q4_1, its embedding Q8_0)."""
-    from exo.models.registry import get_model_card
+    from exo.models.sources import STORE
 
-    return Path(get_model_card("smollm2-135m").gguf_path())
+    return STORE.card("smollm2-135m").path
 
 
 def gemma3_path() -> Path:

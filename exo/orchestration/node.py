@@ -157,6 +157,7 @@ class Node:
         self._epochs: OrderedDict[str, int] = OrderedDict()  # request id -> latest epoch seen here
         self._lost_peers: dict[str, float] = {}  # node id -> monotonic time it stopped being a peer
         self._cards: dict[str, ModelCard] = {}  # model id -> its card, once resolved
+        self._requested_models: set[str] = set()  # models requests through this node named
         self._left_out_logged: dict[str, str] = {}  # model id -> reason this node holds no layer
         self._loading: dict[str, int] = {}  # model id -> shard loads in progress
         self._pulls: dict[str, asyncio.Task] = {}  # model id -> its whole download in progress (``pull``)
@@ -443,7 +444,8 @@ class Node:
 
         Keys: ``node_id`` (this node); ``nodes`` (id -> address and capabilities, every node of
         the cluster, not only direct peers); ``edges`` ([a, b]: a sees b as a peer); ``partitions``
-        (model id -> the ring new requests get: node id, address, inclusive layer range);
+        (model id -> the ring new requests get: node id, address, inclusive layer range; for the
+        default model and every model requested through this node or held by it);
         ``left_out`` (model id -> node id -> why it holds no layer: too little memory, an engine
         that cannot run the model's architecture); ``active_node_ids`` (nodes working on a
         request now, as far as this node knows: itself while it computes, and the rings of the
@@ -455,8 +457,8 @@ class Node:
         d = self.topology.to_dict()
         d["node_id"] = self.id
         d["partitions"], d["left_out"] = {}, {}
-        model_ids = ([self.default_model] if self.default_model else []) + sorted(
-            ({r.ctx.model_id for r in self._origin_requests.values()} | set(self.shards.shards())) - {self.default_model})
+        asked = self._requested_models | set(self.shards.shards())
+        model_ids = ([self.default_model] if self.default_model else []) + sorted(asked - {self.default_model})
         for model_id in model_ids:
             card = self._cards.get(model_id)
             if card is None:
@@ -678,6 +680,7 @@ class Node:
         """
         card = await self.model_card(model_id)
         model_id = card.model_id
+        self._requested_models.add(model_id)
         if not prompt_token_ids:
             raise ValueError("the prompt has no tokens")
         request_id = request_id or str(uuid.uuid4())

@@ -416,19 +416,15 @@ def test_three_small_nodes_serve_gemma_each_reading_only_its_layers(lab: Lab, tm
     ring = [("g1", 0, 5), ("g2", 6, 11), ("g3", 12, 17)]
     wait_until(lambda: settled(nodes, ring, gemma), 240, "the three-node Gemma ring", interval=0.5)
 
-    body = json.dumps({"model": gemma, "prompt": case["prompt"], "max_tokens": len(case["tokens"]), "temperature": 0})
-    r = lab.run(1, sys.executable, "-c", COMPLETE, nodes[0].address, body, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(r.stdout)["choices"][0]["text"] == case["text"]
+    # memory once the shards are loaded, before a request brings a tokenizer and KV caches
+    resident = {n.node_id: rss(node_pid(n.proc)) for n in nodes}
 
     from exo.models.weights import open_weights
 
     w = open_weights(weights.path)
-    info = w.tensor_info()
     layers = w.layer_bytes()
-    embed = info["embed"].nbytes
+    embed = w.tensor_info()["embed"].nbytes
     held = {"g1": sum(layers[0:6]) + embed, "g2": sum(layers[6:12]), "g3": sum(layers[12:18]) + embed}
-    resident = {n.node_id: rss(node_pid(n.proc)) for n in nodes}
     logger.info("resident memory (MiB): %s; held (MiB): %s", {k: v >> 20 for k, v in resident.items()},
                 {k: v >> 20 for k, v in held.items()})
     # the same process otherwise: the differences between nodes are the differences in what they hold
@@ -436,3 +432,8 @@ def test_three_small_nodes_serve_gemma_each_reading_only_its_layers(lab: Lab, tm
     base = resident["g2"] - held["g2"]
     for nid in ("g1", "g3"):
         assert abs((resident[nid] - base) - held[nid]) < 48 << 20, (nid, resident, held)
+
+    body = json.dumps({"model": gemma, "prompt": case["prompt"], "max_tokens": len(case["tokens"]), "temperature": 0})
+    r = lab.run(1, sys.executable, "-c", COMPLETE, nodes[0].address, body, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["choices"][0]["text"] == case["text"]

@@ -594,13 +594,14 @@ class ShardedTransformer(nn.Module):
                 if isinstance(dest, (GGUFLinear, GGUFEmbedding)):
                     if tuple(shape[1:]) != (dest.cols,) or base + shape[0] > dest.rows:
                         raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, which does not fit a ({dest.rows}, {dest.cols}) matrix")
-                    if not isinstance(block, QuantizedRows):
+                    if not isinstance(block, QuantizedRows):  # dequantized by the reader: held as F32 rows
                         if dest.qtype != F32:
                             raise ValueError(f"tensor {name!r} came as float32 rows, but it is held in GGML type {dest.qtype}")
-                        block = QuantizedRows(F32, np.ascontiguousarray(block, dtype="<f4").view(np.uint8).reshape(n, -1))
+                        dest.load_rows(base + row, np.ascontiguousarray(block, dtype=np.float32))
                     elif block.qtype != dest.qtype:
                         raise ValueError(f"tensor {name!r} is GGML type {block.qtype}, but it is held in GGML type {dest.qtype}")
-                    dest.load_rows(base + row, block.data)
+                    else:
+                        dest.load_rows(base + row, block.data)
                 else:
                     if isinstance(block, QuantizedRows):
                         raise ValueError(f"tensor {name!r} came as GGML type {block.qtype} blocks, but it is held dense")
