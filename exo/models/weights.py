@@ -147,9 +147,6 @@ class ModelWeights(ABC):
             self._info_cache = out
         return self._info_cache
 
-    def has(self, canonical: str) -> bool:
-        return canonical in self._sources
-
     def checkpoint_names(self, canonical: list[str] | set[str]) -> set[str]:
         """The checkpoint tensors behind ``canonical`` names (download planning)."""
         return {self._sources[c].name for c in canonical if c in self._sources}
@@ -184,11 +181,6 @@ class ModelWeights(ABC):
             if parsed is not None and parsed[0] < len(out):
                 out[parsed[0]] += t.nbytes
         return out
-
-    def read(self, canonical: str, raw_types: frozenset[int] | set[int] = frozenset()) -> np.ndarray | QuantizedRows:
-        """The whole tensor (float32, or ``QuantizedRows`` for a matrix in one of ``raw_types``)."""
-        parts = [block for _, _, _, block in self._chunks(canonical, raw_types, rows_per_chunk=1 << 62)]
-        return parts[0]
 
     def _chunks(self, canonical: str, raw_types, rows_per_chunk: int = CHUNK_ROWS) -> Iterator[Chunk]:
         src = self._sources.get(canonical)
