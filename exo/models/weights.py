@@ -4,8 +4,8 @@ directory of safetensors files (with or without ``model.safetensors.index.json``
 
 A reader maps canonical names onto the checkpoint's own tensors (splitting fused ones, undoing
 llama.cpp's Q/K permutation, adding Gemma's norm offset), and yields a shard's tensors a block
-of rows at a time: dequantized to float32, or, for the GGML types the caller keeps as they are
-(``raw_types``), as the file's own bytes (``QuantizedRows``). Only the bytes of the shard's own
+of rows at a time: dequantized to float32, or, for the matrices the caller keeps as they are
+(``raw``), as the file's own bytes (``QuantizedRows``). Only the bytes of the shard's own
 tensors are ever read. Safetensors dtypes use GGML's ids: F32 = 0, F16 = 1, BF16 = 30.
 """
 
@@ -19,7 +19,7 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 
@@ -182,7 +182,7 @@ class ModelWeights(ABC):
                 out[parsed[0]] += t.nbytes
         return out
 
-    def _chunks(self, canonical: str, raw_types, rows_per_chunk: int = CHUNK_ROWS) -> Iterator[Chunk]:
+    def _chunks(self, canonical: str, raw: bool, rows_per_chunk: int = CHUNK_ROWS) -> Iterator[Chunk]:
         src = self._sources.get(canonical)
         if src is None:
             raise WeightsError(f"{self.path}: the checkpoint has no tensor for {canonical!r}")
@@ -195,7 +195,6 @@ class ModelWeights(ABC):
             return
         cols = shape[-1]
         out_shape = (src.rows, cols)
-        raw = qtype in raw_types
         if src.permute_heads:  # whole heads at a time
             head = src.rows // src.permute_heads
             rows_per_chunk = max(head, rows_per_chunk // head * head)
@@ -220,15 +219,16 @@ class ModelWeights(ABC):
             return bits.view(np.float32).reshape(data.shape[0], cols)
         return dequantize(data, qtype, cols)
 
-    def iter_shard(self, start_layer: int, end_layer: int, raw_types: frozenset[int] | set[int] = frozenset(),
+    def iter_shard(self, start_layer: int, end_layer: int, raw: Collection[str] = (),
                    rows_per_chunk: int = CHUNK_ROWS) -> Iterator[Chunk]:
         """The tensors of a shard of layers ``[start_layer, end_layer]``, a block of rows at a
         time, so a loader can copy each block into its final storage and drop it.
 
         Yields ``(name, shape, row, block)``: the canonical name, the tensor's full shape, the
         index of the block's first row, and the block: float32 ``(rows,) + shape[1:]``, or for
-        a matrix stored in one of ``raw_types`` a ``QuantizedRows`` of the file's bytes. A tied
-        head comes as ``output`` (the embedding's data) on a last shard without layer 0.
+        a matrix named in ``raw`` a ``QuantizedRows`` of the file's bytes. A tied head comes as
+        ``output`` (the embedding's data; raw when ``output`` is in ``raw``) on a last shard
+        without layer 0.
 
         Raises:
             WeightsError: a tensor is missing or has the wrong shape (named).
@@ -242,9 +242,9 @@ class ModelWeights(ABC):
             info = infos.get(name)
             if want is not None and info is not None and tuple(info.shape) != tuple(want):
                 raise WeightsError(f"{self.path}: {name} has shape {info.shape}, the config says {want}")
-            yield from self._chunks(name, raw_types, rows_per_chunk)
+            yield from self._chunks(name, name in raw, rows_per_chunk)
         if end_layer == self.args.n_layers - 1 and self.args.tie_word_embeddings and start_layer != 0:
-            for _, shape, row, block in self._chunks("embed", raw_types, rows_per_chunk):
+            for _, shape, row, block in self._chunks("embed", "output" in raw, rows_per_chunk):
                 yield "output", shape, row, block
 
     def load_shard(self, start_layer: int, end_layer: int) -> dict[str, np.ndarray]:

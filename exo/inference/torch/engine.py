@@ -31,6 +31,7 @@ from exo.inference.torch.kernels import gguf_kernels_error
 from exo.inference.torch.model import KVCache, ShardedTransformer, native_weight_types
 from exo.inference.torch.quantize import quantize_weights
 from exo.models.architectures import ModelArgs
+from exo.models.gguf import F32
 from exo.models.sources import open_model
 from exo.models.weights import ModelWeights
 
@@ -236,7 +237,13 @@ class TorchInferenceEngine(InferenceEngine):
 
     @staticmethod
     def _chunks(weights: ModelWeights, shard: Shard, weight_types: dict[str, int]):
-        return weights.iter_shard(shard.start_layer, shard.end_layer, raw_types=frozenset(weight_types.values()))
+        """The shard's tensors: as the file's blocks where they are held natively in their own
+        (or a wider) type, dequantized otherwise."""
+        stored = weights.tensor_info()
+        raw = {n for n, held in weight_types.items() if held != F32 or stored[n].qtype == F32}
+        if "embed" in raw and weights.args.tie_word_embeddings:
+            raw.add("output")  # a last shard's tied head reads the embedding
+        return weights.iter_shard(shard.start_layer, shard.end_layer, raw=raw)
 
     def unsupported_reason(self, args: ModelArgs) -> str | None:
         """None: this engine runs every architecture and variant ``ModelArgs`` describes."""

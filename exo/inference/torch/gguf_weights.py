@@ -89,6 +89,52 @@ KERNEL_MAX_ROWS = 96
 _ELEMENT_TYPES = {F32: (np.float32, torch.float32), F16: (np.float16, torch.float16), BF16: (None, torch.bfloat16)}
 
 
+#: Types held as a wider one with exactly the same weights, where the CPU's vector unit rather
+#: than memory bounds a decode step (no AVX-512): Q4_0's ``d * (q - 8)`` and Q5_0's
+#: ``d * (q - 16)`` are Q8_0's ``d * q`` with the same ``d``. On a 2-core AVX2 machine a Q5_0
+#: product takes twice the time of the Q8_0 one (``python -m bench.gguf_kernels``), for 1.5x
+#: the bytes; with AVX-512 the narrow type is the faster one (memory-bound).
+WIDENED = {Q4_0: Q8_0, Q5_0: Q8_0}
+
+
+def _has_avx512() -> bool:
+    from exo.inference.torch.kernels import cpu_flags
+
+    return "avx512f" in cpu_flags().split()
+
+
+def held_type(qtype: int) -> int:
+    """The type the kernels hold a matrix stored in ``qtype`` as: itself, or its ``WIDENED``
+    type on a CPU without AVX-512."""
+    if qtype in WIDENED and not _has_avx512():
+        return WIDENED[qtype]
+    return qtype
+
+
+def widen_rows(qtype: int, to: int, blocks: np.ndarray) -> np.ndarray:
+    """Rows of file blocks of ``qtype`` (uint8 (n, bytes per row)) rewritten as ``to`` =
+    ``WIDENED[qtype]`` blocks of exactly the same weights (ggml-common.h's layouts: Q4_0 ``d``,
+    16 bytes of nibbles; Q5_0 ``d``, 4 bytes of fifth bits, 16 bytes of nibbles; Q8_0 ``d``, 32
+    int8).
+
+    Raises:
+        ValueError: not a pair of ``WIDENED``.
+    """
+    if WIDENED.get(qtype) != to:
+        raise ValueError(f"{FORMATS[qtype].name} rows cannot be held as {FORMATS[to].name}")
+    n = blocks.shape[0]
+    b = np.ascontiguousarray(blocks).reshape(n, -1, FORMATS[qtype].file_block_bytes)
+    qs = b[..., -16:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)  # weights 0-15 low nibbles, 16-31 high
+    if qtype == Q5_0:
+        qh = np.ascontiguousarray(b[..., 2:6]).view("<u4")[..., 0]
+        q |= (((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int16)
+        q -= 16
+    else:
+        q -= 8
+    return np.concatenate([b[..., 0:2], q.astype(np.int8).view(np.uint8)], axis=-1).reshape(n, -1)
+
+
 def native_types() -> frozenset[int]:
     """The GGML types the kernels hold natively (``FORMATS``' keys)."""
     return frozenset(FORMATS)

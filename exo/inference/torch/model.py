@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exo.inference.shard import Shard
-from exo.inference.torch.gguf_weights import GGUFEmbedding, GGUFLinear, kernel_supports
+from exo.inference.torch.gguf_weights import WIDENED, GGUFEmbedding, GGUFLinear, held_type, kernel_supports, widen_rows
 from exo.models.architectures import LAYER_KEYS, ModelArgs, Rope, layer_name, parse_layer_name
 from exo.models.gguf import F32
 from exo.models.weights import QuantizedRows
@@ -332,9 +332,10 @@ class TransformerBlock(nn.Module):
 
 def native_weight_types(args: ModelArgs, shard: Shard, stored: Mapping[str, int]) -> dict[str, int]:
     """The GGML type each weight matrix of ``shard`` is held in by the native kernels: its
-    checkpoint's type where the kernels take it (``kernel_supports``), else F32 (the reader
-    dequantizes it). ``stored``: canonical name -> the checkpoint's GGML type. Matrices whose
-    shape the kernels cannot tile are left out (held dense)."""
+    checkpoint's type where the kernels take it (``kernel_supports``; or the wider type of the
+    same weights that ``held_type`` prefers on this CPU), else F32 (the reader dequantizes it).
+    ``stored``: canonical name -> the checkpoint's GGML type. Matrices whose shape the kernels
+    cannot tile are left out (held dense)."""
     shapes = args.layer_shapes()
     out: dict[str, int] = {}
     names = [layer_name(i, k) for i in range(shard.start_layer, shard.end_layer + 1) for k in ("q", "k", "v", "o", "gate", "up", "down")]
@@ -346,7 +347,7 @@ def native_weight_types(args: ModelArgs, shard: Shard, stored: Mapping[str, int]
         if qtype is None:
             continue
         if kernel_supports(qtype, *shape):
-            out[name] = qtype
+            out[name] = held_type(qtype) if kernel_supports(held_type(qtype), *shape) else qtype
         elif kernel_supports(F32, *shape):
             out[name] = F32
     return out
@@ -598,10 +599,12 @@ class ShardedTransformer(nn.Module):
                         if dest.qtype != F32:
                             raise ValueError(f"tensor {name!r} came as float32 rows, but it is held in GGML type {dest.qtype}")
                         dest.load_rows(base + row, np.ascontiguousarray(block, dtype=np.float32))
-                    elif block.qtype != dest.qtype:
-                        raise ValueError(f"tensor {name!r} is GGML type {block.qtype}, but it is held in GGML type {dest.qtype}")
-                    else:
+                    elif block.qtype == dest.qtype:
                         dest.load_rows(base + row, block.data)
+                    elif WIDENED.get(block.qtype) == dest.qtype:  # the same weights in a wider type
+                        dest.load_rows(base + row, widen_rows(block.qtype, dest.qtype, block.data))
+                    else:
+                        raise ValueError(f"tensor {name!r} is GGML type {block.qtype}, but it is held in GGML type {dest.qtype}")
                 else:
                     if isinstance(block, QuantizedRows):
                         raise ValueError(f"tensor {name!r} came as GGML type {block.qtype} blocks, but it is held dense")

@@ -23,6 +23,7 @@ different machines never hands one a binary built for another.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -42,6 +43,13 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+def cpu_flags() -> str:
+    """This CPU's instruction-set flags as /proc/cpuinfo lists them (``platform.processor()``
+    elsewhere)."""
+    return _cpu_flags()
+
+
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
