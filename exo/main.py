@@ -90,7 +90,8 @@ async def serve(config: NodeConfig) -> None:
 
 
 async def run_prompt(config: NodeConfig, prompt: str, max_tokens: int) -> int:
-    """Answer ``prompt`` with the chat template of the default model, printing tokens as they come."""
+    """Answer ``prompt`` with the chat template of the default model (a base model without one
+    continues the prompt as plain text), printing tokens as they come."""
     from exo.inference.generation import GenerationOptions
     from exo.inference.tokenizers import IncrementalDetokenizer
 
@@ -98,7 +99,8 @@ async def run_prompt(config: NodeConfig, prompt: str, max_tokens: int) -> int:
     try:
         node = running.node
         tok = await node.get_tokenizer(config.default_model)
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]))
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if tok.chat_template else prompt
+        ids = tok.encode(text)
         detok = IncrementalDetokenizer(tok)
         options = GenerationOptions(max_tokens=max_tokens, temperature=0.0, stop_token_ids=tok.eos_token_ids)
         async for result in node.generate(config.default_model, ids, options):
