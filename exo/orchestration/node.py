@@ -694,8 +694,9 @@ class Node:
             await self._send_first_prompt(req, card)
             last_progress = loop.time()
             while True:
-                try:
-                    item = await asyncio.wait_for(req.queue.get(), min(STALL_PROBE_INTERVAL, self.response_timeout))
+                try:  # not wait_for: on Python 3.11 it may swallow the caller's cancellation
+                    async with asyncio.timeout(min(STALL_PROBE_INTERVAL, self.response_timeout)):
+                        item = await req.queue.get()
                 except asyncio.TimeoutError:
                     dead = await self._unreachable_members(req.ctx)
                     if dead:

@@ -351,3 +351,30 @@ async def test_token_queue_timeout():
     async with TokenQueue([silent]) as q:
         with pytest.raises(asyncio.TimeoutError):
             await q.get(0.05)
+
+
+@pytest.mark.asyncio
+async def test_token_queue_get_never_swallows_a_cancellation():
+    """A client that goes away just as a token arrives: the reader's cancellation must win.
+    (Python 3.11's ``asyncio.wait_for`` returned the token instead and the request ran on to
+    its last token.) The cancel comes in the same loop turn as the token, before the reader
+    wakes: from the generator itself, right after its ``yield``."""
+    reading = asyncio.Event()
+    reader: asyncio.Task | None = None
+
+    async def gen():
+        await reading.wait()
+        yield TokenResult("r", [1])
+        reader.cancel()
+        await asyncio.Event().wait()
+
+    async def read():
+        reading.set()  # the generator goes on once this reader waits in get
+        return await q.get(5.0)
+
+    async with TokenQueue([gen]) as q:
+        reader = asyncio.create_task(read())
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        event = await q.get(5.0)  # the token is not lost: the next reader gets it
+        assert event.result.tokens == [1]

@@ -417,8 +417,12 @@ class TokenQueue:
 
         Raises:
             asyncio.TimeoutError: nothing arrived within ``timeout`` seconds (None: no limit).
+            asyncio.CancelledError: the reader was cancelled, even in the loop turn an event
+                arrived (Python 3.11's ``wait_for`` returned the event then, and a request
+                whose client had gone ran on); the event stays queued.
         """
-        return await asyncio.wait_for(self._queue.get(), timeout)
+        async with asyncio.timeout(timeout):
+            return await self._queue.get()
 
     def cancel_choice(self, index: int) -> None:
         """Stop choice ``index`` (e.g. at a stop string): its generator is closed in the
