@@ -215,7 +215,7 @@ def _setup(ops, blk: Block, offsets: list[int], seed: int = 0):
     """Everything one decode_layers call takes, the dense weights, and copies of the caches."""
     gen = torch.Generator().manual_seed(seed)
     B, L = len(offsets), blk.layers
-    H, KV, D = blk.heads, blk.kv_heads, blk.head_dim
+    KV, D = blk.kv_heads, blk.head_dim
     weights, qtypes, dense = [], [], []
     for layer in range(L):
         w, t, d = _layer(ops, blk, layer, gen)
