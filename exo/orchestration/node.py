@@ -12,6 +12,7 @@ the ring, which frees that request's KV cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -54,6 +55,28 @@ MAX_FAILOVERS = 4
 #: Seconds a peer that left stays out of the topology even if another peer still reports it
 #: (that peer's own health checks have not noticed yet).
 LOST_PEER_MEMORY = 15.0
+
+
+@contextlib.contextmanager
+def _model_errors(model_id: str) -> Iterator[None]:
+    """The model store's errors for ``model_id`` as the API's.
+
+    Raises:
+        ModelNotFoundError: no such file, catalogue id or hub repo.
+        ModelUnavailableError: the download failed (offline, the endpoint down).
+        InvalidModelError: not a model exo can run (an unsupported architecture, a truncated
+            file) or a local disk error; the message names the model.
+    """
+    try:
+        yield
+    except (ModelNotFound, FileNotFoundError) as e:
+        raise ModelNotFoundError(str(e.args[0]) if e.args else str(e)) from None
+    except NotOnHub as e:
+        raise ModelNotFoundError(str(e)) from None
+    except DownloadError as e:
+        raise ModelUnavailableError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise InvalidModelError(str(e) if model_id in str(e) else f"{model_id}: {e}") from None
 
 
 @dataclass
@@ -338,16 +361,8 @@ class Node:
         card = self._cards.get(model_id)
         if card is not None:
             return card
-        try:
+        with _model_errors(model_id):
             card = await asyncio.to_thread(self.models.card, model_id)
-        except (ModelNotFound, FileNotFoundError) as e:
-            raise ModelNotFoundError(str(e.args[0]) if e.args else str(e)) from None
-        except NotOnHub as e:
-            raise ModelNotFoundError(str(e)) from None
-        except DownloadError as e:
-            raise ModelUnavailableError(str(e)) from None
-        except (ValueError, OSError) as e:  # not a model, an unsupported architecture, a truncated file
-            raise InvalidModelError(str(e) if model_id in str(e) else f"{model_id}: {e}") from None
         self._cards[model_id] = card
         return card
 
@@ -547,17 +562,9 @@ class Node:
         return await asyncio.shield(task)
 
     async def _pull(self, model_id: str) -> ModelCard:
-        try:
+        with _model_errors(model_id):
             await asyncio.to_thread(self.models.pull, model_id)
             card = await asyncio.to_thread(self.models.card, model_id)
-        except (ModelNotFound, FileNotFoundError) as e:
-            raise ModelNotFoundError(str(e.args[0]) if e.args else str(e)) from None
-        except NotOnHub as e:
-            raise ModelNotFoundError(str(e)) from None
-        except DownloadError as e:
-            raise ModelUnavailableError(str(e)) from None
-        except (ValueError, OSError) as e:  # not a model exo can run; the local disk
-            raise InvalidModelError(str(e) if model_id in str(e) else f"{model_id}: {e}") from None
         self._cards[model_id] = card
         logger.info("pulled %s: %s", model_id, card.path)
         return card

@@ -54,6 +54,31 @@ export async function fetchModels(signal) {
   return Array.isArray(body.data) ? body.data : [];
 }
 
+/**
+ * `POST path` with a JSON body, asking for a streamed answer (`accept`): the reader of its body.
+ * Throws FriendlyError (node unreachable, an API error status, no stream) or the AbortError of `signal`.
+ */
+async function postStream(path, payload, accept, signal) {
+  let r;
+  try {
+    r = await fetch(path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: accept },
+      body: JSON.stringify(payload),
+      signal,
+    });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new FriendlyError(UNREACHABLE());
+  }
+  if (!r.ok) {
+    const body = await r.json().catch(() => null);
+    throw describeApiError(r.status, body);
+  }
+  if (!r.body) throw new FriendlyError("The node answered without a stream.");
+  return r.body.getReader();
+}
+
 /** The node's default model (`GET /health`: `model.id`, in its body whatever the status), or null. */
 export async function fetchDefaultModel(signal) {
   try {
@@ -85,24 +110,7 @@ export function fetchModel(name, signal) {
  * AbortError of `signal`; the node's download goes on when the page stops listening.
  */
 export async function* pullModel(name, signal) {
-  let r;
-  try {
-    r = await fetch("/api/pull", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
-      body: JSON.stringify({ model: name, stream: true }),
-      signal,
-    });
-  } catch (e) {
-    if (e.name === "AbortError") throw e;
-    throw new FriendlyError(UNREACHABLE());
-  }
-  if (!r.ok) {
-    const body = await r.json().catch(() => null);
-    throw describeApiError(r.status, body);
-  }
-  if (!r.body) throw new FriendlyError("The node answered without a stream.");
-  const reader = r.body.getReader();
+  const reader = await postStream("/api/pull", { model: name, stream: true }, "application/x-ndjson", signal);
   const decoder = new TextDecoder();
   const files = new Map();  // digest -> {total, completed}
   let buf = "";
@@ -157,24 +165,7 @@ export async function* streamChat({ model, messages, temperature, maxTokens }, s
   const payload = { model, messages, stream: true, stream_options: { include_usage: true } };
   if (Number.isFinite(temperature)) payload.temperature = temperature;
   if (Number.isFinite(maxTokens) && maxTokens > 0) payload.max_tokens = maxTokens;
-  let r;
-  try {
-    r = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify(payload),
-      signal,
-    });
-  } catch (e) {
-    if (e.name === "AbortError") throw e;
-    throw new FriendlyError(UNREACHABLE());
-  }
-  if (!r.ok) {
-    const body = await r.json().catch(() => null);
-    throw describeApiError(r.status, body);
-  }
-  if (!r.body) throw new FriendlyError("The node answered without a stream.");
-  const reader = r.body.getReader();
+  const reader = await postStream("/v1/chat/completions", payload, "text/event-stream", signal);
   const decoder = new TextDecoder();
   let buf = "";
   let sawDone = false;

@@ -111,14 +111,7 @@ def load_portable_kernels():
     Raises:
         RuntimeError, OSError, subprocess.CalledProcessError: the build failed.
     """
-    import torch
-
-    with _lock:
-        if "portable" not in _state:
-            _build("_portable", ("EXO_GGUF_PORTABLE", "EXO_GGUF_NAMESPACE=exo_gguf_portable"))
-            torch.ops.exo_gguf_portable.set_threads(torch.get_num_threads())
-            _state["portable"] = True
-    return torch.ops.exo_gguf_portable
+    return _load_variant("portable", "EXO_GGUF_PORTABLE")
 
 
 def load_emulated_kernels():
@@ -129,11 +122,21 @@ def load_emulated_kernels():
     Raises:
         RuntimeError, OSError, subprocess.CalledProcessError: the build failed.
     """
+    return _load_variant("emulated", "EXO_GGUF_EMULATE_AVX512")
+
+
+def _load_variant(variant: str, define: str):
+    """Build (once per process) the kernels with ``-D{define}`` as ``torch.ops.exo_gguf_{variant}``.
+
+    Raises:
+        RuntimeError, OSError, subprocess.CalledProcessError: the build failed.
+    """
     import torch
 
+    namespace = f"exo_gguf_{variant}"
     with _lock:
-        if "emulated" not in _state:
-            _build("_emulated", ("EXO_GGUF_EMULATE_AVX512", "EXO_GGUF_NAMESPACE=exo_gguf_emulated"))
-            torch.ops.exo_gguf_emulated.set_threads(torch.get_num_threads())
-            _state["emulated"] = True
-    return torch.ops.exo_gguf_emulated
+        if variant not in _state:
+            _build(f"_{variant}", (define, f"EXO_GGUF_NAMESPACE={namespace}"))
+            getattr(torch.ops, namespace).set_threads(torch.get_num_threads())
+            _state[variant] = True
+    return getattr(torch.ops, namespace)
