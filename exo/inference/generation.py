@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Temperatures below this sample greedily: logits / T overflows float32 for T below ~1e-38 (and
+# float64 below ~1e-300), and long before that the distribution is the argmax's alone. vLLM's
+# sampler uses the same threshold (_SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed is a signed 64-bit integer (the wire's int64)
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -11,11 +17,14 @@ class GenerationOptions:
 
     Attributes:
         max_tokens: most tokens to generate (>= 1).
-        temperature: softmax temperature; 0 means greedy (argmax).
+        temperature: softmax temperature in [0, 2]; 0, and anything below GREEDY_BELOW, means
+            greedy (argmax).
         top_p: nucleus sampling mass in (0, 1]; 1 disables it (Holtzman et al. 2019,
             "The Curious Case of Neural Text Degeneration").
-        top_k: keep only the k most likely tokens; 0 disables it.
-        seed: seed of the request's random generator; None draws from the OS.
+        top_k: keep only the k most likely tokens; 0 disables it (and so does any k of
+            2^31 or more, more than any vocabulary holds: it is stored as 0).
+        seed: seed of the request's random generator, a signed 64-bit integer (a negative seed
+            is a seed like any other); None draws from the OS.
         stop_token_ids: token ids that end generation (the model's EOS ids); the stop token
             itself is never shown to the client.
         presence_penalty, frequency_penalty: OpenAI-style penalties in [-2, 2] applied to the
@@ -41,18 +50,27 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
+        if not 0.0 <= self.temperature <= 2.0:  # NaN fails too
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.top_k >= 2**31:
+            object.__setattr__(self, "top_k", 0)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {v}")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a signed 64-bit integer, in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are chosen by argmax (temperature 0 or below GREEDY_BELOW)."""
+        return self.temperature < GREEDY_BELOW
 
     def to_dict(self) -> dict:
         return {

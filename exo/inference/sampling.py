@@ -1,4 +1,4 @@
-"""Token sampling from logits: greedy at temperature 0, else temperature, top-k and top-p.
+"""Token sampling from logits: greedy at temperature 0 (or below ``GREEDY_BELOW``), else temperature, top-k and top-p.
 
 Pure functions over numpy arrays so every engine shares them. Nucleus (top-p) sampling:
 Holtzman et al. 2019, arXiv:1904.09751. Presence and frequency penalties follow the OpenAI API
@@ -71,7 +71,8 @@ class Sampler:
 
     def __init__(self, options: GenerationOptions):
         self.options = options
-        self.rng = np.random.default_rng(options.seed)
+        # numpy wants a seed >= 0: a negative one is read as its two's complement (mod 2^64)
+        self.rng = np.random.default_rng(None if options.seed is None else options.seed % 2**64)
         self.counts: dict[int, int] = {}
 
     def sample(self, logits: np.ndarray) -> SampleResult:
@@ -80,7 +81,7 @@ class Sampler:
             raise ValueError(f"logits must have shape (vocab,), got {logits.shape}")
         o = self.options
         logits = apply_penalties(logits.astype(np.float32, copy=False), self.counts, o.presence_penalty, o.frequency_penalty)
-        if o.temperature == 0.0:
+        if o.greedy:
             token = int(np.argmax(logits))
         else:
             scaled = filter_top_p(filter_top_k(logits / o.temperature, o.top_k), o.top_p)

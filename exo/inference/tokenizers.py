@@ -9,6 +9,7 @@ rendered the way ``transformers``' ``apply_chat_template`` renders them (sandbox
 
 from __future__ import annotations
 
+import codecs
 import copy
 import functools
 import json
@@ -205,8 +206,12 @@ class IncrementalDetokenizer:
         return self._step(final=False)
 
     def flush(self) -> str:
-        """The text still held back (an incomplete character is returned as U+FFFD)."""
-        return self._step(final=True)
+        """The text still held back. A character still incomplete at the end (generation cut
+        by ``max_tokens`` inside a multi-byte character) is dropped, not shown as U+FFFD."""
+        piece = self._step(final=True)
+        if piece.endswith("\ufffd") and ends_inside_a_character(self._tokenizer, self._ids[self._prefix_offset:]):
+            piece = piece[:-1]
+        return piece
 
     def _step(self, final: bool) -> str:
         if self._read_offset == len(self._ids):
@@ -224,6 +229,21 @@ class IncrementalDetokenizer:
     @property
     def token_ids(self) -> list[int]:
         return list(self._ids)
+
+
+def ends_inside_a_character(tokenizer: Tokenizer, ids: list[int]) -> bool:
+    """Whether the bytes of ``ids`` end with the first bytes of a UTF-8 character that the
+    next byte would continue (decoded alone, that tail is one U+FFFD)."""
+    data = b""
+    for i in ids:
+        if i not in tokenizer.special_token_ids:
+            try:
+                data += tokenizer.token_bytes(i)
+            except ValueError:  # an id past the vocabulary (a padded embedding) decodes to nothing
+                pass
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(data, final=False)
+    return bool(decoder.getstate()[0])
 
 
 @functools.lru_cache(maxsize=1)

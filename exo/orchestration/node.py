@@ -105,13 +105,13 @@ class _RingChanged:
 
 def replayed_sampler(options: GenerationOptions, generated: Sequence[int]) -> Sampler:
     """A Sampler in the state one had after sampling the tokens ``generated``: their penalty
-    counts, and at temperature > 0 its random generator advanced by one uniform draw per token
+    counts, and when it samples (not greedy) its random generator advanced by one uniform draw per token
     (``Sampler`` draws exactly one through ``Generator.choice`` per sampled token), so a seeded
     request continues with the same draws after a re-partition."""
     sampler = Sampler(options)
     for t in generated:
         sampler.counts[t] = sampler.counts.get(t, 0) + 1
-    if options.temperature > 0.0 and generated:
+    if not options.greedy and generated:
         sampler.rng.random(len(generated))
     return sampler
 

@@ -22,7 +22,7 @@ from exo.api.chat_api.token_handler import (
     find_stop,
     stop_prefix_overlap,
 )
-from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer, tokenizer_for_path
+from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer, ends_inside_a_character, tokenizer_for_path
 from exo.orchestration.request import TokenResult
 
 
@@ -199,7 +199,11 @@ def test_incremental_detokenizer_equals_full_decode_on_random_streams(tiny_vocab
         ids = [rng.choice(pool) for _ in range(rng.randint(1, 30))]
         detok = IncrementalDetokenizer(v.tokenizer)
         text = "".join(detok.add(i) for i in ids) + detok.flush()
-        assert text == v.tokenizer.decode(ids), ids
+        full = v.tokenizer.decode(ids)
+        if ends_inside_a_character(v.tokenizer, ids):  # a character cut at the end is dropped
+            assert full.endswith("\ufffd")
+            full = full[:-1]
+        assert text == full, ids
 
 
 def test_token_bytes(tiny_vocab):
@@ -232,9 +236,42 @@ def test_logprobs_released_with_their_text(tiny_vocab):
     d2 = s.add_token(v.word(" ST"), -1.0, [])
     assert d2.logprobs == []  # " ST" not fully released yet
     d3 = s.add_token(v.word("OP"), -0.1, [])
-    assert d3.stopped
-    # " ST" put " " out before the stop string: reported; "OP" only belongs to the stop string
-    assert [(e.token, e.text_offset) for e in d3.logprobs] == [(" ST", 5)]
+    assert d3.stopped and d3.text == ""
+    # " ST" straddles the stop string (its " " was released, its "ST" starts "STOP"): it belongs
+    # to the stop, as "OP" does; neither is reported
+    assert d3.logprobs == []
+    assert s.text == "Hello "
+
+
+def test_logprobs_cover_exactly_the_tokens_before_a_stop_string(tiny_vocab):
+    v = tiny_vocab
+    s = ChoiceTextStream(v.tokenizer, ["STOP"], want_logprobs=True)
+    ids = [v.word("Hello"), v.word(" world"), v.word(" ST"), v.word("OP"), v.word("!")]
+    entries = []
+    for i in ids:
+        d = s.add_token(i, -1.0, [])
+        entries += d.logprobs
+        if d.stopped:
+            break
+    assert s.text == "Hello world "
+    assert [e.token for e in entries] == ["Hello", " world"]
+    assert "".join(e.token for e in entries) == "Hello world"
+
+
+def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_u_fffd(tiny_vocab):
+    v = tiny_vocab
+    for text in ("é", "€", "😀", "日本"):
+        data = text.encode("utf-8")
+        for cut in range(1, len(data)):
+            ids = v.byte_ids("ok ") + list(data[:cut])
+            s = ChoiceTextStream(v.tokenizer, want_logprobs=True)
+            out = [s.add_token(i, -1.0, []).text for i in ids] + [s.finish().text]
+            whole = text.encode("utf-8")[:cut].decode("utf-8", errors="ignore")
+            assert "".join(out) == s.text == "ok " + whole, (text, cut, out)
+            assert "\ufffd" not in s.text
+    # a U+FFFD the model itself wrote stays
+    s = ChoiceTextStream(v.tokenizer)
+    assert feed(s, v.byte_ids("a\ufffd")) and s.text == "a\ufffd"
 
 
 def test_logprobs_of_a_split_character(tiny_vocab):

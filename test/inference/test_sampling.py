@@ -56,3 +56,26 @@ def test_logprobs_and_top_logprobs():
 def test_out_of_range_options_name_the_option(field, value):
     with pytest.raises(ValueError, match=field):
         GenerationOptions(**{field: value})
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 5e-324, 1e-6])
+def test_a_temperature_below_the_greedy_threshold_is_argmax(temperature):
+    logits = np.array([1.0, 30.0, 29.999, -5.0], dtype=np.float32)
+    sampler = Sampler(GenerationOptions(temperature=temperature, seed=1, logprobs=True))
+    for _ in range(20):  # logits / 1e-39 overflow float32: once NaN probabilities, a ValueError
+        r = sampler.sample(logits)
+        assert r.token == 1 and np.isfinite(r.logprob)
+
+
+def test_a_negative_seed_is_a_seed():
+    logits = np.zeros(1000, dtype=np.float32)
+
+    def draws(seed: int) -> list[int]:
+        sampler = Sampler(GenerationOptions(temperature=1.0, seed=seed))
+        return [sampler.sample(logits).token for _ in range(8)]
+
+    assert draws(-1) == draws(-1)  # numpy refused it: "expected non-negative integer"
+    assert len({tuple(draws(s)) for s in (-2, -1, 0, 1, 2**63 - 1, -(2**63))}) == 6
+    for seed in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed"):
+            GenerationOptions(seed=seed)

@@ -17,7 +17,7 @@ from exo.api.chat_api import (
     anthropic_endpoints, health, image_endpoints, metrics, model_endpoints, ollama_downloads, ollama_endpoints, route_handlers,
 )
 from exo.api.chat_api.auth import setup as setup_auth
-from exo.api.chat_api.dialects import dialect_error_middleware
+from exo.api.chat_api.dialects import DialectErrorRunner, dialect_error_middleware
 from exo.api.chat_api.rate_limit import setup as setup_rate_limit
 from exo.api.chat_api.middlewares import cors_preflight_middleware, error_middleware, make_cors_on_prepare
 from exo.api.chat_api.models import GenerationDefaults
@@ -102,7 +102,7 @@ class ChatAPI:
         self.rate_limit = rate_limit or RateLimitConfig()
         self.port: int | None = None
         self.app: web.Application | None = None
-        self._runner: web.AppRunner | None = None
+        self._runner: DialectErrorRunner | None = None
 
     def create_app(self) -> web.Application:
         """A new ``web.Application`` with every route, middleware and the shared state.
@@ -153,7 +153,7 @@ class ChatAPI:
         if self._runner is not None:
             raise RuntimeError("the API is already running")
         app = self.create_app()
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=self.shutdown_timeout)
+        runner = DialectErrorRunner(app, handler_cancellation=True, shutdown_timeout=self.shutdown_timeout)
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port)

@@ -8,13 +8,16 @@
 
 ``dialect_error_middleware`` answers every error of an Anthropic or Ollama path in its own
 format (handlers raise ``APIError`` as the OpenAI modules do); OpenAI paths pass through to the
-OpenAI ``error_middleware``.
+OpenAI ``error_middleware``. ``DialectErrorRunner`` serves an application so that the errors
+aiohttp answers itself, before any middleware runs (a request it cannot parse: an invalid
+method, a request line or header over 8,190 bytes, a bad ``Content-Length``), are JSON too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 from typing import Any, Literal, Mapping
 
 from aiohttp import web
@@ -110,3 +113,37 @@ async def dialect_error_middleware(request: web.Request, handler: Handler) -> we
     except Exception as e:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(dialect, 500, f"internal server error: {type(e).__name__}: {e}")
+
+
+class _DialectErrorRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering the errors it raises itself in JSON."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if a response was begun
+        text = message or (str(exc) if exc is not None and status < 500 else "") or HTTPStatus(status).phrase
+        # an unparsable request has no path (aiohttp gives it "/"): OpenAI's format then
+        response = error_response(dialect_of(request.path), status, f"{HTTPStatus(status).phrase}: {text}",
+                                  code="invalid_request" if status < 500 else "internal_error")
+        response.force_close()
+        return response
+
+
+class _DialectErrorServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _DialectErrorRequestHandler  # same slots, one method more
+        return handler
+
+
+class DialectErrorRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer aiohttp's own protocol errors (400, 413, 414,
+    431, ...) in the dialect's JSON error format (OpenAI's when the path is unknown) instead
+    of ``text/plain``."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _DialectErrorServer
+        return server

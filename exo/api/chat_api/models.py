@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from exo.api.chat_api.utils import APIError
-from exo.inference.generation import GenerationOptions
+from exo.inference.generation import SEED_MAX, SEED_MIN, GenerationOptions
 
 # OpenAI's API defaults (https://platform.openai.com/docs/api-reference)
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -111,7 +111,8 @@ class SamplingRequest(BaseModel):
         temperature: [0, 2], default 1.0 (0 is greedy).
         top_p: (0, 1], default 1.0.
         top_k: >= -1; 0 and -1 disable it (an extension beyond OpenAI, as in vLLM).
-        seed: seed of the sampler; choice ``i`` of ``n`` uses ``seed + i``.
+        seed: seed of the sampler, a signed 64-bit integer (negative ones too, as vLLM takes
+            them); choice ``i`` of ``n`` uses ``seed + i`` (wrapping around within 64 bits).
         stop: a string or up to 16 strings ending generation; never part of the output.
         n: number of choices, 1-16.
         presence_penalty, frequency_penalty: [-2, 2].
@@ -125,7 +126,7 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -186,7 +187,7 @@ class SamplingRequest(BaseModel):
         temperature = self.temperature if self.temperature is not None else d.temperature
         top_p = self.top_p if self.top_p is not None else d.top_p
         top_k = self.top_k if self.top_k is not None else d.top_k
-        seed = self.seed + choice_index if self.seed is not None else None
+        seed = (self.seed + choice_index - SEED_MIN) % 2**64 + SEED_MIN if self.seed is not None else None
         return GenerationOptions(
             max_tokens=max_tokens,
             temperature=temperature,

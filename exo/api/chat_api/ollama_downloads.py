@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict
 
 from exo.api.chat_api.models import parse_request
 from exo.api.chat_api.ollama_endpoints import NDJSON_HEADERS, _ndjson, model_base_name
-from exo.api.chat_api.route_handlers import read_json
+from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.state import STATE_KEY
 from exo.api.chat_api.utils import APIError
 from exo.models.sources import ModelCard, canonical_name

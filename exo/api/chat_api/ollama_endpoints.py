@@ -38,11 +38,12 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from exo.api.chat_api.models import parse_request
-from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, read_json, resolve_max_tokens, resolve_model
+from exo.api.chat_api.json_body import read_json
+from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError, new_id
-from exo.inference.generation import GenerationOptions
+from exo.inference.generation import SEED_MAX, GenerationOptions
 from exo.inference.tokenizers import Tokenizer
 from exo.models import catalogue
 from exo.models.gguf import type_name
@@ -194,7 +195,7 @@ def ollama_generation_options(options: dict[str, Any] | None, state: APIState, p
     temperature = _number(options, "temperature", 0.0, 2.0)
     top_p = _number(options, "top_p", 0.0, 1.0, lo_open=True)
     top_k = _number(options, "top_k", 0, None, integer=True)
-    seed = _number(options, "seed", None, None, integer=True)
+    seed = _number(options, "seed", None, SEED_MAX, integer=True)
     presence = _number(options, "presence_penalty", -2.0, 2.0)
     frequency = _number(options, "frequency_penalty", -2.0, 2.0)
     num_predict = _number(options, "num_predict", -2, None, integer=True)

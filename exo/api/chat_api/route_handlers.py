@@ -30,6 +30,7 @@ from exo.api.chat_api.models import (
     Usage,
     parse_request,
 )
+from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.token_handler import (
     ChoiceEvent,
@@ -64,20 +65,6 @@ SSE_HEADERS = {
 
 
 # ---------------------------------------------------------------------------- shared steps
-
-
-async def read_json(request: web.Request) -> Any:
-    """The decoded JSON body.
-
-    Raises:
-        APIError: 400 "invalid_json" when the body is not valid JSON (aiohttp raises 413 for a
-            body over the application's ``client_max_size``).
-    """
-    body = await request.read()
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
 
 
 async def resolve_model(state: APIState, requested: str | None) -> ModelCard:

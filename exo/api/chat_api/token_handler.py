@@ -217,8 +217,10 @@ class ChoiceTextStream:
         delta = TextDelta(text=out, stopped=self.stopped)
         if self._want_logprobs:
             if self.stopped:
-                # tokens that put any released text out; the stop string's own tokens are dropped
-                done = [p for p in self._pending if p.start < released or (p.end is not None and p.end <= released)]
+                # only tokens whose text lies wholly in the released text: a token that holds
+                # the start of the stop string is part of the stop, even when its first
+                # characters were released (its log-probability is of text the client never sees)
+                done = [p for p in self._pending if p.end is not None and p.end <= released]
                 self._pending = []
             elif final:
                 done, self._pending = self._pending, []
