@@ -194,6 +194,8 @@ class RateLimitConfig(BaseModel):
     Generations (chat, completions, messages, generate) run at most ``max_concurrent_requests``
     at once; up to ``max_queued_requests`` more wait for a slot (at most ``queue_timeout``
     seconds); beyond that a request gets 503 at once instead of the queue growing without limit.
+    One request may ask for at most ``max_generations_per_request`` generations (its prompts
+    times ``n``); more is a 400 before anything runs.
 
     Attributes:
         requests_per_minute: refill rate of each bucket; None or 0 disables rate limiting.
@@ -202,6 +204,8 @@ class RateLimitConfig(BaseModel):
         max_concurrent_requests: generations in progress at once (None: no limit).
         max_queued_requests: generations waiting for a slot.
         queue_timeout: seconds a request may wait for a slot before 503.
+        max_generations_per_request: prompts x ``n`` of one request, at most (OpenAI's
+            completions take a list of prompts, each with ``n`` choices).
         max_clients: buckets kept (least recently seen dropped first).
     """
 
@@ -212,6 +216,7 @@ class RateLimitConfig(BaseModel):
     max_concurrent_requests: int | None = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=0)
     queue_timeout: float = Field(120.0, gt=0)
+    max_generations_per_request: int = Field(16, ge=1)
     max_clients: int = Field(10_000, ge=1)
 
     @property

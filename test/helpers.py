@@ -102,3 +102,14 @@ def make_request_context(**overrides) -> RequestContext:
     )
     fields.update(overrides)
     return RequestContext(**fields)
+
+
+def expected_text(tok, prompt_ids: list[int], n: int) -> str:
+    """The text a client sees of the dummy engine's ``n`` tokens after ``prompt_ids``: their
+    decoding, less a character that the n-th token leaves incomplete (never shown as U+FFFD)."""
+    from exo.inference.dummy import expected_tokens
+    from exo.inference.tokenizers import ends_inside_a_character
+
+    ids = expected_tokens(prompt_ids, n)
+    text = tok.decode(ids)
+    return text.removesuffix("\ufffd") if ends_inside_a_character(tok, ids) else text

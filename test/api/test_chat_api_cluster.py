@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import openai
 import pytest
 import pytest_asyncio
-from helpers import NodeUnderTest, loopback_config, wait_for
+from helpers import NodeUnderTest, expected_text, loopback_config, wait_for
 
 from exo.api.chat_api.state import STATE_KEY
 from exo.inference.dummy import expected_tokens
@@ -238,7 +238,7 @@ async def test_error_on_the_other_node_reaches_the_client_within_seconds(dummy_r
                 async for chunk in await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=50,
                                                                     stream=True):
                     chunks.append(chunk)
-            text, want = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), tok.decode(expected_tokens(ids, 3))
+            text, want = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), expected_text(tok, ids, 3)
             if other.node.id == other.node.partition(STORE.card(MODEL))[-1].node_id:
                 assert text == want  # all the failing last node sent before its error
             else:  # tokens sent by the other node may still be on their way when the error arrives
@@ -253,7 +253,7 @@ async def test_error_on_the_other_node_reaches_the_client_within_seconds(dummy_r
     assert elapsed < 10.0  # an error, not the 60 s response timeout
     await no_cache_anywhere(dummy_ring)
     r = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)  # the ring keeps serving
-    assert r.choices[0].message.content == tok.decode(expected_tokens(ids, 4))
+    assert r.choices[0].message.content == expected_text(tok, ids, 4)
 
 
 async def test_many_concurrent_requests_on_a_dummy_ring(dummy_ring):
@@ -265,7 +265,7 @@ async def test_many_concurrent_requests_on_a_dummy_ring(dummy_ring):
         ids = tok.encode(tok.apply_chat_template(messages))
         r = await clients[i % 2].chat.completions.create(model=MODEL, messages=messages, max_tokens=20, n=1 + i % 2)
         for c in r.choices:
-            assert c.message.content == tok.decode(expected_tokens(ids, 20)), i
+            assert c.message.content == expected_text(tok, ids, 20), i
 
     await asyncio.wait_for(asyncio.gather(*(ask(i) for i in range(48))), 120)
     await no_cache_anywhere(dummy_ring)

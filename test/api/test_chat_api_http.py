@@ -16,7 +16,7 @@ import json
 import aiohttp
 import openai
 import pytest
-from helpers import smollm2_gguf_path, wait_for
+from helpers import expected_text, smollm2_gguf_path, wait_for
 
 from exo.api.chat_api.state import STATE_KEY
 from exo.api.chatgpt_api import ChatGPTAPI
@@ -131,7 +131,7 @@ async def test_chatgpt_api_name_serves_the_same_api(dummy_api, tok):
     try:
         c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{api.port}/v1", api_key="x", max_retries=0)
         r = await c.chat.completions.create(model=MODEL, messages=HI, max_tokens=3)
-        assert r.choices[0].message.content == tok.decode(expected_tokens(chat_ids(tok, HI), 3))
+        assert r.choices[0].message.content == expected_text(tok, chat_ids(tok, HI), 3)
     finally:
         await api.stop()
 
@@ -141,7 +141,7 @@ async def test_chat_answer_and_usage_are_exact(dummy_api, tok):
     r = await client(dummy_api).chat.completions.create(model=MODEL, messages=HI, max_tokens=6, temperature=0)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == tok.decode(expected_tokens(ids, 6))
+    assert r.choices[0].message.content == expected_text(tok, ids, 6)
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 6, len(ids) + 6)
     await no_request_left(dummy_api)
@@ -151,7 +151,7 @@ async def test_chat_answer_and_usage_are_exact(dummy_api, tok):
 async def test_eos_ends_with_stop_and_its_text_never_shows(dummy_api, tok, stream):
     ids = chat_ids(tok, HI)
     dummy_api.node.engine.forced_tokens = {len(ids) + 3: EOS}  # the 4th generated token is EOS
-    want = tok.decode(expected_tokens(ids, 3))
+    want = expected_text(tok, ids, 3)
     c = client(dummy_api)
     if stream:
         chunks = [ch async for ch in await c.chat.completions.create(
@@ -178,7 +178,7 @@ async def test_default_model_roles_and_content_parts(dummy_api, tok):
                 {"role": "assistant", "content": ""}, {"role": "user", "content": "again"}]
     ids = chat_ids(tok, rendered)  # the dummy's answer depends on every prompt token
     assert r["usage"]["prompt_tokens"] == len(ids)
-    assert r["choices"][0]["message"]["content"] == tok.decode(expected_tokens(ids, 4))
+    assert r["choices"][0]["message"]["content"] == expected_text(tok, ids, 4)
 
 
 async def test_max_completion_tokens_wins_and_n_choices(dummy_api, tok):
@@ -186,7 +186,7 @@ async def test_max_completion_tokens_wins_and_n_choices(dummy_api, tok):
                 presence_penalty=0.5, frequency_penalty=-1, user="u", metadata={"a": "b"}, store=False)
     status, r = await post(dummy_api, "/v1/chat/completions", body)
     assert status == 200, r
-    want = tok.decode(expected_tokens(chat_ids(tok, HI), 2))
+    want = expected_text(tok, chat_ids(tok, HI), 2)
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in r["choices"]] == \
         [(0, want, "length"), (1, want, "length")]
     assert r["usage"]["completion_tokens"] == 4  # counted over both choices
@@ -214,7 +214,7 @@ async def test_streaming_n_choices_and_done(dummy_api, tok):
     for e in events[:-1]:
         assert len(e["choices"]) == 1  # one choice per chunk, as OpenAI streams them
         texts[e["choices"][0]["index"]] += e["choices"][0]["delta"].get("content", "")
-    want = tok.decode(expected_tokens(chat_ids(tok, HI), 5))
+    want = expected_text(tok, chat_ids(tok, HI), 5)
     assert texts == {0: want, 1: want}
 
 
@@ -273,7 +273,7 @@ async def test_logprobs(dummy_api, tok):
 async def test_completions(dummy_api, tok):
     c = client(dummy_api)
     r = await c.completions.create(model=MODEL, prompt=["A", "B"], max_tokens=2, echo=True)
-    assert [ch.text for ch in r.choices] == [p + tok.decode(expected_tokens(tok.encode(p), 2)) for p in "AB"]
+    assert [ch.text for ch in r.choices] == [p + expected_text(tok, tok.encode(p), 2) for p in "AB"]
     assert [ch.index for ch in r.choices] == [0, 1] and r.choices[0].finish_reason == "length"
     assert r.object == "text_completion" and r.usage.prompt_tokens == 2 and r.usage.completion_tokens == 4
     # a prompt of token ids, with log-probabilities
@@ -286,7 +286,7 @@ async def test_completions(dummy_api, tok):
     # streamed, with the prompt echoed first
     stream = await c.completions.create(model=MODEL, prompt="A", max_tokens=3, stream=True, echo=True)
     texts = [ch.choices[0].text async for ch in stream]
-    assert texts[0] == "A" and "".join(texts) == "A" + tok.decode(expected_tokens(tok.encode("A"), 3))
+    assert texts[0] == "A" and "".join(texts) == "A" + expected_text(tok, tok.encode("A"), 3)
 
 
 async def test_completions_stop(dummy_api, tok):
@@ -374,7 +374,7 @@ async def test_malformed_bodies_then_the_node_keeps_serving(dummy_api, tok):
         status, r = await post(dummy_api, path, b"\xff\xfe", raw=True)
         assert status == 400
     status, r = await post(dummy_api, "/v1/chat/completions", CHAT)
-    assert status == 200 and r["choices"][0]["message"]["content"] == tok.decode(expected_tokens(chat_ids(tok, HI), 5))
+    assert status == 200 and r["choices"][0]["message"]["content"] == expected_text(tok, chat_ids(tok, HI), 5)
 
 
 async def test_404_unknown_model_and_route(dummy_api):
@@ -430,7 +430,7 @@ async def test_error_mid_stream_is_an_error_event(dummy_api, tok):
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "generation_error" and "DummyEngineError" in events[-2]["error"]["message"]
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
-    assert text == tok.decode(expected_tokens(ids, 3))[: len(text)] and len(text) > 0
+    assert text == expected_text(tok, ids, 3)[: len(text)] and len(text) > 0
     status, r = await post(dummy_api, "/v1/chat/completions", dict(CHAT, max_tokens=20))
     assert status == 500 and "DummyEngineError" in r["error"]["message"]
     await no_request_left(dummy_api)

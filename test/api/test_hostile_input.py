@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import time
 
 import aiohttp
 import pytest
+from helpers import expected_text, smollm2_gguf_path
+
+from exo.inference.tokenizers import tokenizer_for_path
+
+logger = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 MODEL = "smollm2-135m"
 HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer_for_path(smollm2_gguf_path())
 
 # one generating route of each dialect with a body that is valid as it stands
 ROUTES = {
@@ -172,3 +185,110 @@ async def test_errors_aiohttp_answers_itself_are_json(dummy_api, request_bytes):
     error = json.loads(body)["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     await answers(dummy_api)
+
+
+# ---------------------------------------------------------------------------- work off the event loop
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_a_15_mb_chat_body_stalls_neither_health_nor_running_streams(dummy_api, tok):
+    """Once tokenized on the event loop before the context check: /health stalled 10-13 s."""
+    dummy_api.node.engine.token_delay = 0.01
+    n_tokens = 150
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x " * 7_500_000}]}).encode()
+    assert 15_000_000 <= len(big) < 16 * 1024 * 1024  # under the body limit
+    gaps: list[list[float]] = [[] for _ in range(4)]
+    streams_started = asyncio.Event()
+
+    async def stream(i: int) -> list[int]:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"stream {i}"}], "max_tokens": n_tokens,
+                "stream": True}
+        tokens = []
+        async with aiohttp.ClientSession() as s:
+            async with s.post(dummy_api.api_url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                last = time.perf_counter()
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            tokens.append(chunk["choices"][0]["delta"]["content"])
+                            now = time.perf_counter()
+                            gaps[i].append(now - last)
+                            last = now
+                            if len(tokens) == 5 and i == 3:
+                                streams_started.set()
+        return tokens
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(4)]
+    await asyncio.wait_for(streams_started.wait(), 30)
+    rss_before = _rss_bytes()
+    peak = rss_before
+    latencies: list[float] = []
+    big_done = asyncio.Event()
+
+    async def poll_health() -> None:
+        nonlocal peak
+        async with aiohttp.ClientSession() as s:
+            while not big_done.is_set():
+                t0 = time.perf_counter()
+                async with s.get(dummy_api.api_url + "/health") as r:
+                    await r.read()
+                latencies.append(time.perf_counter() - t0)
+                peak = max(peak, _rss_bytes())
+                await asyncio.sleep(0.01)
+
+    poller = asyncio.create_task(poll_health())
+    try:
+        status, _, answer = await post_raw(dummy_api, "/v1/chat/completions", big)
+    finally:
+        big_done.set()
+        await poller
+    texts = await asyncio.gather(*tasks)
+    assert status == 413 and answer["error"]["code"] == "context_length_exceeded", answer
+    assert answer["error"]["param"] == "messages"
+    latencies.sort()
+    median = latencies[len(latencies) // 2]
+    assert len(latencies) >= 3 and median < 0.1 and latencies[-1] < 1.0, latencies
+    logger.info("/health during a 15 MB body: median %.1f ms, max %.1f ms over %d requests; RSS +%.0f MiB",
+                median * 1e3, latencies[-1] * 1e3, len(latencies), (_rss_bytes() - rss_before) / 2**20)
+    for i, t in enumerate(texts):  # every stream got every token
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": f"stream {i}"}], add_generation_prompt=True))
+        assert "".join(t) == expected_text(tok, ids, n_tokens), i
+        assert max(gaps[i][1:]) < 1.0, max(gaps[i])
+    assert peak - rss_before < 1 << 30, f"RSS grew by {(peak - rss_before) / 2**20:.0f} MiB"
+    logger.info("peak RSS growth during the 15 MB body: %.0f MiB", (peak - rss_before) / 2**20)
+
+
+async def test_a_prompt_longer_than_any_context_is_refused_before_tokenizing(dummy_api):
+    long = "x" * (8192 * 81 + 1)  # more characters than 8,192 tokens of SmolLM2 hold (81 at most each)
+    for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": long}]}),
+                       ("/v1/completions", {"model": MODEL, "prompt": long}),
+                       ("/v1/messages", {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": long}]}),
+                       ("/v1/messages/count_tokens", {"model": MODEL, "messages": [{"role": "user", "content": long}]}),
+                       ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": long}]}),
+                       ("/api/generate", {"model": MODEL, "prompt": long})):
+        status, _, answer = await post_raw(dummy_api, path, json.dumps(body).encode())
+        assert status == 413, (path, answer)
+        assert_dialect_error(path, status, answer)
+
+
+# ---------------------------------------------------------------------------- work per request
+
+
+async def test_one_request_starts_at_most_max_generations_per_request(dummy_api):
+    calls = dummy_api.node.engine.calls
+    status, _, answer = await post_raw(dummy_api, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": ["a"] * 64, "n": 16, "max_tokens": 1}).encode())
+    assert status == 400 and answer["error"]["param"] == "n" and "1024" in answer["error"]["message"], answer
+    status, _, answer = await post_raw(dummy_api, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": ["a"] * 17, "max_tokens": 1}).encode())
+    assert status == 400 and answer["error"]["param"] == "prompt", answer
+    assert dummy_api.node.engine.calls == calls  # nothing reached the ring
+    status, _, answer = await post_raw(dummy_api, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": ["a"] * 4, "n": 4, "max_tokens": 1}).encode())
+    assert status == 200 and len(answer["choices"]) == 16

@@ -31,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from exo.api.chat_api.dialects import anthropic_error_type
 from exo.api.chat_api.models import RequestParamError, parse_request
 from exo.api.chat_api.json_body import read_json
-from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, resolve_max_tokens, resolve_model
+from exo.api.chat_api.route_handlers import (
+    encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens, resolve_model,
+)
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError
@@ -224,7 +226,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = parse_request(MessagesRequest, await read_json(request))
     card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
-    prompt_ids = tokenizer.encode(req.prompt(tokenizer))
+    prompt_ids = await encode_prompt(tokenizer, lambda: req.prompt(tokenizer), card.context_length, "messages")
     options = _options(req, state, card, len(prompt_ids), tokenizer)
     stops = list(req.stop_sequences or [])
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -280,7 +282,8 @@ async def count_tokens(request: web.Request) -> web.Response:
     req = parse_request(CountTokensRequest, await read_json(request))
     card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
-    return web.json_response({"input_tokens": len(tokenizer.encode(req.prompt(tokenizer)))})
+    prompt_ids = await encode_prompt(tokenizer, lambda: req.prompt(tokenizer), card.context_length, "messages")
+    return web.json_response({"input_tokens": len(prompt_ids)})
 
 
 def setup_routes(app: web.Application) -> None:

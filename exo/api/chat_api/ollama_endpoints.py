@@ -39,7 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from exo.api.chat_api.models import parse_request
 from exo.api.chat_api.json_body import read_json
-from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, resolve_max_tokens, resolve_model
+from exo.api.chat_api.route_handlers import (
+    encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens, resolve_model,
+)
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
 from exo.api.chat_api.utils import APIError, new_id
@@ -459,12 +461,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
             raise APIError(400, f"messages[{i}]: tool messages are not supported", param=f"messages[{i}].role",
                            code="unsupported_parameter")
     tokenizer = await get_tokenizer(state, card.model_id)
-    try:
-        prompt = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in req.messages],
-                                               add_generation_prompt=True)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages", code="invalid_value") from None
-    return await _answer(request, state, req, card, tokenizer, tokenizer.encode(prompt), "chat", received)
+    turns = [{"role": m.role, "content": m.content} for m in req.messages]
+    prompt_ids = await encode_prompt(tokenizer, lambda: tokenizer.apply_chat_template(turns, add_generation_prompt=True),
+                                     card.context_length, "messages")
+    return await _answer(request, state, req, card, tokenizer, prompt_ids, "chat", received)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -492,16 +492,14 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if bad:
         raise APIError(400, f"Invalid value for 'context': token id {bad[0]} is outside the vocabulary "
                             f"(0-{tokenizer.vocab_size - 1})", param="context", code="invalid_value")
-    if req.raw or not req.prompt:
-        prompt = req.prompt
-    else:
+    def render() -> str:
+        if req.raw or not req.prompt:
+            return req.prompt or ""
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
             [{"role": "user", "content": req.prompt}]
-        try:
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt", code="invalid_value") from None
-    prompt_ids = context + (tokenizer.encode(prompt) if prompt else [])
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    prompt_ids = context + await encode_prompt(tokenizer, render, card.context_length, "prompt")
     return await _answer(request, state, req, card, tokenizer, prompt_ids, "generate", received)
 
 

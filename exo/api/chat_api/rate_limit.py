@@ -8,6 +8,9 @@
   waiting for a slot; a request arriving when the queue is full (or waiting past the timeout)
   gets 503 with ``Retry-After`` instead of the queue growing without limit.
 
+* ``check_generations``: one request asks for at most ``max_generations_per_request``
+  generations (prompts x ``n``): a 400 before anything is tokenized.
+
 Both apply to API paths only (not the web page, not public paths such as the health checks);
 the queue applies to generating requests (chat, completions, messages, generate).
 """
@@ -28,6 +31,7 @@ from aiohttp.typedefs import Handler
 
 from exo.api.chat_api.auth import AUTH_CONFIG_KEY, KEY_ID, is_public, is_service_path
 from exo.api.chat_api.dialects import dialect_of, error_response
+from exo.api.chat_api.utils import APIError
 from exo.config import AuthConfig, RateLimitConfig
 
 logger = logging.getLogger(__name__)
@@ -160,6 +164,25 @@ class RequestQueue:
 RATE_LIMITER_KEY: web.AppKey[RateLimiter | None] = web.AppKey("exo_rate_limiter", RateLimiter)  # None: no rate limit
 REQUEST_QUEUE_KEY: web.AppKey[RequestQueue] = web.AppKey("exo_request_queue", RequestQueue)
 RATE_CONFIG_KEY: web.AppKey[RateLimitConfig] = web.AppKey("exo_rate_limit_config", RateLimitConfig)
+
+
+def check_generations(app: web.Application, prompts: int, n: int) -> None:
+    """Refuse a request that asks for more than ``max_generations_per_request`` generations.
+
+    Args:
+        prompts: prompts in the request (1 but for a completions list).
+        n: choices per prompt.
+
+    Raises:
+        APIError: 400 naming ``n`` (or ``prompt`` when n is 1), with the limit.
+    """
+    limit = app[RATE_CONFIG_KEY].max_generations_per_request
+    if prompts * n > limit:
+        param = "n" if n > 1 else "prompt"
+        asked = f"{prompts} prompts x n = {n}" if prompts > 1 else f"n = {n}"
+        raise APIError(400, f"Invalid value for '{param}': this request asks for {asked}, {prompts * n} generations; "
+                            f"this server runs at most {limit} per request (rate_limit.max_generations_per_request)",
+                       param=param, code="invalid_value")
 
 
 def client_identity(request: web.Request, trust_forwarded_for: bool = False) -> str:

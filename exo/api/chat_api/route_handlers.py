@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
 from aiohttp import web
 
@@ -31,6 +30,7 @@ from exo.api.chat_api.models import (
     parse_request,
 )
 from exo.api.chat_api.json_body import read_json
+from exo.api.chat_api.rate_limit import check_generations
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.token_handler import (
     ChoiceEvent,
@@ -117,6 +117,37 @@ def model_defaults(state: APIState, tokenizer: Tokenizer) -> GenerationDefaults:
     return GenerationDefaults(**{**model, **configured})
 
 
+async def encode_prompt(tokenizer: Tokenizer, render: Callable[[], str], context_length: int, param: str) -> list[int]:
+    """The token ids of the prompt that ``render`` builds (a chat template's rendering, or the
+    request's own text), computed in a worker thread: the event loop keeps serving every other
+    request meanwhile, however long the text. A text longer than ``context_length`` tokens could
+    hold (``Tokenizer.max_token_chars`` characters each) is refused before it is tokenized.
+
+    Args:
+        render: () -> the prompt text; runs in the worker thread. A ValueError from it (a
+            template that rejects the conversation) is a 400 naming ``param``.
+        context_length: the model's context, in tokens.
+        param: the request parameter holding the prompt (``messages``, ``prompt``).
+
+    Raises:
+        APIError: 413 "context_length_exceeded" for a text that cannot fit; 400 from ``render``.
+    """
+    def run() -> list[int]:
+        try:
+            text = render()
+        except ValueError as e:
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        most = context_length * tokenizer.max_token_chars
+        if len(text) > most:
+            raise APIError(413, f"This model's maximum context length is {context_length} tokens, but the prompt has "
+                                f"{len(text)} characters: more than {context_length} tokens of this model hold (at most "
+                                f"{tokenizer.max_token_chars} characters each).", param=param,
+                           code="context_length_exceeded")
+        return tokenizer.encode(text) if text else []
+
+    return await asyncio.to_thread(run)
+
+
 def resolve_max_tokens(requested: int | None, server_default: int | None, prompt_tokens: int,
                        context_length: int, prompt_param: str) -> int:
     """Tokens to generate at most: request value > server default > the rest of the context,
@@ -198,13 +229,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """
     state = request.app[STATE_KEY]
     req = parse_request(ChatCompletionRequest, await read_json(request))
+    check_generations(request.app, 1, req.num_choices)
     card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
-    try:
-        prompt = tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages", code="invalid_value") from None
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = await encode_prompt(
+        tokenizer, lambda: tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True),
+        card.context_length, "messages")
     max_tokens = resolve_max_tokens(req.requested_max_tokens, state.defaults.max_tokens, len(prompt_ids),
                                     card.context_length, "messages")
     stops = req.stop_strings()
@@ -225,6 +255,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     """
     state = request.app[STATE_KEY]
     req = parse_request(CompletionRequest, await read_json(request))
+    check_generations(request.app, len(req.prompts()), req.num_choices)
     card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
     stops = req.stop_strings()
@@ -234,7 +265,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     for p_index, prompt in enumerate(req.prompts()):
         param = "prompt" if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) else f"prompt[{p_index}]"
         if isinstance(prompt, str):
-            prompt_ids, prompt_text = tokenizer.encode(prompt), prompt
+            prompt_ids = await encode_prompt(tokenizer, lambda: prompt, card.context_length, param)
+            prompt_text = prompt
         else:
             bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
             if bad:
