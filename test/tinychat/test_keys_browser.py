@@ -139,3 +139,40 @@ async def test_a_refused_kept_key_is_forgotten_and_the_key_can_be_forgotten(keye
     await expect(page.locator("#key-prompt")).to_be_visible()
     await expect(page.locator("#key-state")).to_have_text("none")
     assert await stored_key(page) is None
+
+
+async def test_a_key_revoked_while_chatting_is_asked_for_again(keyed_node, open_page):
+    from exo.api.chat_api.auth import AUTH_CONFIG_KEY
+
+    url = keyed_node.api_url
+    put = await open_page(url + "/", storage_state={"cookies": [], "origins": [
+        {"origin": url, "localStorage": [{"name": STORED, "value": KEY}]}]})
+    page = put.page
+    await expect(page.locator("#model")).to_have_value(MODEL)
+    await expect(page.locator("#key-prompt")).to_be_hidden()
+    await set_options(page, temperature=0, max_tokens=4)
+
+    auth = keyed_node.running.api.app[AUTH_CONFIG_KEY]
+    auth.api_keys = ["a-new-key"]  # the operator changes the keys while the page is open
+    try:
+        await ask(page, "hi")
+        await wait_answered(page, 1)
+        await expect(page.locator(".msg.assistant .note.error")).to_contain_text("refused")
+        await expect(page.locator("#key-prompt")).to_be_visible()
+        await expect(page.locator("#key-message")).to_contain_text("refused")
+        assert await stored_key(page) is None
+        # a message typed while the prompt is open stays in the box
+        await ask(page, "still here")
+        await expect(page.locator("#input")).to_have_value("still here")
+        await expect(key_box(page)).to_be_focused()
+
+        await key_box(page).fill("a-new-key")
+        await key_box(page).press("Enter")
+        await expect(page.locator("#key-prompt")).to_be_hidden()
+        await page.locator(".msg.assistant .note.error").get_by_role("button", name="Retry").click()
+        await wait_answered(page, 1)
+        await expect(page.locator(".msg.assistant .content")).to_have_text(re.compile(r"\S"))
+        await expect(page.locator(".msg.assistant .note.error")).to_have_count(0)
+        assert await stored_key(page) == "a-new-key"
+    finally:
+        auth.api_keys = [KEY]

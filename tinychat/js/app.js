@@ -609,6 +609,7 @@ function init() {
     ev.preventDefault();
     const text = $("input").value.trim();
     if (!text || ui.live) return;
+    if (!$("key-prompt").hidden) { $("key-input").focus(); return; }  // the message stays in the box
     const why = notReady($("model").value);
     if (why) { showError(why, "chat"); return; }  // the message stays in the box
     $("input").value = "";
