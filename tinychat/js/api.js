@@ -1,6 +1,12 @@
 // The node's HTTP API as tinychat uses it: models, downloads (Ollama's streamed /api/pull),
 // topology, and streamed chat completions (OpenAI's server-sent events). Every failure becomes
 // a FriendlyError whose message is meant to be shown to a person as it is.
+//
+// API key: a node with keys configured says `"auth_required": true` in `GET /health` and
+// answers 401 to any other API call without one. The key the person gave is kept in
+// localStorage and every request goes through `apiFetch`, the one place that sends it
+// (`Authorization: Bearer KEY`). A 401 or 403 to the kept key forgets it and calls the
+// handler set with `onKeyRefused`.
 
 /** An error with a message in plain words (`message`) and the API's details (`detail`). */
 export class FriendlyError extends Error {
@@ -13,6 +19,39 @@ export class FriendlyError extends Error {
   }
 }
 
+const KEY_STORAGE = "tinychat.apiKey";
+
+/** The API key kept in this browser, or "" when none. */
+export function apiKey() {
+  try {
+    return localStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return "";  // blocked storage
+  }
+}
+
+/** Keep `key` in this browser (sent with every request from now on); "" forgets it. */
+export function setApiKey(key) {
+  try {
+    if (key) localStorage.setItem(KEY_STORAGE, key);
+    else localStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // blocked storage: nothing is kept, the next request goes without a key
+  }
+}
+
+let keyRefusedHandler = () => {};
+
+/** `fn(error)` is called when the node refuses the kept key (already forgotten by then). */
+export function onKeyRefused(fn) {
+  keyRefusedHandler = fn;
+}
+
+/** True for the FriendlyError of a missing or refused API key (HTTP 401 or 403). */
+export function isKeyError(e) {
+  return e instanceof FriendlyError && (e.status === 401 || e.status === 403);
+}
+
 const UNREACHABLE = () =>
   `Can't reach the exo node at ${location.host}. Check that exo is still running there, then try again.`;
 
@@ -22,7 +61,8 @@ export function describeApiError(status, body) {
   const msg = typeof err === "string" ? err : err.message;
   const code = err.code || null;
   let prefix;
-  if (status === 400 || status === 422) prefix = "The node did not accept the request";
+  if (status === 401 || status === 403) prefix = "The node refused the API key";
+  else if (status === 400 || status === 422) prefix = "The node did not accept the request";
   else if (status === 404) prefix = "Not found on this cluster";
   else if (status === 413) prefix = "The message is too large";
   else if (status === 429) prefix = "The cluster is busy";
@@ -34,14 +74,38 @@ export function describeApiError(status, body) {
   return new FriendlyError(text, { status, code, detail: err });
 }
 
-async function getJSON(path, signal) {
+/**
+ * `fetch(path, init)` with the API key (`key`, by default the kept one) as `Authorization:
+ * Bearer KEY`: every request of the page goes through here. Throws FriendlyError when the node
+ * cannot be reached, and for a 401 or 403 (the body's message in its words; the kept key, if it
+ * was the one sent, is forgotten and the `onKeyRefused` handler told), or the AbortError of
+ * `init.signal`. Any other status is the caller's to read.
+ */
+export async function apiFetch(path, init = {}, key = apiKey()) {
+  const headers = { ...(init.headers || {}) };
+  if (key) headers.Authorization = `Bearer ${key}`;
   let r;
   try {
-    r = await fetch(path, { signal, headers: { Accept: "application/json" } });
+    r = await fetch(path, { ...init, headers });
   } catch (e) {
     if (e.name === "AbortError") throw e;
     throw new FriendlyError(UNREACHABLE());
   }
+  if (r.status === 401 || r.status === 403) {
+    const body = await r.json().catch(() => null);
+    const err = key ? describeApiError(r.status, body)
+      : new FriendlyError("This node needs an API key.", { status: r.status, code: "missing_api_key", detail: body && body.error });
+    if (!key || key === apiKey()) {  // not a candidate being tried (checkKey)
+      setApiKey("");
+      keyRefusedHandler(err);
+    }
+    throw err;
+  }
+  return r;
+}
+
+async function getJSON(path, signal) {
+  const r = await apiFetch(path, { signal, headers: { Accept: "application/json" } });
   const body = await r.json().catch(() => null);
   if (!r.ok) throw describeApiError(r.status, body);
   if (body === null) throw new FriendlyError(`The node sent an unreadable answer to ${path}.`);
@@ -59,18 +123,12 @@ export async function fetchModels(signal) {
  * Throws FriendlyError (node unreachable, an API error status, no stream) or the AbortError of `signal`.
  */
 async function postStream(path, payload, accept, signal) {
-  let r;
-  try {
-    r = await fetch(path, {
-      method: "POST",
-      headers: { "Content-Type": "application/json", Accept: accept },
-      body: JSON.stringify(payload),
-      signal,
-    });
-  } catch (e) {
-    if (e.name === "AbortError") throw e;
-    throw new FriendlyError(UNREACHABLE());
-  }
+  const r = await apiFetch(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: accept },
+    body: JSON.stringify(payload),
+    signal,
+  });
   if (!r.ok) {
     const body = await r.json().catch(() => null);
     throw describeApiError(r.status, body);
@@ -79,15 +137,33 @@ async function postStream(path, payload, accept, signal) {
   return r.body.getReader();
 }
 
-/** The node's default model (`GET /health`: `model.id`, in its body whatever the status), or null. */
-export async function fetchDefaultModel(signal) {
+/**
+ * What `GET /health` says (its body, whatever the status) that the page needs:
+ * {defaultModel (or null), authRequired}; null when the node cannot be reached or read.
+ */
+export async function fetchHealth(signal) {
   try {
-    const r = await fetch("/health", { signal, headers: { Accept: "application/json" } });
+    const r = await apiFetch("/health", { signal, headers: { Accept: "application/json" } });
     const body = await r.json();
-    return (body && body.model && body.model.id) || null;
+    return { defaultModel: (body && body.model && body.model.id) || null, authRequired: !!(body && body.auth_required) };
   } catch {
     return null;
   }
+}
+
+/** The node's default model (`GET /health`: `model.id`), or null. */
+export async function fetchDefaultModel(signal) {
+  const health = await fetchHealth(signal);
+  return health ? health.defaultModel : null;
+}
+
+/**
+ * Try `key` on the node (`GET /v1/models` with it) without keeping it: resolves when the node
+ * takes it; throws the FriendlyError of a refusal (see `isKeyError`) or of any other failure.
+ */
+export async function checkKey(key, signal) {
+  const r = await apiFetch("/v1/models", { signal, headers: { Accept: "application/json" } }, key);
+  if (!r.ok) throw describeApiError(r.status, await r.json().catch(() => null));
 }
 
 /** A model name as a path under /v1/models/ (its slashes kept: hub names are org/name). */

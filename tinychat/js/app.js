@@ -1,7 +1,7 @@
 // tinychat: the web UI every exo node serves at `/`. Plain ES modules, no build step; the
 // libraries it uses are vendored in ../vendor (see vendor/README.md).
 
-import { FriendlyError, fetchDefaultModel, fetchModel, fetchModels, fetchTopology, pullModel, streamChat } from "./api.js";
+import { FriendlyError, apiKey, checkKey, fetchDefaultModel, fetchHealth, fetchModel, fetchModels, fetchTopology, isKeyError, onKeyRefused, pullModel, setApiKey, streamChat } from "./api.js";
 import { renderInto, renderMarkdown } from "./markdown.js";
 import { Store } from "./store.js";
 import { h, renderTopology } from "./topology.js";
@@ -18,6 +18,8 @@ const ui = {
   topology: null,
   topologyOpen: false,
   colors: new Map(),
+  authRequired: false,   // GET /health said this node wants an API key
+  paused: true,          // no polling of models and topology: before /health is read, and while the key prompt is open
 };
 
 // ------------------------------------------------------------------ errors
@@ -26,6 +28,11 @@ function showError(text, source = "chat") {
   ui.error = { text, source };
   $("error-text").textContent = text;
   $("error").hidden = false;
+}
+
+/** showError(text, source), unless `e` is a refused or missing key: the key prompt says that. */
+function reportError(e, text, source) {
+  if (!isKeyError(e)) showError(text, source);
 }
 
 function clearError(source = null) {
@@ -163,7 +170,7 @@ async function downloadModel(id) {
   } catch (e) {
     ui.downloads.delete(id);
     renderModels();
-    showError(`Could not download ${id}. ${plainMessage(e)}`, "download");
+    reportError(e, `Could not download ${id}. ${plainMessage(e)}`, "download");
     refreshModels();
   }
 }
@@ -183,7 +190,7 @@ async function addModel(name) {
     }
     $("add-model-name").value = "";
   } catch (e) {
-    showError(`Could not add ${name}. ${plainMessage(e)}`, "add-model");
+    reportError(e, `Could not add ${name}. ${plainMessage(e)}`, "add-model");
   } finally {
     $("add-model-go").disabled = false;
   }
@@ -192,6 +199,7 @@ async function addModel(name) {
 let modelTimer = null;
 async function refreshModels() {
   clearTimeout(modelTimer);
+  if (ui.paused) return;  // resumed when a key is given
   let delay = 15000;
   try {
     const [models, defaultModel] = await Promise.all([
@@ -203,7 +211,7 @@ async function refreshModels() {
     if (!ui.models.length) showError("This cluster has no model it can serve. Install a model's weights on a node, then reload.", "models");
     if (ui.models.some((m) => ["loading", "downloading"].includes(statusOf(m).kind))) delay = 2000;
   } catch (e) {
-    showError(plainMessage(e), "models");
+    reportError(e, plainMessage(e), "models");
     delay = 5000;
   }
   modelTimer = setTimeout(refreshModels, document.hidden ? delay * 4 : delay);
@@ -349,6 +357,7 @@ function notReady(model) {
 
 async function send(text) {
   if (ui.live) return;
+  if (!$("key-prompt").hidden) { $("key-input").focus(); return; }
   const model = $("model").value;
   if (!model) { showError("There is no model to chat with: this cluster lists none.", "chat"); return; }
   const why = notReady(model);
@@ -403,7 +412,7 @@ async function send(text) {
     if (e && e.name === "AbortError") msg.stopped = true;
     else {
       msg.error = plainMessage(e);
-      showError(msg.error, "chat");
+      reportError(e, msg.error, "chat");
     }
   } finally {
     clearInterval(waitTimer);
@@ -449,6 +458,7 @@ function scheduleTopology(delay = 0) {
 }
 
 async function refreshTopology() {
+  if (ui.paused) return;  // resumed when a key is given
   try {
     ui.topology = await fetchTopology();
     const n = Object.keys(ui.topology.nodes || {}).length;
@@ -459,7 +469,7 @@ async function refreshTopology() {
     if (ui.topologyOpen) renderTopology($("topology-body"), ui.topology, ui.colors);
     clearError("topology");
   } catch (e) {
-    if (ui.topologyOpen) {
+    if (ui.topologyOpen && !isKeyError(e)) {
       $("topology-body").replaceChildren(h("p", { class: "note error", text: plainMessage(e) }));
     }
   }
@@ -478,6 +488,78 @@ function setTopologyOpen(open) {
     else $("topology-body").replaceChildren(h("p", { class: "muted", text: "Asking the node for the cluster…" }));
     scheduleTopology();
   }
+}
+
+// ------------------------------------------------------------------ API key
+
+/** Show the key prompt with `message` (why it is asked for; none: no line): polling pauses meanwhile. */
+function askForKey(message = null) {
+  ui.paused = true;
+  clearTimeout(modelTimer);
+  clearTimeout(topoTimer);
+  $("key-message").textContent = message || "";
+  $("key-message").hidden = !message;
+  $("key-input").value = "";
+  $("key-cancel").hidden = !apiKey();  // changing a working key: the old one stays until a new one is taken
+  $("key-prompt").hidden = false;
+  renderKeySettings();
+  $("key-input").focus();
+}
+
+/** Close the key prompt and start (again) polling the node with the kept key. */
+function resume() {
+  $("key-prompt").hidden = true;
+  ui.paused = false;
+  renderKeySettings();
+  refreshModels();
+  scheduleTopology();
+}
+
+/** Try the typed key on the node: kept when it takes it, else the prompt says why. */
+async function submitKey() {
+  const key = $("key-input").value.trim();
+  if (!key) return;
+  $("key-submit").disabled = true;
+  $("key-message").hidden = false;
+  $("key-message").textContent = "Checking the key…";
+  try {
+    await checkKey(key);
+    setApiKey(key);
+    clearError();
+    resume();
+  } catch (e) {
+    $("key-message").textContent = isKeyError(e) ? `${e.message}. Check the key and enter it again.` : plainMessage(e);
+    $("key-input").value = "";
+    $("key-input").focus();
+  } finally {
+    $("key-submit").disabled = false;
+  }
+}
+
+/** The Settings line about the key: shown when the node wants one or one is kept. */
+function renderKeySettings() {
+  const kept = !!apiKey();
+  $("key-settings").hidden = !(ui.authRequired || kept);
+  $("key-state").textContent = kept ? "kept in this browser" : "none";
+  $("key-forget").disabled = !kept;
+}
+
+function forgetKey() {
+  setApiKey("");
+  renderKeySettings();
+  if (ui.authRequired) askForKey("The key is forgotten: this node needs one to chat.");
+}
+
+/** Read /health, then ask for a key if the node wants one and none is kept, else start polling. */
+async function start() {
+  const health = await fetchHealth();
+  if (health) {
+    ui.defaultModel = health.defaultModel;
+    ui.authRequired = health.authRequired;
+  }
+  renderKeySettings();
+  if (ui.authRequired && !apiKey()) askForKey();
+  else resume();
 }
 
 // ------------------------------------------------------------------ layout and events
@@ -527,6 +609,7 @@ function init() {
     ev.preventDefault();
     const text = $("input").value.trim();
     if (!text || ui.live) return;
+    if (!$("key-prompt").hidden) { $("key-input").focus(); return; }  // the message stays in the box
     const why = notReady($("model").value);
     if (why) { showError(why, "chat"); return; }  // the message stays in the box
     $("input").value = "";
@@ -547,6 +630,14 @@ function init() {
     if (name) addModel(name);
   });
   $("error-close").addEventListener("click", () => clearError());
+  $("key-prompt").addEventListener("submit", (ev) => { ev.preventDefault(); submitKey(); });
+  $("key-cancel").addEventListener("click", () => { if (apiKey()) resume(); });
+  $("key-change").addEventListener("click", () => askForKey());
+  $("key-forget").addEventListener("click", forgetKey);
+  onKeyRefused((e) => {
+    ui.authRequired = true;
+    askForKey(e.code === "missing_api_key" ? e.message : `${e.message}. The key is forgotten: enter the right one.`);
+  });
   $("toggle-topology").addEventListener("click", () => setTopologyOpen(!ui.topologyOpen));
   $("close-topology").addEventListener("click", () => setTopologyOpen(false));
   $("toggle-sidebar").addEventListener("click", toggleSidebar);
@@ -561,8 +652,8 @@ function init() {
   renderSidebar();
   renderConversation();
   setGenerating(false);
-  refreshModels();
   $("input").focus();
+  start();
 }
 
 // a small handle for debugging from the console (and for the browser tests)
