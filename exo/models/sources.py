@@ -50,11 +50,19 @@ def as_local_path(name: str) -> Path | None:
     if not name or "\n" in name or "\x00" in name:
         return None
     p = Path(name).expanduser()
-    looks_like_path = name.startswith(("/", "./", "../", "~")) or p.exists() or \
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or _exists(p) or \
         (name.endswith(".gguf") and hub.parse_hub_name(name) is None)  # org/name:FILE.gguf is a hub name
     if not looks_like_path:
         return None
     return p.resolve()
+
+
+def _exists(p: Path) -> bool:
+    """``p.exists()``, False too for a name the file system refuses (too long: ENAMETOOLONG)."""
+    try:
+        return p.exists()
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -217,7 +225,7 @@ class ModelStore:
                 return self._catalogue_card(entry)
         p = as_local_path(model_id)
         if p is not None:
-            if not p.exists():
+            if not _exists(p):
                 raise FileNotFoundError(f"no model at {p}")
             return self._card_from(model_id, open_weights(p), "path", p.name, None)
         if hub.parse_hub_name(model_id) is not None:

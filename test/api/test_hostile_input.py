@@ -292,3 +292,22 @@ async def test_one_request_starts_at_most_max_generations_per_request(dummy_api)
     status, _, answer = await post_raw(dummy_api, "/v1/completions", json.dumps(
         {"model": MODEL, "prompt": ["a"] * 4, "n": 4, "max_tokens": 1}).encode())
     assert status == 200 and len(answer["choices"]) == 16
+
+
+async def test_a_model_name_too_long_for_the_file_system_is_a_404(dummy_api):
+    name = "x" * 5000  # once OSError ENAMETOOLONG from the local-path check: a 500
+    for method, path, body in (("POST", "/v1/chat/completions", {"model": name, "messages": HI}),
+                               ("POST", "/api/show", {"model": name}),
+                               ("DELETE", "/api/delete", {"model": name}),
+                               ("POST", "/v1/messages", {"model": "/" + name, "messages": HI, "max_tokens": 1})):
+        async with aiohttp.ClientSession() as s:
+            async with s.request(method, dummy_api.api_url + path, json=body) as r:
+                assert r.status == 404, (path, await r.text())
+                assert_dialect_error(path, r.status, await r.json())
+
+
+async def test_the_image_routes_refuse_any_body_with_a_4xx(dummy_api):
+    for data in (b"[" * 5000 + b"]" * 5000, b'{"model": NaN}', b"\xff"):  # once a RecursionError: a 500
+        status, _, answer = await post_raw(dummy_api, "/v1/images/generations", data)
+        assert status == 400, answer
+        assert_dialect_error("/v1/images/generations", status, answer)

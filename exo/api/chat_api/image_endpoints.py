@@ -7,11 +7,11 @@ answer an OpenAI-format error rather than a confusing 404 for the route: 404
 
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import web
 
+from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.utils import APIError
 
 logger = logging.getLogger(__name__)
@@ -27,9 +27,9 @@ async def image_generations(request: web.Request) -> web.Response:
     model = None
     if request.content_type == "application/json":
         try:
-            body = json.loads(await request.read())
+            body = await read_json(request)
             model = body.get("model") if isinstance(body, dict) else None
-        except ValueError:
+        except APIError:  # whatever the body, the answer is the same refusal
             pass
     if isinstance(model, str):
         raise APIError(404, f"The model `{model}` does not exist: this cluster serves text models only and cannot "
