@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 
-def _env() -> dict:
+def _env(root: Path = ROOT) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
@@ -63,9 +63,12 @@ def ring_retrying(*args, **kwargs) -> dict:
         return ring(*args, **kwargs)
 
 
-def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, engine: str = "torch", env: dict | None = None) -> dict:
+def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, engine: str = "torch", env: dict | None = None,
+         root: Path = ROOT, extra: tuple[str, ...] = ()) -> dict:
     """A ring of ``n_nodes`` node processes on loopback; the first drives the measurements.
-    ``env``: extra environment variables of the node processes."""
+    ``env``: extra environment variables of the node processes; ``root``: the source tree they
+    run (another checkout of exo, to compare with an earlier version); ``extra``: more
+    arguments of ``bench.ring`` (e.g. ``--cluster-secret S``)."""
     from bench.ring import free_ports, write_peer_file
 
     print(f"  ring of {n_nodes} node(s), streams {streams or '-'} ...", file=sys.stderr, flush=True)
@@ -75,20 +78,20 @@ def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, e
     with tempfile.TemporaryDirectory() as tmp:
         peers = os.path.join(tmp, "peers.json")
         write_peer_file(peers, ports)
-        common = ["--peers", peers, "--dtype", dtype, "--engine", engine]
-        penv = {**_env(), **(env or {})}
+        common = ["--peers", peers, "--dtype", dtype, "--engine", engine, *extra]
+        penv = {**_env(root), **(env or {})}
         logs = {}
         try:
             for nid in ids[1:]:
                 logs[nid] = open(os.path.join(tmp, f"{nid}.log"), "w+")
                 procs[nid] = subprocess.Popen(
                     [sys.executable, "-m", "bench.ring", "node", "--node-id", nid, "--port", str(ports[nid]), *common, "--max-seconds", "1200"],
-                    cwd=ROOT, env=penv, stdout=subprocess.DEVNULL, stderr=logs[nid])
+                    cwd=root, env=penv, stdout=subprocess.DEVNULL, stderr=logs[nid])
             driver = subprocess.run(
                 [sys.executable, "-m", "bench.ring", "drive", "--node-id", ids[0], "--port", str(ports[ids[0]]), *common,
                  "--nodes", str(n_nodes), "--runs", str(runs), "--decode-tokens", str(tokens),
                  "--streams", ",".join(map(str, streams))],
-                cwd=ROOT, env=penv, capture_output=True, text=True, timeout=1500)
+                cwd=root, env=penv, capture_output=True, text=True, timeout=1500)
             peaks = {ids[0]: None}
             for nid, p in procs.items():
                 try:
@@ -142,13 +145,10 @@ def single_table(rows: dict[str, dict], prompt_lens: dict, title: str = "Single 
         out)
 
 
-def ring_table(rings: dict[int, dict], lane_off: dict | None = None) -> Table:
-    """``lane_off``: the 2-node ring with ``EXO_RING_LANE=0`` (its decode steps take the event
-    loop's path over the ring WebSocket), measured alongside."""
+def ring_table(rings: dict[int, dict]) -> Table:
     base = rings.get(1, {}).get("decode_tps")
     out = []
-    rows = sorted(rings.items()) + ([(2, {**lane_off, "label": "2 (ring lane off)"})] if lane_off else [])
-    for n, r in rows:
+    for n, r in sorted(rings.items()):
         hop = None
         if base and r.get("decode_tps") and n > 1:
             hop = (1 / r["decode_tps"] - 1 / base) / n * 1000  # a token crosses n links per step
@@ -164,14 +164,10 @@ def ring_table(rings: dict[int, dict], lane_off: dict | None = None) -> Table:
                  out)
 
 
-#: The ring transports the ring-cost table compares: name -> environment of the node processes.
-TRANSPORTS = {
-    # the default: the ring lane (exo/networking/ring_lane.py) for steps and results, which the
-    # dummy engine (no decode_now) hands to the event loop: the lane's transport cost alone
-    "lane": {},
-    "websocket": {"EXO_RING_LANE": "0"},  # the ring WebSocket (exo/networking/ring_socket.py)
-    "gRPC stream": {"EXO_RING_LANE": "0", "EXO_RING_SOCKET": "0"},
-    "gRPC unary": {"EXO_RING_LANE": "0", "EXO_GRPC_STREAM": "0"},
+#: The ring's cost table: name -> arguments of the node processes (``bench.ring``).
+TRANSPORTS: dict[str, tuple[str, ...]] = {
+    "gRPC stream": (),
+    "gRPC stream, TLS": ("--cluster-secret", "bench-secret"),
 }
 
 
@@ -348,14 +344,12 @@ def main() -> None:
             print("  bench.engines timed out", file=sys.stderr)
 
     rings: dict[int, dict] = {}
-    lane_off: dict | None = None
     if "ring" not in skip:
         streams = [] if "concurrency" in skip else [1, 4, 16]
         # The 1- and 2-node rings alternate, so that a drift of the machine's speed over the
         # minutes of a run (+-10% on a shared VM) weighs on both sides of their ratio alike.
         reps: dict[int, list[dict]] = {1: [], 2: [], 3: []}
-        lane_off_reps: list[dict] = []
-        pair_ratios: dict[str, list[float]] = {"lane": [], "lane off": []}  # each repetition's own ratios
+        pair_ratios: list[float] = []  # each repetition's own 2-node / 1-node ratio
         for rep in range(max(1, args.ring_reps)):
             got: dict[str, dict] = {}
             for n in (1, 2):
@@ -364,24 +358,15 @@ def main() -> None:
                     reps[n].append(got[str(n)])
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     print(f"  ring of {n}: {e}", file=sys.stderr)
-            try:
-                got["lane off"] = ring_retrying(2, args.runs, args.decode_tokens, [], "float32", env={"EXO_RING_LANE": "0"})
-                lane_off_reps.append(got["lane off"])
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                print(f"  ring of 2, lane off: {e}", file=sys.stderr)
-            for key, two in (("lane", got.get("2")), ("lane off", got.get("lane off"))):
-                if "1" in got and two is not None:
-                    pair_ratios[key].append(rep_ratio(got["1"], two))
+            if "1" in got and "2" in got:
+                pair_ratios.append(rep_ratio(got["1"], got["2"]))
         try:
             reps[3].append(ring_retrying(3, args.runs, args.decode_tokens, [], "float32"))
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             print(f"  ring of 3: {e}", file=sys.stderr)
         rings = {n: merge_reps(r) for n, r in reps.items() if r}
-        lane_off = merge_reps(lane_off_reps) if lane_off_reps else None
         if 2 in rings:
-            rings[2]["rep_ratios"] = pair_ratios["lane"]
-        if lane_off:
-            lane_off["rep_ratios"] = pair_ratios["lane off"]
+            rings[2]["rep_ratios"] = pair_ratios
 
     pauses: dict | None = None
     if "ring" not in skip and "pauses" not in skip:
@@ -394,10 +379,10 @@ def main() -> None:
 
     overhead: dict[tuple[str, int], float] = {}
     if "ring" not in skip:
-        for mode, env in TRANSPORTS.items():
+        for mode, extra in TRANSPORTS.items():
             for n in (1, 2, 3):
                 try:
-                    r = ring_retrying(n, args.runs, 200, [], "float32", engine="dummy", env=env)
+                    r = ring_retrying(n, args.runs, 200, [], "float32", engine="dummy", extra=extra)
                     overhead[(mode, n)] = 1 / r["decode_tps"]
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     print(f"  dummy ring of {n} ({mode}): {e}", file=sys.stderr)
@@ -406,7 +391,7 @@ def main() -> None:
     if gemma_rows:
         tables.append(single_table(gemma_rows, gemma_lens, "Single node, Gemma 3 270M Q4_K_M"))
     if rings:
-        tables += [ring_table(rings, lane_off)]
+        tables += [ring_table(rings)]
     if pauses:
         from bench.idle import table as pauses_table
 
@@ -427,7 +412,7 @@ def main() -> None:
             md += "\n\n### Other engines, engine alone (bench/engines.py)\n\n" + engines_md
         Path(args.markdown).write_text("# Benchmark results\n\n" + md + "\n\n" + footer + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "ring2_lane_off": lane_off, "load": [load_start, load_average()]}, indent=1))
+        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "load": [load_start, load_average()]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -68,10 +68,6 @@ class NodeSection(BaseModel):
     Attributes:
         id: unique node id (default: a random UUID).
         host, port: gRPC bind address and port (0: any free port).
-        ring_port: port of the ring WebSocket on the same address, which carries the ring's
-            messages faster than gRPC (0: any free port; peers learn it from the health check).
-        lane_port: port of the ring lane on the same address, which carries a lone request's
-            decode steps (0: any free port; peers learn it from the health check).
         discovery_module: "mdns", "manual" or "none".
         discovery_config_path: JSON peer list for "manual".
         interfaces: addresses or interface names discovery may use; "all" or a list.
@@ -84,8 +80,6 @@ class NodeSection(BaseModel):
     id: str | None = None
     host: str | None = None
     port: int = Field(0, ge=0, le=65535)
-    ring_port: int = Field(0, ge=0, le=65535)
-    lane_port: int = Field(0, ge=0, le=65535)
     discovery_module: Literal["mdns", "manual", "none"] = "mdns"
     discovery_config_path: str | None = None
     interfaces: str | list[str] | None = None
@@ -385,8 +379,6 @@ FLAG_FIELDS: dict[tuple[str, str], str] = {
     ("node", "id"): "node_id",
     ("node", "host"): "node_host",
     ("node", "port"): "node_port",
-    ("node", "ring_port"): "ring_port",
-    ("node", "lane_port"): "lane_port",
     ("node", "discovery_module"): "discovery_module",
     ("node", "discovery_config_path"): "discovery_config_path",
     ("node", "interfaces"): "interfaces",

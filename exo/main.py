@@ -30,10 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-host", default=None,
                    help="address the gRPC server binds (default: 127.0.0.1 when --interfaces is loopback-only, else 0.0.0.0)")
     p.add_argument("--node-port", type=int, default=0, help="gRPC port (default: a free port)")
-    p.add_argument("--ring-port", type=int, default=0,
-                   help="port of the ring WebSocket next to the gRPC server, which carries prefills and results (default: a free port)")
-    p.add_argument("--lane-port", type=int, default=0,
-                   help="port of the ring lane next to the gRPC server, which carries decode steps (default: a free port)")
     p.add_argument("--chatgpt-api-port", type=int, default=DEFAULT_API_PORT, help="HTTP API and web UI port")
     p.add_argument("--api-host", default=None, help="address the HTTP API binds (default: as --node-host)")
     p.add_argument("--discovery-module", choices=["mdns", "manual", "none"], default="mdns",
@@ -61,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     kwargs = dict(
-        node_host=args.node_host, node_port=args.node_port, ring_port=args.ring_port, lane_port=args.lane_port, api_host=args.api_host,
+        node_host=args.node_host, node_port=args.node_port, api_host=args.api_host,
         api_port=args.chatgpt_api_port, discovery_module=args.discovery_module,
         discovery_config_path=args.discovery_config_path, interfaces=parse_interfaces(args.interfaces),
         inference_engine=args.inference_engine, default_model=args.model_name or args.default_model,

@@ -113,3 +113,19 @@ def expected_text(tok, prompt_ids: list[int], n: int) -> str:
     ids = expected_tokens(prompt_ids, n)
     text = tok.decode(ids)
     return text.removesuffix("\ufffd") if ends_inside_a_character(tok, ids) else text
+
+
+async def ring_exchange(stub, messages: list, metadata=()) -> list:
+    """Send ``messages`` (``pb.RingMessage``, seq set here: 1, 2, ...) on one raw ``Stream``
+    call of ``stub`` and return the peer's acks (``pb.RingAck``), one per message, in order."""
+    call = stub.Stream(metadata=metadata)
+    acks = []
+    try:
+        for seq, message in enumerate(messages, 1):
+            message.seq = seq
+            await call.write(message)
+            acks.append(await call.read())
+        await call.done_writing()
+    finally:
+        call.cancel()
+    return acks

@@ -62,25 +62,6 @@ class PeerHandle(ABC):
     async def send_result(self, result: TokenResult, on_error: Callable[[BaseException], None] | None = None) -> None:
         """Deliver tokens, a finish or an error to the request's origin node."""
 
-    def send_prompt_now(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
-                        on_error: Callable[[BaseException], None], result: TokenResult | None = None) -> bool:
-        """``send_prompt`` with ``on_error`` from any thread, over the peer's ring lane
-        (``exo.networking.ring_lane``): False, having sent nothing, when no lane is open.
-        ``on_error`` may be called on another thread. Never raises."""
-        return False
-
-    def send_tensor_now(self, ctx: RequestContext, hidden_states: np.ndarray, position: int,
-                        on_error: Callable[[BaseException], None]) -> bool:
-        """``send_tensor`` with ``on_error`` from any thread, as ``send_prompt_now``."""
-        return False
-
-    def wants_lane(self) -> bool:
-        """Whether ``open_lane`` would try to open a ring lane to the peer now."""
-        return False
-
-    async def open_lane(self) -> None:
-        """Open a ring lane to the peer if it serves one, for the ``*_now`` sends. Never raises."""
-
     @abstractmethod
     async def end_request(self, request_id: str) -> None:
         """Tell the peer the request is over: stop it and free its KV cache."""

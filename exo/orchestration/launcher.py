@@ -51,8 +51,6 @@ class NodeConfig:
     node_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     node_host: str | None = None
     node_port: int = 0
-    ring_port: int = 0
-    lane_port: int = 0
     api_host: str | None = None
     api_port: int = DEFAULT_API_PORT
     discovery_module: str = "mdns"
@@ -128,8 +126,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
                 response_timeout=config.response_timeout, create_engine=create_engine, max_models=config.max_models,
                 idle_ttl=config.model_idle_ttl, chat_templates=config.chat_templates)
     node_host = config.resolved_host(config.node_host)
-    server = GRPCServer(node, node_host, config.node_port, cluster_secret=secret, ring_port=config.ring_port,
-                        lane_port=config.lane_port)
+    server = GRPCServer(node, node_host, config.node_port, cluster_secret=secret)
     await server.start()
     advertise = node_host if node_host != "0.0.0.0" else None
     if config.discovery_module == "mdns":

@@ -20,7 +20,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from typing import AsyncIterator, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -185,9 +185,6 @@ class Node:
         self._loading: dict[str, int] = {}  # model id -> shard loads in progress
         self._pulls: dict[str, asyncio.Task] = {}  # model id -> its whole download in progress (``pull``)
         self._deliveries: dict[str, asyncio.Future] = {}  # request id -> its latest result's delivery
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on (ring lane threads post to it)
-        #: Decode steps run by ``step_now`` on a ring lane's thread (for tests and benchmarks).
-        self.lane_steps = 0
 
     @property
     def engine(self) -> InferenceEngine:
@@ -205,7 +202,6 @@ class Node:
         """Start with this node's gRPC ``address`` ("host:port") and ``discovery`` (None: alone)."""
         self.address = address
         self.discovery = discovery
-        self._loop = asyncio.get_running_loop()
         self.topology.add_node(self.node_info())
         if discovery is not None:
             if hasattr(discovery, "add_peer_listener"):
@@ -954,12 +950,6 @@ class Node:
         """Send this shard's output to the next node of the ring. Raises as ``send_tensor``."""
         peer = self._peer(ctx.next_partition(self.id))
         await peer.send_tensor(ctx, hidden_states, position, on_error=self._step_error_handler(ctx))
-        self._prepare_lane(peer)
-
-    def _prepare_lane(self, peer: PeerHandle) -> None:
-        """Open the ring lane to ``peer`` in the background if it has none yet (see ``step_now``)."""
-        if peer.wants_lane():
-            self._spawn(peer.open_lane(), f"open-lane-{peer.id()}")
 
     def _step_error_handler(self, ctx: RequestContext) -> Callable[[BaseException], None]:
         """``on_error`` of a step sent on without waiting for the peer (see PeerHandle): its
@@ -1014,16 +1004,15 @@ class Node:
         replay's first step carries the generated tokens), its token ids ((1, 1), the wire's
         dtype), and whether this step's result rides with it: the first node is the origin (and
         not this node), and no earlier delivery of the request is under way (so tokens stay in
-        order). Safe from any thread."""
+        order)."""
         next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx
         previous = self._deliveries.get(ctx.request_id)
         rides = ctx.ring[0].node_id == ctx.origin_node_id != self.id and (previous is None or previous.done())
         return next_ctx, np.asarray([[token]], dtype=WIRE_TOKEN_DTYPE), rides
 
-    async def _deliver_and_continue(self, ctx: RequestContext, result: TokenResult, token: int, next_position: int,
-                                    step_sent: bool = False) -> None:
-        """After sampling: send the next step to the first node (unless the request finished, or
-        ``step_sent``: a ring lane's thread sent it) and deliver ``result`` to the origin."""
+    async def _deliver_and_continue(self, ctx: RequestContext, result: TokenResult, token: int, next_position: int) -> None:
+        """After sampling: send the next step to the first node (unless the request finished)
+        and deliver ``result`` to the origin."""
         rid = ctx.request_id
         next_ctx, token_ids, rides = self._next_step(ctx, token)
         # The next step starts before this result is delivered and may report its own first: each
@@ -1031,17 +1020,13 @@ class Node:
         previous = self._deliveries.get(rid)
         delivered = self._deliveries[rid] = asyncio.get_running_loop().create_future()
         try:
-            if not result.is_finished and not step_sent:
-                first = ctx.ring[0]
+            if not result.is_finished:
                 if rides:
                     # the origin holds layer 0: the result rides with the next step, one message a token
-                    peer = self._peer(first)
-                    await peer.send_prompt(next_ctx, token_ids, next_position, on_error=self._step_error_handler(ctx), result=result)
-                    self._prepare_lane(peer)
+                    await self._peer(ctx.ring[0]).send_prompt(next_ctx, token_ids, next_position,
+                                                              on_error=self._step_error_handler(ctx), result=result)
                     return
                 await self._send_prompt(next_ctx, token_ids, next_position, on_error=self._step_error_handler(ctx))
-                if first.node_id != self.id and not self._stopping:  # (_peer raises once stopping)
-                    self._prepare_lane(self._peer(first))
             if previous is not None:
                 await asyncio.wait([previous])
             await self._report(ctx, result)
@@ -1049,150 +1034,6 @@ class Node:
             delivered.set_result(None)
             if self._deliveries.get(rid) is delivered:
                 del self._deliveries[rid]
-
-    # ---------------------------------------------------------------- ring lane (other threads)
-
-    def step_now(self, ctx: RequestContext, x: np.ndarray, position: int, result: TokenResult | None = None) -> bool:
-        """Take a decode step of ``ctx``'s request on the calling thread: a ring lane's reader
-        (``exo.networking.ring_lane``), so that a lone request's token crosses the ring with no
-        hand-off to the event loop or the engine's worker on the way.
-
-        The step delivers ``result`` (posted to the event loop), runs on the engine at once
-        (``InferenceEngine.decode_now``) and its output goes on over the next node's ring lane;
-        on the last shard the token is sampled here and the next step goes to the first node
-        the same way, the result riding with it when the first node is the origin. Whatever
-        does not fit (a finish, a delivery still waiting for an earlier one, a peer without an
-        open lane, an engine that turned busy) continues on the event loop's path.
-
-        Args:
-            ctx: the request.
-            x: token ids (int64, (1, 1)) on the first shard; hidden states (float32,
-                (1, 1, hidden)) on the others.
-            position: the token's position (the length of the request's KV cache), > 0.
-            result: the previous step's result, carried with this step for this node as the origin.
-
-        Returns:
-            False, having done nothing, unless this is a steady decode step: a request known
-            here at its latest epoch, one token at a position > 0, this node's shard held and
-            the engine otherwise idle (``InferenceEngine.can_decode_now``), the node not
-            stopping. The caller then hands the message to the event loop's path.
-
-        Thread-safe; never raises: a failing step is reported to the origin as on the loop's path.
-        """
-        rid = ctx.request_id
-        if (self._stopping or self._loop is None or position <= 0 or x.shape[:2] != (1, 1)
-                or rid in self._ended or self._epochs.get(rid) != ctx.epoch
-                or (result is not None and result.request_id not in self._origin_requests)):
-            return False
-        try:
-            shard = ctx.shard_of(self.id)
-        except KeyError:
-            return False
-        engine = self.shards.get(ctx.model_id)
-        if engine is None or shard.is_first_layer != (x.ndim == 2) or not engine.can_decode_now(rid, shard):
-            return False
-        if result is not None:
-            self._post(self._deliver_now, result)
-        self.active_request_ids.add(rid)
-        try:
-            out = engine.decode_now(rid, shard, x, position)
-            if out is None:  # the engine took other work meanwhile
-                self._post(self._schedule_or_fail, ctx, x, position)
-            else:
-                self.lane_steps += 1
-                self._continue_now(ctx, shard, out, position)
-        except Exception as e:
-            self._post_task(self._step_failed(ctx, e), f"step-failed-{rid}")
-        finally:
-            self.active_request_ids.discard(rid)
-        return True
-
-    def _continue_now(self, ctx: RequestContext, shard: Shard, out: np.ndarray, position: int) -> None:
-        """``_run_shard``'s continuation of a step ``step_now`` ran, on the same thread."""
-        rid = ctx.request_id
-        if rid in self._ended:
-            self._post_task(self.shards.clear_request(rid), f"clear-{rid}")
-            return
-        if self._is_stale(ctx):
-            return
-        on_error = self._lane_error_handler(ctx)
-        if not shard.is_last_layer:
-            peer = self._peer_now(ctx.next_partition(self.id))
-            if peer is None or not peer.send_tensor_now(ctx, out, position, on_error):
-                self._post_task(self._or_fail(ctx, self._pass_on, ctx, out, position), f"pass-on-{rid}")
-            return
-        next_position = position + 1
-        result, token = self._sample(ctx, out, position, next_position)
-        if rid in self._ended:  # ended while sampling: the sampler it may have made goes too
-            self._samplers.pop(rid, None)
-            return
-        step_sent = False
-        first = ctx.ring[0]
-        if not result.is_finished and first.node_id != self.id:
-            next_ctx, token_ids, rides = self._next_step(ctx, token)
-            peer = self._peer_now(first)
-            if peer is not None and rides:
-                if peer.send_prompt_now(next_ctx, token_ids, next_position, on_error, result=result):
-                    return  # the result rides with the step, as on the loop's path
-            elif peer is not None:
-                step_sent = peer.send_prompt_now(next_ctx, token_ids, next_position, on_error)
-        self._post_task(self._or_fail(ctx, self._deliver_and_continue, ctx, result, token, next_position, step_sent),
-                        f"deliver-{rid}")
-
-    def _peer_now(self, p: Partition) -> PeerHandle | None:
-        """``_peer(p)`` from any thread, without making a handle: None when there is none yet."""
-        if self._stopping:
-            return None
-        h = self.peers.get(p.node_id)
-        if h is None:
-            h = self._extra_handles.get(p.node_id)
-            if h is not None and h.address() != p.address:
-                return None
-        return h
-
-    def _lane_error_handler(self, ctx: RequestContext) -> Callable[[BaseException], None]:
-        """``_step_error_handler`` for a step sent from another thread (called on any thread)."""
-        return lambda e: self._post_task(self._step_failed(ctx, e), f"step-failed-{ctx.request_id}")
-
-    def _post(self, fn: Callable, *args) -> None:
-        """Call ``fn(*args)`` on the event loop, from any thread; dropped once the loop closed."""
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            logger.debug("node %s: the event loop is closed; dropping %s", self.id, getattr(fn, "__name__", fn))
-
-    def _post_task(self, coro, name: str) -> None:
-        """``_spawn(coro, name)`` on the event loop, from any thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._spawn, coro, name)
-        except RuntimeError:
-            coro.close()
-            logger.debug("node %s: the event loop is closed; dropping %s", self.id, name)
-
-    def _deliver_now(self, result: TokenResult) -> None:
-        """Deliver ``result`` to its local request (on the event loop); dropped when the request
-        is over here (``process_result``, and a result a ring lane's thread took)."""
-        req = self._origin_requests.get(result.request_id)
-        if req is None:
-            logger.debug("result for finished request %s", result.request_id)
-            return
-        req.queue.put_nowait(result)
-
-    def _schedule_or_fail(self, ctx: RequestContext, x: np.ndarray, position: int) -> None:
-        """``_schedule`` for a step ``step_now`` took but could not run (on the event loop)."""
-        try:
-            self._schedule(ctx, x, position)
-        except Exception as e:
-            self._spawn(self._step_failed(ctx, e), f"step-failed-{ctx.request_id}")
-
-    async def _or_fail(self, ctx: RequestContext, fn: Callable[..., Awaitable], *args) -> None:
-        """Await ``fn(*args)``, a part of a step of ``ctx``'s request; its failure is the step's."""
-        try:
-            await fn(*args)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            await self._step_failed(ctx, e)
 
     async def _report(self, ctx: RequestContext, result: TokenResult) -> None:
         try:
@@ -1215,6 +1056,14 @@ class Node:
     def _undelivered(self, ctx: RequestContext, e: BaseException) -> None:
         logger.error("could not deliver a result of request %s to %s", ctx.request_id, ctx.origin_node_id, exc_info=e)
 
+    def _deliver(self, result: TokenResult) -> None:
+        """Deliver ``result`` to its local request; dropped when the request is over here."""
+        req = self._origin_requests.get(result.request_id)
+        if req is None:
+            logger.debug("result for finished request %s", result.request_id)
+            return
+        req.queue.put_nowait(result)
+
     async def process_result(self, result: TokenResult) -> None:
         """Deliver a result to the local request it belongs to; results of requests that ended
         here are dropped.
@@ -1224,7 +1073,7 @@ class Node:
         """
         if result.request_id not in self._origin_requests and result.request_id not in self._ended:
             raise KeyError(f"unknown request {result.request_id}")
-        self._deliver_now(result)
+        self._deliver(result)
 
     async def end_request(self, request_id: str) -> None:
         """Stop ``request_id`` on this node and free its KV cache and sampler."""

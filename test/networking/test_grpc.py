@@ -20,7 +20,7 @@ from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.topology import NodeInfo, Topology
 
 from helpers import make_request_context as make_ctx
-from helpers import unused_loopback_port
+from helpers import ring_exchange, unused_loopback_port
 
 CAPS = DeviceCapabilities("test", "cpu", 1 << 30)
 
@@ -141,27 +141,28 @@ async def test_bad_input_is_invalid_argument_and_server_keeps_serving(
     node: RecordingNode, stub: pb_grpc.NodeServiceStub, handle: GRPCPeerHandle
 ) -> None:
     ctx = codec.ctx_to_proto(make_ctx())
-    bad_requests = [
+    bad_messages = [
         # tensor whose bytes do not match its shape
-        stub.SendPrompt(pb.PromptRequest(ctx=ctx, token_ids=pb.Tensor(data=b"\0" * 5, shape=[1, 2], dtype="int64"))),
+        pb.RingMessage(prompt=pb.PromptRequest(ctx=ctx, token_ids=pb.Tensor(data=b"\0" * 5, shape=[1, 2], dtype="int64"))),
         # unsupported dtype
-        stub.SendTensor(pb.TensorRequest(ctx=ctx, hidden_states=pb.Tensor(data=b"", shape=[0], dtype="bfloat16"))),
-        # wrong dtype for the rpc: float token ids, integer hidden states
-        stub.SendPrompt(pb.PromptRequest(ctx=ctx, token_ids=codec.tensor_to_proto(np.zeros((1, 2), np.float32)))),
-        stub.SendTensor(pb.TensorRequest(ctx=ctx, hidden_states=codec.tensor_to_proto(np.zeros((1, 2, 3), np.int64)))),
+        pb.RingMessage(tensor=pb.TensorRequest(ctx=ctx, hidden_states=pb.Tensor(data=b"", shape=[0], dtype="bfloat16"))),
+        # wrong dtype for the message: float token ids, integer hidden states
+        pb.RingMessage(prompt=pb.PromptRequest(ctx=ctx, token_ids=codec.tensor_to_proto(np.zeros((1, 2), np.float32)))),
+        pb.RingMessage(tensor=pb.TensorRequest(ctx=ctx, hidden_states=codec.tensor_to_proto(np.zeros((1, 2, 3), np.int64)))),
         # wrong rank, negative position
-        stub.SendPrompt(pb.PromptRequest(ctx=ctx, token_ids=codec.tensor_to_proto(np.zeros(3, np.int64)))),
-        stub.SendPrompt(pb.PromptRequest(ctx=ctx, token_ids=codec.tensor_to_proto(np.zeros((1, 3), np.int64)), position=-1)),
+        pb.RingMessage(prompt=pb.PromptRequest(ctx=ctx, token_ids=codec.tensor_to_proto(np.zeros(3, np.int64)))),
+        pb.RingMessage(prompt=pb.PromptRequest(ctx=ctx, token_ids=codec.tensor_to_proto(np.zeros((1, 3), np.int64)), position=-1)),
         # request context failing validation, and none at all
-        stub.SendPrompt(pb.PromptRequest(ctx=pb.RequestContext(request_id="x"), token_ids=codec.tensor_to_proto(np.zeros((1, 3), np.int64)))),
-        stub.SendResult(pb.ResultRequest()),
-        stub.EndRequest(pb.EndRequestRequest()),
-        stub.CollectTopology(pb.CollectTopologyRequest(max_depth=-1)),
+        pb.RingMessage(prompt=pb.PromptRequest(ctx=pb.RequestContext(request_id="x"),
+                                               token_ids=codec.tensor_to_proto(np.zeros((1, 3), np.int64)))),
+        pb.RingMessage(result=pb.ResultRequest()),
+        pb.RingMessage(end=pb.EndRequestRequest()),
     ]
-    for call in bad_requests:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    for ack in await ring_exchange(stub, bad_messages):
+        assert ack.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], ack.details
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CollectTopology(pb.CollectTopologyRequest(max_depth=-1))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert node.calls == []
     # through the handle, the peer's message arrives as a RuntimeError naming the peer
     with pytest.raises(RuntimeError, match=r"peer b: token_ids must have dtype int64 or int32, got float32"):
@@ -173,24 +174,21 @@ async def test_bad_input_is_invalid_argument_and_server_keeps_serving(
 
 @pytest.mark.asyncio
 async def test_node_errors_map_to_status_codes(node: RecordingNode, stub: pb_grpc.NodeServiceStub, handle: GRPCPeerHandle) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.EndRequest(pb.EndRequestRequest(request_id="nope"))
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert info.value.details() == "unknown request nope"
+    ack, = await ring_exchange(stub, [pb.RingMessage(end=pb.EndRequestRequest(request_id="nope"))])
+    assert ack.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert ack.details == "unknown request nope"
     with pytest.raises(RuntimeError, match="peer b: unknown request nope"):
         await handle.end_request("nope")
 
     node.fail_with = ValueError("max_tokens too large for this node")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.SendResult(codec.result_to_proto(TokenResult("req-1")))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "max_tokens too large" in info.value.details()
+    ack, = await ring_exchange(stub, [pb.RingMessage(result=codec.result_to_proto(TokenResult("req-1")))])
+    assert ack.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "max_tokens too large" in ack.details
 
     node.fail_with = RuntimeError("engine exploded")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.SendResult(codec.result_to_proto(TokenResult("req-1")))
-    assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert "engine exploded" in info.value.details()
+    ack, = await ring_exchange(stub, [pb.RingMessage(result=codec.result_to_proto(TokenResult("req-1")))])
+    assert ack.code == grpc.StatusCode.INTERNAL.value[0]
+    assert "engine exploded" in ack.details
 
     node.fail_with = None
     assert await handle.health_check()

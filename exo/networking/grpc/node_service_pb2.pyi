@@ -149,16 +149,12 @@ class HealthCheckRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthCheckResponse(_message.Message):
-    __slots__ = ("is_healthy", "node_id", "ring_port", "lane_port")
+    __slots__ = ("is_healthy", "node_id")
     IS_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    RING_PORT_FIELD_NUMBER: _ClassVar[int]
-    LANE_PORT_FIELD_NUMBER: _ClassVar[int]
     is_healthy: bool
     node_id: str
-    ring_port: int
-    lane_port: int
-    def __init__(self, is_healthy: _Optional[bool] = ..., node_id: _Optional[str] = ..., ring_port: _Optional[int] = ..., lane_port: _Optional[int] = ...) -> None: ...
+    def __init__(self, is_healthy: _Optional[bool] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class CollectTopologyRequest(_message.Message):
     __slots__ = ("visited", "max_depth")
@@ -227,18 +223,20 @@ class Topology(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ...) -> None: ...
 
 class RingMessage(_message.Message):
-    __slots__ = ("seq", "prompt", "tensor", "result", "errors_only")
+    __slots__ = ("seq", "prompt", "tensor", "result", "end", "errors_only")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     ERRORS_ONLY_FIELD_NUMBER: _ClassVar[int]
     seq: int
     prompt: PromptRequest
     tensor: TensorRequest
     result: ResultRequest
+    end: EndRequestRequest
     errors_only: bool
-    def __init__(self, seq: _Optional[int] = ..., prompt: _Optional[_Union[PromptRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorRequest, _Mapping]] = ..., result: _Optional[_Union[ResultRequest, _Mapping]] = ..., errors_only: _Optional[bool] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., prompt: _Optional[_Union[PromptRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorRequest, _Mapping]] = ..., result: _Optional[_Union[ResultRequest, _Mapping]] = ..., end: _Optional[_Union[EndRequestRequest, _Mapping]] = ..., errors_only: _Optional[bool] = ...) -> None: ...
 
 class RingAck(_message.Message):
     __slots__ = ("seq", "code", "details")

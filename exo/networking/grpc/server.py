@@ -10,23 +10,18 @@ traceback).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from exo.networking.grpc import codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, REFUSED_TEXT, cluster_key, key_matches
-from exo.networking.ring_lane import LaneSession, RingLaneServer, ring_lane_by_default
-from exo.networking.ring_socket import RingSocketServer
 from exo.orchestration.errors import NodeStoppingError
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.topology import Topology
@@ -50,16 +45,13 @@ MAX_ERROR_DETAIL = 2000
 #: On a ring stream, longest time between OK acks while ``errors_only`` messages succeed, in
 #: seconds: the sender forgets the messages they cover (see ``RingMessage.errors_only``).
 CUMULATIVE_ACK_INTERVAL = 0.1
-#: Longest a ring lane's thread waits for the event loop to take a message, in seconds.
-LANE_HANDOFF_TIMEOUT = 30.0
 
 _PROMPT_DTYPES = ("int64", "int32")
 _HIDDEN_DTYPES = ("float32", "float16")
 
 
 class NodeLike(Protocol):
-    """What the server needs of the Node (``exo.orchestration.node.Node``). A node may also have
-    ``step_now`` (see ``RingLaneSession``), for decode steps run on a ring lane's thread."""
+    """What the server needs of the Node (``exo.orchestration.node.Node``)."""
 
     id: str
 
@@ -155,14 +147,14 @@ def _decode_step(request: pb.PromptRequest | pb.TensorRequest,
 
 
 class RingSession:
-    """One peer's stream of ring messages (a gRPC ``Stream`` call or a ring WebSocket): each
-    message is handled like its unary counterpart and answered, in order, with a RingAck
-    carrying that call's status; a message marked ``errors_only`` is answered when it fails,
-    and when it succeeds only if no ack went out for ``CUMULATIVE_ACK_INTERVAL`` seconds (an OK
-    ack covers every earlier message)."""
+    """One peer's ``Stream`` of ring messages: each message is handled in order and answered
+    with a RingAck carrying its status (the module docstring's mapping); a message marked
+    ``errors_only`` is answered when it fails, and when it succeeds only if no ack went out for
+    ``CUMULATIVE_ACK_INTERVAL`` seconds (an OK ack covers every earlier message)."""
 
     def __init__(self, servicer: "NodeServicer") -> None:
-        self._handlers = {"prompt": servicer._prompt, "tensor": servicer._tensor, "result": servicer._result}
+        self._handlers = {"prompt": servicer._prompt, "tensor": servicer._tensor, "result": servicer._result,
+                          "end": servicer._end}
         self._loop = asyncio.get_running_loop()  # made on the loop, for its clock
         self._last_ack = self._loop.time()
 
@@ -171,7 +163,7 @@ class RingSession:
         kind = message.WhichOneof("body")
         try:
             if kind is None:
-                raise ValueError("a ring message needs a prompt, tensor or result")
+                raise ValueError("a ring message needs a prompt, tensor, result or end")
             await self._handlers[kind](getattr(message, kind))
         except Exception as e:
             code, details = _status(e, f"Stream/{kind}")
@@ -182,96 +174,6 @@ class RingSession:
         self._last_ack = self._loop.time()
         return pb.RingAck(seq=message.seq)
 
-    async def handle_bytes(self, data: bytes) -> pb.RingAck | None:
-        """``handle`` for a serialized message; undecodable bytes get an INVALID_ARGUMENT ack
-        of seq 0 (their seq is unknown)."""
-        try:
-            message = pb.RingMessage.FromString(data)
-        except DecodeError as e:
-            logger.info("ring socket: an undecodable message: %s", e)
-            return pb.RingAck(seq=0, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], details=f"not a RingMessage: {e}")
-        return await self.handle(message)
-
-
-class RingLaneSession(LaneSession):
-    """One ring lane connection's messages (``exo.networking.ring_lane``), on its thread.
-
-    A decode step that the node can run at once (``Node.step_now``: a lone request's step on a
-    shard it holds) runs on this thread, which also sends its output on. Every other message,
-    and every message that fails to decode, is handled by a ``RingSession`` on the event loop,
-    as if it came over the ring WebSocket (same checks, same acks) while this thread waits: the
-    connection's messages keep their order.
-    """
-
-    def __init__(self, servicer: "NodeServicer", loop: asyncio.AbstractEventLoop) -> None:
-        self._servicer = servicer
-        self._loop = loop
-        self._step_now = getattr(servicer._node, "step_now", None)
-        self._contexts = codec.ContextCache()  # this thread's own: the servicer's is the loop's
-        self._session: RingSession | None = None
-        self._last_ack = time.monotonic()
-        self._handoff: concurrent.futures.Future | None = None  # a message the loop is handling
-        self._closed = False
-
-    def handle(self, data: bytes) -> pb.RingAck | None:
-        try:
-            message = pb.RingMessage.FromString(data)
-        except DecodeError as e:
-            logger.info("ring lane: an undecodable message: %s", e)
-            return pb.RingAck(seq=0, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], details=f"not a RingMessage: {e}")
-        if self._step_now is not None and self._run_now(message):
-            now = time.monotonic()
-            if message.errors_only and now - self._last_ack < CUMULATIVE_ACK_INTERVAL:
-                return None
-            self._last_ack = now
-            return pb.RingAck(seq=message.seq)
-        return self._on_loop(message)
-
-    def _run_now(self, message: pb.RingMessage) -> bool:
-        """Whether the node took ``message`` as a step run at once (see ``Node.step_now``)."""
-        kind = message.WhichOneof("body")
-        if kind not in ("prompt", "tensor"):
-            return False
-        request = getattr(message, kind)
-        if request.position <= 0:  # a prefill: the loop's path
-            return False
-        try:
-            ctx, x, position, result = _decode_step(request, self._contexts)
-        except Exception:  # the loop's handler tells the sender what is wrong
-            return False
-        return self._step_now(ctx, x, position, result)
-
-    def _on_loop(self, message: pb.RingMessage) -> pb.RingAck | None:
-        async def handle() -> pb.RingAck | None:
-            if self._session is None:
-                self._session = RingSession(self._servicer)
-            return await self._session.handle(message)
-
-        try:
-            if self._closed:
-                raise RuntimeError("the server is stopping")
-            coro = handle()
-            try:
-                self._handoff = asyncio.run_coroutine_threadsafe(coro, self._loop)
-            except RuntimeError:  # the loop is closed
-                coro.close()
-                raise
-            if self._closed:  # close() ran before the handoff was set
-                self._handoff.cancel()
-            return self._handoff.result(LANE_HANDOFF_TIMEOUT)
-        except (RuntimeError, concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as e:
-            # the loop is closed or stuck: as a stopping node, so the sender fails over
-            return pb.RingAck(seq=message.seq, code=grpc.StatusCode.UNAVAILABLE.value[0],
-                              details=f"node {self._servicer._node.id} did not take the message: {type(e).__name__}")
-        finally:
-            self._handoff = None
-
-    def close(self) -> None:
-        self._closed = True
-        handoff = self._handoff
-        if handoff is not None:
-            handoff.cancel()
-
 
 class NodeServicer(pb_grpc.NodeServiceServicer):
     """NodeService implementation that forwards decoded calls to a node."""
@@ -279,10 +181,6 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     def __init__(self, node: NodeLike) -> None:
         self._node = node
         self._contexts = codec.ContextCache()
-        #: The port of the node's ring WebSocket, told in health checks (0: none).
-        self.ring_port = 0
-        #: The port of the node's ring lane, told in health checks (0: none).
-        self.lane_port = 0
 
     async def _prompt(self, request: pb.PromptRequest) -> None:
         ctx, token_ids, position, result = _decode_step(request, self._contexts)
@@ -297,20 +195,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def _result(self, request: pb.ResultRequest) -> None:
         await self._node.process_result(codec.result_from_proto(request))
 
-    @_rpc
-    async def SendPrompt(self, request: pb.PromptRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
-        await self._prompt(request)
-        return pb.Empty()
-
-    @_rpc
-    async def SendTensor(self, request: pb.TensorRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
-        await self._tensor(request)
-        return pb.Empty()
-
-    @_rpc
-    async def SendResult(self, request: pb.ResultRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
-        await self._result(request)
-        return pb.Empty()
+    async def _end(self, request: pb.EndRequestRequest) -> None:
+        if not request.request_id:
+            raise ValueError("request_id is empty")
+        await self._node.end_request(request.request_id)
 
     async def Stream(self, request_iterator: AsyncIterator[pb.RingMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RingAck]:
         """Serve a peer's persistent stream of ring messages (see ``RingSession``)."""
@@ -330,18 +218,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             return
 
     @_rpc
-    async def EndRequest(self, request: pb.EndRequestRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
-        if not request.request_id:
-            raise ValueError("request_id is empty")
-        await self._node.end_request(request.request_id)
-        return pb.Empty()
-
-    @_rpc
     async def HealthCheck(
         self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthCheckResponse:
-        return pb.HealthCheckResponse(is_healthy=bool(self._node.is_healthy()), node_id=self._node.id, ring_port=self.ring_port,
-                                      lane_port=self.lane_port)
+        return pb.HealthCheckResponse(is_healthy=bool(self._node.is_healthy()), node_id=self._node.id)
 
     @_rpc
     async def CollectTopology(self, request: pb.CollectTopologyRequest, context: grpc.aio.ServicerContext) -> pb.Topology:
@@ -396,25 +276,14 @@ class GRPCServer:
         port: TCP port; 0 binds an ephemeral port, readable from ``.port`` after ``start()``.
         cluster_secret: when set, calls without the matching cluster key are rejected
             with ``UNAUTHENTICATED``.
-        ring_port: TCP port of the ring WebSocket served next to it on ``host``
-            (``exo.networking.ring_socket``; 0: a free port, readable from ``.ring_port``);
-            None: none, peers use the gRPC ``Stream``.
-        lane_port: TCP port of the ring lane served on ``host`` (``exo.networking.ring_lane``;
-            0: a free port, readable from ``.lane_port``); None: none (``EXO_RING_LANE=0``
-            makes that the default).
     """
 
-    def __init__(self, node: NodeLike, host: str, port: int, cluster_secret: str | None = None,
-                 ring_port: int | None = 0, lane_port: int | None = 0) -> None:
+    def __init__(self, node: NodeLike, host: str, port: int, cluster_secret: str | None = None) -> None:
         self.node = node
         self.host = host
         self.port = port
-        self.ring_port = ring_port
-        self.lane_port = lane_port if ring_lane_by_default() else None
-        self._lane: RingLaneServer | None = None
         self._cluster_secret = cluster_secret
         self._server: grpc.aio.Server | None = None
-        self._ring_socket: RingSocketServer | None = None
 
     @property
     def address(self) -> str:
@@ -444,30 +313,6 @@ class GRPCServer:
             await server.stop(None)
             raise OSError(f"cannot bind gRPC server to {self.address}")
         self.port = bound
-        if self.ring_port is not None:
-            ring_socket = RingSocketServer(lambda: RingSession(servicer), self.host, self.ring_port,
-                                           cluster_key(self._cluster_secret) if self._cluster_secret else None, MAX_MESSAGE_LENGTH)
-            try:
-                await ring_socket.start()
-            except BaseException:
-                await server.stop(None)
-                raise
-            self._ring_socket = ring_socket
-            self.ring_port = servicer.ring_port = ring_socket.port
-        if self.lane_port is not None:
-            loop = asyncio.get_running_loop()
-            lane = RingLaneServer(lambda: RingLaneSession(servicer, loop), self.host, self.lane_port,
-                                  cluster_key(self._cluster_secret) if self._cluster_secret else None, MAX_MESSAGE_LENGTH)
-            try:
-                lane.start()
-            except BaseException:
-                if self._ring_socket is not None:
-                    await self._ring_socket.stop()
-                    self._ring_socket = None
-                await server.stop(None)
-                raise
-            self._lane = lane
-            self.lane_port = servicer.lane_port = lane.port
         await server.start()
         self._server = server
         logger.info("gRPC server of node %s listening on %s", getattr(self.node, "id", "?"), self.address)
@@ -478,11 +323,5 @@ class GRPCServer:
         server, self._server = self._server, None
         if server is None:
             return
-        ring_socket, self._ring_socket = self._ring_socket, None
-        if ring_socket is not None:
-            await ring_socket.stop()
-        lane, self._lane = self._lane, None
-        if lane is not None:  # in a thread: its connections' threads may be waiting on this loop
-            await asyncio.to_thread(lane.stop)
         await server.stop(grace)
         logger.info("gRPC server on %s stopped", self.address)
