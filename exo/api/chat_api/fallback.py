@@ -137,9 +137,10 @@ async def serving_card(state: Any, model_id: str, resolve: Callable[[str], Await
         requested_id, reason = canonical_name(model_id), e.message
     else:
         requested_id = card.model_id
-        has_fallbacks = bool(candidates(fallbacks, requested_id) or candidates(fallbacks, model_id))
-        reason = await unservable_reason(node, card, fetch_header=has_fallbacks) if has_fallbacks else \
-            _reason_without_download(node, card)
+        if candidates(fallbacks, requested_id) or candidates(fallbacks, model_id):
+            reason = await unservable_reason(node, card, fetch_header=True)
+        else:  # nothing else to answer with: an earlier failed download is tried again
+            reason = model_health(node, card.model_id, downloads=False)["reason"]
         if reason is None:
             return card
     chain = candidates(fallbacks, requested_id) or candidates(fallbacks, model_id)
@@ -162,16 +163,6 @@ async def serving_card(state: Any, model_id: str, resolve: Callable[[str], Await
         tried.append(f"`{fb.model_id}`: {why}")
     raise APIError(503, f"the model `{requested_id}` cannot be served now: {reason}; nor can its fallbacks: "
                         f"{'; '.join(tried)}", param="model", code="model_not_available")
-
-
-def _reason_without_download(node: Any, card: ModelCard) -> str | None:
-    """``model_health``'s reason, ignoring an earlier failed download (a model without
-    fallbacks is always tried again)."""
-    ring = model_health(node, card.model_id)["ring"]
-    if ring["complete"]:
-        return None
-    lost = node.lost_peers() if hasattr(node, "lost_peers") else []
-    return ring["reason"] + (f" (node(s) {', '.join(lost)} left the cluster recently)" if lost else "")
 
 
 @web.middleware

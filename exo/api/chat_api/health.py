@@ -77,16 +77,17 @@ def ring_status(node: Any, model_id: str) -> dict[str, Any]:
     return {"complete": reason is None, "nodes": nodes, "reason": reason}
 
 
-def model_health(node: Any, model_id: str) -> dict[str, Any]:
+def model_health(node: Any, model_id: str, downloads: bool = True) -> dict[str, Any]:
     """Whether ``node``'s cluster can serve ``model_id`` now, without I/O:
     ``{"model", "servable": bool, "reason": str | None, "ring": ring_status(...)}``.
 
-    Not servable when its ring is not complete (``ring_status``) or its download failed on this
-    node less than ``DOWNLOAD_RETRY_AFTER`` seconds ago (``Node.download_failure``). ``reason``
-    says so, and names the peers that left recently (``Node.lost_peers``), if any.
+    Not servable when its ring is not complete (``ring_status``) or, with ``downloads``, its
+    download failed on this node less than ``DOWNLOAD_RETRY_AFTER`` seconds ago
+    (``Node.download_failure``). ``reason`` says so, and names the peers that left recently
+    (``Node.lost_peers``), if any.
     """
     ring = ring_status(node, model_id)
-    failure = node.download_failure(model_id) if hasattr(node, "download_failure") else None
+    failure = node.download_failure(model_id) if downloads and hasattr(node, "download_failure") else None
     reason = f"its download failed: {failure}" if failure else ring["reason"]
     lost = node.lost_peers() if hasattr(node, "lost_peers") else []
     if reason and lost:
