@@ -42,10 +42,11 @@ class PartitionPlan:
         ring: partitions in ring order, each with at least one layer, covering every layer once.
         left_out: node id -> why it holds no layer (too small for one layer, a share that rounds
             to zero layers, unknown memory).
-        shortfall: None when the ring's memory holds the model; else what is missing, e.g.
-            "30 layers of 14160384 bytes need 424811520 bytes; the ring's nodes hold 28 (a:
-            413000000 bytes): 2 layers (28320768 bytes) more are needed". The ring is then a
-            plain proportional split that ignores capacities (it may not load).
+        shortfall: None when the memory of the ring's nodes holds the model; else what is
+            missing, e.g. "30 layers of 14160384 bytes need up to 424811520 bytes; the memory of
+            the nodes present (a: 413000000 bytes) holds 29: 1 more layer (14160384 bytes)
+            would need another node". The ring is then a plain proportional split that ignores
+            capacities (it may not load).
     """
 
     ring: list[Partition]

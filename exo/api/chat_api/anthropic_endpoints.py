@@ -29,8 +29,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from exo.api.chat_api.dialects import anthropic_error_type
-from exo.api.chat_api.models import RequestParamError, parse_request
 from exo.api.chat_api.fallback import served_model
+from exo.api.chat_api.models import RequestParamError, parse_request
 from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, read_json, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text

@@ -37,8 +37,8 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from exo.api.chat_api.models import parse_request
 from exo.api.chat_api.fallback import served_model
+from exo.api.chat_api.models import parse_request
 from exo.api.chat_api.route_handlers import get_tokenizer, model_defaults, read_json, resolve_max_tokens, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
