@@ -99,6 +99,12 @@ class ModelConfig(BaseModel):
         idle_ttl: seconds an unused model's shard stays loaded (flag ``--model-idle-ttl``).
         chat_templates: model id -> the chat template to use when the model has none (a base
             model): a built-in name ("chatml"), a path to a Jinja file, or the Jinja source.
+        fallbacks: model id -> the models that answer its generation requests, in order, when
+            the cluster cannot serve it now (its ring cannot form with the nodes present or does
+            not fit their memory, or its download failed): the first that can serve answers,
+            and the response says so (``model`` is the fallback's id, header
+            ``X-Exo-Fallback`` the requested one). A fallback's own fallbacks are tried after
+            every listed one; cycles are ignored. Example: ``{llama-3.1-70b: [llama-3.1-8b]}``.
     """
 
     model_config = _SECTION
@@ -107,6 +113,22 @@ class ModelConfig(BaseModel):
     max_models: int = Field(3, ge=1)
     idle_ttl: float = Field(300.0, gt=0)
     chat_templates: dict[str, str] = Field(default_factory=dict)
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _fallbacks(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {}
+        for model, chain in v.items():
+            if not model.strip():
+                raise ValueError("a model id is empty")
+            names = [name.strip() for name in chain]
+            if any(not name for name in names):
+                raise ValueError(f"{model}: a fallback's model id is empty")
+            if model.strip() in names:
+                raise ValueError(f"{model} names itself as a fallback")
+            out[model.strip()] = names
+        return out
 
 
 class GenerationConfig(BaseModel):
@@ -133,7 +155,7 @@ class GenerationConfig(BaseModel):
         return GenerationDefaults(**{k: getattr(self, k) for k in self.model_fields_set})
 
 
-DEFAULT_PUBLIC_PATHS = ("/health", "/healthcheck")
+DEFAULT_PUBLIC_PATHS = ("/health", "/health/*", "/healthcheck")
 
 
 class AuthConfig(BaseModel):
@@ -143,8 +165,8 @@ class AuthConfig(BaseModel):
     Attributes:
         api_keys: accepted keys (env ``EXO_API_KEYS``, a comma list, replaces this list).
         public_paths: paths that never need a key; a trailing ``*`` matches any suffix
-            (default: the health checks ``/health`` and ``/healthcheck``; add ``/metrics`` for a
-            scraper without credentials).
+            (default: the health checks ``/health``, ``/health/{model}`` and ``/healthcheck``;
+            add ``/metrics`` for a scraper without credentials).
         web_ui_public: the web page and its files (every path outside ``/v1/``, ``/api/``, the
             completions paths, ``/metrics`` and the health checks) need no key. The page's own
             API calls still do: tinychat must then send a key.
@@ -306,6 +328,7 @@ class ExoConfig(BaseModel):
             "rate_limit": self.rate_limit,
             "defaults": self.generation.to_defaults(),
             "cors_allow_origin": self.cors.allow_origin,
+            "fallbacks": dict(self.model.fallbacks),
         }
 
 

@@ -55,6 +55,9 @@ MAX_FAILOVERS = 4
 #: Seconds a peer that left stays out of the topology even if another peer still reports it
 #: (that peer's own health checks have not noticed yet).
 LOST_PEER_MEMORY = 15.0
+#: Seconds a model whose download failed on this node counts as unservable (``download_failure``)
+#: before a request may try to download it again.
+DOWNLOAD_RETRY_AFTER = 60.0
 
 
 @contextlib.contextmanager
@@ -184,6 +187,7 @@ class Node:
         self._left_out_logged: dict[str, str] = {}  # model id -> reason this node holds no layer
         self._loading: dict[str, int] = {}  # model id -> shard loads in progress
         self._pulls: dict[str, asyncio.Task] = {}  # model id -> its whole download in progress (``pull``)
+        self._download_failures: dict[str, tuple[str, float]] = {}  # model id -> (error, monotonic time)
         self._deliveries: dict[str, asyncio.Future] = {}  # request id -> its latest result's delivery
 
     @property
@@ -357,10 +361,39 @@ class Node:
         card = self._cards.get(model_id)
         if card is not None:
             return card
-        with _model_errors(model_id):
+        with self._downloading(model_id), _model_errors(model_id):
             card = await asyncio.to_thread(self.models.card, model_id)
         self._cards[model_id] = card
         return card
+
+    @contextlib.contextmanager
+    def _downloading(self, model_id: str) -> Iterator[None]:
+        """Remember a ``ModelUnavailableError`` (a failed download) of ``model_id`` raised in the
+        block, for ``download_failure``; re-raises it."""
+        try:
+            yield
+        except ModelUnavailableError as e:
+            self._download_failures[model_id] = (str(e), time.monotonic())
+            raise
+
+    def download_failure(self, name: str) -> str | None:
+        """Why the latest download of model ``name``'s files on this node failed, if it failed
+        less than ``DOWNLOAD_RETRY_AFTER`` seconds ago and nothing of it downloaded since (no I/O):
+        callers that have another model to use skip this one instead of downloading again."""
+        model_id = canonical_name(name)
+        failure = self._download_failures.get(model_id)
+        if failure is None:
+            return None
+        error, at = failure
+        if time.monotonic() - at >= DOWNLOAD_RETRY_AFTER:
+            del self._download_failures[model_id]
+            return None
+        return error
+
+    def lost_peers(self) -> list[str]:
+        """Ids of the peers that left (or stopped answering) in the last ``LOST_PEER_MEMORY``
+        seconds, sorted."""
+        return sorted(self._lost_peers)
 
     def cached_card(self, name: str) -> ModelCard | None:
         """The card of ``name`` if this node resolved it before (no I/O)."""
@@ -433,7 +466,7 @@ class Node:
             plan = self.partitioning_strategy.plan(topo, card.n_layers, self._layer_bytes(card, topo))
         except ValueError as e:
             raise NoNodeAvailableError(str(e)) from e
-        return PartitionPlan(plan.ring, {**left_out, **plan.left_out})
+        return PartitionPlan(plan.ring, {**left_out, **plan.left_out}, plan.shortfall)
 
     @staticmethod
     def _layer_bytes(card: ModelCard, topo: Topology) -> dict[str, int]:
@@ -558,10 +591,11 @@ class Node:
         return await asyncio.shield(task)
 
     async def _pull(self, model_id: str) -> ModelCard:
-        with _model_errors(model_id):
+        with self._downloading(model_id), _model_errors(model_id):
             await asyncio.to_thread(self.models.pull, model_id)
             card = await asyncio.to_thread(self.models.card, model_id)
         self._cards[model_id] = card
+        self._download_failures.pop(model_id, None)
         logger.info("pulled %s: %s", model_id, card.path)
         return card
 
@@ -614,10 +648,12 @@ class Node:
         try:
             card = await self.model_card(shard.model_id)
             incoming = sum((card.layer_bytes or ())[shard.start_layer:shard.end_layer + 1]) or card.max_layer_bytes * shard.n_shard_layers
-            try:
-                await asyncio.to_thread(self.models.ensure_shard, shard.model_id, shard.start_layer, shard.end_layer)
-            except DownloadError as e:
-                raise ModelUnavailableError(str(e)) from None
+            with self._downloading(shard.model_id):
+                try:
+                    await asyncio.to_thread(self.models.ensure_shard, shard.model_id, shard.start_layer, shard.end_layer)
+                except DownloadError as e:
+                    raise ModelUnavailableError(str(e)) from None
+            self._download_failures.pop(shard.model_id, None)
             if card.path is None:  # its header came with the shard: the card knows its real sizes now
                 self._cards[card.model_id] = card = await asyncio.to_thread(self.models.card, card.model_id)
             engine = await self.shards.engine_for(shard.model_id, incoming, pinned={self.default_model})
@@ -637,10 +673,11 @@ class Node:
         """
         card = await self.model_card(model_id)
         if card.path is None:
-            try:
-                card = await asyncio.to_thread(self.models.ensure_header, card.model_id)
-            except (DownloadError, FileNotFoundError) as e:
-                raise ModelUnavailableError(str(e)) from None
+            with self._downloading(card.model_id):
+                try:
+                    card = await asyncio.to_thread(self.models.ensure_header, card.model_id)
+                except (DownloadError, FileNotFoundError) as e:
+                    raise ModelUnavailableError(str(e)) from None
             self._cards[card.model_id] = card
         try:
             tok = await asyncio.to_thread(tokenizer_for_path, card.path)

@@ -6,7 +6,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Mapping
+from typing import Callable, Mapping
 
 from exo.topology.topology import NodeInfo, Topology
 
@@ -42,10 +42,16 @@ class PartitionPlan:
         ring: partitions in ring order, each with at least one layer, covering every layer once.
         left_out: node id -> why it holds no layer (too small for one layer, a share that rounds
             to zero layers, unknown memory).
+        shortfall: None when the memory of the ring's nodes holds the model; else what is
+            missing, e.g. "30 layers of 14160384 bytes need up to 424811520 bytes; the memory of
+            the nodes present (a: 413000000 bytes) holds 29: 1 more layer (14160384 bytes)
+            would need another node". The ring is then a plain proportional split that ignores
+            capacities (it may not load).
     """
 
     ring: list[Partition]
     left_out: dict[str, str] = field(default_factory=dict)
+    shortfall: str | None = None
 
 
 class PartitioningStrategy(ABC):
@@ -119,6 +125,7 @@ class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
             nodes = [n for n in nodes if not lb(n) or n.capabilities.memory >= lb(n)]
             if not nodes:
                 raise ValueError(f"no node can hold a layer: {left_out}")
+        shortfall = None
         while True:
             weights = [max(n.capabilities.memory, 1) for n in nodes]
             sized = known and all(lb(n) for n in nodes)
@@ -126,6 +133,7 @@ class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
             if capacities is not None and sum(capacities) < n_layers:
                 logger.warning("the model's %d layers (%s bytes each) do not fit in the memory of %s; ignoring capacities",
                                n_layers, sorted({lb(n) for n in nodes}), [n.node_id for n in nodes])
+                shortfall = _shortfall(nodes, capacities, n_layers, lb)
                 capacities = None
             counts = apportion(weights, n_layers, capacities)
             if all(c > 0 for c in counts):
@@ -138,7 +146,20 @@ class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
             nodes = [n for n, c in zip(nodes, counts) if c > 0]
         if left_out:
             logger.debug("left out of the ring: %s", left_out)
-        return PartitionPlan(_ring(nodes, counts), left_out)
+        return PartitionPlan(_ring(nodes, counts), left_out, shortfall)
+
+
+def _shortfall(nodes: list[NodeInfo], capacities: list[int], n_layers: int, lb: Callable[[NodeInfo], int]) -> str:
+    """What the memory of ``nodes`` (holding ``capacities`` layers each) lacks for ``n_layers``."""
+    sizes = sorted({lb(n) for n in nodes})
+    each = " or ".join(str(b) for b in sizes)
+    need = n_layers * max(sizes)
+    held = sum(capacities)
+    missing = n_layers - held
+    members = ", ".join(f"{n.node_id}: {n.capabilities.memory} bytes" for n in nodes)
+    return (f"{n_layers} layers of {each} bytes need up to {need} bytes; the memory of the nodes present ({members}) "
+            f"holds {held}: {missing} more layer{'s' if missing != 1 else ''} ({missing * max(sizes)} bytes) "
+            f"would need another node")
 
 
 def _ring(nodes: list[NodeInfo], counts: list[int]) -> list[Partition]:

@@ -29,6 +29,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from exo.api.chat_api.dialects import anthropic_error_type
+from exo.api.chat_api.fallback import served_model
 from exo.api.chat_api.models import RequestParamError, parse_request
 from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.route_handlers import (
@@ -232,16 +233,17 @@ async def messages(request: web.Request) -> web.StreamResponse:
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     msg_id = new_message_id()
     steps = generate_text(state, card.model_id, tokenizer, prompt_ids, options, stops, msg_id, stats)
+    model = served_model(request, req.model, card)  # the fallback's id when one answers
     try:
         first = await steps.__anext__()  # errors before anything is sent are plain HTTP errors
         if not req.stream:
             text, step = await collect_text(first, steps)
-            return web.json_response(message_object(msg_id, req.model, text, stats, step))
+            return web.json_response(message_object(msg_id, model, text, stats, step))
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         try:
             await resp.write(encode_event("message_start", {
-                "type": "message_start", "message": message_object(msg_id, req.model, None, stats, None)}))
+                "type": "message_start", "message": message_object(msg_id, model, None, stats, None)}))
             await resp.write(encode_event("content_block_start", {
                 "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
             await resp.write(encode_event("ping", {"type": "ping"}))

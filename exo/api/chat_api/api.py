@@ -14,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from exo.api.chat_api import (
-    anthropic_endpoints, health, image_endpoints, metrics, model_endpoints, ollama_downloads, ollama_endpoints, route_handlers,
+    anthropic_endpoints, fallback, health, image_endpoints, metrics, model_endpoints, ollama_downloads, ollama_endpoints, route_handlers,
 )
 from exo.api.chat_api.auth import setup as setup_auth
 from exo.api.chat_api.dialects import DialectErrorRunner, dialect_error_middleware
@@ -79,6 +79,8 @@ class ChatAPI:
         shutdown_timeout: seconds ``stop`` lets requests in flight finish before cancelling them.
         auth: API keys and public paths (no keys: everything open).
         rate_limit: per-client rate and the bounded generation queue.
+        fallbacks: model id -> models that answer its generation requests, in order, when the
+            cluster cannot serve it now (see ``fallback``).
 
     Attributes:
         port: the TCP port listened on, once ``run`` returned (useful with port 0).
@@ -88,7 +90,8 @@ class ChatAPI:
     def __init__(self, node: APINode, default_model: str, response_timeout: float = 90.0,
                  tinychat_dir: Path | None = None, *, defaults: GenerationDefaults | None = None,
                  cors_allow_origin: str = "*", shutdown_timeout: float = 5.0,
-                 auth: AuthConfig | None = None, rate_limit: RateLimitConfig | None = None):
+                 auth: AuthConfig | None = None, rate_limit: RateLimitConfig | None = None,
+                 fallbacks: dict[str, list[str]] | None = None):
         if response_timeout <= 0:
             raise ValueError(f"response_timeout must be > 0 seconds, got {response_timeout}")
         self.node = node
@@ -100,6 +103,7 @@ class ChatAPI:
         self.shutdown_timeout = shutdown_timeout
         self.auth = auth or AuthConfig()
         self.rate_limit = rate_limit or RateLimitConfig()
+        self.fallbacks = dict(fallbacks or {})
         self.port: int | None = None
         self.app: web.Application | None = None
         self._runner: DialectErrorRunner | None = None
@@ -119,6 +123,7 @@ class ChatAPI:
             defaults=self.defaults,
             tinychat_dir=self.tinychat_dir,
             created=unix_time(),
+            fallbacks=self.fallbacks,
         )
         app.on_response_prepare.append(make_cors_on_prepare(self.cors_allow_origin))
         app.router.add_get("/healthcheck", healthcheck)
@@ -127,6 +132,7 @@ class ChatAPI:
         setup_auth(app, self.auth)
         setup_rate_limit(app, self.rate_limit)
         metrics.setup(app)
+        fallback.setup(app)
         health.setup(app)
         ollama_endpoints.setup_routes(app)
         ollama_downloads.setup_routes(app)

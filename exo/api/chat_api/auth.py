@@ -31,7 +31,7 @@ AUTH_CONFIG_KEY: web.AppKey[AuthConfig] = web.AppKey("exo_auth_config", AuthConf
 KEY_ID = web.RequestKey("exo_api_key_id", str) if hasattr(web, "RequestKey") else "exo_api_key_id"
 
 # paths served by the API itself (everything else is the web page and its files)
-_SERVICE_PREFIXES = ("/v1/", "/api/", "/chat/")
+_SERVICE_PREFIXES = ("/v1/", "/api/", "/chat/", "/health/")
 _SERVICE_PATHS = frozenset({"/v1", "/api", "/completions", "/metrics", "/health", "/healthcheck"})
 
 

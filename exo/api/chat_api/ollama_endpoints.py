@@ -37,6 +37,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from exo.api.chat_api.fallback import served_model
 from exo.api.chat_api.models import parse_request
 from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.route_handlers import (
@@ -375,9 +376,10 @@ async def _answer(request: web.Request, state: APIState, req: _OllamaBase, card:
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     request_id = new_id("ollama")
     steps = generate_text(state, card.model_id, tokenizer, prompt_ids, options, stops, request_id, stats)
+    model = served_model(request, req.model, card)  # the fallback's id when one answers
 
     def part(text: str) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": req.model, "created_at": now_rfc3339()}
+        body: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
         if kind == "chat":
             body["message"] = {"role": "assistant", "content": text}
         else:

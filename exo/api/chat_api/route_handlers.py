@@ -17,6 +17,7 @@ from typing import Callable
 
 from aiohttp import web
 
+from exo.api.chat_api.fallback import serving_card
 from exo.api.chat_api.models import (
     OPENAI_DEFAULT_COMPLETIONS_MAX_TOKENS,
     ChatChoice,
@@ -71,12 +72,24 @@ async def resolve_model(state: APIState, requested: str | None) -> ModelCard:
     """The card of the requested model (the default when None): a catalogue id or alias, a
     local GGUF file or Hugging Face directory, or a Hugging Face repo.
 
+    In a generation request (every dialect's), this is where fallback is decided
+    (``fallback.serving_card``): a model the cluster cannot serve now is replaced by the first
+    of its configured fallbacks that can, and the request is marked so that the response names
+    the fallback in ``model`` and the requested model in ``X-Exo-Fallback``.
+
     Raises:
         APIError: 404 "model_not_found" for a name that is none of those, or a path with
             nothing there (never a silent fallback to another model); 400 "invalid_model" for
-            a file or repo that is not a model exo can run (the message says why).
+            a file or repo that is not a model exo can run (the message says why); 503
+            "model_not_available" when neither the model nor a fallback can serve a generation
+            now (the message names what is missing).
     """
     model_id = requested if requested is not None else state.default_model
+    return await serving_card(state, model_id, functools.partial(_model_card, state))
+
+
+async def _model_card(state: APIState, model_id: str) -> ModelCard:
+    """``state.node.model_card`` with its errors as ``APIError`` (see ``resolve_model``)."""
     try:
         return await state.node.model_card(model_id)
     except ModelNotFoundError as e:

@@ -55,6 +55,8 @@ class APIState:
         tinychat_dir: directory of the web UI, or None to serve none.
         created: Unix seconds the API started (the ``created`` of model objects).
         active_requests: ids of requests being answered (for logs and tests).
+        fallbacks: model id -> the models that answer its generation requests, in order, when
+            the cluster cannot serve it (``fallback.serving_card``).
     """
 
     node: APINode
@@ -64,6 +66,7 @@ class APIState:
     tinychat_dir: Path | None = None
     created: int = 0
     active_requests: set[str] = field(default_factory=set)
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
 
 
 STATE_KEY: web.AppKey[APIState] = web.AppKey("exo_api_state", APIState)
