@@ -105,6 +105,12 @@ class ModelConfig(BaseModel):
         idle_ttl: seconds an unused model's shard stays loaded (flag ``--model-idle-ttl``).
         chat_templates: model id -> the chat template to use when the model has none (a base
             model): a built-in name ("chatml"), a path to a Jinja file, or the Jinja source.
+        batch_invariant: torch engine: a request's logits are the same, bit for bit, alone or
+            decoded in a batch with other requests, so a seeded request gives the same answer
+            at any load (default true; flag ``--batch-invariant`` / ``--no-batch-invariant``).
+            False lets batched products take faster paths (Intel AMX from 8 concurrent
+            requests; one BLAS call per batch for dense weights), whose last bits depend on
+            the batch.
     """
 
     model_config = _SECTION
@@ -113,6 +119,7 @@ class ModelConfig(BaseModel):
     max_models: int = Field(3, ge=1)
     idle_ttl: float = Field(300.0, gt=0)
     chat_templates: dict[str, str] = Field(default_factory=dict)
+    batch_invariant: bool = True
 
 
 class GenerationConfig(BaseModel):
@@ -392,6 +399,7 @@ FLAG_FIELDS: dict[tuple[str, str], str] = {
     ("model", "inference_engine"): "inference_engine",
     ("model", "max_models"): "max_models",
     ("model", "idle_ttl"): "model_idle_ttl",
+    ("model", "batch_invariant"): "batch_invariant",
     ("logging", "level"): "log_level",
 }
 
