@@ -453,10 +453,11 @@ class ShardedTransformer(nn.Module):
         if self.lm_head is None:
             return h
         x = self.norm(h[:, -1, :])  # (B, hidden)
-        if rows_apart and x.shape[0] > 1:
+        if rows_apart:  # whatever B, so that one row and a batch take the same path
             if isinstance(self.lm_head, GGUFLinear) and x.shape[0] <= KERNEL_MAX_ROWS:
                 return self.lm_head(x, allow_amx=False).float()  # rows computed apart by the kernel
-            return torch.cat([self.lm_head(x[i:i + 1].clone()) for i in range(x.shape[0])]).float()
+            if x.shape[0] > 1:
+                return torch.cat([self.lm_head(x[i:i + 1].clone()) for i in range(x.shape[0])]).float()
         return self.lm_head(x).float()  # (B, vocab)
 
     def forward(self, x: torch.Tensor, caches: list[KVCache], position: int) -> torch.Tensor:
