@@ -63,9 +63,11 @@ def ring_retrying(*args, **kwargs) -> dict:
         return ring(*args, **kwargs)
 
 
-def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, engine: str = "torch", env: dict | None = None) -> dict:
+def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, engine: str = "torch", env: dict | None = None,
+         node_args: list[str] | None = None) -> dict:
     """A ring of ``n_nodes`` node processes on loopback; the first drives the measurements.
-    ``env``: extra environment variables of the node processes."""
+    ``env``: extra environment variables of the node processes; ``node_args``: extra
+    arguments of every ``bench.ring`` process (e.g. ``--no-batch-invariant``)."""
     from bench.ring import free_ports, write_peer_file
 
     print(f"  ring of {n_nodes} node(s), streams {streams or '-'} ...", file=sys.stderr, flush=True)
@@ -75,7 +77,7 @@ def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, e
     with tempfile.TemporaryDirectory() as tmp:
         peers = os.path.join(tmp, "peers.json")
         write_peer_file(peers, ports)
-        common = ["--peers", peers, "--dtype", dtype, "--engine", engine]
+        common = ["--peers", peers, "--dtype", dtype, "--engine", engine, *(node_args or [])]
         penv = {**_env(), **(env or {})}
         logs = {}
         try:
@@ -295,7 +297,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--ring-reps", type=int, default=5,
                         help="the 1- and 2-node rings are measured this many times, alternately (runs each)")
-    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,dense,bf16,int4,gemma,engines,ring,pauses,concurrency")
+    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,dense,bf16,int4,gemma,engines,ring,pauses,"
+                                                   "concurrency,invariance")
     parser.add_argument("--markdown", default=str(ROOT / "bench" / "results.md"), help="also write the tables here ('' = no)")
     parser.add_argument("--json", default="", help="also write the raw measurements here")
     args = parser.parse_args()
@@ -402,6 +405,13 @@ def main() -> None:
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     print(f"  dummy ring of {n} ({mode}): {e}", file=sys.stderr)
 
+    invariance: dict | None = None
+    if "invariance" not in skip:
+        # what batch invariance (the torch engine's default) costs 16 streams: on and off alternated
+        from bench.invariance import measure as measure_invariance
+
+        invariance = measure_invariance(min(max(1, args.ring_reps), 3), args.runs, args.decode_tokens)
+
     tables = [single_table(rows, prompt_lens, "Single node, SmolLM2-135M-Instruct Q4_1")]
     if gemma_rows:
         tables.append(single_table(gemma_rows, gemma_lens, "Single node, Gemma 3 270M Q4_K_M"))
@@ -415,6 +425,10 @@ def main() -> None:
         tables += [overhead_table(overhead)]
         if any(r.get("concurrency") for r in rings.values()):
             tables += [concurrency_table(rings)]
+    if invariance:
+        from bench.invariance import table as invariance_table
+
+        tables.append(invariance_table(invariance))
     tables.append(targets_table(rows, rings, gemma_rows))
     footer = (f"Machine: {platform.machine()}, {os.cpu_count()} cores; load average {load_start} at the start, "
               f"{load_average()} at the end; {time.time() - started:.0f} s in all; median of {args.runs} runs; "
@@ -427,7 +441,8 @@ def main() -> None:
             md += "\n\n### Other engines, engine alone (bench/engines.py)\n\n" + engines_md
         Path(args.markdown).write_text("# Benchmark results\n\n" + md + "\n\n" + footer + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "ring2_lane_off": lane_off, "load": [load_start, load_average()]}, indent=1))
+        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "ring2_lane_off": lane_off, "invariance": invariance,
+                                               "load": [load_start, load_average()]}, indent=1))
 
 
 if __name__ == "__main__":
