@@ -65,7 +65,8 @@ async def _start(args):
                         discovery_module="manual", discovery_config_path=args.peers, serve_api=False,
                         memory=NODE_MEMORY, inference_engine=args.engine,
                         inference_engine_options={"dtype": args.dtype} if args.engine == "torch" else {},
-                        health_check_interval=0.5, cluster_secret=args.cluster_secret,
+                        batch_invariant=args.batch_invariant, health_check_interval=0.5,
+                        cluster_secret=args.cluster_secret,
                         # no preload while the ring forms (a node would load the shard of a smaller
                         # ring first, and its peak memory would show that): the warm-up loads it
                         default_model="")
@@ -154,6 +155,8 @@ def main() -> None:
     parser.add_argument("--engine", default="torch", choices=["torch", "dummy"],
                         help="dummy: no weights, no compute, so a token's time is the ring's own cost")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                        help="the torch engine's batch invariance (the node's --batch-invariant; default on)")
     parser.add_argument("--max-seconds", type=float, default=900.0, help="a plain node stops after this long")
     parser.add_argument("--cluster-secret", default=None, help="the cluster secret of every node (mutual TLS between them)")
     parser.add_argument("--nodes", type=int, default=1, help="ring size the driver waits for")

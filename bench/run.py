@@ -64,11 +64,12 @@ def ring_retrying(*args, **kwargs) -> dict:
 
 
 def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, engine: str = "torch", env: dict | None = None,
-         root: Path = ROOT, extra: tuple[str, ...] = ()) -> dict:
+         node_args: list[str] | None = None, root: Path = ROOT) -> dict:
     """A ring of ``n_nodes`` node processes on loopback; the first drives the measurements.
-    ``env``: extra environment variables of the node processes; ``root``: the source tree they
-    run (another checkout of exo, to compare with an earlier version); ``extra``: more
-    arguments of ``bench.ring`` (e.g. ``--cluster-secret S``)."""
+    ``env``: extra environment variables of the node processes; ``node_args``: extra
+    arguments of every ``bench.ring`` process (e.g. ``--no-batch-invariant``,
+    ``--cluster-secret S``); ``root``: the source tree they run (another checkout of exo, to
+    compare with an earlier version)."""
     from bench.ring import free_ports, write_peer_file
 
     print(f"  ring of {n_nodes} node(s), streams {streams or '-'} ...", file=sys.stderr, flush=True)
@@ -78,7 +79,7 @@ def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, e
     with tempfile.TemporaryDirectory() as tmp:
         peers = os.path.join(tmp, "peers.json")
         write_peer_file(peers, ports)
-        common = ["--peers", peers, "--dtype", dtype, "--engine", engine, *extra]
+        common = ["--peers", peers, "--dtype", dtype, "--engine", engine, *(node_args or [])]
         penv = {**_env(root), **(env or {})}
         logs = {}
         try:
@@ -165,9 +166,9 @@ def ring_table(rings: dict[int, dict]) -> Table:
 
 
 #: The ring's cost table: name -> arguments of the node processes (``bench.ring``).
-TRANSPORTS: dict[str, tuple[str, ...]] = {
-    "gRPC stream": (),
-    "gRPC stream, TLS": ("--cluster-secret", "bench-secret"),
+TRANSPORTS: dict[str, list[str]] = {
+    "gRPC stream": [],
+    "gRPC stream, TLS": ["--cluster-secret", "bench-secret"],
 }
 
 
@@ -291,7 +292,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--ring-reps", type=int, default=5,
                         help="the 1- and 2-node rings are measured this many times, alternately (runs each)")
-    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,dense,bf16,int4,gemma,engines,ring,pauses,concurrency")
+    parser.add_argument("--skip", default="", help="comma list of: transformers,llamacpp,dense,bf16,int4,gemma,engines,ring,pauses,"
+                                                   "concurrency,invariance")
     parser.add_argument("--markdown", default=str(ROOT / "bench" / "results.md"), help="also write the tables here ('' = no)")
     parser.add_argument("--json", default="", help="also write the raw measurements here")
     args = parser.parse_args()
@@ -379,13 +381,20 @@ def main() -> None:
 
     overhead: dict[tuple[str, int], float] = {}
     if "ring" not in skip:
-        for mode, extra in TRANSPORTS.items():
+        for mode, node_args in TRANSPORTS.items():
             for n in (1, 2, 3):
                 try:
-                    r = ring_retrying(n, args.runs, 200, [], "float32", engine="dummy", extra=extra)
+                    r = ring_retrying(n, args.runs, 200, [], "float32", engine="dummy", node_args=node_args)
                     overhead[(mode, n)] = 1 / r["decode_tps"]
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     print(f"  dummy ring of {n} ({mode}): {e}", file=sys.stderr)
+
+    invariance: dict | None = None
+    if "invariance" not in skip:
+        # what batch invariance (the torch engine's default) costs 16 streams: on and off alternated
+        from bench.invariance import measure as measure_invariance
+
+        invariance = measure_invariance(min(max(1, args.ring_reps), 3), args.runs, args.decode_tokens)
 
     tables = [single_table(rows, prompt_lens, "Single node, SmolLM2-135M-Instruct Q4_1")]
     if gemma_rows:
@@ -400,6 +409,10 @@ def main() -> None:
         tables += [overhead_table(overhead)]
         if any(r.get("concurrency") for r in rings.values()):
             tables += [concurrency_table(rings)]
+    if invariance:
+        from bench.invariance import table as invariance_table
+
+        tables.append(invariance_table(invariance))
     tables.append(targets_table(rows, rings, gemma_rows))
     footer = (f"Machine: {platform.machine()}, {os.cpu_count()} cores; load average {load_start} at the start, "
               f"{load_average()} at the end; {time.time() - started:.0f} s in all; median of {args.runs} runs; "
@@ -412,7 +425,8 @@ def main() -> None:
             md += "\n\n### Other engines, engine alone (bench/engines.py)\n\n" + engines_md
         Path(args.markdown).write_text("# Benchmark results\n\n" + md + "\n\n" + footer + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "load": [load_start, load_average()]}, indent=1))
+        Path(args.json).write_text(json.dumps({"single": rows, "rings": rings, "invariance": invariance,
+                                               "load": [load_start, load_average()]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -29,15 +29,15 @@ from bench.common import Table, fmt, median
 from bench.run import ROOT, load_average, ring_retrying
 
 
-def _side_runs(root: Path, env: dict, extra: tuple[str, ...], runs: int, tokens: int) -> dict:
+def _side_runs(root: Path, env: dict, node_args: list[str], runs: int, tokens: int) -> dict:
     """Time per token (s) of the dummy ring of 1 and 2 nodes, and decode tok/s of the real
     model on 1 and 2 nodes."""
     out = {}
     for n in (1, 2):
-        r = ring_retrying(n, runs, 200, [], "float32", engine="dummy", env=env, root=root, extra=extra)
+        r = ring_retrying(n, runs, 200, [], "float32", engine="dummy", env=env, root=root, node_args=node_args)
         out[f"dummy{n}"] = 1 / r["decode_tps"]
     for n in (1, 2):
-        r = ring_retrying(n, runs, tokens, [], "float32", env=env, root=root, extra=extra)
+        r = ring_retrying(n, runs, tokens, [], "float32", env=env, root=root, node_args=node_args)
         out[f"real{n}"] = r["decode_tps"]
     return out
 
@@ -59,15 +59,15 @@ def main() -> None:
                        capture_output=True)
         try:
             sides = {
-                "before": (before_root, ref_env, ()),
-                "after": (ROOT, {}, ()),
-                "after, TLS": (ROOT, {}, ("--cluster-secret", "bench-" + os.urandom(16).hex())),
+                "before": (before_root, ref_env, []),
+                "after": (ROOT, {}, []),
+                "after, TLS": (ROOT, {}, ["--cluster-secret", "bench-" + os.urandom(16).hex()]),
             }
             got: dict[str, list[dict]] = {name: [] for name in sides}
             for rep in range(args.reps):
-                for name, (root, env, extra) in sides.items():
+                for name, (root, env, node_args) in sides.items():
                     print(f"repetition {rep + 1}/{args.reps}: {name}", file=sys.stderr, flush=True)
-                    got[name].append(_side_runs(root, env, extra, args.runs, args.decode_tokens))
+                    got[name].append(_side_runs(root, env, node_args, args.runs, args.decode_tokens))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before_root)], cwd=ROOT, capture_output=True)
     rows = []

@@ -105,6 +105,12 @@ class ModelConfig(BaseModel):
             and the response says so (``model`` is the fallback's id, header
             ``X-Exo-Fallback`` the requested one). A fallback's own fallbacks are tried after
             every listed one; cycles are ignored. Example: ``{llama-3.1-70b: [llama-3.1-8b]}``.
+        batch_invariant: torch engine: a request's logits are the same, bit for bit, alone or
+            decoded in a batch with other requests, so a seeded request gives the same answer
+            at any load (default true; flag ``--batch-invariant`` / ``--no-batch-invariant``).
+            False lets batched products take faster paths (Intel AMX from 8 concurrent
+            requests; one BLAS call per batch for dense weights), whose last bits depend on
+            the batch.
     """
 
     model_config = _SECTION
@@ -114,6 +120,7 @@ class ModelConfig(BaseModel):
     idle_ttl: float = Field(300.0, gt=0)
     chat_templates: dict[str, str] = Field(default_factory=dict)
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    batch_invariant: bool = True
 
     @field_validator("fallbacks")
     @classmethod
@@ -412,6 +419,7 @@ FLAG_FIELDS: dict[tuple[str, str], str] = {
     ("model", "inference_engine"): "inference_engine",
     ("model", "max_models"): "max_models",
     ("model", "idle_ttl"): "model_idle_ttl",
+    ("model", "batch_invariant"): "batch_invariant",
     ("logging", "level"): "log_level",
 }
 

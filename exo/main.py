@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-model", default="smollm2-135m", help="model served when a request names none")
     p.add_argument("--max-models", type=int, default=3, help="models whose shards this node holds at once")
     p.add_argument("--model-idle-ttl", type=float, default=300.0, help="seconds an unused model stays loaded")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch engine: a request's logits do not depend on the requests batched with it, so a seed gives "
+                        "the same answer at any load (default); --no-batch-invariant lets batches take faster paths (AMX)")
     p.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
     p.add_argument("--cluster-secret", default=None,
                    help="shared key; only nodes with the same key join (env EXO_CLUSTER_SECRET)")
@@ -63,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         inference_engine=args.inference_engine, default_model=args.model_name or args.default_model,
         wait_for_peers=args.wait_for_peers, cluster_secret=args.cluster_secret, memory=args.memory,
         response_timeout=args.response_timeout, max_models=args.max_models, model_idle_ttl=args.model_idle_ttl,
+        batch_invariant=args.batch_invariant,
     )
     if args.node_id:
         kwargs["node_id"] = args.node_id

@@ -63,6 +63,7 @@ class NodeConfig:
     max_models: int = 3  # models whose shards a node holds at once
     model_idle_ttl: float = 300.0  # seconds a model's shard stays loaded unused
     chat_templates: dict = field(default_factory=dict)  # model id -> template for models without one
+    batch_invariant: bool = True  # torch engine: logits independent of the batch (see TorchInferenceEngine)
     wait_for_peers: int = 0
     cluster_secret: str | None = None
     memory: int | None = None
@@ -113,8 +114,12 @@ async def start_node(config: NodeConfig) -> RunningNode:
     secret = config.cluster_secret if config.cluster_secret is not None else os.environ.get("EXO_CLUSTER_SECRET") or None
     engine_name = config.inference_engine or default_engine_name()
 
+    engine_options = dict(config.inference_engine_options)
+    if engine_name == "torch":  # the one engine that batches requests' decode steps
+        engine_options.setdefault("batch_invariant", config.batch_invariant)
+
     def create_engine():
-        return get_inference_engine(engine_name, **config.inference_engine_options)
+        return get_inference_engine(engine_name, **engine_options)
 
     engine = create_engine()
     caps = device_capabilities(config.memory)

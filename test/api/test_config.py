@@ -67,6 +67,18 @@ cors: {allow_origin: "http://ui.example"}
     assert args.chatgpt_api_port == 52415 and cfg == ExoConfig()
 
 
+async def test_batch_invariant_from_the_file_or_the_flag_reaches_the_torch_engine(tmp_path):
+    from exo.inference.torch.engine import TorchInferenceEngine
+
+    path = write(tmp_path, "model: {batch_invariant: false}\n")
+    assert config_from_args(resolve([])[0]).batch_invariant is True  # the default
+    assert config_from_args(resolve(["--config", str(path)])[0]).batch_invariant is False
+    assert config_from_args(resolve(["--config", str(path), "--batch-invariant"])[0]).batch_invariant is True
+    assert config_from_args(resolve(["--no-batch-invariant"])[0]).batch_invariant is False
+    assert TorchInferenceEngine(device="cpu").batch_invariant is True
+    assert TorchInferenceEngine(device="cpu", batch_invariant=False).batch_invariant is False
+
+
 async def test_environment_sits_between_flags_and_file(tmp_path):
     path = write(tmp_path, "node: {interfaces: all}\nlogging: {level: warning}\nauth: {api_keys: [file-key]}\n")
     args, cfg = resolve([], environ={"EXO_CONFIG": str(path), "EXO_INTERFACES": "127.0.0.1", "EXO_API_KEYS": "a, b"})

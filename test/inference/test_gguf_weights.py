@@ -102,6 +102,20 @@ def test_linear_equals_a_float32_matmul_on_the_dequantized_weights(ops, qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[NAMES[t] for t in TYPES])
+def test_each_row_of_a_product_off_the_amx_path_is_bitwise_the_row_alone(ops, qtype):
+    """Batch invariance (issue 23): with allow_amx=False every row of a product of 1 to 40 rows
+    (the vector path's row blocks, threads splitting the output tiles) is the row's product
+    alone, bit for bit; on the ``amx`` build (AMX from 1 row) too."""
+    gen = torch.Generator().manual_seed(300 + qtype)
+    raw = random_blocks(qtype, 64, 512, np.random.default_rng(300 + qtype))
+    tiles = ops.pack(torch.from_numpy(raw), qtype)
+    x = torch.randn(40, 512, generator=gen) * torch.logspace(-2, 1, 512)
+    alone = torch.cat([ops.linear(x[i:i + 1].clone(), tiles, qtype, False) for i in range(x.shape[0])])
+    for m in (2, 3, 8, 9, 16, 40):
+        assert torch.equal(ops.linear(x[:m], tiles, qtype, False), alone[:m]), (NAMES[qtype], m)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[NAMES[t] for t in TYPES])
 def test_activations_of_very_different_sizes_keep_the_bound(ops, qtype):
     """Activations spread over three decades: the AMX path splits each into two bfloat16 parts
     (16 of float32's 24 bits), within the float32 bound."""

@@ -100,6 +100,13 @@ class TorchInferenceEngine(InferenceEngine):
             activations (``quantize.py``; ~1e-1 logit error). "auto" (default): "gguf" where it
             can run (CPU, float32, a C++ compiler, a file in Q4_1/Q8_0), else "dense".
             ``EXO_TORCH_WEIGHTS`` overrides the default.
+        batch_invariant: True (default): a request's logits are the same, bit for bit, whether
+            its decode step runs alone or in a batch with other requests', so a seeded request
+            samples the same tokens at any load (``ShardedTransformer``'s ``batch_invariant``:
+            on the native path batched products stay off the AMX tile unit; on other paths the
+            requests of a batch run one after another). False: batched products take the faster
+            paths, and logits may differ in the last bits with the batch (on a CPU with AMX, from
+            8 requests on). Prefills run one request at a time either way.
 
     Raises:
         ValueError: an unknown ``dtype`` or ``weights``, ``max_batch`` < 1, "gguf" or "int4" off
@@ -111,7 +118,7 @@ class TorchInferenceEngine(InferenceEngine):
     name = "torch"
 
     def __init__(self, device: str | None = None, dtype: str | None = None, max_requests: int = 64, request_ttl: float = 600.0,
-                 max_batch: int = 32, weights: str | None = None):
+                 max_batch: int = 32, weights: str | None = None, batch_invariant: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         #: The ``weights`` asked for, and (``weights``) what the shard held now uses ("auto"
         #: until a shard is loaded).
@@ -134,6 +141,7 @@ class TorchInferenceEngine(InferenceEngine):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
+        self.batch_invariant = bool(batch_invariant)
         self.batch_sizes: list[int] = []  # sizes of the last decode batches (most recent last), for benchmarks
         self._pending: list[_DecodeStep] = []
         self._drainer: asyncio.Task | None = None
@@ -199,6 +207,7 @@ class TorchInferenceEngine(InferenceEngine):
 
     def _load(self, shard: Shard) -> ShardedTransformer:
         model = self._load_model(shard)
+        model.batch_invariant = self.batch_invariant
         if self.weights == "int4":
             quantize_weights(model)  # layers kept from the previous shard are int4 already
             _release_freed_memory()

@@ -234,7 +234,9 @@ class GGUFLinear(_GGUFBlocks):
 
     Input (..., in_features) of any float dtype, computed in float32; output (..., out_features)
     float32. ``out_features`` must be a multiple of 16 and ``in_features`` of the type's block
-    (``kernel_supports``).
+    (``kernel_supports``). ``forward(x, allow_amx=False)`` keeps a product of up to
+    ``KERNEL_MAX_ROWS`` rows off the AMX path: each row is then computed exactly as it is alone
+    (batch invariance; more rows take torch's matmul, whose blocking depends on the rows).
 
     Raises:
         ValueError: an unsupported ``qtype`` or shape.
@@ -244,11 +246,11 @@ class GGUFLinear(_GGUFBlocks):
         super().__init__(out_features, in_features, qtype)
         self.in_features, self.out_features = in_features, out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allow_amx: bool = True) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = torch.ops.exo_gguf.linear(x2, self.tiles, self.qtype)
+            y = torch.ops.exo_gguf.linear(x2, self.tiles, self.qtype, allow_amx)
         else:
             y = torch.mm(x2, torch.ops.exo_gguf.dequantize_t(self.tiles, self.qtype, self.in_features))
         return y.reshape(*shape[:-1], self.out_features)

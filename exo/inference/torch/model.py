@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exo.inference.shard import Shard
-from exo.inference.torch.gguf_weights import WIDENED, GGUFEmbedding, GGUFLinear, held_type, kernel_supports, widen_rows
+from exo.inference.torch.gguf_weights import KERNEL_MAX_ROWS, WIDENED, GGUFEmbedding, GGUFLinear, held_type, kernel_supports, widen_rows
 from exo.models.architectures import LAYER_KEYS, ModelArgs, Rope, layer_name, parse_layer_name
 from exo.models.gguf import F32
 from exo.models.weights import QuantizedRows
@@ -366,6 +366,17 @@ class ShardedTransformer(nn.Module):
     Both return hidden states (B, T, hidden), or on the last shard the logits of the last
     position (B, vocab) in float32.
 
+    ``batch_invariant`` (default True): ``decode`` computes each request's row exactly as it
+    computes that request alone (B = 1), bit for bit, so that a seeded request samples the same
+    tokens at any load. The native path keeps every product of a batch on the float32 kernels,
+    whose per-row sums run in the same order for any number of rows (never the AMX tile path,
+    whose bfloat16 split of the activations differs from the single-row arithmetic in the last
+    bits); any other path (dense or int4 weights, CUDA, a shard not wholly native) runs the
+    requests of a batch one after another, since BLAS libraries choose their blocking, and so
+    their summation order, by the number of rows. False: batched products take the faster
+    paths (AMX from ``amx_rows()`` rows; one BLAS call for the batch), and a request's logits
+    may then differ in the last bits with the batch it runs in.
+
     ``weight_types``: canonical name -> GGML type of each weight matrix (and the embedding /
     output head) held natively (``GGUFLinear`` / ``GGUFEmbedding``, float32 compute on the
     CPU, see ``native_weight_types``); every matrix not named is dense. When every layer
@@ -400,6 +411,7 @@ class ShardedTransformer(nn.Module):
         # float32's rounding of the factor, as HF's float32 scale tensor (Gemma: sqrt(hidden))
         self._embed_scale = float(np.float32(args.embed_scale)) if args.embed_scale != 1.0 else None
         self._native_cache: list[torch.Tensor] | None = None
+        self.batch_invariant = True
         self.tie_weights()
 
     @property
@@ -434,10 +446,19 @@ class ShardedTransformer(nn.Module):
             h = h * self._embed_scale
         return h
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
+    def _head(self, h: torch.Tensor, rows_apart: bool = False) -> torch.Tensor:
+        """Logits (B, vocab) float32 of the last position of h (B, T, hidden), or h itself off
+        the last shard. ``rows_apart``: the B rows are requests that must each get the logits
+        they get alone (``batch_invariant``)."""
         if self.lm_head is None:
             return h
-        return self.lm_head(self.norm(h[:, -1, :])).float()  # (B, vocab)
+        x = self.norm(h[:, -1, :])  # (B, hidden)
+        if rows_apart:  # whatever B, so that one row and a batch take the same path
+            if isinstance(self.lm_head, GGUFLinear) and x.shape[0] <= KERNEL_MAX_ROWS:
+                return self.lm_head(x, allow_amx=False).float()  # rows computed apart by the kernel
+            if x.shape[0] > 1:
+                return torch.cat([self.lm_head(x[i:i + 1].clone()) for i in range(x.shape[0])]).float()
+        return self.lm_head(x).float()  # (B, vocab)
 
     def forward(self, x: torch.Tensor, caches: list[KVCache], position: int) -> torch.Tensor:
         if self.native_decode and x.shape[:2] == (1, 1):  # one token: the native decode step
@@ -452,10 +473,14 @@ class ShardedTransformer(nn.Module):
     def decode(self, x: torch.Tensor, caches: list[list[KVCache]], positions: list[int]) -> torch.Tensor:
         if not len(caches) == len(positions) == x.shape[0] or x.shape[1] != 1:
             raise ValueError(f"decode takes one token per request: x {tuple(x.shape)}, {len(caches)} caches, {len(positions)} positions")
+        b = x.shape[0]
+        native = self.native_decode and self.dtype == torch.float32 and x.device.type == "cpu"
+        if self.batch_invariant and b > 1 and not native:  # each request as it runs alone
+            return torch.cat([self.decode(x[i:i + 1], [caches[i]], [positions[i]]) for i in range(b)])
         h = self._embed(x)  # (B, 1, hidden)
         tables = [r.at(positions, h.dtype, h.device) for r in self.rotary]  # (B, 1, 1, rope_dim) each
-        if self.native_decode and h.dtype == torch.float32 and h.device.type == "cpu":
-            return self._head(self._decode_layers(h, tables, caches))
+        if native:
+            return self._head(self._decode_layers(h, tables, caches), rows_apart=self.batch_invariant)
         for layer, layer_caches in zip(self.layers, zip(*caches)):
             cos, sin = tables[layer.self_attn.rope_index]
             h = layer.decode(h, cos, sin, layer_caches)
@@ -466,7 +491,7 @@ class ShardedTransformer(nn.Module):
         """Every layer's decode step in one native call (``torch.ops.exo_gguf.decode_layers``,
         the arithmetic of ``TransformerBlock.decode``): h (B, 1, hidden) float32, ``tables``
         each rope set's (cos, sin) (B, 1, 1, rope_dim), ``caches[i]`` request i's per-layer
-        caches. Appends to the caches."""
+        caches. Appends to the caches. With ``batch_invariant`` no product takes the AMX path."""
         b = h.shape[0]
         a = self.args
         layer_caches = [c for per_layer in zip(*caches) for c in per_layer]  # layer-major
@@ -478,7 +503,8 @@ class ShardedTransformer(nn.Module):
             h, weights, qtypes, [c.reshape(b, -1) for c, _ in tables], [s.reshape(b, -1) for _, s in tables],
             list(a.layer_rope[first:first + len(self.layers)]), list(a.layer_window[first:first + len(self.layers)]),
             [c.k for c in layer_caches], [c.v for c in layer_caches], [c.offset for c in layer_caches],
-            a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dim, a.rms_norm_eps, a.attn_scale, ACTIVATIONS[a.block.activation])
+            a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dim, a.rms_norm_eps, a.attn_scale, ACTIVATIONS[a.block.activation],
+            not self.batch_invariant)
         for c in layer_caches:
             c.offset += 1
         return out

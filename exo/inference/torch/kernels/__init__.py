@@ -9,7 +9,9 @@ dequantize_rows, dequantize_t, decode_attention, decode_layers, block_format}`` 
 file's header for the formats); on a CPU with Intel AMX, products of ``amx_rows()`` rows or more
 (batched decode steps, prefill chunks; 8 by default, 0 where the path is missing,
 ``set_amx_rows(n)`` to change, 0 to turn it off) run on the tile unit in bfloat16 with each
-activation split into two parts, within the float32 path's error bound.
+activation split into two parts, within the float32 path's error bound; ``linear`` and
+``decode_layers`` take ``allow_amx=False`` to stay on the float32 path, whose rows are each
+computed exactly as alone whatever the number of rows (batch invariance).
 The kernels run on their own worker threads (``set_threads``; as many as torch's intra-op
 threads when loaded) that spin between calls only while some forward pass holds
 ``set_spin(True)`` (each paired with a ``set_spin(False)``). It is built with

@@ -1140,17 +1140,26 @@ int64_t amx_threshold() { return amx_permitted() ? amx_min_rows.load(std::memory
 #endif
 
 // y (M, N) = x (M, K) @ W.T for W (N, K) of format F held as T = N / 16 tiles of `tile_row`
-// bytes per tile row, all row-major and contiguous.
+// bytes per tile row, all row-major and contiguous. With allow_amx false the product stays on
+// the float32 path whatever M: there each output row's sums run in the same order for any M
+// (tile_kernel's rows are independent, and threads split the tiles, not the rows), so a row's
+// result is the one it gets alone, bit for bit (batch invariance). The AMX path rounds each
+// activation into two bfloat16 parts and so differs from the single-row path in the last bits.
 template <class F>
-void linear_into_t(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t T, int64_t tile_row, float* yp) {
+void linear_into_t(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t T, int64_t tile_row, float* yp,
+                   bool allow_amx) {
 #ifdef EXO_GGUF_AMX
   if constexpr (F::kAmx) {
-    const int64_t amx_rows_from = amx_threshold();
-    if (amx_rows_from > 0 && M >= amx_rows_from) {
-      linear_amx<F>(xp, M, K, wp, T, tile_row, yp);
-      return;
+    if (allow_amx) {
+      const int64_t amx_rows_from = amx_threshold();
+      if (amx_rows_from > 0 && M >= amx_rows_from) {
+        linear_amx<F>(xp, M, K, wp, T, tile_row, yp);
+        return;
+      }
     }
   }
+#else
+  (void)allow_amx;
 #endif
   const int64_t N = T * R;
   std::vector<float> xsum;
@@ -1172,18 +1181,19 @@ void linear_into_t(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int
 }
 
 void linear_into(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t T, int64_t tile_row, int64_t qtype,
-                 float* yp) {
-  dispatch(qtype, [&](auto fmt) { linear_into_t<decltype(fmt)>(xp, M, K, wp, T, tile_row, yp); });
+                 float* yp, bool allow_amx) {
+  dispatch(qtype, [&](auto fmt) { linear_into_t<decltype(fmt)>(xp, M, K, wp, T, tile_row, yp, allow_amx); });
 }
 
-// y (M, N) = x (M, K) @ W.T for W (N, K) held as tiles (N / 16, K / block * tile_bytes).
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qtype) {
+// y (M, N) = x (M, K) @ W.T for W (N, K) held as tiles (N / 16, K / block * tile_bytes);
+// allow_amx false keeps it off the AMX path (see linear_into_t).
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& tiles_in, int64_t qtype, bool allow_amx) {
   const Format& f = format_of(qtype, "gguf_linear");
   check_linear(x_in, tiles_in, f);
   const at::Tensor x = x_in.contiguous(), tiles = tiles_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), T = tiles.size(0);
   at::Tensor y = at::empty({M, T * R}, x.options());
-  linear_into(x.data_ptr<float>(), M, K, tiles.data_ptr<uint8_t>(), T, tiles.size(1), qtype, y.data_ptr<float>());
+  linear_into(x.data_ptr<float>(), M, K, tiles.data_ptr<uint8_t>(), T, tiles.size(1), qtype, y.data_ptr<float>(), allow_amx);
   return y;
 }
 
@@ -1658,12 +1668,15 @@ struct LayerWeights {
 //   k_caches, v_caches: L * B buffers (1, KV, capacity, D), layer-major; offsets: L * B tokens
 //     already held, each below its capacity. Each step's keys and values are appended.
 //   activation: 0 SwiGLU (silu), 1 GeGLU (gelu, tanh approximation).
+//   allow_amx: false keeps every product on the float32 path, so that each request's row is
+//     computed exactly as it is alone, whatever B (batch invariance; see linear_into_t); true
+//     lets products of amx_rows() rows or more take the AMX path, if built.
 // Returns the hidden states after the last layer, shaped as x.
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef qtypes, at::TensorList cos_in,
                          at::TensorList sin_in, at::IntArrayRef layer_rope, at::IntArrayRef layer_window,
                          at::TensorList k_caches, at::TensorList v_caches, at::IntArrayRef offsets, int64_t n_heads,
                          int64_t n_kv_heads, int64_t head_dim, int64_t rope_dim, double eps, double attn_scale,
-                         int64_t activation) {
+                         int64_t activation, bool allow_amx) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 2 && x_in.size(-1) > 0,
               "decode_layers: x must be (B, 1, hidden) float32 on the CPU, got ", x_in.sizes(), " ", x_in.scalar_type());
   TORCH_CHECK(!weights.empty() && weights.size() % kSlots == 0 && qtypes.size() == weights.size(),
@@ -1746,7 +1759,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
   std::vector<int64_t> caps(B);
   const int64_t half = rope_dim / 2;
   auto project = [&](const float* in, int64_t K, const at::Tensor& w, int64_t qtype, float* y) {
-    linear_into(in, B, K, w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype, y);
+    linear_into(in, B, K, w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype, y, allow_amx);
   };
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = &weights[kSlots * l];
@@ -1848,14 +1861,14 @@ int64_t get_amx_rows() {
 
 TORCH_LIBRARY(EXO_GGUF_NAMESPACE, m) {
   m.def("pack(Tensor blocks, int qtype) -> Tensor");
-  m.def("linear(Tensor x, Tensor tiles, int qtype) -> Tensor");
+  m.def("linear(Tensor x, Tensor tiles, int qtype, bool allow_amx=True) -> Tensor");
   m.def("dequantize_rows(Tensor tiles, int qtype, int K, Tensor rows) -> Tensor");
   m.def("dequantize_t(Tensor tiles, int qtype, int K) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "int[] offsets, float scale, int window) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] qtypes, Tensor[] cos, Tensor[] sin, int[] layer_rope, "
         "int[] layer_window, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] offsets, int n_heads, int n_kv_heads, "
-        "int head_dim, int rope_dim, float eps, float attn_scale, int activation) -> Tensor");
+        "int head_dim, int rope_dim, float eps, float attn_scale, int activation, bool allow_amx=True) -> Tensor");
   m.def("block_format(int qtype) -> int[]");
   m.def("set_threads(int n) -> ()");
   m.def("get_threads() -> int");
