@@ -6,7 +6,7 @@ On a ring each node waits while the others compute: on a 2-node ring each half o
 pauses about as long as the other half's step takes (~3 ms here) before its next step. This
 measures, in one process with no ring and no network, what such pauses cost the steps
 themselves. Two torch engines hold the two halves of SmolLM2-135M's layers; one request's
-decode steps alternate between them (``decode_now``, on this thread), in blocks of ``--steps``
+decode steps alternate between them (``infer_tensor``, as a node runs them), in blocks of ``--steps``
 tokens, each block in one regime:
     - back to back: each half's step starts as soon as the other's ends (one node's pattern);
     - idle pauses: the thread sleeps ``--gap-ms`` before each step, the kernels' pool threads
@@ -89,7 +89,7 @@ async def measure(gap_ms: float, rounds: int, steps: int) -> dict:
                     for h in (0, 1):
                         pause(regime)
                         t0 = time.perf_counter()
-                        x = engines[h].decode_now(rid, shards[h], x, position)
+                        x = await engines[h].infer_tensor(rid, shards[h], x, position)
                         if j >= SETTLE:
                             times[regime][h].append((time.perf_counter() - t0) * 1000)
                     token = np.asarray([[int(np.argmax(x))]], dtype=np.int64)

@@ -92,22 +92,6 @@ class InferenceEngine(ABC):
     async def unload(self) -> None:
         """Drop the shard held and every KV cache (the engine stays usable for another shard)."""
 
-    def can_decode_now(self, request_id: str, shard: Shard) -> bool:
-        """Whether ``decode_now`` would likely run a decode step of ``request_id`` at once: the
-        engine holds ``shard`` and has nothing else to do (no other request decoding, no step
-        queued or running). Thread-safe; an engine without ``decode_now`` says False."""
-        return False
-
-    def decode_now(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray | None:
-        """Run one decode step (``x`` of shape (1, 1) token ids or (1, 1, hidden) hidden states)
-        on the calling thread, as ``infer_tensor`` would; None, having done nothing, when the
-        engine is busy (the caller then uses ``infer_tensor``). Thread-safe.
-
-        Raises:
-            As ``infer_tensor``.
-        """
-        return None
-
     async def close(self) -> None:
         """Release resources (threads, device memory)."""
 

@@ -3,19 +3,15 @@
 Decode steps of concurrent requests that reach the engine together run as one batched forward
 pass (``ShardedTransformer.decode``): the weights are read once for the whole batch, which is what
 bounds decode speed on a CPU. Prefills run one at a time. Model work happens on one worker
-thread, in arrival order, except a lone request's decode step that a ring lane's thread runs
-itself (``decode_now``); a lock keeps the two apart.
+thread, in arrival order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +23,10 @@ import torch
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.torch.gguf_weights import KERNEL_MAX_ROWS
-from exo.inference.torch.kernels import gguf_kernels_error
-from exo.inference.torch.model import KVCache, ShardedTransformer, native_weight_types
-from exo.inference.torch.quantize import quantize_weights
+from exo.inference.torch.layers import KVCache
+from exo.inference.torch.model import ShardedTransformer
+from exo.inference.torch.loading import ShardLoader, release_freed_memory, weight_bytes
 from exo.models.architectures import ModelArgs
-from exo.models.gguf import F32
-from exo.models.sources import open_model
-from exo.models.weights import ModelWeights
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +67,7 @@ class _DecodeStep:
     request_id: str
     x: np.ndarray
     position: int
-    future: asyncio.Future | None  # None: a step run at once (decode_now)
+    future: asyncio.Future
 
 
 class TorchInferenceEngine(InferenceEngine):
@@ -122,15 +115,15 @@ class TorchInferenceEngine(InferenceEngine):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         #: The ``weights`` asked for, and (``weights``) what the shard held now uses ("auto"
         #: until a shard is loaded).
-        self.requested_weights = self.weights = weights or os.environ.get("EXO_TORCH_WEIGHTS") or "auto"
-        if self.weights not in _WEIGHTS:
-            raise ValueError(f"weights must be one of {list(_WEIGHTS)}, got {self.weights!r}")
-        fixed = _CPU_WEIGHTS_DTYPE.get(self.weights)
+        self.requested_weights = weights or os.environ.get("EXO_TORCH_WEIGHTS") or "auto"
+        if self.requested_weights not in _WEIGHTS:
+            raise ValueError(f"weights must be one of {list(_WEIGHTS)}, got {self.requested_weights!r}")
+        fixed = _CPU_WEIGHTS_DTYPE.get(self.requested_weights)
         if fixed is not None:  # a CPU-only kernel that computes in one dtype
             if self.device.type != "cpu":
-                raise ValueError(f"weights={self.weights!r} runs on the CPU only, not {self.device}")
+                raise ValueError(f"weights={self.requested_weights!r} runs on the CPU only, not {self.device}")
             if (dtype or fixed) != fixed:
-                raise ValueError(f"weights={self.weights!r} computes in {fixed}, got dtype {dtype!r}")
+                raise ValueError(f"weights={self.requested_weights!r} computes in {fixed}, got dtype {dtype!r}")
             dtype = fixed
         dtype = dtype or os.environ.get("EXO_TORCH_DTYPE") or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
@@ -147,20 +140,29 @@ class TorchInferenceEngine(InferenceEngine):
         self._drainer: asyncio.Task | None = None
         self._last_compute_s = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
-        self._model_lock = threading.Lock()  # held by whichever thread runs the model
-        self._busy = 0  # model jobs submitted to the worker and not finished
         self._threads = torch.get_num_threads()  # intra-op threads of a forward pass
-        self._model: ShardedTransformer | None = None
+        self._loader = ShardLoader(self.device, self.dtype, self.requested_weights)
         self._shard: Shard | None = None
         self._requests: OrderedDict[str, _RequestState] = OrderedDict()
         self._load_lock = asyncio.Lock()
-        #: What the latest shard change did: {"shard": [start, end], "loaded_layers": [...],
-        #: "reused_layers": [...], "seconds": s}; layers kept from the previous shard are not re-read.
-        self.last_load: dict | None = None
 
     @property
     def shard(self) -> Shard | None:
         return self._shard
+
+    @property
+    def _model(self) -> ShardedTransformer | None:
+        return self._loader.model
+
+    @property
+    def weights(self) -> str:
+        """What the shard held now uses: "gguf", "dense" or "int4" ("auto" until one is loaded)."""
+        return self._loader.weights
+
+    @property
+    def last_load(self) -> dict | None:
+        """What the latest shard change did (``ShardLoader.last_load``)."""
+        return self._loader.last_load
 
     @property
     def param_bytes(self) -> float:
@@ -178,9 +180,9 @@ class TorchInferenceEngine(InferenceEngine):
             await self._on_worker(self._drop)
 
     def _drop(self) -> None:
-        self._model, self._shard = None, None
+        self._loader.model, self._shard = None, None
         self._requests.clear()
-        _release_freed_memory()
+        release_freed_memory()
 
     async def ensure_shard(self, shard: Shard) -> None:
         async with self._load_lock:
@@ -189,151 +191,20 @@ class TorchInferenceEngine(InferenceEngine):
             await self._on_worker(self._swap_in, shard)
 
     def _swap_in(self, shard: Shard) -> None:
-        model = self._load(shard)
-        self._model, self._shard = model, shard
+        self._loader.load(shard, self.batch_invariant)
+        self._shard = shard
         self._requests.clear()
 
     async def _on_worker(self, fn, *args):
-        """``fn(*args)`` on the worker thread, holding the model lock."""
-        self._busy += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, fn, *args)
-        finally:
-            self._busy -= 1
-
-    def _locked(self, fn, *args):
-        with self._model_lock:
-            return fn(*args)
-
-    def _load(self, shard: Shard) -> ShardedTransformer:
-        model = self._load_model(shard)
-        model.batch_invariant = self.batch_invariant
-        if self.weights == "int4":
-            quantize_weights(model)  # layers kept from the previous shard are int4 already
-            _release_freed_memory()
-        return model
-
-    def _weight_types(self, weights: ModelWeights, shard: Shard) -> dict[str, int]:
-        """The GGML type each matrix of ``shard`` is held in by the native kernels (see
-        ``native_weight_types``), or {} for dense weights; sets ``weights`` to the choice.
-
-        Raises:
-            RuntimeError: weights="gguf" but the kernels cannot be built (why in the message).
-        """
-        if self.requested_weights not in ("gguf", "auto"):
-            return {}
-        if self.requested_weights == "auto" and (self.device.type != "cpu" or self.dtype != torch.float32):
-            self.weights = "dense"
-            return {}
-        why = gguf_kernels_error()
-        if why is not None:
-            if self.requested_weights == "gguf":
-                raise RuntimeError(f"weights='gguf' cannot run here: {why}")
-            logger.warning("holding %s as dense %s weights: %s", shard.model_id, self.dtype, why)
-            self.weights = "dense"
-            return {}
-        self.weights = "gguf"
-        stored = {name: info.qtype for name, info in weights.tensor_info().items()}
-        return native_weight_types(weights.args, shard, stored)
-
-    def _new_model(self, args: ModelArgs, shard: Shard, weight_types: dict[str, int]) -> ShardedTransformer:
-        """The shard's model with uninitialised weights, in the final dtype and place."""
-        with torch.device("meta"):
-            model = ShardedTransformer(args, shard, weight_types).to(dtype=self.dtype)
-        model = model.to_empty(device=self.device)
-        model.tie_weights()
-        return model
-
-    @staticmethod
-    def _chunks(weights: ModelWeights, shard: Shard, weight_types: dict[str, int]):
-        """The shard's tensors: as the file's blocks where they are held natively in their own
-        (or a wider) type, dequantized otherwise."""
-        stored = weights.tensor_info()
-        raw = {n for n, held in weight_types.items() if held != F32 or stored[n].qtype == F32}
-        if "embed" in raw and weights.args.tie_word_embeddings:
-            raw.add("output")  # a last shard's tied head reads the embedding
-        return weights.iter_shard(shard.start_layer, shard.end_layer, raw=raw)
+        """``fn(*args)`` on the worker thread (the one thread that runs the model)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def unsupported_reason(self, args: ModelArgs) -> str | None:
         """None: this engine runs every architecture and variant ``ModelArgs`` describes."""
         return None
 
-    def _load_model(self, shard: Shard) -> ShardedTransformer:
-        t0 = time.perf_counter()
-        weights = open_model(shard.model_id)
-        args = weights.args
-        if args.n_layers != shard.n_layers:
-            raise ValueError(f"shard says {shard.n_layers} layers but {shard.model_id} has {args.n_layers}")
-        weight_types = self._weight_types(weights, shard)
-        reused = self._load_reusing(shard, args, weights, weight_types)
-        if reused is not None:
-            return reused
-        self._model = None  # drop the previous shard's weights before loading the next
-        model = self._new_model(args, shard, weight_types)
-        model.load_weights(self._chunks(weights, shard, weight_types))
-        model.eval()
-        _release_freed_memory()
-        logger.info("loaded %s layers %d-%d on %s (%s, %s weights) in %.1f s, %.1f MiB of weights",
-                    shard.model_id, shard.start_layer, shard.end_layer, self.device, self.dtype, self.weights,
-                    time.perf_counter() - t0, _weight_bytes(model) / 2**20)
-        self.last_load = {"shard": [shard.start_layer, shard.end_layer], "seconds": time.perf_counter() - t0,
-                          "loaded_layers": list(range(shard.start_layer, shard.end_layer + 1)), "reused_layers": []}
-        return model
-
-    def _load_reusing(self, shard: Shard, args: ModelArgs, weights: ModelWeights, weight_types: dict[str, int]) -> ShardedTransformer | None:
-        """Build ``shard`` from the model held now, reading only the layers it lacks.
-
-        When the ring re-partitions, a node's new layer range usually overlaps its old one: the
-        common transformer blocks (and the embedding / output head when the shard still holds
-        layer 0 / the last layer) move to the new model as they are, already in place, and each
-        run of missing layers is loaded like a shard of its own (a run starting at layer 0 brings
-        the embedding, one ending at the last layer the final norm and head). None when nothing
-        can be reused (no model held, another model, no common layer) or the assembled model
-        would lack a tensor: the caller then loads the shard in full.
-        """
-        old = self._model
-        if old is None or old.shard.model_id != shard.model_id or old.shard.n_layers != shard.n_layers or old.args != args:
-            return None
-        if any(old.weight_types.get(k) != t for k, t in weight_types.items() if k in old.weight_types):
-            return None
-        keep = range(max(old.shard.start_layer, shard.start_layer), min(old.shard.end_layer, shard.end_layer) + 1)
-        if not keep:
-            return None
-        t0 = time.perf_counter()
-        loaded = [i for i in range(shard.start_layer, shard.end_layer + 1) if i not in keep]
-        donors = [(old.shard.start_layer, old)]
-        self._model = old = None  # free the blocks that are not kept before reading new ones
-        for start, end in _runs(loaded):
-            part = Shard(shard.model_id, start, end, shard.n_layers)
-            piece = self._new_model(args, part, weight_types)
-            piece.load_weights(self._chunks(weights, part, weight_types))
-            donors.append((start, piece))
-        with torch.device("meta"):
-            model = ShardedTransformer(args, shard, weight_types).to(dtype=self.dtype)
-        for first, donor in donors:
-            for j, block in enumerate(donor.layers):
-                if shard.start_layer <= first + j <= shard.end_layer:
-                    model.layers[first + j - shard.start_layer] = block
-            if model.embed_tokens is not None and donor.embed_tokens is not None:
-                model.embed_tokens = donor.embed_tokens
-            if model.lm_head is not None and donor.lm_head is not None:
-                model.norm, model.lm_head = donor.norm, donor.lm_head
-        model.tie_weights()
-        del donors
-        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-            logger.warning("could not reuse the layers held for %s; loading it in full", shard)
-            return None
-        model.eval()
-        _release_freed_memory()
-        self.last_load = {"shard": [shard.start_layer, shard.end_layer], "seconds": time.perf_counter() - t0,
-                          "loaded_layers": loaded, "reused_layers": list(keep)}
-        logger.info("loaded %s layers %d-%d on %s in %.1f s: read layers %s, kept layers %d-%d",
-                    shard.model_id, shard.start_layer, shard.end_layer, self.device, time.perf_counter() - t0,
-                    _runs(loaded) or "none", keep.start, keep.stop - 1)
-        return model
-
     def weight_bytes(self) -> int:
-        return _weight_bytes(self._model) if self._model is not None else 0
+        return weight_bytes(self._model) if self._model is not None else 0
 
     async def infer_tensor(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
         if self._shard != shard:
@@ -395,38 +266,10 @@ class TorchInferenceEngine(InferenceEngine):
                 return
             await asyncio.sleep(0.0005)
 
-    def can_decode_now(self, request_id: str, shard: Shard) -> bool:
-        """See ``InferenceEngine.can_decode_now``: True when this engine holds ``shard``, batches
-        (``max_batch`` > 1), and no step is queued or on the worker, and no other request had a
-        step within ``_DECODING_WINDOW`` seconds (its next step would join a batch)."""
-        if self._shard != shard or self.max_batch == 1 or self._pending or self._busy or self._model_lock.locked():
-            return False
-        return not self._decoding_request_ids(time.monotonic()) - {request_id}
-
     def _decoding_request_ids(self, now: float) -> set[str]:
         """Requests whose last step is at most ``_DECODING_WINDOW`` seconds old at ``now``
-        (``time.monotonic()``). Safe from any thread (a snapshot of the requests)."""
-        return {rid for rid, st in list(self._requests.items()) if now - st.last_used < _DECODING_WINDOW}
-
-    def decode_now(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray | None:
-        """See ``InferenceEngine.decode_now``: the step on the calling thread, unless the worker
-        holds the model (then None). Output as ``infer_tensor``'s: logits (vocab,) on the last
-        shard, else hidden states (1, 1, hidden), float32."""
-        if self._shard != shard or position <= 0 or not self._model_lock.acquire(blocking=False):
-            return None
-        try:
-            if self._shard != shard:  # swapped before the lock was taken
-                return None
-            self._validate_input(shard, x)
-            if x.shape[1] != 1:
-                raise ValueError(f"decode_now takes one token, got {x.shape[1]}")
-            out = self._decode_batch([_DecodeStep(request_id, x, position, None)])[0]
-        finally:
-            self._model_lock.release()
-        self.batch_sizes = (self.batch_sizes + [1])[-1000:]
-        if isinstance(out, Exception):
-            raise out
-        return out
+        (``time.monotonic()``)."""
+        return {rid for rid, st in self._requests.items() if now - st.last_used < _DECODING_WINDOW}
 
     def _validate_input(self, shard: Shard, x: np.ndarray) -> None:
         args = self._model.args
@@ -552,35 +395,3 @@ class TorchInferenceEngine(InferenceEngine):
                 s.future.set_exception(RuntimeError("the engine is closed"))
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _runs(layers: list[int]) -> list[tuple[int, int]]:
-    """Sorted layer indices as inclusive contiguous ranges: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
-    runs: list[tuple[int, int]] = []
-    for i in layers:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by the allocator (loading temporaries) back to the OS (glibc only)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (quantized weights are buffers), each
-    storage counted once (tied weights)."""
-    seen, total = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
