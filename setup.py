@@ -17,7 +17,7 @@ install_requires = [
     "psutil>=5.9",
     "pyyaml>=6.0",
     "prometheus-client>=0.20",
-    "huggingface_hub>=2.4,<3",  # hub downloads (exo/models/hub.py; its HTTP client is httpx2)
+    "huggingface_hub>=2.4,<3",  # hub downloads (exo/models/hub/; its HTTP client is httpx2)
 ]
 
 extras_require = {
