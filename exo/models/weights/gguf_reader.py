@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exo.models.architectures import GGUF_GLOBAL, GGUF_LAYER, architecture, args_from_gguf, layer_name
+from exo.models.architectures import GGUF_GLOBAL, GGUF_LAYER, architecture, layer_name
+from exo.models.config_readers import args_from_gguf
 from exo.models.gguf import GGUFModel, dequantize, open_gguf
 from exo.models.weights.base import ModelWeights, WeightsError
 

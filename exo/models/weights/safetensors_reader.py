@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from exo.models.architectures import HF_GLOBAL, ModelArgs, architecture, args_from_hf_config, layer_name, parse_layer_name
+from exo.models.architectures import HF_GLOBAL, ModelArgs, architecture, layer_name, parse_layer_name
+from exo.models.config_readers import args_from_hf_config
 from exo.models.gguf import BF16, F16, F32
 from exo.models.weights.base import ModelWeights, WeightsError, _Source
 
