@@ -71,23 +71,3 @@ class GenerationOptions:
     def greedy(self) -> bool:
         """Whether tokens are chosen by argmax (temperature 0 or below GREEDY_BELOW)."""
         return self.temperature < GREEDY_BELOW
-
-    def to_dict(self) -> dict:
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop_token_ids": list(self.stop_token_ids),
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "logprobs": self.logprobs,
-            "top_logprobs": self.top_logprobs,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GenerationOptions":
-        d = dict(d)
-        d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
-        return cls(**d)

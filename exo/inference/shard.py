@@ -49,12 +49,5 @@ class Shard:
         """Number of layers this shard runs."""
         return self.end_layer - self.start_layer + 1
 
-    def overlaps(self, other: "Shard") -> bool:
-        return self.model_id == other.model_id and self.start_layer <= other.end_layer and other.start_layer <= self.end_layer
-
     def to_dict(self) -> dict:
         return {"model_id": self.model_id, "start_layer": self.start_layer, "end_layer": self.end_layer, "n_layers": self.n_layers}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Shard":
-        return cls(d["model_id"], int(d["start_layer"]), int(d["end_layer"]), int(d["n_layers"]))

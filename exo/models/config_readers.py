@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from exo.models.architectures import ARCHITECTURES, BlockVariant, ModelArgs, Rope, UnsupportedModelError, architecture
+from exo.models.architectures import ARCHITECTURES, BlockVariant, ModelArgs, Rope, UnsupportedModelError
 
 # ---------------------------------------------------------------------------- GGUF
 

@@ -285,7 +285,3 @@ class TrackedDiscovery(Discovery):
     def add_peer_listener(self, listener: PeerListener) -> None:
         """Call ``listener()`` (sync or async, no arguments) whenever the live peer set changes."""
         self._tracker.add_listener(listener)
-
-    def remove_peer_listener(self, listener: PeerListener) -> None:
-        """Stop calling ``listener``. Raises ValueError if it was not added."""
-        self._tracker.remove_listener(listener)

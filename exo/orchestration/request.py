@@ -60,32 +60,6 @@ class RequestContext:
                 return self.ring[(i + 1) % len(self.ring)]
         raise KeyError(f"node {node_id!r} is not in the ring of request {self.request_id}")
 
-    def to_dict(self) -> dict:
-        return {
-            "request_id": self.request_id,
-            "origin_node_id": self.origin_node_id,
-            "model_id": self.model_id,
-            "n_layers": self.n_layers,
-            "ring": [p.to_dict() for p in self.ring],
-            "options": self.options.to_dict(),
-            "prompt_len": self.prompt_len,
-            "epoch": self.epoch,
-            "generated_tokens": list(self.generated_tokens),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RequestContext":
-        return cls(
-            request_id=d["request_id"],
-            origin_node_id=d["origin_node_id"],
-            model_id=d["model_id"],
-            n_layers=int(d["n_layers"]),
-            ring=tuple(Partition.from_dict(p) for p in d["ring"]),
-            options=GenerationOptions.from_dict(d["options"]),
-            prompt_len=int(d.get("prompt_len", 0)),
-            epoch=int(d.get("epoch", 0)),
-            generated_tokens=tuple(int(t) for t in d.get("generated_tokens", ())),
-        )
 
 
 @dataclass

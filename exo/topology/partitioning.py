@@ -29,10 +29,6 @@ class Partition:
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "start_layer": self.start_layer, "end_layer": self.end_layer}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Partition":
-        return cls(d["node_id"], d["address"], int(d["start_layer"]), int(d["end_layer"]))
-
 
 @dataclass(frozen=True)
 class PartitionPlan:

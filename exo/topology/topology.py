@@ -31,11 +31,6 @@ class NodeInfo:
         return {"node_id": self.node_id, "address": self.address, "capabilities": self.capabilities.to_dict(),
                 "engine": self.engine, "param_bytes": self.param_bytes}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "NodeInfo":
-        return cls(d["node_id"], d["address"], DeviceCapabilities.from_dict(d["capabilities"]), d.get("engine", ""),
-                   float(d.get("param_bytes", 0.0)))
-
 
 @dataclass
 class Topology:
@@ -50,23 +45,8 @@ class Topology:
     def add_edge(self, from_id: str, to_id: str) -> None:
         self.edges.add((from_id, to_id))
 
-    def merge(self, other: "Topology") -> None:
-        """Add every node and link of ``other`` (its node entries win for ids in both)."""
-        self.nodes.update(other.nodes)
-        self.edges |= other.edges
-
-    def peers_of(self, node_id: str) -> set[str]:
-        return {b for a, b in self.edges if a == node_id}
-
     def to_dict(self) -> dict:
         return {
             "nodes": {nid: n.to_dict() for nid, n in sorted(self.nodes.items())},
             "edges": sorted([list(e) for e in self.edges]),
         }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Topology":
-        return cls(
-            nodes={nid: NodeInfo.from_dict(n) for nid, n in d.get("nodes", {}).items()},
-            edges={(a, b) for a, b in d.get("edges", [])},
-        )
