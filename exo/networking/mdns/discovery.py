@@ -174,6 +174,7 @@ class MDNSDiscovery(TrackedDiscovery):
         self._registered = False
         self._names: dict[str, str] = {}  # service name -> node id
         self._present: set[str] = set()  # service names currently announced
+        self._foreign: set[str] = set()  # node ids of other clusters, already reported
         self._tasks: set[asyncio.Task] = set()
 
     # --- Discovery ---------------------------------------------------------------------------
@@ -312,7 +313,16 @@ class MDNSDiscovery(TrackedDiscovery):
         if not node_id or node_id == self.node_id:
             return
         if props.get("cluster") != self._tag:
-            logger.debug("mDNS: skipping node %s of another cluster", node_id)
+            # said once per node at INFO: a mistyped secret shows as nodes that never join
+            level = logging.DEBUG if node_id in self._foreign else logging.INFO
+            self._foreign.add(node_id)
+            if not props.get("cluster"):
+                why = "it has no cluster secret"
+            elif self._tag is None:
+                why = "it has a cluster secret and this node has none"
+            else:
+                why = "its cluster secret differs from this node's"
+            logger.log(level, "mDNS: ignoring node %s of another cluster: %s", node_id, why)
             return
         if info.port is None:
             return
