@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 install_requires = [
     "aiohttp>=3.9",
     "grpcio>=1.85.1",
+    "cryptography>=42",  # mutual TLS of a cluster with a secret (exo/networking/grpc/tls.py)
     "protobuf>=7.35.1",
     "numpy>=1.26",
     "zeroconf>=0.131",

@@ -12,7 +12,6 @@ import pytest_asyncio
 from exo.networking.grpc import codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
-from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key
 from exo.networking.grpc.peer_handle import GRPCPeerHandle
 from exo.networking.grpc.server import GRPCServer
 from exo.orchestration.request import RequestContext, TokenResult
@@ -192,38 +191,6 @@ async def test_node_errors_map_to_status_codes(node: RecordingNode, stub: pb_grp
 
     node.fail_with = None
     assert await handle.health_check()
-
-
-@pytest.mark.asyncio
-async def test_cluster_key() -> None:
-    node = RecordingNode()
-    server = GRPCServer(node, "127.0.0.1", 0, cluster_secret="s3cret")
-    await server.start()
-    address = f"127.0.0.1:{server.port}"
-    right = GRPCPeerHandle("b", address, CAPS, cluster_secret="s3cret")
-    wrong = GRPCPeerHandle("b", address, CAPS, cluster_secret="other")
-    none = GRPCPeerHandle("b", address, CAPS)
-    try:
-        assert await right.health_check()
-        await right.send_result(TokenResult("req-1"))
-        assert not await wrong.health_check()
-        assert not await none.health_check()
-        with pytest.raises(RuntimeError, match="wrong or missing cluster key"):
-            await wrong.send_result(TokenResult("req-1"))
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.NodeServiceStub(channel)
-            for metadata in [(), ((CLUSTER_KEY_METADATA, cluster_key("other")),), ((CLUSTER_KEY_METADATA, "s3cret"),)]:
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.HealthCheck(pb.HealthCheckRequest(), metadata=metadata)
-                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert info.value.details() == "wrong or missing cluster key"
-            ok = await stub.HealthCheck(pb.HealthCheckRequest(), metadata=((CLUSTER_KEY_METADATA, cluster_key("s3cret")),))
-            assert ok.is_healthy and ok.node_id == "b"
-        assert node.calls == [("result", TokenResult("req-1"))]
-    finally:
-        for h in (right, wrong, none):
-            await h.disconnect()
-        await server.stop(grace=0)
 
 
 @pytest.mark.asyncio

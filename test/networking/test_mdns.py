@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import json
 import os
@@ -181,7 +182,8 @@ async def test_sigkilled_node_is_removed_by_health_checks() -> None:
 
 
 @pytest.mark.asyncio
-async def test_cluster_secret_separates_clusters() -> None:
+async def test_cluster_secret_separates_clusters(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="exo.networking.mdns.discovery")
     async with members(("node-a", "one"), ("node-b", "one"), ("node-c", "two"), ("node-d", None)) as (a, b, c, d):
         peers = await a.discovery.discover_peers(wait_for_peers=1, timeout=3.0)
         assert [p.id() for p in peers] == ["node-b"]
@@ -195,6 +197,11 @@ async def test_cluster_secret_separates_clusters() -> None:
         ) == [[], []]
         # white box: foreign services are skipped before any health check
         assert a.discovery._tracker.known_ids() == {"node-b"}
+        # ... and said once, with the reason (a mistyped secret shows as nodes that never join)
+        await wait_for(lambda: "ignoring node node-c of another cluster: its cluster secret differs" in caplog.text
+                       and "ignoring node node-d of another cluster: it has no cluster secret" in caplog.text
+                       and "ignoring node node-a of another cluster: it has a cluster secret and this node has none"
+                       in caplog.text, timeout=3.0)
 
 
 @pytest.mark.asyncio

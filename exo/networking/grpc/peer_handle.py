@@ -14,7 +14,7 @@ import numpy as np
 from exo.networking.grpc import codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
-from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, cluster_key
+from exo.networking.grpc.tls import cluster_credentials, looks_like_handshake_failure, open_channel
 from exo.networking.grpc.server import MAX_MESSAGE_LENGTH
 from exo.networking.peer_handle import PeerHandle
 from exo.orchestration.request import RequestContext, TokenResult
@@ -124,9 +124,14 @@ class _RingStream:
                     on_error(ack)
             error = ConnectionError("the peer closed the stream")
         except grpc.aio.AioRpcError as e:
-            # a refusal by the peer (e.g. a wrong cluster key) keeps its status; a transport
-            # failure (the peer went away mid-call) is a ConnectionError, as for unary calls
-            error = ConnectionError(f"the stream broke: {e.details()}") if e.code() in _BROKEN_STREAM_CODES else e
+            # a refusal by the peer keeps its status; a transport failure (the peer went away
+            # mid-call, or the TLS handshake failed) is a ConnectionError, as for unary calls,
+            # caused by the call's error
+            if e.code() in _BROKEN_STREAM_CODES:
+                error = ConnectionError(f"the stream broke: {e.details()}")
+                error.__cause__ = e
+            else:
+                error = e
         except asyncio.CancelledError:
             pass
         finally:
@@ -144,7 +149,7 @@ class _RingStream:
 
     async def ready(self, timeout: float) -> None:
         """Wait until the peer accepted the call (its initial metadata, sent before any message)
-        or ended it. A refused call (a wrong cluster key) raises its status here, before the
+        or ended it. A refused call raises its status here, before the
         first write: a write racing the refusal would end the call as a local INTERNAL error,
         losing the peer's status. Raises as ``send``."""
         await asyncio.wait_for(self.call.initial_metadata(), timeout)
@@ -186,7 +191,7 @@ class _RingStream:
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 # The call ended under the write: the message was not sent. Its final status (the
-                # peer went away, or refused the call, e.g. a wrong cluster key) reaches the ack
+                # peer went away, or refused the call) reaches the ack
                 # reader; wait for it briefly so that status, not a bare "broke", is raised.
                 await asyncio.wait({self._reader}, timeout=STREAM_STATUS_WAIT)
                 self._fail(ConnectionError(f"the stream broke: {e}"))
@@ -216,7 +221,11 @@ class GRPCPeerHandle(PeerHandle):
         node_id: the peer's node id.
         address: "host:port" of the peer's gRPC server.
         device_capabilities: the peer's device, as discovery learnt it.
-        cluster_secret: when set, every call carries the cluster key derived from it.
+        cluster_secret: when set, the channel is mutual TLS with this node's certificate of the
+            cluster CA derived from the secret (``exo.networking.grpc.tls``), and accepts only a
+            peer whose certificate that CA signed; a failed handshake (another secret, or none,
+            on the peer) is logged as a warning and the peer is unreachable. Without it the
+            channel is plaintext.
 
     Prompts, hidden states and results ride one persistent bidirectional ``Stream`` call
     (``_RingStream``), opened on first use and again after it breaks; every message is
@@ -236,12 +245,14 @@ class GRPCPeerHandle(PeerHandle):
         cluster_secret: str | None = None,
     ) -> None:
         self._id = node_id
-        self._cluster_key = cluster_key(cluster_secret) if cluster_secret else None
+        self._secret = cluster_secret or None
+        if self._secret:
+            cluster_credentials(self._secret)  # made now (scrypt: a fraction of a second), not at the first call
+        self._handshake_failures = 0
         self._stream: _RingStream | None = None
         self._stream_lock = asyncio.Lock()
         self._address = address
         self._device_capabilities = device_capabilities
-        self._metadata: tuple[tuple[str, str], ...] = ((CLUSTER_KEY_METADATA, self._cluster_key),) if self._cluster_key else ()
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.NodeServiceStub | None = None
         self._contexts = codec.ContextCache()
@@ -261,7 +272,7 @@ class GRPCPeerHandle(PeerHandle):
 
     def _get_stub(self) -> pb_grpc.NodeServiceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self._address, self._secret, CHANNEL_OPTIONS)
             self._stub = pb_grpc.NodeServiceStub(self._channel)
         return self._stub
 
@@ -296,11 +307,10 @@ class GRPCPeerHandle(PeerHandle):
         """True when the peer answers healthy within ``HEALTH_CHECK_TIMEOUT`` seconds and is the
         node this handle expects. Never raises."""
         try:
-            response = await self._get_stub().HealthCheck(
-                pb.HealthCheckRequest(), timeout=HEALTH_CHECK_TIMEOUT, metadata=self._metadata
-            )
+            response = await self._get_stub().HealthCheck(pb.HealthCheckRequest(), timeout=HEALTH_CHECK_TIMEOUT)
         except grpc.aio.AioRpcError as e:
-            logger.debug("health check of %s at %s failed: %s %s", self._id, self._address, e.code(), e.details())
+            if not self._note_handshake_failure(e):
+                logger.debug("health check of %s at %s failed: %s %s", self._id, self._address, e.code(), e.details())
             return False
         except Exception:
             logger.debug("health check of %s at %s failed", self._id, self._address, exc_info=True)
@@ -312,10 +322,27 @@ class GRPCPeerHandle(PeerHandle):
             return False
         return response.is_healthy
 
+    def _note_handshake_failure(self, e: grpc.aio.AioRpcError) -> bool:
+        """Log a call that failed in the TLS handshake (a warning on the first and every 100th of
+        this handle: a foreign node keeps being health-checked). Whether it was one."""
+        if e.code() != grpc.StatusCode.UNAVAILABLE or not looks_like_handshake_failure(e.details()):
+            return False
+        self._handshake_failures += 1
+        level = logging.WARNING if self._handshake_failures % 100 == 1 else logging.DEBUG
+        mine = "a cluster secret" if self._secret else "no cluster secret"
+        logger.log(level, "TLS handshake with peer %s at %s failed: wrong cluster secret, or a peer without one? "
+                   "(this node has %s; %d failures) %s", self._id, self._address, mine, self._handshake_failures,
+                   e.details())
+        return True
+
     def _rpc_error(self, method: str, e: grpc.aio.AioRpcError, unreachable: frozenset[grpc.StatusCode]) -> Exception:
-        """``ConnectionError`` for a status in ``unreachable`` (the peer is gone or too slow),
-        else ``RuntimeError`` with the peer's message."""
+        """``ConnectionError`` for a status in ``unreachable`` (the peer is gone or too slow;
+        a failed TLS handshake is logged, see ``_note_handshake_failure``), else
+        ``RuntimeError`` with the peer's message."""
         code, details = e.code(), e.details()
+        if self._note_handshake_failure(e):
+            return ConnectionError(f"peer {self._id} at {self._address}: {method}: TLS handshake failed "
+                                   f"(wrong cluster secret?): {details}")
         if code in unreachable:
             return ConnectionError(f"peer {self._id} at {self._address}: {method}: {code.name}: {details}")
         return RuntimeError(f"peer {self._id}: {details}")
@@ -335,7 +362,7 @@ class GRPCPeerHandle(PeerHandle):
                 await self._stream.close()
                 self._stream = None
             disconnects = self._disconnects
-            stream = self._stream = _RingStream(self._get_stub().Stream(metadata=self._metadata))
+            stream = self._stream = _RingStream(self._get_stub().Stream())
             try:
                 await stream.ready(CALL_TIMEOUT)
                 if self._disconnects != disconnects:  # disconnect() ran meanwhile: it would miss this call
@@ -361,6 +388,10 @@ class GRPCPeerHandle(PeerHandle):
         if isinstance(e, asyncio.TimeoutError):
             return ConnectionError(f"peer {self._id} at {self._address}: {method}: no answer within {CALL_TIMEOUT} s")
         if isinstance(e, ConnectionError):
+            cause = e.__cause__
+            if isinstance(cause, grpc.aio.AioRpcError) and self._note_handshake_failure(cause):
+                return ConnectionError(f"peer {self._id} at {self._address}: {method}: TLS handshake failed "
+                                       f"(wrong cluster secret?): {cause.details()}")
             return ConnectionError(f"peer {self._id} at {self._address}: {method}: {e}")
         return e
 
@@ -401,7 +432,7 @@ class GRPCPeerHandle(PeerHandle):
     async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
         request = pb.CollectTopologyRequest(visited=sorted(visited), max_depth=max_depth)
         response = await self._call(
-            "CollectTopology", lambda s: s.CollectTopology(request, timeout=CALL_TIMEOUT, metadata=self._metadata)
+            "CollectTopology", lambda s: s.CollectTopology(request, timeout=CALL_TIMEOUT)
         )
         try:
             return codec.topology_from_proto(response)

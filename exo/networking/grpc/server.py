@@ -21,7 +21,7 @@ import numpy as np
 from exo.networking.grpc import codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
-from exo.networking.grpc.auth import CLUSTER_KEY_METADATA, REFUSED_TEXT, cluster_key, key_matches
+from exo.networking.grpc.tls import cluster_credentials
 from exo.orchestration.errors import NodeStoppingError
 from exo.orchestration.request import RequestContext, TokenResult
 from exo.topology.topology import Topology
@@ -202,8 +202,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def Stream(self, request_iterator: AsyncIterator[pb.RingMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RingAck]:
         """Serve a peer's persistent stream of ring messages (see ``RingSession``)."""
-        # accepted (the key check passed): say so before the first message, so a client never
-        # writes into a call that is being refused (see _RingStream.ready)
+        # accepted: say so before the first message, so a client never writes into a call that
+        # is being refused (see _RingStream.ready)
         await context.send_initial_metadata(())
         session = RingSession(self)
         try:
@@ -231,42 +231,6 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return codec.topology_to_proto(topology)
 
 
-class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects every call whose ``x-exo-cluster-key`` metadata is not hex sha256 of the secret
-    with ``UNAUTHENTICATED`` ("wrong or missing cluster key")."""
-
-    def __init__(self, cluster_secret: str) -> None:
-        self._key = cluster_key(cluster_secret)
-
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED_TEXT)
-
-        async def deny_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED_TEXT)
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
-        self._rejected = 0
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        presented = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == CLUSTER_KEY_METADATA:
-                presented = value
-                break
-        if key_matches(self._key, presented):
-            return await continuation(handler_call_details)
-        self._rejected += 1
-        # a foreign node retries every health-check interval: warn on the first and every 100th
-        level = logging.WARNING if self._rejected % 100 == 1 else logging.DEBUG
-        logger.log(level, "rejected %s: %s (%d rejected calls)", handler_call_details.method, REFUSED_TEXT, self._rejected)
-        return self._deny_stream if handler_call_details.method.endswith("/Stream") else self._deny
-
-
 class GRPCServer:
     """A node's gRPC server (``grpc.aio``).
 
@@ -274,8 +238,11 @@ class GRPCServer:
         node: the Node whose methods serve the calls (see ``NodeLike``).
         host: address to bind, e.g. "127.0.0.1" or "0.0.0.0" (IPv6 literals without brackets are fine).
         port: TCP port; 0 binds an ephemeral port, readable from ``.port`` after ``start()``.
-        cluster_secret: when set, calls without the matching cluster key are rejected
-            with ``UNAUTHENTICATED``.
+        cluster_secret: when set, the server speaks only mutual TLS with certificates of the
+            cluster CA derived from the secret (``exo.networking.grpc.tls``): a caller with another
+            secret, none, or plaintext gRPC fails the handshake and reaches no method. Without
+            it the server is plaintext and open to anyone who reaches the port (logged as a
+            warning at start).
     """
 
     def __init__(self, node: NodeLike, host: str, port: int, cluster_secret: str | None = None) -> None:
@@ -300,12 +267,15 @@ class GRPCServer:
         """
         if self._server is not None:
             raise RuntimeError("GRPCServer already started")
-        interceptors = [ClusterKeyInterceptor(self._cluster_secret)] if self._cluster_secret else []
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+        credentials = cluster_credentials(self._cluster_secret) if self._cluster_secret else None
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         servicer = NodeServicer(self.node)
         pb_grpc.add_NodeServiceServicer_to_server(servicer, server)
         try:
-            bound = server.add_insecure_port(self.address)
+            if credentials is not None:
+                bound = server.add_secure_port(self.address, credentials.server_credentials())
+            else:
+                bound = server.add_insecure_port(self.address)
         except RuntimeError as e:
             await server.stop(None)  # an unstopped server warns when garbage-collected
             raise OSError(f"cannot bind gRPC server to {self.address}: {e}") from e
@@ -315,7 +285,16 @@ class GRPCServer:
         self.port = bound
         await server.start()
         self._server = server
-        logger.info("gRPC server of node %s listening on %s", getattr(self.node, "id", "?"), self.address)
+        node_id = getattr(self.node, "id", "?")
+        if credentials is not None:
+            logger.info("gRPC server of node %s listening on %s (mutual TLS, cluster CA from the secret)",
+                        node_id, self.address)
+        else:
+            logger.warning("gRPC server of node %s listening on %s WITHOUT a cluster secret: cluster traffic "
+                           "(prompts, activations, tokens) is unencrypted and unauthenticated, and anyone who "
+                           "reaches this port can join; set a cluster secret (--cluster-secret or "
+                           "EXO_CLUSTER_SECRET, the same long random string on every node) for mutual TLS",
+                           node_id, self.address)
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop serving: new calls are refused at once, calls in flight get ``grace`` seconds to

@@ -2,7 +2,10 @@
 
 Every node registers a ``_exo._tcp.local.`` service carrying its node id, gRPC port, a short
 capabilities JSON and, in a cluster with a secret, a tag derived from the secret (foreign
-clusters are skipped before any connection; the real guard is still the gRPC cluster key).
+clusters are skipped before any connection; the real guard is the mutual TLS of gRPC). The tag
+comes from the scrypt-stretched secret (``exo.networking.grpc.tls.cluster_tag``): guessing the
+secret from it costs as much as guessing it from a node's certificate. Nothing else announced
+depends on the secret.
 
 mDNS announces joins quickly and clean leaves within milliseconds, but never drops a node that
 died without a goodbye in useful time (record TTLs are clamped to >= 1125 s). Liveness
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -26,6 +28,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from exo.networking.address import join_host_port
+from exo.networking.grpc.tls import cluster_tag
 from exo.networking.peer_tracker import PeerHandleFactory, PeerTracker, TrackedDiscovery
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
 
@@ -39,15 +42,6 @@ RESOLVE_TIMEOUT_MS = 3000
 TXT_VERSION = "1"
 #: A TXT entry ("key=value") may hold at most 255 bytes.
 MAX_TXT_ENTRY = 255
-
-
-def cluster_tag(secret: str) -> str:
-    """The advertised tag of a cluster: 16 hex digits of HMAC-SHA256(secret, fixed label).
-
-    Deliberately different from the gRPC cluster key (sha256 of the secret), so the
-    advertisement does not reveal the key.
-    """
-    return hmac.new(secret.encode("utf-8"), b"exo mdns cluster tag v1", hashlib.sha256).hexdigest()[:16]
 
 
 def capabilities_txt(caps: DeviceCapabilities, limit: int = MAX_TXT_ENTRY - len("caps=")) -> str:
@@ -180,6 +174,7 @@ class MDNSDiscovery(TrackedDiscovery):
         self._registered = False
         self._names: dict[str, str] = {}  # service name -> node id
         self._present: set[str] = set()  # service names currently announced
+        self._foreign: set[str] = set()  # node ids of other clusters, already reported
         self._tasks: set[asyncio.Task] = set()
 
     # --- Discovery ---------------------------------------------------------------------------
@@ -318,7 +313,16 @@ class MDNSDiscovery(TrackedDiscovery):
         if not node_id or node_id == self.node_id:
             return
         if props.get("cluster") != self._tag:
-            logger.debug("mDNS: skipping node %s of another cluster", node_id)
+            # said once per node at INFO: a mistyped secret shows as nodes that never join
+            level = logging.DEBUG if node_id in self._foreign else logging.INFO
+            self._foreign.add(node_id)
+            if not props.get("cluster"):
+                why = "it has no cluster secret"
+            elif self._tag is None:
+                why = "it has a cluster secret and this node has none"
+            else:
+                why = "its cluster secret differs from this node's"
+            logger.log(level, "mDNS: ignoring node %s of another cluster: %s", node_id, why)
             return
         if info.port is None:
             return
