@@ -10,7 +10,7 @@ import random
 import pytest
 from helpers import smollm2_gguf_path
 
-from exo.api.chat_api.models import Usage
+from exo.api.chat_api.responses import Usage
 from exo.api.chat_api.token_handler import (
     ChoiceTextStream,
     ChoiceUpdate,

@@ -11,7 +11,7 @@ import logging
 
 from aiohttp import web
 
-from exo.api.chat_api.models import DownloadInfo, ModelList, ModelObject
+from exo.api.chat_api.responses import DownloadInfo, ModelList, ModelObject
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.utils import download_entry, percent
 from exo.models.sources import ModelCard

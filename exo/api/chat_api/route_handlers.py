@@ -18,20 +18,22 @@ from typing import Callable
 from aiohttp import web
 
 from exo.api.chat_api.fallback import serving_card
+from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.models import (
     OPENAI_DEFAULT_COMPLETIONS_MAX_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_request,
+)
+from exo.api.chat_api.rate_limit import check_generations
+from exo.api.chat_api.responses import (
     ChatChoice,
     ChatCompletion,
-    ChatCompletionRequest,
     ChatResponseMessage,
     Completion,
     CompletionChoice,
-    CompletionRequest,
     Usage,
-    parse_request,
 )
-from exo.api.chat_api.json_body import read_json
-from exo.api.chat_api.rate_limit import check_generations
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.token_handler import (
     ChoiceEvent,

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
-from exo.api.chat_api.models import (
+from exo.api.chat_api.responses import (
     ChatChoiceLogprobs,
     ChatChunkChoice,
     ChatCompletionChunk,
