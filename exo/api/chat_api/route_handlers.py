@@ -17,6 +17,16 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from exo.api.chat_api.chunks import (
+    SSE_HEADERS,
+    ChoiceUpdate,
+    ChunkKind,
+    StreamMeta,
+    build_chunk,
+    chat_logprobs,
+    completion_logprobs,
+    encode_sse,
+)
 from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.models import (
     OPENAI_DEFAULT_COMPLETIONS_MAX_TOKENS,
@@ -37,31 +47,14 @@ from exo.api.chat_api.serving import (
     api_error_from, encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens, resolve_model,
 )
 from exo.api.chat_api.state import STATE_KEY, APIState
-from exo.api.chat_api.token_handler import (
-    ChoiceEvent,
-    ChoiceTextStream,
-    ChoiceUpdate,
-    ChunkKind,
-    StreamMeta,
-    TokenLogprob,
-    TokenQueue,
-    build_chunk,
-    chat_logprobs,
-    completion_logprobs,
-    encode_sse,
-)
+from exo.api.chat_api.token_handler import ChoiceTextStream, TokenLogprob
+from exo.api.chat_api.token_queue import ChoiceEvent, TokenQueue
 from exo.api.chat_api.utils import APIError, new_id, unix_time
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
 from exo.orchestration.errors import GenerationError
 
 logger = logging.getLogger(__name__)
-
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 
 
 @dataclass

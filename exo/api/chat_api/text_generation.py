@@ -17,7 +17,8 @@ from typing import AsyncIterator, Sequence
 
 from exo.api.chat_api.serving import api_error_from
 from exo.api.chat_api.state import APIState
-from exo.api.chat_api.token_handler import ChoiceTextStream, TokenQueue, find_stop
+from exo.api.chat_api.token_handler import ChoiceTextStream, find_stop
+from exo.api.chat_api.token_queue import TokenQueue
 from exo.api.chat_api.utils import APIError
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer
