@@ -10,18 +10,10 @@ import random
 import pytest
 from helpers import smollm2_gguf_path
 
-from exo.api.chat_api.models import Usage
-from exo.api.chat_api.token_handler import (
-    ChoiceTextStream,
-    ChoiceUpdate,
-    StreamMeta,
-    TokenLogprob,
-    TokenQueue,
-    build_chunk,
-    encode_sse,
-    find_stop,
-    stop_prefix_overlap,
-)
+from exo.api.chat_api.responses import Usage
+from exo.api.chat_api.chunks import ChoiceUpdate, StreamMeta, build_chunk, encode_sse
+from exo.api.chat_api.token_handler import ChoiceTextStream, TokenLogprob, find_stop, stop_prefix_overlap
+from exo.api.chat_api.token_queue import TokenQueue
 from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer, ends_inside_a_character, tokenizer_for_path
 from exo.orchestration.request import TokenResult
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from helpers import smollm2_gguf_path
 
-from exo.inference import tokenizers as tokmod
-from exo.inference.tokenizers import (BUILTIN_CHAT_TEMPLATES, IncrementalDetokenizer, Tokenizer,
-                                      tokenizer_for_path, tokenizer_from_gguf_metadata)
+from exo.inference.chat_templates import BUILTIN_CHAT_TEMPLATES
+from exo.inference.tokenizers import (IncrementalDetokenizer, Tokenizer, tokenizer_for_path,
+                                      tokenizer_from_gguf_metadata)
+from exo.inference.tokenizers import loading as tokmod
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},

@@ -32,7 +32,7 @@ from exo.api.chat_api.dialects import anthropic_error_type
 from exo.api.chat_api.fallback import served_model
 from exo.api.chat_api.models import RequestParamError, parse_request
 from exo.api.chat_api.json_body import read_json
-from exo.api.chat_api.route_handlers import (
+from exo.api.chat_api.serving import (
     encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens, resolve_model,
 )
 from exo.api.chat_api.state import STATE_KEY, APIState

@@ -14,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from exo.api.chat_api import (
-    anthropic_endpoints, fallback, health, image_endpoints, metrics, model_endpoints, ollama_downloads, ollama_endpoints, route_handlers,
+    anthropic_endpoints, fallback, health, image_endpoints, metrics, model_endpoints, ollama_downloads, ollama_endpoints, ollama_models, route_handlers,
 )
 from exo.api.chat_api.auth import setup as setup_auth
 from exo.api.chat_api.dialects import DialectErrorRunner, dialect_error_middleware
@@ -135,6 +135,7 @@ class ChatAPI:
         fallback.setup(app)
         health.setup(app)
         ollama_endpoints.setup_routes(app)
+        ollama_models.setup_routes(app)
         ollama_downloads.setup_routes(app)
         anthropic_endpoints.setup_routes(app)
         route_handlers.setup_routes(app)

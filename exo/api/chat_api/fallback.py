@@ -2,7 +2,7 @@
 by the first of its configured fallbacks that can (``model.fallbacks`` in config.yaml, e.g.
 ``llama-3.1-70b: [llama-3.1-8b]``), as a multi-provider chat server falls back per provider.
 
-Where it is decided: once, in ``route_handlers.resolve_model``, which every generation handler
+Where it is decided: once, in ``serving.resolve_model``, which every generation handler
 of every dialect calls before it tokenizes anything (OpenAI ``/v1/chat/completions`` and
 ``/v1/completions``, Ollama ``/api/chat`` and ``/api/generate``, Anthropic ``/v1/messages``).
 ``fallback_middleware`` marks those requests (the POST paths of

@@ -11,7 +11,7 @@ import logging
 
 from aiohttp import web
 
-from exo.api.chat_api.models import DownloadInfo, ModelList, ModelObject
+from exo.api.chat_api.responses import DownloadInfo, ModelList, ModelObject
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.utils import download_entry, percent
 from exo.models.sources import ModelCard
@@ -50,7 +50,7 @@ async def get_model(request: web.Request) -> web.Response:
     Raises:
         APIError: 404 "model_not_found", 400 "invalid_model" (see ``resolve_model``).
     """
-    from exo.api.chat_api.route_handlers import resolve_model
+    from exo.api.chat_api.serving import resolve_model
 
     state = _state(request)
     card = await resolve_model(state, request.match_info["model_id"])

@@ -34,10 +34,11 @@ import time
 from typing import Any, Iterator
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from exo.api.chat_api.models import parse_request
-from exo.api.chat_api.ollama_endpoints import NDJSON_HEADERS, _ndjson, model_base_name
+from exo.api.chat_api.ollama_endpoints import NDJSON_HEADERS, _ndjson
+from exo.api.chat_api.ollama_models import LENIENT, model_base_name
 from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.state import STATE_KEY
 from exo.api.chat_api.utils import APIError
@@ -51,14 +52,12 @@ logger = logging.getLogger(__name__)
 #: Seconds between two looks at the download's progress while streaming a pull.
 POLL_SECONDS = 0.25
 
-_LENIENT = ConfigDict(extra="ignore", strict=True)
-
 
 class OllamaPullRequest(BaseModel):
     """``POST /api/pull`` body (``name`` is the older spelling of ``model``; ``insecure`` is
     accepted and means nothing here)."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
     model: str | None = None
     name: str | None = None
     stream: bool = True
@@ -68,7 +67,7 @@ class OllamaPullRequest(BaseModel):
 class OllamaDeleteRequest(BaseModel):
     """``DELETE /api/delete`` body."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
     model: str | None = None
     name: str | None = None
 

@@ -2,7 +2,7 @@
 
 The same internal request as the OpenAI handlers: ``Node.generate`` fed through a
 ``TokenQueue``, token ids turned into text by ``ChoiceTextStream`` (UTF-8 safe, stop strings
-held back and cut), errors mapped by ``route_handlers.api_error_from``. Only the framing of
+held back and cut), errors mapped by ``serving.api_error_from``. Only the framing of
 the answer differs per dialect, so this module yields plain ``TextStep`` values.
 """
 
@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
-from exo.api.chat_api.route_handlers import api_error_from
+from exo.api.chat_api.serving import api_error_from
 from exo.api.chat_api.state import APIState
-from exo.api.chat_api.token_handler import ChoiceTextStream, TokenQueue, find_stop
+from exo.api.chat_api.token_handler import ChoiceTextStream, find_stop
+from exo.api.chat_api.token_queue import TokenQueue
 from exo.api.chat_api.utils import APIError
 from exo.inference.generation import GenerationOptions
 from exo.inference.tokenizers import Tokenizer

@@ -1,45 +1,23 @@
-"""From the node's stream of token ids to what a client sees.
+"""From one choice's token ids to the text a client sees, whatever the dialect.
 
 * ``find_stop`` / ``stop_prefix_overlap``: pure stop-string helpers (the idea of mlx-lm's
   ``stopping_criteria`` and ``sequence_overlap``): a stop string may span tokens, so text that
   could be the start of a stop string is held back until the next token decides.
 * ``ChoiceTextStream``: per choice, token ids -> text deltas that are UTF-8 safe
   (``IncrementalDetokenizer``), never contain a stop string or special tokens, with the
-  log-probabilities of the tokens whose text was released.
-* ``build_chunk`` / ``encode_sse``: the one function building every streamed chunk (chat and
-  text completions) and its server-sent-event framing.
-* ``TokenQueue``: per-request queue fed by one task per choice iterating ``Node.generate``;
-  closing a choice (or the whole queue) closes its generator, which cancels the request on
-  every node of the ring.
+  log-probabilities (``TokenLogprob``) of the tokens whose text was released.
+
+The OpenAI framing of those deltas is in ``chunks``; the per-request queue feeding them from
+``Node.generate`` is in ``token_queue``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import json
-import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Literal, Sequence
+from typing import Sequence
 
-from exo.api.chat_api.models import (
-    ChatChoiceLogprobs,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatDelta,
-    ChatTokenLogprob,
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
-    TopLogprob,
-    Usage,
-)
 from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer
 from exo.orchestration.request import TokenResult
-
-logger = logging.getLogger(__name__)
-
-ChunkKind = Literal["chat", "completion"]
 
 
 # ---------------------------------------------------------------------------- stop strings
@@ -235,209 +213,3 @@ class ChoiceTextStream:
         b = token_bytes(t, p.token_id)
         top = tuple((token_text(t, tid), token_bytes(t, tid), float(lp)) for tid, lp in p.top)
         return TokenLogprob(b.decode("utf-8", errors="replace"), b, float(p.logprob), top, min(p.start, len(self.text)))
-
-
-# ---------------------------------------------------------------------------- chunks
-
-
-@dataclass(frozen=True)
-class StreamMeta:
-    """What every chunk of one response repeats.
-
-    Attributes:
-        kind: "chat" (``chat.completion.chunk``) or "completion" (``text_completion``).
-        id: the response id.
-        created: Unix seconds.
-        model: model id.
-        include_usage: ``stream_options.include_usage``: chunks carry ``"usage": null`` and a
-            last chunk with empty ``choices`` carries the usage.
-    """
-
-    kind: ChunkKind
-    id: str
-    created: int
-    model: str
-    include_usage: bool = False
-
-
-@dataclass
-class ChoiceUpdate:
-    """One choice's part of a chunk.
-
-    Attributes:
-        index: choice index.
-        text: new text, or None (e.g. the role-only first chat chunk).
-        role: "assistant" on the first chat chunk of a choice.
-        finish_reason: "stop" or "length" on the choice's last chunk.
-        logprobs: log-probabilities of the tokens of ``text``, or None when not asked for.
-        text_offset_base: characters before the choice's generated text (the echoed prompt of a
-            completion), added to each token's ``text_offset``.
-    """
-
-    index: int
-    text: str | None = None
-    role: Literal["assistant"] | None = None
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-    text_offset_base: int = 0
-
-
-def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatChoiceLogprobs:
-    """Chat-format log-probabilities (``{"content": [{token, logprob, bytes, top_logprobs}]}``)."""
-    return ChatChoiceLogprobs(content=[
-        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.bytes),
-                         top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(b)) for t, b, lp in e.top])
-        for e in entries
-    ])
-
-
-def completion_logprobs(entries: Sequence[TokenLogprob], text_offset_base: int = 0) -> CompletionLogprobs:
-    """Legacy completions log-probabilities (tokens, token_logprobs, top_logprobs, text_offset)."""
-    return CompletionLogprobs(
-        tokens=[e.token for e in entries],
-        token_logprobs=[e.logprob for e in entries],
-        top_logprobs=[{t: lp for t, _, lp in e.top} for e in entries],
-        text_offset=[text_offset_base + e.text_offset for e in entries],
-    )
-
-
-def build_chunk(meta: StreamMeta, updates: Sequence[ChoiceUpdate], usage: Usage | None = None) -> dict[str, Any]:
-    """The JSON object of one streamed chunk (chat or text completion).
-
-    An empty ``updates`` with ``usage`` builds the final usage chunk of ``include_usage``.
-    """
-    if meta.kind == "chat":
-        chunk = ChatCompletionChunk(
-            id=meta.id, created=meta.created, model=meta.model, usage=usage,
-            choices=[
-                ChatChunkChoice(
-                    index=u.index,
-                    delta=ChatDelta(role=u.role, content=u.text),
-                    logprobs=chat_logprobs(u.logprobs) if u.logprobs is not None else None,
-                    finish_reason=u.finish_reason,  # type: ignore[arg-type]
-                )
-                for u in updates
-            ],
-        ).model_dump(mode="json")
-    else:
-        chunk = Completion(
-            id=meta.id, created=meta.created, model=meta.model, usage=usage,
-            choices=[
-                CompletionChoice(
-                    index=u.index,
-                    text=u.text or "",
-                    logprobs=completion_logprobs(u.logprobs, u.text_offset_base) if u.logprobs is not None else None,
-                    finish_reason=u.finish_reason,  # type: ignore[arg-type]
-                )
-                for u in updates
-            ],
-        ).model_dump(mode="json")
-    if not meta.include_usage:
-        chunk.pop("usage", None)
-    return chunk
-
-
-def encode_sse(payload: dict[str, Any] | str) -> bytes:
-    """One server-sent event: ``data: <json>\\n\\n`` (a str payload such as "[DONE]" as is)."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode("utf-8")
-
-
-# ---------------------------------------------------------------------------- per-request queue
-
-
-@dataclass
-class ChoiceEvent:
-    """An item of a TokenQueue: a result, an error, or the end of a choice's generator.
-
-    Attributes:
-        index: choice index.
-        result: a TokenResult, or None.
-        error: the exception the generator raised, or None.
-        done: the generator ended.
-    """
-
-    index: int
-    result: TokenResult | None = None
-    error: BaseException | None = None
-    done: bool = False
-
-
-GeneratorFactory = Callable[[], Any]  # -> AsyncIterator[TokenResult] (or an awaitable of one)
-
-
-class TokenQueue:
-    """One request's queue of results, fed by one task per choice.
-
-    Use as ``async with TokenQueue(factories) as q: ev = await q.get(timeout)``. Leaving the
-    block (normally, on error or on cancellation, e.g. a client disconnect) cancels every
-    feeding task, whose ``finally`` closes its generator: the node then ends the request on
-    every node of the ring.
-
-    Args:
-        factories: one per choice; each returns the choice's ``Node.generate(...)`` iterator.
-        name: prefix of the tasks' names (for logs).
-    """
-
-    def __init__(self, factories: Sequence[GeneratorFactory], name: str = "request"):
-        self._factories = list(factories)
-        self._queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
-        self._tasks: dict[int, asyncio.Task] = {}
-        self._name = name
-
-    async def __aenter__(self) -> "TokenQueue":
-        for i, make in enumerate(self._factories):
-            self._tasks[i] = asyncio.create_task(self._feed(i, make), name=f"{self._name}-choice-{i}")
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.aclose()
-
-    async def _feed(self, index: int, make: GeneratorFactory) -> None:
-        gen: AsyncIterator[TokenResult] | None = None
-        try:
-            gen = make()
-            if inspect.isawaitable(gen):
-                gen = await gen
-            async for result in gen:  # type: ignore[union-attr]
-                self._queue.put_nowait(ChoiceEvent(index, result=result))
-            self._queue.put_nowait(ChoiceEvent(index, done=True))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # handed to the consumer, which answers the client
-            self._queue.put_nowait(ChoiceEvent(index, error=e))
-        finally:
-            aclose = getattr(gen, "aclose", None)
-            if aclose is not None:
-                try:
-                    await aclose()
-                except Exception:
-                    logger.exception("closing the generator of %s choice %d failed", self._name, index)
-
-    async def get(self, timeout: float | None) -> ChoiceEvent:
-        """The next event of any choice.
-
-        Raises:
-            asyncio.TimeoutError: nothing arrived within ``timeout`` seconds (None: no limit).
-            asyncio.CancelledError: the reader was cancelled, even in the loop turn an event
-                arrived (Python 3.11's ``wait_for`` returned the event then, and a request
-                whose client had gone ran on); the event stays queued.
-        """
-        async with asyncio.timeout(timeout):
-            return await self._queue.get()
-
-    def cancel_choice(self, index: int) -> None:
-        """Stop choice ``index`` (e.g. at a stop string): its generator is closed in the
-        background; ``aclose`` waits for it."""
-        task = self._tasks.get(index)
-        if task is not None and not task.done():
-            task.cancel()
-
-    async def aclose(self) -> None:
-        """Cancel every feeding task and wait until all generators are closed."""
-        tasks = [t for t in self._tasks.values() if not t.done()]
-        for t in tasks:
-            if not t.cancelling():
-                t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
