@@ -61,8 +61,8 @@ async def kill(running) -> None:
     and the node's own tasks stop (its API stops too, so nothing reaches it)."""
     await running.api.stop()
     await running.server.stop(grace=0)
-    running.node._stopping = True
-    for t in list(running.node._tasks):
+    running.node._background.stopping = True
+    for t in list(running.node._background.tasks):
         t.cancel()
 
 

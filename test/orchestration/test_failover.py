@@ -70,8 +70,8 @@ async def kill(running) -> None:
     (the record outlives it), and the node's own tasks stop."""
     await running.server.stop(grace=0)
     node = running.node
-    node._stopping = True
-    for t in list(node._tasks):
+    node._background.stopping = True
+    for t in list(node._background.tasks):
         t.cancel()
 
 
@@ -85,7 +85,7 @@ async def test_middle_node_killed_mid_generation_the_stream_completes_unchanged(
         options = GenerationOptions(max_tokens=60, temperature=0.0)
         async for r in a.generate(MODEL, PROMPT, options, request_id="kill-middle"):
             tokens.extend(r.tokens)
-            epochs.append(a._origin_requests["kill-middle"].ctx.epoch)
+            epochs.append(a._registry.origin("kill-middle").ctx.epoch)
             if len(tokens) == 20:
                 await kill(b)
         assert tokens == expected_tokens(PROMPT, 60)
@@ -215,7 +215,7 @@ async def test_origin_drops_results_of_an_older_epoch():
         node = nodes["a"].node
         gen = node.generate(MODEL, PROMPT, GenerationOptions(max_tokens=3, temperature=0.0), request_id="old-results")
         first = await gen.__anext__()
-        req = node._origin_requests["old-results"]
+        req = node._registry.origin("old-results")
         req.ctx = req.ctx.__class__(**{**req.ctx.__dict__, "epoch": 1})  # as after a re-partition
         await node.process_result(TokenResult("old-results", [999], epoch=0))  # a late result of epoch 0
         await node.process_result(TokenResult("old-results", finish_reason="error", error="late", epoch=0))

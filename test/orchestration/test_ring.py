@@ -103,9 +103,9 @@ async def test_the_old_connection_to_a_node_that_moved_is_closed(single_node_api
     from exo.topology.partitioning import Partition
 
     node = single_node_api.node
-    old = node._peer(Partition("moved-node", "127.0.0.1:1", 0, 0))
+    old = node._pool.handle(Partition("moved-node", "127.0.0.1:1", 0, 0))
     old._get_stub()  # its channel is open
-    new = node._peer(Partition("moved-node", "127.0.0.1:2", 0, 0))
+    new = node._pool.handle(Partition("moved-node", "127.0.0.1:2", 0, 0))
     assert new is not old and new.address() == "127.0.0.1:2"
     await wait_for(lambda: old._channel is None, timeout=10)
 
@@ -140,9 +140,9 @@ async def test_a_stopping_node_refuses_ring_messages_and_opens_no_connection(wai
         else:
             with pytest.raises(ConnectionError, match="shutting down"):
                 await handle.send_prompt(ctx, np.array([[1, 2, 3]], dtype=np.int64), 0)
-        assert not node._tasks and not node._extra_handles
+        assert not node._background.tasks and not node._pool._extra_handles
         with pytest.raises(ConnectionError, match="shutting down"):
-            node._peer(Partition("elsewhere", "127.0.0.1:1", 0, 0))
+            node._pool.handle(Partition("elsewhere", "127.0.0.1:1", 0, 0))
     finally:
         await handle.disconnect()
         if running.api is not None:

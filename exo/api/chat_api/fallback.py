@@ -15,7 +15,7 @@ the node's failover (re-partition and replay) or fails; the answer never switche
 "Can serve now" is ``health.model_health`` (no I/O, the same predicate as ``GET
 /health/{model}``): the model's ring forms over the nodes present, every member is reachable,
 their memory holds the model, and its download did not fail on this node in the last
-``exo.orchestration.node.DOWNLOAD_RETRY_AFTER`` seconds (60). A model known unservable is
+``exo.orchestration.model_service.DOWNLOAD_RETRY_AFTER`` seconds (60). A model known unservable is
 skipped without a download attempt; before a fallback (or a requested model with fallbacks) whose files are not on this
 machine is chosen, its header is fetched once (``Node.get_tokenizer``), so a failing download
 moves on to the next candidate. A requested model without fallbacks is never skipped for an

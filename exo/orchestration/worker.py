@@ -1,0 +1,268 @@
+"""The ring worker: this node's part in every request whose ring holds it.
+
+A prompt (token ids, on the node holding layer 0) or hidden states (on the others) is
+scheduled as one step of the request's epoch; the step runs this node's shard and passes its
+output on to the next node, or, on the node holding the last layer, samples the next token,
+sends the next decode step to the first node and delivers the result to the origin. Messages
+of an ended request or of an older epoch are dropped; a failed step is reported to the origin,
+which fails over or ends the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from exo.inference.generation import GenerationOptions
+from exo.inference.inference_engine import WIRE_TOKEN_DTYPE
+from exo.inference.sampling import Sampler
+from exo.orchestration.background import Background
+from exo.orchestration.errors import NodeStoppingError
+from exo.orchestration.model_service import ModelService
+from exo.orchestration.peer_pool import PeerPool
+from exo.orchestration.registry import RequestRegistry
+from exo.orchestration.request import RequestContext, TokenResult
+from exo.orchestration.shards import ShardCache
+
+logger = logging.getLogger(__name__)
+
+
+def replayed_sampler(options: GenerationOptions, generated: Sequence[int]) -> Sampler:
+    """A Sampler in the state one had after sampling the tokens ``generated``: their penalty
+    counts, and when it samples (not greedy) its random generator advanced by one uniform draw per token
+    (``Sampler`` draws exactly one through ``Generator.choice`` per sampled token), so a seeded
+    request continues with the same draws after a re-partition."""
+    sampler = Sampler(options)
+    for t in generated:
+        sampler.counts[t] = sampler.counts.get(t, 0) + 1
+    if not options.greedy and generated:
+        sampler.rng.random(len(generated))
+    return sampler
+
+
+class Worker:
+    """The ring worker of node ``node_id``.
+
+    Args:
+        registry: each request's epoch, sampler, delivery and steps on this node.
+        pool: handles to the next node, the first node and the origin.
+        shards: the engines holding this node's shards.
+        models: shard loads (``ensure_shard``) and model cards (a model's context length).
+        background: runs the steps; its ``stopping`` refuses new ones.
+        to_origin: delivers a result when this node is the request's origin.
+    """
+
+    def __init__(self, node_id: str, registry: RequestRegistry, pool: PeerPool, shards: ShardCache, models: ModelService,
+                 background: Background, to_origin: Callable[[TokenResult], Awaitable[None]]):
+        self.id = node_id
+        self._registry = registry
+        self._pool = pool
+        self._shards = shards
+        self._models = models
+        self._background = background
+        self._to_origin = to_origin
+
+    async def send_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int,
+                          on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Send token ids to the first node of ``ctx``'s ring (this node's own shard when it is)."""
+        first = ctx.ring[0]
+        if first.node_id == self.id:
+            await self.process_prompt(ctx, token_ids, position)
+        else:
+            await self._pool.handle(first).send_prompt(ctx, token_ids, position, on_error=on_error)
+
+    async def process_prompt(self, ctx: RequestContext, token_ids: np.ndarray, position: int) -> None:
+        """Schedule token ids (int64, (1, T)) on this node's shard, which must hold layer 0.
+
+        Raises:
+            ValueError: this node's shard of ``ctx`` does not start at layer 0, or bad shape.
+            KeyError: this node is not in the request's ring, or ``position > 0`` for a request it has
+                no KV cache of (an unknown request id).
+            NodeStoppingError: this node is shutting down.
+        """
+        shard = ctx.shard_of(self.id)
+        if not shard.is_first_layer:
+            raise ValueError(f"node {self.id} holds layers {shard.start_layer}-{shard.end_layer}, not layer 0")
+        if token_ids.ndim != 2 or token_ids.shape[0] != 1 or token_ids.shape[1] == 0:
+            raise ValueError(f"token ids must have shape (1, T), got {token_ids.shape}")
+        self._schedule(ctx, token_ids, position)
+
+    async def process_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
+        """Schedule hidden states (float32, (1, T, hidden)) on this node's shard.
+
+        Raises:
+            ValueError: bad shape, or this node's shard holds layer 0 (it takes token ids).
+            KeyError: this node is not in the request's ring, or ``position > 0`` for a request it has
+                no KV cache of (an unknown request id).
+            NodeStoppingError: this node is shutting down.
+        """
+        shard = ctx.shard_of(self.id)
+        if shard.is_first_layer:
+            raise ValueError(f"node {self.id} holds layer 0 and takes token ids, not hidden states")
+        if hidden_states.ndim != 3 or hidden_states.shape[0] != 1 or hidden_states.shape[1] == 0:
+            raise ValueError(f"hidden states must have shape (1, T, hidden), got {hidden_states.shape}")
+        self._schedule(ctx, hidden_states, position)
+
+    def _schedule(self, ctx: RequestContext, x: np.ndarray, position: int) -> None:
+        rid = ctx.request_id
+        if self._background.stopping:  # the sender fails over, as if this node were gone
+            raise NodeStoppingError(f"node {self.id} is shutting down")
+        if self._registry.is_ended(rid):
+            logger.debug("dropping a message of ended request %s", rid)
+            return
+        latest = self._registry.latest_epoch(rid)
+        if latest is not None and ctx.epoch < latest:
+            logger.debug("dropping a message of request %s from epoch %d (now %d)", rid, ctx.epoch, latest)
+            return
+        engine = self._shards.get(ctx.model_id)
+        if position > 0 and (engine is None or rid not in engine.cached_request_ids()):
+            raise KeyError(f"unknown request {rid}: node {self.id} has no KV cache to continue it at position {position}")
+        if latest is None or ctx.epoch > latest:
+            self._registry.entry(rid).epoch = ctx.epoch
+        self._background.spawn(self._run_shard(ctx, x, position), f"shard-{rid}")
+
+    def _is_stale(self, ctx: RequestContext) -> bool:
+        """True when a newer epoch of ``ctx``'s request reached this node (a re-partition)."""
+        latest = self._registry.latest_epoch(ctx.request_id)
+        return latest is not None and latest > ctx.epoch
+
+    async def _run_shard(self, ctx: RequestContext, x: np.ndarray, position: int) -> None:
+        rid = ctx.request_id
+        self._registry.begin_step(rid)
+        self._shards.begin(ctx.model_id)
+        try:
+            shard = ctx.shard_of(self.id)
+            engine = await self._models.ensure_shard(shard)
+            if self._is_stale(ctx):
+                return
+            out = await engine.infer_tensor(rid, shard, x, position)
+            if self._registry.is_ended(rid):
+                await engine.clear_request(rid)
+                return
+            if self._is_stale(ctx):
+                return
+            next_position = position + x.shape[1]
+            if not shard.is_last_layer:
+                await self._pass_on(ctx, out, position)
+                return
+            result, token = self._sample(ctx, out, position, next_position)
+            await self._deliver_and_continue(ctx, result, token, next_position)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self._step_failed(ctx, e)
+        finally:
+            self._registry.end_step(rid)
+            self._shards.end(ctx.model_id)
+
+    async def _pass_on(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
+        """Send this shard's output to the next node of the ring. Raises as ``send_tensor``."""
+        peer = self._pool.handle(ctx.next_partition(self.id))
+        await peer.send_tensor(ctx, hidden_states, position, on_error=self._step_error_handler(ctx))
+
+    def _step_error_handler(self, ctx: RequestContext) -> Callable[[BaseException], None]:
+        """``on_error`` of a step sent on without waiting for the peer (see PeerHandle): its
+        failure is handled as if the send had raised it."""
+        return lambda e: self._background.spawn(self._step_failed(ctx, e), f"step-failed-{ctx.request_id}")
+
+    async def _step_failed(self, ctx: RequestContext, e: BaseException) -> None:
+        """A step of ``ctx``'s request failed on this node, or the next node refused it: report
+        the error to the origin (which fails over or ends the request), unless the request ended
+        or moved to a newer epoch meanwhile."""
+        rid = ctx.request_id
+        if self._is_stale(ctx) or self._registry.is_ended(rid):
+            logger.debug("request %s: a message of an old epoch failed on node %s: %s", rid, self.id, e)
+            return
+        if isinstance(e, ConnectionError):  # the next node is gone: the origin fails over
+            logger.warning("request %s on node %s: %s", rid, self.id, e)
+        else:
+            logger.error("request %s failed on node %s", rid, self.id, exc_info=e)
+        previous = self._registry.delivery(rid)
+        if previous is not None:  # after the tokens this node already sent (see _deliver_and_continue)
+            await asyncio.wait([previous])
+        await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}",
+                                            epoch=ctx.epoch))
+
+    def _sample(self, ctx: RequestContext, logits: np.ndarray, position: int, next_position: int) -> tuple[TokenResult, int]:
+        """The last shard's step: sample the next token from ``logits`` ((vocab,) float32) with the
+        request's sampler. Returns the result for the origin (the token, or a finish) and the token."""
+        rid = ctx.request_id
+        entry = self._registry.entry(rid)
+        if entry.sampler is None or position == 0 or entry.sampler[0] != ctx.epoch:
+            # a prefill: the request's first, or the replay of a re-partition
+            entry.sampler = (ctx.epoch, replayed_sampler(ctx.options, ctx.generated_tokens))
+        sampler = entry.sampler[1]
+        s = sampler.sample(logits)
+        n_generated = next_position - ctx.prompt_len + 1
+        card = self._models.known_card(ctx.model_id)
+        context = card.context_length if card is not None else None  # the origin bounds max_tokens by it too
+        if s.token in ctx.options.stop_token_ids:
+            result = TokenResult(rid, finish_reason="stop", epoch=ctx.epoch)
+        else:
+            finish = "length" if n_generated >= ctx.options.max_tokens or (context and next_position + 1 >= context) else None
+            result = TokenResult(rid, [s.token], finish_reason=finish, epoch=ctx.epoch)
+            if s.logprob is not None:
+                result.logprobs = [s.logprob]
+                result.top_logprobs = [s.top_logprobs]
+        if result.is_finished:
+            entry.sampler = None
+        return result, s.token
+
+    def _next_step(self, ctx: RequestContext, token: int) -> tuple[RequestContext, np.ndarray, bool]:
+        """The decode step after sampling ``token`` (on the last shard): its context (only a
+        replay's first step carries the generated tokens), its token ids ((1, 1), the wire's
+        dtype), and whether this step's result rides with it: the first node is the origin (and
+        not this node), and no earlier delivery of the request is under way (so tokens stay in
+        order)."""
+        next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx
+        previous = self._registry.delivery(ctx.request_id)
+        rides = ctx.ring[0].node_id == ctx.origin_node_id != self.id and (previous is None or previous.done())
+        return next_ctx, np.asarray([[token]], dtype=WIRE_TOKEN_DTYPE), rides
+
+    async def _deliver_and_continue(self, ctx: RequestContext, result: TokenResult, token: int, next_position: int) -> None:
+        """After sampling: send the next step to the first node (unless the request finished)
+        and deliver ``result`` to the origin."""
+        rid = ctx.request_id
+        next_ctx, token_ids, rides = self._next_step(ctx, token)
+        # The next step starts before this result is delivered and may report its own first: each
+        # delivery of a request waits for the one before, so the origin gets tokens in order.
+        previous = self._registry.delivery(rid)
+        delivered = self._registry.entry(rid).delivery = asyncio.get_running_loop().create_future()
+        try:
+            if not result.is_finished:
+                if rides:
+                    # the origin holds layer 0: the result rides with the next step, one message a token
+                    await self._pool.handle(ctx.ring[0]).send_prompt(next_ctx, token_ids, next_position,
+                                                                     on_error=self._step_error_handler(ctx), result=result)
+                    return
+                await self.send_prompt(next_ctx, token_ids, next_position, on_error=self._step_error_handler(ctx))
+            if previous is not None:
+                await asyncio.wait([previous])
+            await self._report(ctx, result)
+        finally:
+            delivered.set_result(None)
+            entry = self._registry.get(rid)
+            if entry is not None and entry.delivery is delivered:
+                entry.delivery = None
+
+    async def _report(self, ctx: RequestContext, result: TokenResult) -> None:
+        try:
+            if ctx.origin_node_id == self.id:
+                await self._to_origin(result)
+            else:
+                origin = self._pool.origin_handle(ctx)
+                await origin.send_result(result, on_error=lambda e: self._undelivered(ctx, e))
+        except Exception as e:
+            self._undelivered(ctx, e)
+
+    def _undelivered(self, ctx: RequestContext, e: BaseException) -> None:
+        logger.error("could not deliver a result of request %s to %s", ctx.request_id, ctx.origin_node_id, exc_info=e)
+
+    async def end_request(self, request_id: str) -> None:
+        """Stop ``request_id`` on this node and free its KV cache and sampler."""
+        self._registry.end(request_id)
+        await self._shards.clear_request(request_id)
