@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -115,7 +114,7 @@ class TorchInferenceEngine(InferenceEngine):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         #: The ``weights`` asked for, and (``weights``) what the shard held now uses ("auto"
         #: until a shard is loaded).
-        self.requested_weights = self.weights = weights or os.environ.get("EXO_TORCH_WEIGHTS") or "auto"
+        self.requested_weights = self.weights = weights or "auto"
         if self.weights not in _WEIGHTS:
             raise ValueError(f"weights must be one of {list(_WEIGHTS)}, got {self.weights!r}")
         fixed = _CPU_WEIGHTS_DTYPE.get(self.weights)
@@ -125,7 +124,7 @@ class TorchInferenceEngine(InferenceEngine):
             if (dtype or fixed) != fixed:
                 raise ValueError(f"weights={self.weights!r} computes in {fixed}, got dtype {dtype!r}")
             dtype = fixed
-        dtype = dtype or os.environ.get("EXO_TORCH_DTYPE") or ("bfloat16" if self.device.type == "cuda" else "float32")
+        dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.dtype = _DTYPES[dtype]
