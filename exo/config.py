@@ -31,6 +31,8 @@ _SECTION = ConfigDict(extra="forbid")
 DEFAULT_MODEL = "smollm2-135m"  # the model served when a request names none
 DEFAULT_API_PORT = 52415  # TCP port of the HTTP API and web UI
 DEFAULT_RESPONSE_TIMEOUT = 60.0  # seconds to wait for each next token of a request
+DEFAULT_MAX_MODELS = 3  # models whose shards a node holds at once
+DEFAULT_IDLE_TTL = 300.0  # seconds an unused model's shard stays loaded
 
 ENV_CONFIG = "EXO_CONFIG"  # the configuration file's path (``--config`` beats it)
 # Each environment variable exo reads -> the field it sets (a dotted path). A set, non-empty
@@ -145,8 +147,8 @@ class ModelConfig(BaseModel):
     model_config = _SECTION
     default: str = DEFAULT_MODEL
     inference_engine: Literal["torch", "tinygrad", "mlx", "dummy"] | None = None
-    max_models: int = Field(3, ge=1)
-    idle_ttl: float = Field(300.0, gt=0)
+    max_models: int = Field(DEFAULT_MAX_MODELS, ge=1)
+    idle_ttl: float = Field(DEFAULT_IDLE_TTL, gt=0)
     chat_templates: dict[str, str] = Field(default_factory=dict)
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
 

@@ -10,7 +10,8 @@ import signal
 import sys
 from collections.abc import Mapping
 
-from exo.config import DEFAULT_API_PORT, DEFAULT_MODEL, DEFAULT_RESPONSE_TIMEOUT, Settings
+from exo.config import (DEFAULT_API_PORT, DEFAULT_IDLE_TTL, DEFAULT_MAX_MODELS, DEFAULT_MODEL, DEFAULT_RESPONSE_TIMEOUT,
+                        Settings)
 
 logger = logging.getLogger(__name__)
 
@@ -28,44 +29,50 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("command", nargs="?", choices=["run", "pull"], default=None,
-                   help="`run`: answer --prompt with MODEL and exit; `pull`: download MODEL's weights and exit")
+            help="`run`: answer --prompt with MODEL and exit; `pull`: download MODEL's weights and exit")
     p.add_argument("model_name", nargs="?", default=None,
-                   help="model for `run` / `pull` (default: --default-model): a catalogue id, "
+            help="model for `run` / `pull` (default: --default-model): a catalogue id, "
                         "a .gguf path, a Hugging Face directory or repo (org/name[:FILE.gguf|:QUANT])")
     p.add_argument("--prompt", default="Who are you?", help="prompt for `run`")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens `run` generates")
     p.add_argument("--config", default=None,
-                   help="YAML configuration file (env EXO_CONFIG; see config.example.yaml); flags given override it")
-    p.add_argument("--node-id", dest="node.id", help="unique id of this node (default: a random UUID)")
-    p.add_argument("--node-host", dest="node.host",
-                   help="address the gRPC server binds (default: 127.0.0.1 when --interfaces is loopback-only, else 0.0.0.0)")
-    p.add_argument("--node-port", dest="node.port", type=int, help="gRPC port (default: a free port)")
-    p.add_argument("--chatgpt-api-port", dest="server.port", type=int,
-                   help=f"HTTP API and web UI port (default {DEFAULT_API_PORT})")
-    p.add_argument("--api-host", dest="server.host", help="address the HTTP API binds (default: as --node-host)")
-    p.add_argument("--discovery-module", dest="node.discovery_module", choices=["mdns", "manual", "none"],
-                   help="how peers are found: mDNS (zeroconf, default), a JSON file of peers, or none")
-    p.add_argument("--discovery-config-path", dest="node.discovery_config_path",
-                   help="JSON peer list for --discovery-module manual")
-    p.add_argument("--interfaces", dest="node.interfaces",
-                   help="comma list of addresses or interface names discovery may use, or 'all' "
-                        "(env EXO_INTERFACES; default all). Use 127.0.0.1 to keep a node on this machine.")
-    p.add_argument("--inference-engine", dest="model.inference_engine", choices=["torch", "tinygrad", "mlx", "dummy"],
-                   help="engine (default: the best one installed)")
-    p.add_argument("--default-model", dest="model.default",
-                   help=f"model served when a request names none (default {DEFAULT_MODEL})")
-    p.add_argument("--max-models", dest="model.max_models", type=int,
-                   help="models whose shards this node holds at once (default 3)")
-    p.add_argument("--model-idle-ttl", dest="model.idle_ttl", type=float,
-                   help="seconds an unused model stays loaded (default 300)")
-    p.add_argument("--wait-for-peers", dest="node.wait_for_peers", type=int, help="wait for this many peers before serving")
-    p.add_argument("--cluster-secret", dest="node.cluster_secret",
-                   help="shared key; only nodes with the same key join (env EXO_CLUSTER_SECRET)")
-    p.add_argument("--memory", dest="node.memory", type=int,
-                   help="bytes of memory this node offers for weights (default: detected; env EXO_MEMORY_BYTES)")
-    p.add_argument("--response-timeout", dest="server.response_timeout", type=float,
-                   help=f"seconds to wait for the next token (default {DEFAULT_RESPONSE_TIMEOUT:g})")
-    p.add_argument("--log-level", dest="logging.level", help="logging level (env EXO_LOG_LEVEL; default INFO)")
+            help="YAML configuration file (env EXO_CONFIG; see config.example.yaml); flags given override it")
+
+    def setting(flag: str, dest: str, **kwargs) -> None:  # a flag that sets the field ``dest``
+        if "choices" not in kwargs:
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        p.add_argument(flag, dest=dest, **kwargs)
+
+    setting("--node-id", "node.id", help="unique id of this node (default: a random UUID)")
+    setting("--node-host", "node.host",
+            help="address the gRPC server binds (default: 127.0.0.1 when --interfaces is loopback-only, else 0.0.0.0)")
+    setting("--node-port", "node.port", type=int, help="gRPC port (default: a free port)")
+    setting("--chatgpt-api-port", "server.port", type=int,
+            help=f"HTTP API and web UI port (default {DEFAULT_API_PORT})")
+    setting("--api-host", "server.host", help="address the HTTP API binds (default: as --node-host)")
+    setting("--discovery-module", "node.discovery_module", choices=["mdns", "manual", "none"],
+            help="how peers are found: mDNS (zeroconf, default), a JSON file of peers, or none")
+    setting("--discovery-config-path", "node.discovery_config_path",
+            help="JSON peer list for --discovery-module manual")
+    setting("--interfaces", "node.interfaces",
+            help="comma list of addresses or interface names discovery may use, or 'all' "
+                 "(env EXO_INTERFACES; default all). Use 127.0.0.1 to keep a node on this machine.")
+    setting("--inference-engine", "model.inference_engine", choices=["torch", "tinygrad", "mlx", "dummy"],
+            help="engine (default: the best one installed)")
+    setting("--default-model", "model.default",
+            help=f"model served when a request names none (default {DEFAULT_MODEL})")
+    setting("--max-models", "model.max_models", type=int,
+            help=f"models whose shards this node holds at once (default {DEFAULT_MAX_MODELS})")
+    setting("--model-idle-ttl", "model.idle_ttl", type=float,
+            help=f"seconds an unused model stays loaded (default {DEFAULT_IDLE_TTL:g})")
+    setting("--wait-for-peers", "node.wait_for_peers", type=int, help="wait for this many peers before serving")
+    setting("--cluster-secret", "node.cluster_secret",
+            help="shared key; only nodes with the same key join (env EXO_CLUSTER_SECRET)")
+    setting("--memory", "node.memory", type=int,
+            help="bytes of memory this node offers for weights (default: detected; env EXO_MEMORY_BYTES)")
+    setting("--response-timeout", "server.response_timeout", type=float,
+            help=f"seconds to wait for the next token (default {DEFAULT_RESPONSE_TIMEOUT:g})")
+    setting("--log-level", "logging.level", help="logging level (env EXO_LOG_LEVEL; default INFO)")
     return p
 
 
