@@ -24,6 +24,7 @@ from typing import AsyncIterator, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
+from exo.config import DEFAULT_RESPONSE_TIMEOUT
 from exo.inference.generation import GenerationOptions
 from exo.inference.inference_engine import WIRE_TOKEN_DTYPE, InferenceEngine
 from exo.inference.sampling import Sampler
@@ -148,7 +149,7 @@ class Node:
         create_peer_handle: PeerHandleFactory,
         partitioning_strategy: PartitioningStrategy | None = None,
         default_model: str | None = None,
-        response_timeout: float = 60.0,
+        response_timeout: float = DEFAULT_RESPONSE_TIMEOUT,
         topology_interval: float = 2.0,
         create_engine: Callable[[], InferenceEngine] | None = None,
         max_models: int = DEFAULT_MAX_MODELS,
