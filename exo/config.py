@@ -467,7 +467,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         flags: dotted field path -> value: the flags given on the command line (``exo.main``),
             or a program's own values (tests, benchmarks). A path names a field
             (``"server.port"``) or a whole section (``"auth"``, a dict or the section's model).
-        environ: the process environment (``exo.main`` passes ``os.environ``; None: empty).
+        environ: the process environment (``exo.main`` passes its own; None: empty).
             Only ``EXO_CONFIG`` and the variables of ``ENVIRONMENT`` are read; empty ones are unset.
         config_path: the configuration file (``--config``); beats ``EXO_CONFIG``.
 

@@ -196,3 +196,21 @@ async def test_logging_to_rotating_files_split_by_level(tmp_path):
         for h in list(logger.handlers):
             logger.removeHandler(h)
             h.close()
+
+
+async def test_nothing_below_the_command_line_reads_the_environment():
+    """Settings reach the code from ``exo.main``; no other module of exo reads ``os.environ``
+    except for what is not exo's configuration (listed with the reason)."""
+    import re
+
+    allowed = {
+        "exo/main.py": "builds the settings from the environment",
+        "exo/models/hub.py": "huggingface_hub's own HF_* variables (its cache, endpoint, token, offline mode)",
+        "exo/inference/torch/__init__.py": "sets GOMP_SPINCOUNT for OpenMP before torch loads",
+        "exo/inference/torch/kernels/__init__.py": "puts the virtualenv's ninja on PATH for the kernel build",
+    }
+    readers = set()
+    for path in sorted((REPO / "exo").rglob("*.py")):
+        if re.search(r"\bos\.(environ|getenv)\b|\bgetenv\(", path.read_text(encoding="utf-8")):
+            readers.add(path.relative_to(REPO).as_posix())
+    assert readers <= set(allowed), sorted(readers - set(allowed))
