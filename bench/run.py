@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Table, fmt, median, parse_emitted, peak_rss_bytes, ratio
+from bench.common import MODEL, Table, fmt, median, parse_emitted, peak_rss_bytes, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -44,7 +44,7 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def single(engine: str, runs: int, tokens: int, dtype: str = "float32", weights: str = "auto", model: str = "smollm2-135m") -> dict | None:
+def single(engine: str, runs: int, tokens: int, dtype: str = "float32", weights: str = "auto", model: str = MODEL) -> dict | None:
     print(f"  single node, {model}: {engine} {dtype + ' ' + weights if engine == 'exo' else ''} ...", file=sys.stderr, flush=True)
     try:
         return _run(["bench.single", engine, "--model", model, "--dtype", dtype, "--weights", weights, "--runs", str(runs),

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 
-from bench.common import emit, median, peak_rss_bytes, prompts, rss_bytes
+from bench.common import MODEL, emit, median, peak_rss_bytes, prompts, rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ async def bench_exo(model: str, runs: int, n_tokens: int, dtype: str, weights: s
     from exo.inference.generation import GenerationOptions
     from exo.inference.shard import Shard
     from exo.models.sources import STORE
-    from exo.orchestration.launcher import NodeConfig, start_node
+    from exo.config import load_settings
+    from exo.orchestration.launcher import start_node
 
     ids = prompts(model)
     baseline = rss_bytes()
-    config = NodeConfig(node_host="127.0.0.1", interfaces=["127.0.0.1"], discovery_module="none", serve_api=False,
-                        inference_engine="torch", inference_engine_options={"dtype": dtype, "weights": weights},
-                        default_model=model)
+    config = load_settings({"node.host": "127.0.0.1", "node.interfaces": ["127.0.0.1"], "node.discovery_module": "none",
+                            "server.enabled": False, "model.inference_engine": "torch", "engine.dtype": dtype,
+                            "engine.weights": weights, "model.default": model})
     t0 = time.perf_counter()
     running = await start_node(config)
     node, engine = running.node, running.node.engine
@@ -183,7 +184,7 @@ def bench_llamacpp(model: str, runs: int, n_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("engine", choices=["exo", "transformers", "llamacpp"])
-    parser.add_argument("--model", default="smollm2-135m", help="a model whose GGUF is on this machine")
+    parser.add_argument("--model", default=MODEL, help="a model whose GGUF is on this machine")
     parser.add_argument("--dtype", default="float32", help="exo torch engine dtype")
     parser.add_argument("--weights", default="auto", choices=["auto", "gguf", "dense", "int4"], help="exo torch engine weights")
     parser.add_argument("--runs", type=int, default=3)

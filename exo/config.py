@@ -1,24 +1,25 @@
-"""A node's configuration file (``config.yaml``), its sections, and how it meets the command line.
+"""The settings of a node: one pydantic object (``Settings``), built once by ``load_settings`` in
+``exo.main`` and handed down; nothing below the launcher reads the environment.
 
 Precedence, highest first: a flag given on the command line > its environment variable
-(``EXO_INTERFACES``, ``EXO_LOG_LEVEL``, ``EXO_CLUSTER_SECRET``, ``EXO_MEMORY_BYTES``,
-``EXO_API_KEYS``) > the configuration file (``--config PATH`` or ``EXO_CONFIG``) > built-in
-defaults. ``config.example.yaml`` at the top of the repository documents every field.
+(``ENVIRONMENT``: one table from each ``EXO_*`` variable to its field) > the configuration file
+(``--config PATH`` or ``EXO_CONFIG``) > the defaults below. ``config.example.yaml`` at the top of
+the repository lists every field with its default (a test holds it to the schema).
 
 Sections (each a pydantic model; unknown keys are rejected with an error naming them):
-``server`` (HTTP API), ``node`` (identity, gRPC, discovery), ``model``, ``generation`` (server
-defaults of sampling options), ``auth`` (API keys), ``rate_limit``, ``cors``, ``logging``.
+``server`` (HTTP API), ``node`` (identity, gRPC, discovery), ``model``, ``engine`` (options of
+the inference engine), ``generation`` (server defaults of sampling options), ``auth`` (API keys),
+``rate_limit``, ``cors``, ``logging``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import logging.handlers
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -26,15 +27,25 @@ logger = logging.getLogger(__name__)
 
 _SECTION = ConfigDict(extra="forbid")
 
-ENV_CONFIG = "EXO_CONFIG"
-ENV_API_KEYS = "EXO_API_KEYS"
-# argparse destinations whose default comes from an environment variable: a set variable counts
-# as given on the command line (it beats the configuration file)
-ENV_FLAGS = {
-    "interfaces": "EXO_INTERFACES",
-    "log_level": "EXO_LOG_LEVEL",
-    "cluster_secret": "EXO_CLUSTER_SECRET",
-    "memory": "EXO_MEMORY_BYTES",
+# Defaults used in more than one place: defined here only.
+DEFAULT_MODEL = "smollm2-135m"  # the model served when a request names none
+DEFAULT_API_PORT = 52415  # TCP port of the HTTP API and web UI
+DEFAULT_RESPONSE_TIMEOUT = 60.0  # seconds to wait for each next token of a request
+DEFAULT_MAX_MODELS = 3  # models whose shards a node holds at once
+DEFAULT_IDLE_TTL = 300.0  # seconds an unused model's shard stays loaded
+
+ENV_CONFIG = "EXO_CONFIG"  # the configuration file's path (``--config`` beats it)
+# Each environment variable exo reads -> the field it sets (a dotted path). A set, non-empty
+# variable beats the file and loses to the field's flag. Comma lists split for list fields.
+ENVIRONMENT: dict[str, str] = {
+    "EXO_INTERFACES": "node.interfaces",
+    "EXO_CLUSTER_SECRET": "node.cluster_secret",
+    "EXO_MEMORY_BYTES": "node.memory",
+    "EXO_LOG_LEVEL": "logging.level",
+    "EXO_API_KEYS": "auth.api_keys",
+    "EXO_TORCH_WEIGHTS": "engine.weights",
+    "EXO_TORCH_DTYPE": "engine.dtype",
+    "EXO_MLX_BLAS": "engine.mlx_blas",
 }
 
 
@@ -52,28 +63,48 @@ class ServerConfig(BaseModel):
         host: address the API binds (default: loopback when the node's interfaces are
             loopback-only, else 0.0.0.0). Flag ``--api-host``.
         port: TCP port of the API and web UI (0: any free port). Flag ``--chatgpt-api-port``.
-        response_timeout: seconds to wait for each next token before failing a request.
-            Flag ``--response-timeout``.
+        response_timeout: seconds to wait for each next token before failing a request (the
+            API and the node's origin requests). Flag ``--response-timeout``.
+        enabled: serve the API at all (``exo run`` turns it off: it prints one answer).
+        web_ui_dir: directory of the web UI's files (default: the bundled tinychat); a
+            directory that does not exist serves no web UI.
     """
 
     model_config = _SECTION
     host: str | None = None
-    port: int = Field(52415, ge=0, le=65535)
-    response_timeout: float = Field(60.0, gt=0)
+    port: int = Field(DEFAULT_API_PORT, ge=0, le=65535)
+    response_timeout: float = Field(DEFAULT_RESPONSE_TIMEOUT, gt=0)
+    enabled: bool = True
+    web_ui_dir: Path | None = None
+
+
+def parse_interfaces(value: str | list[str] | None) -> list[str] | None:
+    """A comma list (or a list) of addresses or interface names; None, "" or "all" means every
+    interface (None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip() in ("", "all"):
+            return None
+        value = value.split(",")
+    out = [v.strip() for v in value if v.strip()]
+    return None if out in ([], ["all"]) else out
 
 
 class NodeSection(BaseModel):
     """``node``: identity, gRPC server and discovery of this node (flags of the same names).
 
     Attributes:
-        id: unique node id (default: a random UUID).
-        host, port: gRPC bind address and port (0: any free port).
+        id: unique node id (default: a random UUID, drawn when the node starts).
+        host, port: gRPC bind address (default: as ``server.host``) and port (0: any free port).
         discovery_module: "mdns", "manual" or "none".
         discovery_config_path: JSON peer list for "manual".
-        interfaces: addresses or interface names discovery may use; "all" or a list.
+        interfaces: addresses or interface names discovery may use; None (or "all", or a comma
+            list in a flag or ``EXO_INTERFACES``) for every interface.
         wait_for_peers: peers to wait for before serving.
-        cluster_secret: shared key; only nodes with the same key join.
-        memory: bytes this node offers for weights (default: detected).
+        cluster_secret: shared key; only nodes with the same key join (env ``EXO_CLUSTER_SECRET``).
+        memory: bytes this node offers for weights (default: detected; env ``EXO_MEMORY_BYTES``).
+        health_check_interval: seconds between discovery's health checks of each peer.
     """
 
     model_config = _SECTION
@@ -82,10 +113,16 @@ class NodeSection(BaseModel):
     port: int = Field(0, ge=0, le=65535)
     discovery_module: Literal["mdns", "manual", "none"] = "mdns"
     discovery_config_path: str | None = None
-    interfaces: str | list[str] | None = None
+    interfaces: list[str] | None = None
     wait_for_peers: int = Field(0, ge=0)
     cluster_secret: str | None = None
     memory: int | None = Field(None, gt=0)
+    health_check_interval: float = Field(1.0, gt=0)
+
+    @field_validator("interfaces", mode="before")
+    @classmethod
+    def _interfaces(cls, v: Any) -> Any:
+        return parse_interfaces(v) if isinstance(v, (str, list)) else v
 
 
 class ModelConfig(BaseModel):
@@ -105,22 +142,15 @@ class ModelConfig(BaseModel):
             and the response says so (``model`` is the fallback's id, header
             ``X-Exo-Fallback`` the requested one). A fallback's own fallbacks are tried after
             every listed one; cycles are ignored. Example: ``{llama-3.1-70b: [llama-3.1-8b]}``.
-        batch_invariant: torch engine: a request's logits are the same, bit for bit, alone or
-            decoded in a batch with other requests, so a seeded request gives the same answer
-            at any load (default true; flag ``--batch-invariant`` / ``--no-batch-invariant``).
-            False lets batched products take faster paths (Intel AMX from 8 concurrent
-            requests; one BLAS call per batch for dense weights), whose last bits depend on
-            the batch.
     """
 
     model_config = _SECTION
-    default: str = "smollm2-135m"
+    default: str = DEFAULT_MODEL
     inference_engine: Literal["torch", "tinygrad", "mlx", "dummy"] | None = None
-    max_models: int = Field(3, ge=1)
-    idle_ttl: float = Field(300.0, gt=0)
+    max_models: int = Field(DEFAULT_MAX_MODELS, ge=1)
+    idle_ttl: float = Field(DEFAULT_IDLE_TTL, gt=0)
     chat_templates: dict[str, str] = Field(default_factory=dict)
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
-    batch_invariant: bool = True
 
     @field_validator("fallbacks")
     @classmethod
@@ -135,6 +165,43 @@ class ModelConfig(BaseModel):
             if model.strip() in names:
                 raise ValueError(f"{model} names itself as a fallback")
             out[model.strip()] = names
+        return out
+
+
+class EngineConfig(BaseModel):
+    """``engine``: options the launcher passes to the inference engine (the engine itself is
+    ``model.inference_engine``). Each is None for the engine's own default.
+
+    Attributes:
+        weights: the torch engine's weight format: "auto", "gguf", "dense" or "int4" (env
+            ``EXO_TORCH_WEIGHTS``; see ``TorchInferenceEngine``).
+        dtype: the torch engine's compute dtype: "float32", "bfloat16" or "float16" (env
+            ``EXO_TORCH_DTYPE``; default bfloat16 on CUDA, else float32).
+        mlx_blas: the MLX engine's BLAS on Linux: a library path, or "none" for mlx's bundled
+            one (env ``EXO_MLX_BLAS``; default: the system OpenBLAS).
+        batch_invariant: the torch engine: a request's logits are the same, bit for bit, alone
+            or decoded in a batch with other requests, so a seeded request gives the same answer
+            at any load (default true; flag ``--batch-invariant`` / ``--no-batch-invariant``).
+            False lets batched products take faster paths (Intel AMX from 8 concurrent
+            requests; one BLAS call per batch for dense weights), whose last bits depend on the
+            batch.
+        options: further keyword arguments of the engine's constructor (e.g. the dummy
+            engine's ``token_delay``, seconds); the fields above beat the same keys here.
+    """
+
+    model_config = _SECTION
+    weights: Literal["auto", "gguf", "dense", "int4"] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    mlx_blas: str | None = None
+    batch_invariant: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def constructor_options(self, engine_name: str) -> dict[str, Any]:
+        """Keyword arguments of the named engine's constructor."""
+        out = dict(self.options)
+        if engine_name == "torch":  # the one engine that batches requests' decode steps
+            out.update({k: v for k, v in (("weights", self.weights), ("dtype", self.dtype)) if v is not None})
+            out["batch_invariant"] = self.batch_invariant
         return out
 
 
@@ -183,6 +250,11 @@ class AuthConfig(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     public_paths: list[str] = Field(default_factory=lambda: list(DEFAULT_PUBLIC_PATHS))
     web_ui_public: bool = True
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return [k for k in v.split(",") if k.strip()] if isinstance(v, str) else v
 
     @field_validator("api_keys")
     @classmethod
@@ -307,13 +379,14 @@ class LoggingConfig(BaseModel):
         return out
 
 
-class ExoConfig(BaseModel):
-    """The whole configuration file; every section is optional."""
+class Settings(BaseModel):
+    """All settings of a node (the configuration file's schema); every section is optional."""
 
     model_config = _SECTION
     server: ServerConfig = Field(default_factory=ServerConfig)
     node: NodeSection = Field(default_factory=NodeSection)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
@@ -329,7 +402,7 @@ class ExoConfig(BaseModel):
         return data
 
     def api_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``ChatAPI`` (``NodeConfig.api_options``)."""
+        """Keyword arguments of ``ChatAPI`` beyond the ``server`` section's."""
         return {
             "auth": self.auth,
             "rate_limit": self.rate_limit,
@@ -349,7 +422,7 @@ def _loc(loc: Sequence[int | str]) -> str:
     return out
 
 
-def parse_config(data: Any, source: str = "config") -> ExoConfig:
+def parse_config(data: Any, source: str = "config") -> Settings:
     """Validate decoded YAML (None: an empty file).
 
     Raises:
@@ -361,7 +434,7 @@ def parse_config(data: Any, source: str = "config") -> ExoConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
     try:
-        return ExoConfig.model_validate(data)
+        return Settings.model_validate(data)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         where = _loc(err["loc"]) or "(top level)"
@@ -371,12 +444,7 @@ def parse_config(data: Any, source: str = "config") -> ExoConfig:
         raise ConfigError(f"{source}: {where}: {msg}") from None
 
 
-def load_config(path: str | os.PathLike) -> ExoConfig:
-    """Read and validate a YAML configuration file.
-
-    Raises:
-        ConfigError: the file is missing, is not YAML, or has a bad field (named).
-    """
+def _read_yaml(path: str | os.PathLike) -> Any:
     import yaml
 
     p = Path(path)
@@ -385,95 +453,67 @@ def load_config(path: str | os.PathLike) -> ExoConfig:
     except OSError as e:
         raise ConfigError(f"cannot read the configuration file {p}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_config(data, str(p))
 
 
-def api_keys_from_env(environ: dict[str, str] | None = None) -> list[str] | None:
-    """Keys of ``EXO_API_KEYS`` (comma list), or None when the variable is unset or empty."""
-    value = (os.environ if environ is None else environ).get(ENV_API_KEYS, "")
-    keys = [k.strip() for k in value.split(",") if k.strip()]
-    return keys or None
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-# (section, field) of the file -> argparse destination of exo.main's flag
-FLAG_FIELDS: dict[tuple[str, str], str] = {
-    ("server", "host"): "api_host",
-    ("server", "port"): "chatgpt_api_port",
-    ("server", "response_timeout"): "response_timeout",
-    ("node", "id"): "node_id",
-    ("node", "host"): "node_host",
-    ("node", "port"): "node_port",
-    ("node", "discovery_module"): "discovery_module",
-    ("node", "discovery_config_path"): "discovery_config_path",
-    ("node", "interfaces"): "interfaces",
-    ("node", "wait_for_peers"): "wait_for_peers",
-    ("node", "cluster_secret"): "cluster_secret",
-    ("node", "memory"): "memory",
-    ("model", "default"): "default_model",
-    ("model", "inference_engine"): "inference_engine",
-    ("model", "max_models"): "max_models",
-    ("model", "idle_ttl"): "model_idle_ttl",
-    ("model", "batch_invariant"): "batch_invariant",
-    ("logging", "level"): "log_level",
-}
-
-
-def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
-    """Destinations of the optional flags actually present in ``argv`` (None: ``sys.argv[1:]``),
-    whatever their value (a flag given with its default value still counts)."""
-    saved = [(a, a.default) for a in parser._actions if a.option_strings]
-    try:
-        for a, _ in saved:
-            a.default = argparse.SUPPRESS
-        ns, _ = parser.parse_known_args(list(argv) if argv is not None else None)
-    finally:
-        for a, d in saved:
-            a.default = d
-    return set(vars(ns))
-
-
-def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                 argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> ExoConfig:
-    """Load the configuration file named by ``args.config`` (or ``EXO_CONFIG``) and write its
-    values into ``args`` wherever the flag was not given (nor its environment variable set).
-
-    The returned config is the effective one: its fields that have a flag are updated from
-    ``args``, and ``auth.api_keys`` is replaced by ``EXO_API_KEYS`` when that is set.
+def load_config(path: str | os.PathLike) -> Settings:
+    """Read and validate a YAML configuration file (the file alone: no environment, no flags).
 
     Raises:
-        ConfigError: an unreadable or invalid file.
+        ConfigError: the file is missing, is not YAML, or has a bad field (named).
     """
-    env = os.environ if environ is None else environ
-    path = getattr(args, "config", None) or env.get(ENV_CONFIG) or None
-    cfg = load_config(path) if path else ExoConfig()
-    given = explicit_dests(parser, argv) | {dest for dest, var in ENV_FLAGS.items() if env.get(var)}
-    for (section, name), dest in FLAG_FIELDS.items():
-        sec = getattr(cfg, section)
-        if not hasattr(args, dest):
+    return parse_config(_read_yaml(path), str(Path(path)))
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+                  config_path: str | os.PathLike | None = None) -> Settings:
+    """The settings: defaults < the configuration file < the environment < ``flags``.
+
+    Args:
+        flags: dotted field path -> value: the flags given on the command line (``exo.main``),
+            or a program's own values (tests, benchmarks). A path names a field
+            (``"server.port"``) or a whole section (``"auth"``, a dict or the section's model).
+        environ: the process environment (``exo.main`` passes its own; None: empty).
+            Only ``EXO_CONFIG`` and the variables of ``ENVIRONMENT`` are read; empty ones are unset.
+        config_path: the configuration file (``--config``); beats ``EXO_CONFIG``.
+
+    Raises:
+        ConfigError: an unreadable or invalid file, or a bad value; the message names where
+            the value came from (the file and field, the environment variable, or the field).
+    """
+    env = environ or {}
+    path = config_path or env.get(ENV_CONFIG) or None
+    data: dict[str, Any] = {}
+    if path:
+        raw = _read_yaml(path)
+        parse_config(raw, str(path))  # the file's own errors name the file
+        data = {k: ({} if v is None else dict(v)) for k, v in (raw or {}).items()}
+    overrides = [(field, value, f"{var} ({field})") for var, field in ENVIRONMENT.items() if (value := env.get(var))]
+    overrides += [(field, value, field) for field, value in (flags or {}).items()]
+    for field, value, _ in overrides:
+        section, _, name = field.partition(".")
+        if not name:
+            data[section] = value
             continue
-        if dest not in given and name in sec.model_fields_set:
-            value = getattr(sec, name)
-            if dest == "interfaces" and isinstance(value, list):
-                value = ",".join(value)
-            setattr(args, dest, value)
-    if hasattr(args, "log_level"):  # the effective level (flag, env or file)
-        try:
-            level = args.log_level or cfg.logging.level  # EXO_LOG_LEVEL set but empty: the file's or INFO
-            cfg.logging = cfg.logging.model_validate({**cfg.logging.model_dump(), "level": level})
-        except ValidationError as e:
-            raise ConfigError(f"--log-level: {e.errors(include_url=False)[0]['msg']}") from None
-    keys = api_keys_from_env(dict(env))
-    if keys is not None:
-        cfg.auth = cfg.auth.model_copy(update={"api_keys": keys})
+        current = data.get(section) or {}
+        if isinstance(current, BaseModel):
+            current = current.model_dump(exclude_unset=True)
+        data[section] = {**current, name: value}
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = _loc(err["loc"])
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        source = next((label for field, _, label in reversed(overrides)
+                       if where == field or where.startswith(field + ".") or where.startswith(field + "[")),
+                      f"{path}: {where}" if path else where)
+        raise ConfigError(f"{source}: {msg}") from None
     if path:
         logger.debug("configuration from %s", path)
-    return cfg
+    return settings
 
 
 # ---------------------------------------------------------------------------- logging

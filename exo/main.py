@@ -8,77 +8,104 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
-from exo.orchestration.launcher import DEFAULT_API_PORT, NodeConfig, parse_interfaces, start_node
+from exo.config import (DEFAULT_API_PORT, DEFAULT_IDLE_TTL, DEFAULT_MAX_MODELS, DEFAULT_MODEL, DEFAULT_RESPONSE_TIMEOUT,
+                        Settings)
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI; flag names follow the old exo where they exist."""
+    """The CLI; flag names follow the old exo where they exist.
+
+    A flag that sets a field of ``Settings`` has that field's dotted path as its destination
+    (``--chatgpt-api-port`` -> ``server.port``) and no default: only flags actually given
+    appear in the namespace, so an absent flag leaves the environment's or the file's value.
+    """
     p = argparse.ArgumentParser(
         prog="exo",
         description="Run a node of an exo inference cluster (default), or `exo run MODEL --prompt TEXT`.",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("command", nargs="?", choices=["run", "pull"],
-                   help="`run`: answer --prompt with MODEL and exit; `pull`: download MODEL's weights and exit")
-    p.add_argument("model_name", nargs="?", help="model for `run` / `pull` (default: --default-model): a catalogue id, "
-                                                 "a .gguf path, a Hugging Face directory or repo (org/name[:FILE.gguf|:QUANT])")
+    p.add_argument("command", nargs="?", choices=["run", "pull"], default=None,
+            help="`run`: answer --prompt with MODEL and exit; `pull`: download MODEL's weights and exit")
+    p.add_argument("model_name", nargs="?", default=None,
+            help="model for `run` / `pull` (default: --default-model): a catalogue id, "
+                        "a .gguf path, a Hugging Face directory or repo (org/name[:FILE.gguf|:QUANT])")
     p.add_argument("--prompt", default="Who are you?", help="prompt for `run`")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens `run` generates")
-    p.add_argument("--node-id", default=None, help="unique id of this node (default: a random UUID)")
-    p.add_argument("--node-host", default=None,
-                   help="address the gRPC server binds (default: 127.0.0.1 when --interfaces is loopback-only, else 0.0.0.0)")
-    p.add_argument("--node-port", type=int, default=0, help="gRPC port (default: a free port)")
-    p.add_argument("--chatgpt-api-port", type=int, default=DEFAULT_API_PORT, help="HTTP API and web UI port")
-    p.add_argument("--api-host", default=None, help="address the HTTP API binds (default: as --node-host)")
-    p.add_argument("--discovery-module", choices=["mdns", "manual", "none"], default="mdns",
-                   help="how peers are found: mDNS (zeroconf), a JSON file of peers, or none")
-    p.add_argument("--discovery-config-path", default=None, help="JSON peer list for --discovery-module manual")
-    p.add_argument("--interfaces", default=os.environ.get("EXO_INTERFACES"),
-                   help="comma list of addresses or interface names discovery may use, or 'all' "
-                        "(env EXO_INTERFACES; default all). Use 127.0.0.1 to keep a node on this machine.")
-    p.add_argument("--inference-engine", choices=["torch", "tinygrad", "mlx", "dummy"], default=None,
-                   help="engine (default: the best one installed)")
-    p.add_argument("--default-model", default="smollm2-135m", help="model served when a request names none")
-    p.add_argument("--max-models", type=int, default=3, help="models whose shards this node holds at once")
-    p.add_argument("--model-idle-ttl", type=float, default=300.0, help="seconds an unused model stays loaded")
-    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch engine: a request's logits do not depend on the requests batched with it, so a seed gives "
-                        "the same answer at any load (default); --no-batch-invariant lets batches take faster paths (AMX)")
-    p.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
-    p.add_argument("--cluster-secret", default=None,
-                   help="shared key; only nodes with the same key join (env EXO_CLUSTER_SECRET)")
-    p.add_argument("--memory", type=int, default=None,
-                   help="bytes of memory this node offers for weights (default: detected; env EXO_MEMORY_BYTES)")
-    p.add_argument("--response-timeout", type=float, default=60.0, help="seconds to wait for the next token")
-    p.add_argument("--log-level", default=os.environ.get("EXO_LOG_LEVEL", "INFO"), help="logging level")
     p.add_argument("--config", default=None,
-                   help="YAML configuration file (env EXO_CONFIG; see config.example.yaml); flags given override it")
+            help="YAML configuration file (env EXO_CONFIG; see config.example.yaml); flags given override it")
+
+    def setting(flag: str, dest: str, **kwargs) -> None:  # a flag that sets the field ``dest``
+        if "choices" not in kwargs:
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        p.add_argument(flag, dest=dest, **kwargs)
+
+    setting("--node-id", "node.id", help="unique id of this node (default: a random UUID)")
+    setting("--node-host", "node.host",
+            help="address the gRPC server binds (default: 127.0.0.1 when --interfaces is loopback-only, else 0.0.0.0)")
+    setting("--node-port", "node.port", type=int, help="gRPC port (default: a free port)")
+    setting("--chatgpt-api-port", "server.port", type=int,
+            help=f"HTTP API and web UI port (default {DEFAULT_API_PORT})")
+    setting("--api-host", "server.host", help="address the HTTP API binds (default: as --node-host)")
+    setting("--discovery-module", "node.discovery_module", choices=["mdns", "manual", "none"],
+            help="how peers are found: mDNS (zeroconf, default), a JSON file of peers, or none")
+    setting("--discovery-config-path", "node.discovery_config_path",
+            help="JSON peer list for --discovery-module manual")
+    setting("--interfaces", "node.interfaces",
+            help="comma list of addresses or interface names discovery may use, or 'all' "
+                 "(env EXO_INTERFACES; default all). Use 127.0.0.1 to keep a node on this machine.")
+    setting("--inference-engine", "model.inference_engine", choices=["torch", "tinygrad", "mlx", "dummy"],
+            help="engine (default: the best one installed)")
+    setting("--default-model", "model.default",
+            help=f"model served when a request names none (default {DEFAULT_MODEL})")
+    setting("--max-models", "model.max_models", type=int,
+            help=f"models whose shards this node holds at once (default {DEFAULT_MAX_MODELS})")
+    setting("--model-idle-ttl", "model.idle_ttl", type=float,
+            help=f"seconds an unused model stays loaded (default {DEFAULT_IDLE_TTL:g})")
+    setting("--batch-invariant", "engine.batch_invariant", action=argparse.BooleanOptionalAction,
+            help="torch engine: a request's logits do not depend on the requests batched with it, so a seed gives "
+                 "the same answer at any load (default); --no-batch-invariant lets batches take faster paths (AMX)")
+    setting("--wait-for-peers", "node.wait_for_peers", type=int, help="wait for this many peers before serving")
+    setting("--cluster-secret", "node.cluster_secret",
+            help="shared key; only nodes with the same key join (env EXO_CLUSTER_SECRET)")
+    setting("--memory", "node.memory", type=int,
+            help="bytes of memory this node offers for weights (default: detected; env EXO_MEMORY_BYTES)")
+    setting("--response-timeout", "server.response_timeout", type=float,
+            help=f"seconds to wait for the next token (default {DEFAULT_RESPONSE_TIMEOUT:g})")
+    setting("--log-level", "logging.level", help="logging level (env EXO_LOG_LEVEL; default INFO)")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    kwargs = dict(
-        node_host=args.node_host, node_port=args.node_port, api_host=args.api_host,
-        api_port=args.chatgpt_api_port, discovery_module=args.discovery_module,
-        discovery_config_path=args.discovery_config_path, interfaces=parse_interfaces(args.interfaces),
-        inference_engine=args.inference_engine, default_model=args.model_name or args.default_model,
-        wait_for_peers=args.wait_for_peers, cluster_secret=args.cluster_secret, memory=args.memory,
-        response_timeout=args.response_timeout, max_models=args.max_models, model_idle_ttl=args.model_idle_ttl,
-        batch_invariant=args.batch_invariant,
-    )
-    if args.node_id:
-        kwargs["node_id"] = args.node_id
+def parse_command_line(argv: list[str] | None = None,
+                       environ: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    """The command (``command``, ``model_name``, ``prompt``, ``max_tokens``) and the settings
+    built from the flags given, ``environ`` (default: this process's environment) and the file.
+    ``exo run MODEL`` serves MODEL without the HTTP API.
+
+    Raises:
+        ConfigError: a bad file or value, named.
+    """
+    from exo.config import load_settings
+
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if "." in k}
+    if args.model_name and args.command == "run":
+        flags["model.default"] = args.model_name
     if args.command == "run":
-        kwargs["serve_api"] = False
-    return NodeConfig(**kwargs)
+        flags["server.enabled"] = False
+    settings = load_settings(flags, os.environ if environ is None else environ, config_path=args.config)
+    return args, settings
 
 
-async def serve(config: NodeConfig) -> None:
+async def serve(settings: Settings) -> None:
     """Run a node until SIGINT/SIGTERM."""
-    running = await start_node(config)
-    logger.info("node %s serving; API and web UI at %s/", config.node_id, running.api_base_url)
+    from exo.orchestration.launcher import start_node
+
+    running = await start_node(settings)
+    logger.info("node %s serving; API and web UI at %s/", running.node.id, running.api_base_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -89,21 +116,23 @@ async def serve(config: NodeConfig) -> None:
         await running.stop()
 
 
-async def run_prompt(config: NodeConfig, prompt: str, max_tokens: int) -> int:
+async def run_prompt(settings: Settings, prompt: str, max_tokens: int) -> int:
     """Answer ``prompt`` with the chat template of the default model (a base model without one
     continues the prompt as plain text), printing tokens as they come."""
     from exo.inference.generation import GenerationOptions
     from exo.inference.tokenizers import IncrementalDetokenizer
+    from exo.orchestration.launcher import start_node
 
-    running = await start_node(config)
+    model = settings.model.default
+    running = await start_node(settings)
     try:
         node = running.node
-        tok = await node.get_tokenizer(config.default_model)
+        tok = await node.get_tokenizer(model)
         text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if tok.chat_template else prompt
         ids = tok.encode(text)
         detok = IncrementalDetokenizer(tok)
         options = GenerationOptions(max_tokens=max_tokens, temperature=0.0, stop_token_ids=tok.eos_token_ids)
-        async for result in node.generate(config.default_model, ids, options):
+        async for result in node.generate(model, ids, options):
             for t in result.tokens:
                 sys.stdout.write(detok.add(t))
             sys.stdout.flush()
@@ -131,26 +160,21 @@ def pull(model: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from exo.config import ConfigError, apply_config, setup_logging
+    from exo.config import ConfigError, setup_logging
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        file_config = apply_config(parser, args, argv)  # the file's values where no flag was given
-        setup_logging(file_config.logging)
+        args, settings = parse_command_line(argv)
+        setup_logging(settings.logging)
     except (ConfigError, OSError) as e:
         logging.basicConfig(stream=sys.stderr)
         logger.error("%s", e)
         return 2
-    config = config_from_args(args)
-    config.api_options = file_config.api_options()
-    config.chat_templates = dict(file_config.model.chat_templates)
     try:
         if args.command == "pull":
-            return pull(args.model_name or args.default_model)
+            return pull(args.model_name or settings.model.default)
         if args.command == "run":
-            return asyncio.run(run_prompt(config, args.prompt, args.max_tokens))
-        asyncio.run(serve(config))
+            return asyncio.run(run_prompt(settings, args.prompt, args.max_tokens))
+        asyncio.run(serve(settings))
         return 0
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         logger.error("%s", e)

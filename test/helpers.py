@@ -74,15 +74,36 @@ SESSION_CLUSTER_SECRET = f"test-session-{uuid.uuid4().hex}"
 SESSION_TAG = uuid.uuid4().hex[:6]
 
 
+# loopback_config's keyword names (the old NodeConfig's) -> the Settings field each sets
+_SETTING = {
+    "node_id": "node.id", "node_host": "node.host", "node_port": "node.port", "api_host": "server.host",
+    "api_port": "server.port", "discovery_module": "node.discovery_module",
+    "discovery_config_path": "node.discovery_config_path", "interfaces": "node.interfaces",
+    "inference_engine": "model.inference_engine", "inference_engine_options": "engine.options",
+    "default_model": "model.default", "max_models": "model.max_models", "model_idle_ttl": "model.idle_ttl",
+    "chat_templates": "model.chat_templates", "wait_for_peers": "node.wait_for_peers",
+    "cluster_secret": "node.cluster_secret", "memory": "node.memory", "serve_api": "server.enabled",
+    "tinychat_dir": "server.web_ui_dir", "response_timeout": "server.response_timeout",
+    "health_check_interval": "node.health_check_interval",
+}
+# keys of ``api_options`` (ChatAPI's keyword arguments) -> the Settings field each sets
+_API_SETTING = {"auth": "auth", "rate_limit": "rate_limit", "fallbacks": "model.fallbacks",
+                "cors_allow_origin": "cors.allow_origin"}
+
+
 def loopback_config(**overrides):
-    """A NodeConfig bound to loopback everywhere, on free ports (default model SmolLM2-135M), in
-    this test session's cluster (``SESSION_CLUSTER_SECRET``)."""
-    from exo.orchestration.launcher import NodeConfig
+    """Settings of a node bound to loopback everywhere, on free ports (default model
+    SmolLM2-135M), in this test session's cluster (``SESSION_CLUSTER_SECRET``). Keywords are
+    the names in ``_SETTING`` (and ``api_options``: a dict with the keys of ``_API_SETTING``);
+    the environment is not read."""
+    from exo.config import DEFAULT_MODEL, load_settings
 
     fields = dict(node_host="127.0.0.1", api_host="127.0.0.1", api_port=0, interfaces=["127.0.0.1"],
-                  default_model="smollm2-135m", health_check_interval=0.5, cluster_secret=SESSION_CLUSTER_SECRET)
+                  default_model=DEFAULT_MODEL, health_check_interval=0.5, cluster_secret=SESSION_CLUSTER_SECRET)
     fields.update(overrides)
-    return NodeConfig(**fields)
+    values = {_API_SETTING[k]: v for k, v in fields.pop("api_options", {}).items()}
+    values.update({_SETTING[k]: v for k, v in fields.items()})
+    return load_settings(values, environ={})
 
 
 def make_request_context(**overrides) -> RequestContext:

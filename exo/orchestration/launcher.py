@@ -7,22 +7,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from exo.config import Settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_API_PORT = 52415
-TINYCHAT_DIR = Path(__file__).resolve().parents[2] / "tinychat"
-
-
-def parse_interfaces(value: str | None) -> list[str] | None:
-    """Parse a comma list of addresses or interface names; None or "all" means every interface."""
-    if value is None or value.strip() in ("", "all"):
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
+TINYCHAT_DIR = Path(__file__).resolve().parents[2] / "tinychat"  # the bundled web UI
 
 
 def is_loopback_only(interfaces: list[str] | None) -> bool:
@@ -40,53 +32,22 @@ def is_loopback_only(interfaces: list[str] | None) -> bool:
     return True
 
 
-@dataclass
-class NodeConfig:
-    """Everything one node needs; field names follow the CLI flags.
-
-    ``node_host`` / ``api_host`` None means: 127.0.0.1 when ``interfaces`` is loopback-only,
-    else all interfaces (0.0.0.0). Ports 0 pick a free port.
-    """
-
-    node_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    node_host: str | None = None
-    node_port: int = 0
-    api_host: str | None = None
-    api_port: int = DEFAULT_API_PORT
-    discovery_module: str = "mdns"
-    discovery_config_path: str | None = None
-    interfaces: list[str] | None = None
-    inference_engine: str | None = None
-    inference_engine_options: dict = field(default_factory=dict)  # keyword arguments of the engine's constructor
-    api_options: dict = field(default_factory=dict)  # keyword arguments of ChatAPI (auth, rate_limit, defaults, cors_allow_origin)
-    default_model: str = "smollm2-135m"
-    max_models: int = 3  # models whose shards a node holds at once
-    model_idle_ttl: float = 300.0  # seconds a model's shard stays loaded unused
-    chat_templates: dict = field(default_factory=dict)  # model id -> template for models without one
-    batch_invariant: bool = True  # torch engine: logits independent of the batch (see TorchInferenceEngine)
-    wait_for_peers: int = 0
-    cluster_secret: str | None = None
-    memory: int | None = None
-    serve_api: bool = True
-    tinychat_dir: Path | None = TINYCHAT_DIR
-    response_timeout: float = 60.0
-    health_check_interval: float = 1.0
-
-    def resolved_host(self, host: str | None) -> str:
-        if host:
-            return host
-        return "127.0.0.1" if is_loopback_only(self.interfaces) else "0.0.0.0"
+def bind_host(host: str | None, interfaces: list[str] | None) -> str:
+    """``host``, or when None: 127.0.0.1 if ``interfaces`` are loopback-only, else 0.0.0.0."""
+    if host:
+        return host
+    return "127.0.0.1" if is_loopback_only(interfaces) else "0.0.0.0"
 
 
 class RunningNode:
-    """A started node: ``node``, ``server`` (gRPC), ``discovery``, ``api`` (or None)."""
+    """A started node: ``settings``, ``node``, ``server`` (gRPC), ``discovery``, ``api`` (or None)."""
 
-    def __init__(self, config: NodeConfig, node, server, discovery, api):
-        self.config, self.node, self.server, self.discovery, self.api = config, node, server, discovery, api
+    def __init__(self, settings: Settings, node, server, discovery, api):
+        self.settings, self.node, self.server, self.discovery, self.api = settings, node, server, discovery, api
 
     @property
     def api_base_url(self) -> str:
-        host = self.config.resolved_host(self.config.api_host)
+        host = bind_host(self.settings.server.host, self.settings.node.interfaces)
         host = "127.0.0.1" if host == "0.0.0.0" else host
         return f"http://{host}:{self.api.port}"
 
@@ -98,8 +59,8 @@ class RunningNode:
         await self.server.stop()
 
 
-async def start_node(config: NodeConfig) -> RunningNode:
-    """Build and start one node from ``config``.
+async def start_node(settings: Settings) -> RunningNode:
+    """Build and start one node from ``settings`` (``exo.config.load_settings``).
 
     Raises:
         ValueError: a bad setting (unknown engine, discovery module or interface).
@@ -111,63 +72,67 @@ async def start_node(config: NodeConfig) -> RunningNode:
     from exo.orchestration.node import Node
     from exo.topology.device_capabilities import device_capabilities
 
-    secret = config.cluster_secret if config.cluster_secret is not None else os.environ.get("EXO_CLUSTER_SECRET") or None
-    engine_name = config.inference_engine or default_engine_name()
+    node_cfg, model_cfg, server_cfg = settings.node, settings.model, settings.server
+    node_id = node_cfg.id or str(uuid.uuid4())
+    secret = node_cfg.cluster_secret
+    engine_name = model_cfg.inference_engine or default_engine_name()
+    engine_options = settings.engine.constructor_options(engine_name)
+    if engine_name == "mlx":
+        from exo.inference.mlx import preload_blas
 
-    engine_options = dict(config.inference_engine_options)
-    if engine_name == "torch":  # the one engine that batches requests' decode steps
-        engine_options.setdefault("batch_invariant", config.batch_invariant)
+        preload_blas(settings.engine.mlx_blas)
 
     def create_engine():
         return get_inference_engine(engine_name, **engine_options)
 
     engine = create_engine()
-    caps = device_capabilities(config.memory)
+    caps = device_capabilities(node_cfg.memory)
 
     def create_peer_handle(node_id, address, capabilities):
         return GRPCPeerHandle(node_id, address, capabilities, cluster_secret=secret)
 
-    node = Node(config.node_id, engine, caps, create_peer_handle, default_model=config.default_model,
-                response_timeout=config.response_timeout, create_engine=create_engine, max_models=config.max_models,
-                idle_ttl=config.model_idle_ttl, chat_templates=config.chat_templates)
-    node_host = config.resolved_host(config.node_host)
-    server = GRPCServer(node, node_host, config.node_port, cluster_secret=secret)
+    node = Node(node_id, engine, caps, create_peer_handle, default_model=model_cfg.default,
+                response_timeout=server_cfg.response_timeout, create_engine=create_engine, max_models=model_cfg.max_models,
+                idle_ttl=model_cfg.idle_ttl, chat_templates=dict(model_cfg.chat_templates))
+    node_host = bind_host(node_cfg.host, node_cfg.interfaces)
+    server = GRPCServer(node, node_host, node_cfg.port, cluster_secret=secret)
     await server.start()
     advertise = node_host if node_host != "0.0.0.0" else None
-    if config.discovery_module == "mdns":
+    if node_cfg.discovery_module == "mdns":
         from exo.networking.mdns.discovery import MDNSDiscovery
 
-        discovery = MDNSDiscovery(config.node_id, server.port, config.interfaces, create_peer_handle, caps,
+        discovery = MDNSDiscovery(node_id, server.port, node_cfg.interfaces, create_peer_handle, caps,
                                   advertise_host=advertise, cluster_secret=secret,
-                                  health_check_interval=config.health_check_interval)
-    elif config.discovery_module == "manual":
+                                  health_check_interval=node_cfg.health_check_interval)
+    elif node_cfg.discovery_module == "manual":
         from exo.networking.manual.discovery import ManualDiscovery
 
-        if not config.discovery_config_path:
+        if not node_cfg.discovery_config_path:
             await server.stop()
             raise ValueError("--discovery-module manual needs --discovery-config-path")
-        discovery = ManualDiscovery(config.discovery_config_path, config.node_id, create_peer_handle,
-                                    health_check_interval=config.health_check_interval)
-    elif config.discovery_module == "none":
+        discovery = ManualDiscovery(node_cfg.discovery_config_path, node_id, create_peer_handle,
+                                    health_check_interval=node_cfg.health_check_interval)
+    elif node_cfg.discovery_module == "none":
         discovery = None
     else:
         await server.stop()
-        raise ValueError(f"unknown discovery module {config.discovery_module!r}; choose mdns, manual or none")
-    address = f"{advertise or _primary_address(config.interfaces)}:{server.port}"
+        raise ValueError(f"unknown discovery module {node_cfg.discovery_module!r}; choose mdns, manual or none")
+    address = f"{advertise or _primary_address(node_cfg.interfaces)}:{server.port}"
     await node.start(address, discovery)
-    if config.wait_for_peers and discovery is not None:
-        logger.info("waiting for %d peers", config.wait_for_peers)
-        await discovery.discover_peers(config.wait_for_peers)
+    if node_cfg.wait_for_peers and discovery is not None:
+        logger.info("waiting for %d peers", node_cfg.wait_for_peers)
+        await discovery.discover_peers(node_cfg.wait_for_peers)
         await node.update_topology()
     api = None
-    if config.serve_api:
+    if server_cfg.enabled:
         from exo.api.chat_api.api import ChatAPI
 
-        tinychat = config.tinychat_dir if config.tinychat_dir and Path(config.tinychat_dir).is_dir() else None
-        api = ChatAPI(node, default_model=config.default_model, response_timeout=config.response_timeout, tinychat_dir=tinychat,
-                      **config.api_options)
-        await api.run(config.resolved_host(config.api_host), config.api_port)
-    return RunningNode(config, node, server, discovery, api)
+        web_ui = server_cfg.web_ui_dir or TINYCHAT_DIR
+        tinychat = web_ui if Path(web_ui).is_dir() else None
+        api = ChatAPI(node, default_model=model_cfg.default, response_timeout=server_cfg.response_timeout,
+                      tinychat_dir=tinychat, **settings.api_options())
+        await api.run(bind_host(server_cfg.host, node_cfg.interfaces), server_cfg.port)
+    return RunningNode(settings, node, server, discovery, api)
 
 
 def _primary_address(interfaces: list[str] | None) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from exo.config import DEFAULT_RESPONSE_TIMEOUT
 from exo.inference.inference_engine import InferenceEngine
 from exo.models.sources import STORE, ModelStore, canonical_name
 from exo.networking.discovery import Discovery
@@ -70,7 +71,7 @@ class Node:
         create_peer_handle: PeerHandleFactory,
         partitioning_strategy: PartitioningStrategy | None = None,
         default_model: str | None = None,
-        response_timeout: float = 60.0,
+        response_timeout: float = DEFAULT_RESPONSE_TIMEOUT,
         topology_interval: float = 2.0,
         create_engine: Callable[[], InferenceEngine] | None = None,
         max_models: int = DEFAULT_MAX_MODELS,

@@ -17,13 +17,12 @@ import time
 from collections import OrderedDict
 from typing import Callable, Collection
 
+from exo.config import DEFAULT_IDLE_TTL, DEFAULT_MAX_MODELS  # noqa: F401  (re-exported)
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.shard import Shard
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MODELS = 3
-DEFAULT_IDLE_TTL = 300.0
 
 
 class ShardCache:

@@ -236,11 +236,11 @@ def device_capabilities(memory_override: int | None = None, detect_gpu: bool = T
 
     ``memory`` is the GPU's memory when torch sees a CUDA GPU (the weights live there), else the
     machine's total memory (Apple silicon's unified memory included). ``memory_override``
-    (bytes), or the environment variable ``EXO_MEMORY_BYTES``, replaces it (used to run several
-    nodes with different weights on one machine).
+    (bytes; the setting ``node.memory``) replaces it (used to run several nodes with different
+    weights on one machine).
 
     Raises:
-        ValueError: ``EXO_MEMORY_BYTES`` is not an integer, or the memory is negative.
+        ValueError: the memory is negative.
     """
     import psutil
 
@@ -260,12 +260,6 @@ def device_capabilities(memory_override: int | None = None, detect_gpu: bool = T
         flops = gpu.flops if gpu.flops.fp32 else flops
         if not gpu.name.startswith("Apple"):
             memory = gpu.memory
-    env = os.environ.get("EXO_MEMORY_BYTES")
-    if memory_override is None and env:
-        try:
-            memory_override = int(env)
-        except ValueError:
-            raise ValueError(f"EXO_MEMORY_BYTES must be a number of bytes, got {env!r}") from None
     if memory_override is not None:
         if memory_override < 0:
             raise ValueError(f"memory must be >= 0 bytes, got {memory_override}")

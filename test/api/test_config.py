@@ -1,5 +1,5 @@
-"""config.yaml: its values take effect (in a running node), a flag given on the command line
-overrides one, environment variables sit between the two, bad files are named errors, and
+"""Settings: config.yaml's values take effect (in a running node), a flag given on the command
+line overrides one, environment variables sit between the two, bad files are named errors, and
 logging writes rotating files split by level."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from exo.config import ConfigError, ExoConfig, apply_config, load_config, parse_config, setup_logging
-from exo.main import build_parser, config_from_args, main
+from exo.config import ConfigError, Settings, load_config, load_settings, parse_config, setup_logging
+from exo.main import main, parse_command_line
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -24,17 +24,42 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def resolve(argv: list[str], environ: dict | None = None):
-    """What ``exo.main.main`` does before starting the node: (args, effective config)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = apply_config(parser, args, argv, environ=environ or {})
-    return args, cfg
+def resolve(argv: list[str], environ: dict | None = None) -> Settings:
+    """What ``exo.main.main`` does before starting the node: the settings."""
+    return parse_command_line(argv, environ or {})[1]
 
 
 async def test_example_file_is_valid_and_documents_the_defaults():
     cfg = load_config(REPO / "config.example.yaml")
-    assert cfg == ExoConfig()
+    assert cfg == Settings()
+
+
+async def test_example_file_lists_every_field_of_the_schema():
+    """config.example.yaml names every field of every section (recursively), and nothing else."""
+    import yaml
+    from pydantic import BaseModel
+
+    def fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+        out = set()
+        for name, info in model.model_fields.items():
+            sub = info.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                out |= fields(sub, f"{prefix}{name}.")
+            else:
+                out.add(prefix + name)
+        return out
+
+    def keys(data: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for name, value in data.items():
+            if isinstance(value, dict) and value and prefix == "":
+                out |= keys(value, f"{name}.")
+            else:
+                out.add(prefix + name)
+        return out
+
+    data = yaml.safe_load((REPO / "config.example.yaml").read_text())
+    assert keys(data) == fields(Settings)
 
 
 async def test_file_values_take_effect_and_flags_override(tmp_path):
@@ -47,45 +72,56 @@ auth: {api_keys: [k1]}
 rate_limit: {requests_per_minute: 30}
 cors: {allow_origin: "http://ui.example"}
 """)
-    args, cfg = resolve(["--config", str(path), "--response-timeout", "30", "--default-model", "smollm2-135m"])
-    node = config_from_args(args)
-    assert node.api_port == 8123 and node.node_id == "from-file" and node.discovery_module == "none"
-    assert node.interfaces == ["127.0.0.1", "lo"]
-    assert node.response_timeout == 30  # the flag beats the file's 5
-    assert node.default_model == "smollm2-135m"
+    cfg = resolve(["--config", str(path), "--response-timeout", "30", "--default-model", "smollm2-135m"])
+    assert cfg.server.port == 8123 and cfg.node.id == "from-file" and cfg.node.discovery_module == "none"
+    assert cfg.node.interfaces == ["127.0.0.1", "lo"]
+    assert cfg.server.response_timeout == 30  # the flag beats the file's 5
+    assert cfg.model.default == "smollm2-135m"
     opts = cfg.api_options()
     assert opts["auth"].api_keys == ["k1"] and opts["rate_limit"].requests_per_minute == 30
     assert opts["defaults"].temperature == 0.3 and opts["defaults"].max_tokens == 7
     assert opts["cors_allow_origin"] == "http://ui.example"
     # a flag given with its default value still overrides the file
-    args, _ = resolve(["--config", str(path), "--chatgpt-api-port", "52415"])
-    assert args.chatgpt_api_port == 52415
-    # no flag: the file; no file: the flag defaults
-    args, _ = resolve(["--config", str(path)])
-    assert args.chatgpt_api_port == 8123 and args.response_timeout == 5
-    args, cfg = resolve([])
-    assert args.chatgpt_api_port == 52415 and cfg == ExoConfig()
+    cfg = resolve(["--config", str(path), "--chatgpt-api-port", "52415"])
+    assert cfg.server.port == 52415
+    # no flag: the file; no file: the defaults
+    cfg = resolve(["--config", str(path)])
+    assert cfg.server.port == 8123 and cfg.server.response_timeout == 5
+    cfg = resolve([])
+    assert cfg.server.port == 52415 and cfg == Settings()
 
 
 async def test_batch_invariant_from_the_file_or_the_flag_reaches_the_torch_engine(tmp_path):
     from exo.inference.torch.engine import TorchInferenceEngine
 
-    path = write(tmp_path, "model: {batch_invariant: false}\n")
-    assert config_from_args(resolve([])[0]).batch_invariant is True  # the default
-    assert config_from_args(resolve(["--config", str(path)])[0]).batch_invariant is False
-    assert config_from_args(resolve(["--config", str(path), "--batch-invariant"])[0]).batch_invariant is True
-    assert config_from_args(resolve(["--no-batch-invariant"])[0]).batch_invariant is False
+    path = write(tmp_path, "engine: {batch_invariant: false}\n")
+    assert resolve([]).engine.batch_invariant is True  # the default
+    assert resolve(["--config", str(path)]).engine.batch_invariant is False
+    assert resolve(["--config", str(path), "--batch-invariant"]).engine.batch_invariant is True
+    assert resolve(["--no-batch-invariant"]).engine.batch_invariant is False
+    assert resolve(["--no-batch-invariant"]).engine.constructor_options("torch")["batch_invariant"] is False
     assert TorchInferenceEngine(device="cpu").batch_invariant is True
     assert TorchInferenceEngine(device="cpu", batch_invariant=False).batch_invariant is False
 
 
 async def test_environment_sits_between_flags_and_file(tmp_path):
     path = write(tmp_path, "node: {interfaces: all}\nlogging: {level: warning}\nauth: {api_keys: [file-key]}\n")
-    args, cfg = resolve([], environ={"EXO_CONFIG": str(path), "EXO_INTERFACES": "127.0.0.1", "EXO_API_KEYS": "a, b"})
+    cfg = resolve([], environ={"EXO_CONFIG": str(path), "EXO_INTERFACES": "127.0.0.1", "EXO_API_KEYS": "a, b"})
     assert cfg.auth.api_keys == ["a", "b"]  # EXO_API_KEYS replaces the file's keys
+    assert cfg.node.interfaces == ["127.0.0.1"]  # EXO_INTERFACES beats the file's "all"
     assert cfg.logging.level == "WARNING"  # from the file (EXO_LOG_LEVEL unset)
-    args, cfg = resolve(["--log-level", "debug"], environ={"EXO_CONFIG": str(path)})
-    assert cfg.logging.level == "DEBUG" and cfg.auth.api_keys == ["file-key"]
+    cfg = resolve(["--log-level", "debug"], environ={"EXO_CONFIG": str(path), "EXO_LOG_LEVEL": "error"})
+    assert cfg.logging.level == "DEBUG" and cfg.auth.api_keys == ["file-key"]  # the flag beats the variable
+    cfg = resolve(["--interfaces", "lo"], environ={"EXO_INTERFACES": "127.0.0.1", "EXO_LOG_LEVEL": "",
+                                                   "EXO_TORCH_WEIGHTS": "dense", "EXO_MEMORY_BYTES": "1000"})
+    assert cfg.node.interfaces == ["lo"] and cfg.logging.level == "INFO"  # an empty variable is unset
+    assert cfg.engine.weights == "dense" and cfg.node.memory == 1000
+    with pytest.raises(ConfigError, match="EXO_MEMORY_BYTES"):
+        resolve([], environ={"EXO_MEMORY_BYTES": "8GB"})
+    with pytest.raises(ConfigError, match="logging.level"):
+        resolve(["--log-level", "loud"])
+    # a program's own values (the tests', the benchmarks') go through the same function
+    assert load_settings({"node.port": 7, "auth": {"api_keys": ["k"]}}).node.port == 7
 
 
 async def test_bad_files_are_named_errors(tmp_path):
@@ -103,8 +139,8 @@ async def test_bad_files_are_named_errors(tmp_path):
             load_config(write(tmp_path, text))
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
-    assert parse_config(None) == ExoConfig()  # an empty file
-    assert parse_config({"auth": None}) == ExoConfig()  # an empty section
+    assert parse_config(None) == Settings()  # an empty file
+    assert parse_config({"auth": None}) == Settings()  # an empty section
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2  # the CLI refuses to start
 
 
@@ -120,11 +156,8 @@ generation: {max_tokens: 3}
 auth: {api_keys: [file-secret]}
 rate_limit: {requests_per_minute: 1, burst: 3}
 """)
-    args, cfg = resolve(["--config", str(path), "--default-model", "smollm2-135m"])
-    node_config = config_from_args(args)
-    node_config.api_options = cfg.api_options()
-    node_config.tinychat_dir = None
-    running = await start_node(node_config)
+    cfg = resolve(["--config", str(path), "--default-model", "smollm2-135m"])
+    running = await start_node(cfg)
     try:
         url = f"{running.api_base_url}/v1/chat/completions"
         body = {"messages": [{"role": "user", "content": "hi"}]}  # no model: the default (from the flag)
@@ -176,3 +209,21 @@ async def test_logging_to_rotating_files_split_by_level(tmp_path):
         for h in list(logger.handlers):
             logger.removeHandler(h)
             h.close()
+
+
+async def test_nothing_below_the_command_line_reads_the_environment():
+    """Settings reach the code from ``exo.main``; no other module of exo reads ``os.environ``
+    except for what is not exo's configuration (listed with the reason)."""
+    import re
+
+    allowed = {
+        "exo/main.py": "builds the settings from the environment",
+        "exo/models/hub.py": "huggingface_hub's own HF_* variables (its cache, endpoint, token, offline mode)",
+        "exo/inference/torch/__init__.py": "sets GOMP_SPINCOUNT for OpenMP before torch loads",
+        "exo/inference/torch/kernels/__init__.py": "puts the virtualenv's ninja on PATH for the kernel build",
+    }
+    readers = set()
+    for path in sorted((REPO / "exo").rglob("*.py")):
+        if re.search(r"\bos\.(environ|getenv)\b|\bgetenv\(", path.read_text(encoding="utf-8")):
+            readers.add(path.relative_to(REPO).as_posix())
+    assert readers <= set(allowed), sorted(readers - set(allowed))

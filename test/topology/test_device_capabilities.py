@@ -34,14 +34,16 @@ def test_this_machine() -> None:
     assert DeviceCapabilities.from_dict(caps.to_dict()) == caps
 
 
-def test_memory_override_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_override_and_environment() -> None:
+    """The override is the setting ``node.memory``, which ``EXO_MEMORY_BYTES`` sets (a flag beats it)."""
+    from exo.config import load_settings
+
     assert device_capabilities(123_456_789).memory == 123_456_789
-    monkeypatch.setenv("EXO_MEMORY_BYTES", "987654321")
-    assert device_capabilities().memory == 987_654_321
-    assert device_capabilities(5).memory == 5  # the argument wins
-    monkeypatch.setenv("EXO_MEMORY_BYTES", "8GB")
+    env = {"EXO_MEMORY_BYTES": "987654321"}
+    assert device_capabilities(load_settings(environ=env).node.memory).memory == 987_654_321
+    assert device_capabilities(load_settings({"node.memory": 5}, environ=env).node.memory).memory == 5  # the flag wins
     with pytest.raises(ValueError, match="EXO_MEMORY_BYTES"):
-        device_capabilities()
+        load_settings(environ={"EXO_MEMORY_BYTES": "8GB"})
     with pytest.raises(ValueError, match=">= 0"):
         device_capabilities(-1)
 

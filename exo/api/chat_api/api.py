@@ -23,7 +23,7 @@ from exo.api.chat_api.middlewares import cors_preflight_middleware, error_middle
 from exo.api.chat_api.models import GenerationDefaults
 from exo.api.chat_api.state import STATE_KEY, APINode, APIState
 from exo.api.chat_api.utils import unix_time
-from exo.config import AuthConfig, RateLimitConfig
+from exo.config import DEFAULT_API_PORT, DEFAULT_RESPONSE_TIMEOUT, AuthConfig, RateLimitConfig
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ChatAPI:
         app: the running ``web.Application``, once ``run`` returned.
     """
 
-    def __init__(self, node: APINode, default_model: str, response_timeout: float = 90.0,
+    def __init__(self, node: APINode, default_model: str, response_timeout: float = DEFAULT_RESPONSE_TIMEOUT,
                  tinychat_dir: Path | None = None, *, defaults: GenerationDefaults | None = None,
                  cors_allow_origin: str = "*", shutdown_timeout: float = 5.0,
                  auth: AuthConfig | None = None, rate_limit: RateLimitConfig | None = None,
@@ -149,7 +149,7 @@ class ChatAPI:
             app.router.add_get(r"/{path:(?!v1/|api/|healthcheck$).+}", tinychat_file)
         return app
 
-    async def run(self, host: str = "127.0.0.1", port: int = 52415) -> None:
+    async def run(self, host: str = "127.0.0.1", port: int = DEFAULT_API_PORT) -> None:
         """Start serving on ``host``:``port`` (0: any free port, see ``self.port``); returns
         once listening.
 

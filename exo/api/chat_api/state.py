@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 from aiohttp import web
 
 from exo.api.chat_api.models import GenerationDefaults
+from exo.config import DEFAULT_RESPONSE_TIMEOUT
 
 if TYPE_CHECKING:
     from exo.inference.generation import GenerationOptions
@@ -61,7 +62,7 @@ class APIState:
 
     node: APINode
     default_model: str
-    response_timeout: float = 90.0
+    response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     tinychat_dir: Path | None = None
     created: int = 0

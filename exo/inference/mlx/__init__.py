@@ -1,12 +1,13 @@
 """The MLX engine (``pip install -e .[mlx]``): Metal on Apple silicon, ``mlx[cpu]`` on Linux.
 
 On Linux, the ``mlx[cpu]`` wheel (0.32) links a bundled reference BLAS, ~45-75x slower than
-OpenBLAS for the matrix products of a transformer. Importing this package first loads the
-system OpenBLAS (Debian: ``apt-get install libopenblas0-pthread``) into the process's global
-symbol scope, so that ``mlx.core``, loaded afterwards, binds ``cblas_sgemm`` to it. That only
-works when nothing imported ``mlx.core`` before; otherwise (or without OpenBLAS) a warning says
-so. ``EXO_MLX_BLAS=/path/libopenblas.so`` picks the library; ``EXO_MLX_BLAS=none`` disables it.
-The same effect from outside: ``LD_PRELOAD=libopenblas.so.0``.
+OpenBLAS for the matrix products of a transformer. ``preload_blas`` loads the system OpenBLAS
+(Debian: ``apt-get install libopenblas0-pthread``) into the process's global symbol scope, so
+that ``mlx.core``, loaded afterwards, binds ``cblas_sgemm`` to it; this package's modules call
+it before they import ``mlx.core``, and the launcher calls it first with the setting
+``engine.mlx_blas`` (env ``EXO_MLX_BLAS``): a library path, or "none" to keep mlx's own. That
+only works when nothing imported ``mlx.core`` before; otherwise (or without OpenBLAS) a warning
+says so. The same effect from outside: ``LD_PRELOAD=libopenblas.so.0``.
 """
 
 from __future__ import annotations
@@ -20,13 +21,29 @@ import sys
 logger = logging.getLogger(__name__)
 
 blas_library: str | None = None  # the BLAS loaded for mlx, when one was
+_preloaded = False
 
 
-def _preload_blas() -> str | None:
-    """Load OpenBLAS with RTLD_GLOBAL before mlx.core (Linux only); return its name or None."""
+def preload_blas(choice: str | None = None) -> str | None:
+    """Load OpenBLAS with RTLD_GLOBAL before mlx.core (Linux only), once per process: the first
+    call decides, later ones return its result.
+
+    Args:
+        choice: a library name or path, "none" for no preload, or None/"" for the system OpenBLAS.
+
+    Returns:
+        the library loaded (also in ``blas_library``), or None.
+    """
+    global blas_library, _preloaded
+    if not _preloaded:
+        _preloaded = True
+        blas_library = _preload_blas(choice or "")
+    return blas_library
+
+
+def _preload_blas(choice: str) -> str | None:
     if not sys.platform.startswith("linux"):
         return None
-    choice = os.environ.get("EXO_MLX_BLAS", "")
     if choice.lower() == "none":
         return None
     if "mlx.core" in sys.modules:
@@ -44,5 +61,3 @@ def _preload_blas() -> str | None:
         return None
     return name
 
-
-blas_library = _preload_blas()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-import exo.inference.mlx as exo_mlx  # noqa: F401  (loads OpenBLAS before mlx.core on Linux)
-import mlx.core as mx
+import exo.inference.mlx as exo_mlx
+
+exo_mlx.preload_blas()  # OpenBLAS before mlx.core on Linux (unless the launcher chose first)
+import mlx.core as mx  # noqa: E402
 
 from exo.inference.engine_common import ShardedModelEngine
 from exo.inference.inference_engine import ENGINE_SUPPORT

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlx.core as mx
+import exo.inference.mlx as exo_mlx
+
+exo_mlx.preload_blas()  # OpenBLAS before mlx.core on Linux (unless the launcher chose first)
+import mlx.core as mx  # noqa: E402
 import numpy as np
 
 from exo.inference.shard import Shard

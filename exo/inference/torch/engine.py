@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +75,7 @@ class TorchInferenceEngine(InferenceEngine):
     Args:
         device: "cpu", "cuda", ...; default CUDA when available.
         dtype: compute dtype name ("float32", "bfloat16", "float16"); default float32 on CPU,
-            bfloat16 on CUDA; ``EXO_TORCH_DTYPE`` overrides the default. float32 is the CPU
+            bfloat16 on CUDA (``engine.dtype`` in the settings). float32 is the CPU
             default because it is the only one whose logits stay within 1e-3 of the float32
             reference (test/inference/test_torch_model.py); bfloat16 reads half the bytes per
             token and is faster where the CPU has bf16 matrix units, at ~1e-1 logit error.
@@ -92,7 +91,7 @@ class TorchInferenceEngine(InferenceEngine):
             4-bit projections (the Q4_1 grid, bfloat16 scales) and an 8-bit head with bfloat16
             activations (``quantize.py``; ~1e-1 logit error). "auto" (default): "gguf" where it
             can run (CPU, float32, a C++ compiler, a file in Q4_1/Q8_0), else "dense".
-            ``EXO_TORCH_WEIGHTS`` overrides the default.
+            The settings' ``engine.weights`` chooses it.
         batch_invariant: True (default): a request's logits are the same, bit for bit, whether
             its decode step runs alone or in a batch with other requests', so a seeded request
             samples the same tokens at any load (``ShardedTransformer``'s ``batch_invariant``:
@@ -115,7 +114,7 @@ class TorchInferenceEngine(InferenceEngine):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         #: The ``weights`` asked for, and (``weights``) what the shard held now uses ("auto"
         #: until a shard is loaded).
-        self.requested_weights = weights or os.environ.get("EXO_TORCH_WEIGHTS") or "auto"
+        self.requested_weights = weights or "auto"
         if self.requested_weights not in _WEIGHTS:
             raise ValueError(f"weights must be one of {list(_WEIGHTS)}, got {self.requested_weights!r}")
         fixed = _CPU_WEIGHTS_DTYPE.get(self.requested_weights)
@@ -125,7 +124,7 @@ class TorchInferenceEngine(InferenceEngine):
             if (dtype or fixed) != fixed:
                 raise ValueError(f"weights={self.requested_weights!r} computes in {fixed}, got dtype {dtype!r}")
             dtype = fixed
-        dtype = dtype or os.environ.get("EXO_TORCH_DTYPE") or ("bfloat16" if self.device.type == "cuda" else "float32")
+        dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.dtype = _DTYPES[dtype]
