@@ -9,19 +9,21 @@ the repository lists every field with its default (a test holds it to the schema
 Sections (each a pydantic model; unknown keys are rejected with an error naming them):
 ``server`` (HTTP API), ``node`` (identity, gRPC, discovery), ``model``, ``engine`` (options of
 the inference engine), ``generation`` (server defaults of sampling options), ``auth`` (API keys),
-``rate_limit``, ``cors``, ``logging``.
+``rate_limit``, ``cors``, ``logging``. The API's sections are in ``exo.config_api``, logging's in
+``exo.config_logging``; every name is importable from here.
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
-import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from exo.config_api import DEFAULT_PUBLIC_PATHS, AuthConfig, CORSConfig, GenerationConfig, RateLimitConfig
+from exo.config_logging import LOG_LEVELS, LoggingConfig, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -205,180 +207,6 @@ class EngineConfig(BaseModel):
         return out
 
 
-class GenerationConfig(BaseModel):
-    """``generation``: server defaults for sampling options a request leaves out (every
-    dialect). A request's own value always wins.
-
-    Attributes:
-        temperature: [0, 2] (0 is greedy).
-        top_p: (0, 1].
-        top_k: >= 0 (0 disables it).
-        max_tokens: default cap of generated tokens, or None for "the rest of the context".
-    """
-
-    model_config = _SECTION
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-
-    def to_defaults(self):
-        """The API's ``GenerationDefaults``."""
-        from exo.api.chat_api.models import GenerationDefaults
-
-        return GenerationDefaults(**{k: getattr(self, k) for k in self.model_fields_set})
-
-
-DEFAULT_PUBLIC_PATHS = ("/health", "/health/*", "/healthcheck")
-
-
-class AuthConfig(BaseModel):
-    """``auth``: API keys. With no keys every path is open; with keys, a request must carry
-    one (``Authorization: Bearer KEY`` or ``x-api-key: KEY``) unless its path is public.
-
-    Attributes:
-        api_keys: accepted keys (env ``EXO_API_KEYS``, a comma list, replaces this list).
-        public_paths: paths that never need a key; a trailing ``*`` matches any suffix
-            (default: the health checks ``/health``, ``/health/{model}`` and ``/healthcheck``;
-            add ``/metrics`` for a scraper without credentials).
-        web_ui_public: the web page and its files (every path outside ``/v1/``, ``/api/``, the
-            completions paths, ``/metrics`` and the health checks) need no key. The page's own
-            API calls still do: tinychat must then send a key.
-    """
-
-    model_config = _SECTION
-    api_keys: list[str] = Field(default_factory=list)
-    public_paths: list[str] = Field(default_factory=lambda: list(DEFAULT_PUBLIC_PATHS))
-    web_ui_public: bool = True
-
-    @field_validator("api_keys", mode="before")
-    @classmethod
-    def _comma_list(cls, v: Any) -> Any:
-        return [k for k in v.split(",") if k.strip()] if isinstance(v, str) else v
-
-    @field_validator("api_keys")
-    @classmethod
-    def _keys_not_empty(cls, keys: list[str]) -> list[str]:
-        for i, k in enumerate(keys):
-            if not k.strip():
-                raise ValueError(f"api_keys[{i}] is empty")
-        return [k.strip() for k in keys]
-
-    @field_validator("public_paths")
-    @classmethod
-    def _paths_absolute(cls, paths: list[str]) -> list[str]:
-        for p in paths:
-            if not p.startswith("/"):
-                raise ValueError(f"public path {p!r} must start with '/'")
-        return paths
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.api_keys)
-
-
-class RateLimitConfig(BaseModel):
-    """``rate_limit``: per-client request rate, and the bound on generations in progress.
-
-    The rate is a token bucket per client (Turner's token bucket, as in RFC 2697's committed
-    burst): ``burst`` requests at once, refilled at ``requests_per_minute``; a request finding
-    the bucket empty gets 429 with ``Retry-After`` (seconds). A client is its API key when the
-    request carried a valid one, else its address (``X-Forwarded-For``'s first address when
-    ``trust_forwarded_for``, for a node behind a reverse proxy).
-
-    Generations (chat, completions, messages, generate) run at most ``max_concurrent_requests``
-    at once; up to ``max_queued_requests`` more wait for a slot (at most ``queue_timeout``
-    seconds); beyond that a request gets 503 at once instead of the queue growing without limit.
-    One request may ask for at most ``max_generations_per_request`` generations (its prompts
-    times ``n``); more is a 400 before anything runs.
-
-    Attributes:
-        requests_per_minute: refill rate of each bucket; None or 0 disables rate limiting.
-        burst: bucket size (default: requests_per_minute / 6, at least 1).
-        trust_forwarded_for: identify clients by ``X-Forwarded-For``.
-        max_concurrent_requests: generations in progress at once (None: no limit).
-        max_queued_requests: generations waiting for a slot.
-        queue_timeout: seconds a request may wait for a slot before 503.
-        max_generations_per_request: prompts x ``n`` of one request, at most (OpenAI's
-            completions take a list of prompts, each with ``n`` choices).
-        max_clients: buckets kept (least recently seen dropped first).
-    """
-
-    model_config = _SECTION
-    requests_per_minute: float | None = Field(None, ge=0)
-    burst: int | None = Field(None, ge=1)
-    trust_forwarded_for: bool = False
-    max_concurrent_requests: int | None = Field(16, ge=1)
-    max_queued_requests: int = Field(64, ge=0)
-    queue_timeout: float = Field(120.0, gt=0)
-    max_generations_per_request: int = Field(16, ge=1)
-    max_clients: int = Field(10_000, ge=1)
-
-    @property
-    def rate_enabled(self) -> bool:
-        return bool(self.requests_per_minute)
-
-    @property
-    def bucket_size(self) -> int:
-        if self.burst is not None:
-            return self.burst
-        return max(1, int((self.requests_per_minute or 0) / 6))
-
-
-class CORSConfig(BaseModel):
-    """``cors``: browsers' cross-origin access.
-
-    Attributes:
-        allow_origin: ``Access-Control-Allow-Origin`` of every response ("*": any origin).
-    """
-
-    model_config = _SECTION
-    allow_origin: str = "*"
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-class LoggingConfig(BaseModel):
-    """``logging``: console logging, and rotating log files split by level.
-
-    Attributes:
-        level: least severe level logged (flag ``--log-level``, env ``EXO_LOG_LEVEL``).
-        format: ``logging`` format string of every handler.
-        dir: when set, one rotating file per level in ``file_levels`` is written there,
-            ``exo.<level>.log`` holding the records of that level (``exo.error.log`` also
-            holds CRITICAL); the directory is created.
-        file_levels: levels that get a file.
-        max_bytes: size (bytes) at which a file is rotated.
-        backup_count: rotated files kept per level.
-    """
-
-    model_config = _SECTION
-    level: str = "INFO"
-    format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    dir: Path | None = None
-    file_levels: list[str] = Field(default_factory=lambda: ["DEBUG", "INFO", "WARNING", "ERROR"])
-    max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    backup_count: int = Field(5, ge=0)
-
-    @field_validator("level")
-    @classmethod
-    def _level(cls, v: str) -> str:
-        v = v.upper()
-        if v not in LOG_LEVELS:
-            raise ValueError(f"level must be one of {', '.join(LOG_LEVELS)}, got {v!r}")
-        return v
-
-    @field_validator("file_levels")
-    @classmethod
-    def _file_levels(cls, v: list[str]) -> list[str]:
-        out = [x.upper() for x in v]
-        for x in out:
-            if x not in LOG_LEVELS[:-1]:
-                raise ValueError(f"file_levels entries must be one of DEBUG, INFO, WARNING, ERROR, got {x!r}")
-        return out
-
-
 class Settings(BaseModel):
     """All settings of a node (the configuration file's schema); every section is optional."""
 
@@ -516,52 +344,9 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     return settings
 
 
-# ---------------------------------------------------------------------------- logging
-
-_HANDLER_TAG = "_exo_config_handler"
-_NEXT_LEVEL = {"DEBUG": logging.INFO, "INFO": logging.WARNING, "WARNING": logging.ERROR, "ERROR": logging.CRITICAL + 1}
-
-
-class _LevelBand(logging.Filter):
-    """Passes records with ``low <= levelno < high``."""
-
-    def __init__(self, low: int, high: int):
-        super().__init__()
-        self.low, self.high = low, high
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.low <= record.levelno < self.high
-
-
-def setup_logging(cfg: LoggingConfig, root: logging.Logger | None = None) -> list[logging.Handler]:
-    """Configure the root logger: a console handler (stderr) and, when ``cfg.dir`` is set, one
-    ``RotatingFileHandler`` per level of ``cfg.file_levels``. Handlers a previous call installed
-    are removed first (calling it twice does not duplicate lines); others are left alone.
-
-    Returns:
-        the handlers installed.
-
-    Raises:
-        OSError: the log directory cannot be created.
-    """
-    root = root or logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, _HANDLER_TAG, False):
-            root.removeHandler(h)
-            h.close()
-    fmt = logging.Formatter(cfg.format)
-    console = logging.StreamHandler(sys.stderr)
-    handlers: list[logging.Handler] = [console]
-    if cfg.dir is not None:
-        cfg.dir.mkdir(parents=True, exist_ok=True)
-        for name in cfg.file_levels:
-            h = logging.handlers.RotatingFileHandler(cfg.dir / f"exo.{name.lower()}.log", maxBytes=cfg.max_bytes,
-                                                     backupCount=cfg.backup_count, encoding="utf-8")
-            h.addFilter(_LevelBand(logging.getLevelName(name), _NEXT_LEVEL[name]))
-            handlers.append(h)
-    for h in handlers:
-        h.setFormatter(fmt)
-        setattr(h, _HANDLER_TAG, True)
-        root.addHandler(h)
-    root.setLevel(cfg.level)
-    return handlers
+__all__ = [
+    "DEFAULT_API_PORT", "DEFAULT_IDLE_TTL", "DEFAULT_MAX_MODELS", "DEFAULT_MODEL", "DEFAULT_PUBLIC_PATHS",
+    "DEFAULT_RESPONSE_TIMEOUT", "ENVIRONMENT", "LOG_LEVELS", "AuthConfig", "CORSConfig", "ConfigError", "EngineConfig",
+    "GenerationConfig", "LoggingConfig", "ModelConfig", "NodeSection", "RateLimitConfig", "ServerConfig", "Settings",
+    "load_config", "load_settings", "parse_config", "parse_interfaces", "setup_logging",
+]

@@ -218,7 +218,7 @@ async def test_nothing_below_the_command_line_reads_the_environment():
 
     allowed = {
         "exo/main.py": "builds the settings from the environment",
-        "exo/models/hub.py": "huggingface_hub's own HF_* variables (its cache, endpoint, token, offline mode)",
+        "exo/models/hub/downloader.py": "huggingface_hub's own HF_* variables (its cache, endpoint, token, offline mode)",
         "exo/inference/torch/__init__.py": "sets GOMP_SPINCOUNT for OpenMP before torch loads",
         "exo/inference/torch/kernels/__init__.py": "puts the virtualenv's ninja on PATH for the kernel build",
     }

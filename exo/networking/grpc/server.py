@@ -203,7 +203,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def Stream(self, request_iterator: AsyncIterator[pb.RingMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RingAck]:
         """Serve a peer's persistent stream of ring messages (see ``RingSession``)."""
         # accepted: say so before the first message, so a client never writes into a call that
-        # is being refused (see _RingStream.ready)
+        # is being refused (see RingStream.ready)
         await context.send_initial_metadata(())
         session = RingSession(self)
         try:
