@@ -158,14 +158,14 @@ async def test_a_node_joining_mid_generation_does_not_break_the_stream():
         from exo.orchestration.launcher import start_node
 
         a = nodes["a"].node
-        cfg = nodes["a"].config
+        cfg = nodes["a"].settings.node
         tokens, joined = [], None
         try:
             async for r in a.generate(MODEL, PROMPT, GenerationOptions(max_tokens=50, temperature=0.0)):
                 tokens.extend(r.tokens)
                 if len(tokens) == 10 and joined is None:
                     joined = await start_node(loopback_config(
-                        node_id=cfg.node_id[:-1] + "c", discovery_module="mdns", cluster_secret=cfg.cluster_secret,
+                        node_id=cfg.id[:-1] + "c", discovery_module="mdns", cluster_secret=cfg.cluster_secret,
                         inference_engine="dummy", memory=1 * GiB, serve_api=False, health_check_interval=0.3))
             assert tokens == expected_tokens(PROMPT, 50)
             await wait_for(lambda: ring_agreed([nodes["a"], nodes["b"], joined], 3), timeout=10)
