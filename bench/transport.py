@@ -12,8 +12,9 @@ each repetition and side it measures, with ``bench.run.ring``:
 - the 2-node decode ratio: the real model (SmolLM2-135M, the torch engine) on 2 nodes over 1.
 
 Sides: ``before`` (REF with the given ``--reference-env``, e.g. ``EXO_RING_LANE=0
-EXO_RING_SOCKET=0`` for its gRPC stream), ``after`` (this tree, no cluster secret) and ``after,
-TLS`` (this tree, every node with one cluster secret: mutual TLS). Prints one table.
+EXO_RING_SOCKET=0`` for its gRPC stream), ``before, its default`` (REF as it runs by default),
+``after`` (this tree, no cluster secret) and ``after, TLS`` (this tree, every node with one
+cluster secret: mutual TLS). Prints one table.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
         try:
             sides = {
                 "before": (before_root, ref_env, []),
+                "before, its default": (before_root, {}, []),
                 "after": (ROOT, {}, []),
                 "after, TLS": (ROOT, {}, ["--cluster-secret", "bench-" + os.urandom(16).hex()]),
             }
