@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--engine", default="torch", choices=["torch", "dummy"],
                         help="dummy: no weights, no compute, so a token's time is the ring's own cost")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                        help="the torch engine's batch invariance (the node's --batch-invariant; default on)")
     parser.add_argument("--max-seconds", type=float, default=900.0, help="a plain node stops after this long")
     parser.add_argument("--cluster-secret", default=None, help="the cluster secret of every node (mutual TLS between them)")
     parser.add_argument("--nodes", type=int, default=1, help="ring size the driver waits for")
