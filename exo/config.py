@@ -104,7 +104,9 @@ class NodeSection(BaseModel):
         interfaces: addresses or interface names discovery may use; None (or "all", or a comma
             list in a flag or ``EXO_INTERFACES``) for every interface.
         wait_for_peers: peers to wait for before serving.
-        cluster_secret: shared key; only nodes with the same key join (env ``EXO_CLUSTER_SECRET``).
+        cluster_secret: the cluster's secret (env ``EXO_CLUSTER_SECRET``): nodes talk mutual TLS
+            under a CA derived from it, so only nodes with the same secret join and nothing
+            crosses the wire in clear (``exo.networking.grpc.tls``); None: plaintext, unauthenticated.
         memory: bytes this node offers for weights (default: detected; env ``EXO_MEMORY_BYTES``).
         health_check_interval: seconds between discovery's health checks of each peer.
     """

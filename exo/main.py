@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "the same answer at any load (default); --no-batch-invariant lets batches take faster paths (AMX)")
     setting("--wait-for-peers", "node.wait_for_peers", type=int, help="wait for this many peers before serving")
     setting("--cluster-secret", "node.cluster_secret",
-            help="shared key; only nodes with the same key join (env EXO_CLUSTER_SECRET)")
+            help="cluster secret: nodes talk mutual TLS under a CA derived from it, so only nodes with the same "
+                 "secret join (env EXO_CLUSTER_SECRET; at least 24 random characters; none: plaintext)")
     setting("--memory", "node.memory", type=int,
             help="bytes of memory this node offers for weights (default: detected; env EXO_MEMORY_BYTES)")
     setting("--response-timeout", "server.response_timeout", type=float,
