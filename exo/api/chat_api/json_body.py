@@ -54,26 +54,27 @@ def _check(value: Any, surrogates: bool) -> None:
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
         v, where, depth = stack.pop()
+        if isinstance(v, (dict, list)) and depth >= MAX_DEPTH:
+            raise _too_deep(where)
         if isinstance(v, dict):
-            if depth >= MAX_DEPTH:
-                raise APIError(400, f"The JSON body is nested more than {MAX_DEPTH} levels deep at '{where or '$'}'",
-                               param=where or None, code="invalid_json")
             for k, item in v.items():
                 if surrogates and not k.isascii() and _SURROGATE.search(k):
                     raise _surrogate_error(_path(where, k))
                 stack.append((item, _path(where, k), depth + 1))
         elif isinstance(v, list):
-            if depth >= MAX_DEPTH:
-                raise APIError(400, f"The JSON body is nested more than {MAX_DEPTH} levels deep at '{where or '$'}'",
-                               param=where or None, code="invalid_json")
             stack.extend((item, _path(where, i), depth + 1) for i, item in enumerate(v))
-        elif isinstance(v, float):
-            if isinstance(v, _NotANumber) or not math.isfinite(v):
-                literal = getattr(v, "literal", repr(v))
-                raise APIError(400, f"Invalid value for '{where}': {literal} is not a number JSON allows",
-                               param=where or None, code="invalid_value")
+        elif isinstance(v, float) and not math.isfinite(v):  # NaN, Infinity, or a literal like 1e999
+            literal = getattr(v, "literal", repr(v))
+            raise APIError(400, f"Invalid value for '{where}': {literal} is not a number JSON allows",
+                           param=where or None, code="invalid_value")
         elif surrogates and isinstance(v, str) and not v.isascii() and _SURROGATE.search(v):
             raise _surrogate_error(where)
+
+
+def _too_deep(where: str | None) -> APIError:
+    at = f" at '{where or '$'}'" if where is not None else ""
+    return APIError(400, f"The JSON body is nested more than {MAX_DEPTH} levels deep{at}", param=where or None,
+                    code="invalid_json")
 
 
 def _surrogate_error(where: str) -> APIError:
@@ -93,7 +94,7 @@ def decode_json(body: bytes) -> Any:
     try:
         value = json.loads(body, parse_constant=_NotANumber)
     except RecursionError:
-        raise APIError(400, f"The JSON body is nested more than {MAX_DEPTH} levels deep", code="invalid_json") from None
+        raise _too_deep(None) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
     # a surrogate can only arrive as an escape: UTF-8 cannot encode one (such bytes fail above)
