@@ -111,8 +111,8 @@ async def test_errors_in_anthropic_format(dclient, dummy_api):
     assert e.value.body["error"]["type"] == "invalid_request_error" and "temperature" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as e:
         await dclient.messages.create(model=MODEL, max_tokens=5, messages=PARIS,
-                                      tools=[{"name": "f", "input_schema": {"type": "object"}}])
-    assert "tools" in e.value.body["error"]["message"]
+                                      tools=[{"name": "f", "description": "no input_schema"}])
+    assert "tools[0].input_schema" in e.value.body["error"]["message"]
     async with aiohttp.ClientSession() as s:
         for body in (b"{oops", b'{"model": "smollm2-135m", "messages": []}', b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "x"}]}'):
             async with s.post(f"{dummy_api.api_url}/v1/messages", data=body) as resp:

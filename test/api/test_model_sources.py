@@ -146,7 +146,7 @@ async def test_a_model_s_generation_config_gives_the_defaults_the_server_leaves_
     """generation_config.json's temperature and top_p apply to requests that leave them out,
     unless the server's configuration sets them."""
     from exo.api.chat_api.models import GenerationDefaults
-    from exo.api.chat_api.serving import model_defaults
+    from exo.api.serving.resolve import model_defaults
     from exo.api.chat_api.state import APIState
     from exo.config import GenerationConfig
     from exo.inference.tokenizers import tokenizer_for_path

@@ -1,4 +1,4 @@
-"""Unit tests of exo.api.chat_api.token_handler: stop strings, UTF-8 safety, chunks, queues."""
+"""Unit tests of exo.api.serving.token_handler: stop strings, UTF-8 safety, chunks, queues."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from helpers import smollm2_gguf_path
 
 from exo.api.chat_api.responses import Usage
 from exo.api.chat_api.chunks import ChoiceUpdate, StreamMeta, build_chunk, encode_sse
-from exo.api.chat_api.token_handler import ChoiceTextStream, TokenLogprob, find_stop, stop_prefix_overlap
-from exo.api.chat_api.token_queue import TokenQueue
+from exo.api.serving.token_handler import ChoiceTextStream, TokenLogprob, find_stop, stop_prefix_overlap
+from exo.api.serving.token_queue import TokenQueue
 from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer, ends_inside_a_character, tokenizer_for_path
 from exo.orchestration.request import TokenResult
 

@@ -8,14 +8,17 @@ events ``message_start``, ``content_block_start``, ``ping``, ``content_block_del
 ``{"type": "error", "error": {"type", "message"}}`` (``dialects``), also mid-stream as an
 ``error`` event.
 
-Supported: ``model``, ``max_tokens`` (required), ``messages`` (text content; a last assistant
-message is a prefill that the answer continues), ``system`` (string or text blocks),
-``stop_sequences``, ``temperature`` [0, 1], ``top_p``, ``top_k``, ``stream``. Fields that cannot
-change a local cluster's answer (``metadata``, ``service_tier``, ``cache_control``,
-``output_config.effort``, ``speed`` ...) are accepted and ignored. Tools, thinking, structured
-outputs, containers, images and documents are rejected with a 400 naming the parameter; unknown
-fields too, as Anthropic does. (Recent SDK versions have no ``temperature`` argument: send it
-with ``extra_body={"temperature": 0}``.)
+Supported: ``model``, ``max_tokens`` (required), ``messages`` (text, ``tool_use``,
+``tool_result`` and ``thinking`` blocks; a last assistant message is a prefill that the answer
+continues), ``system`` (string or text blocks), ``stop_sequences``, ``temperature`` [0, 1],
+``top_p``, ``top_k``, ``stream``, ``tools`` and ``tool_choice`` (``tool_use`` blocks, streamed
+with ``input_json_delta``, ``stop_reason: "tool_use"``), ``thinking`` (``thinking`` blocks) and
+``output_config.format`` (a JSON Schema the answer follows). Requests run through the serving
+layer (``exo.api.serving``) as every dialect's do. Fields that cannot change a local cluster's
+answer (``metadata``, ``service_tier``, ``cache_control``, ``output_config.effort``, ``speed``
+...) are accepted and ignored. Server tools, containers, images and documents are rejected
+with a 400 naming the parameter; unknown fields too, as Anthropic does. (Recent SDK versions
+have no ``temperature`` argument: send it with ``extra_body={"temperature": 0}``.)
 """
 
 from __future__ import annotations
@@ -23,24 +26,19 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from exo.api.chat_api.dialects import anthropic_error_type
 from exo.api.chat_api.fallback import served_model
-from exo.api.chat_api.models import RequestParamError, parse_request
 from exo.api.chat_api.json_body import read_json
-from exo.api.chat_api.serving import (
-    encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens, resolve_model,
-)
-from exo.api.chat_api.state import STATE_KEY, APIState
-from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
-from exo.api.chat_api.utils import APIError
-from exo.inference.generation import GenerationOptions
-from exo.inference.tokenizers import Tokenizer
-from exo.models.sources import ModelCard
+from exo.api.chat_api.models import RequestParamError, parse_request
+from exo.api.chat_api.state import STATE_KEY
+from exo.api.serving.pipeline import Choice, Job, Update, collect, generate, prepare
+from exo.api.serving.request import GenerateRequest, ResponseFormat, Sampling, ToolCall, ToolChoice, ToolSpec, Turn
+from exo.api.serving.resolve import api_error_from
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +61,105 @@ class TextBlockParam(BaseModel):
     citations: list[Any] | None = None
 
 
-class MessageParam(BaseModel):
-    """One turn: ``user`` or ``assistant``, with text content."""
+class ToolUseBlockParam(BaseModel):
+    """An assistant's earlier call: ``{"type": "tool_use", "id", "name", "input"}``."""
 
     model_config = _STRICT
-    role: Literal["user", "assistant"]
-    content: str | list[TextBlockParam]
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: dict[str, Any] | None = None
+
+
+class ToolResultBlockParam(BaseModel):
+    """A user's answer to a call: ``{"type": "tool_result", "tool_use_id", "content"}``."""
+
+    model_config = _STRICT
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlockParam] = ""
+    is_error: bool | None = None
+    cache_control: dict[str, Any] | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+
+
+class ThinkingBlockParam(BaseModel):
+    """An assistant's earlier reasoning (``signature`` accepted, not checked)."""
+
+    model_config = _STRICT
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+Block = TextBlockParam | ToolUseBlockParam | ToolResultBlockParam | ThinkingBlockParam
+
+
+class MessageParam(BaseModel):
+    """One turn: ``user`` or ``assistant``, with text, tool and thinking blocks."""
+
+    model_config = _STRICT
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(b.text for b in self.content if isinstance(b, TextBlockParam))
+
+    def to_turns(self, index: int) -> list[Turn]:
+        """The turns of this message: tool results become ``tool`` turns, in order."""
+        param = f"messages[{index}]"
+        if isinstance(self.content, str):
+            return [Turn(self.role, self.content, param=param)]
+        if self.role == "assistant":
+            calls = [ToolCall(b.id, b.name, json.dumps(b.input, ensure_ascii=False))
+                     for b in self.content if isinstance(b, ToolUseBlockParam)]
+            reasoning = "".join(b.thinking for b in self.content if isinstance(b, ThinkingBlockParam)) or None
+            return [Turn("assistant", self.text(), calls, reasoning=reasoning, param=param)]
+        turns = [Turn("tool", b.text(), tool_call_id=b.tool_use_id, param=f"{param}.content[{j}]")
+                 for j, b in enumerate(self.content) if isinstance(b, ToolResultBlockParam)]
+        text = self.text()
+        if text or not turns:
+            turns.append(Turn("user", text, param=param))
+        return turns
+
+
+class ToolParam(BaseModel):
+    """A client tool: ``name``, ``description``, ``input_schema`` (server tools are refused)."""
+
+    model_config = _STRICT
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class ToolChoiceParam(BaseModel):
+    """``{"type": "auto" | "any" | "tool" | "none", "name", "disable_parallel_tool_use"}``."""
+
+    model_config = _STRICT
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+    @model_validator(mode="after")
+    def _name(self) -> "ToolChoiceParam":
+        if self.type == "tool" and not self.name:
+            raise RequestParamError("name", "tool_choice of type 'tool' needs the tool's name")
+        return self
+
+
+class ThinkingParam(BaseModel):
+    """``{"type": "enabled", "budget_tokens"}`` or ``{"type": "disabled"}``."""
+
+    model_config = _STRICT
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1)
 
 
 class _MessagesBase(BaseModel):
@@ -79,18 +167,12 @@ class _MessagesBase(BaseModel):
     model: str = Field(min_length=1)
     messages: list[MessageParam] = Field(min_length=1)
     system: str | list[TextBlockParam] | None = None
-    tools: list[Any] | None = None
-    tool_choice: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None
+    tools: list[ToolParam] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    thinking: ThinkingParam | None = None
 
     @model_validator(mode="after")
     def _check_base(self) -> "_MessagesBase":
-        if self.tools:
-            raise RequestParamError("tools", "tools are not supported by exo", code="unsupported_parameter")
-        if self.tool_choice and self.tool_choice.get("type") not in (None, "none", "auto"):
-            raise RequestParamError("tool_choice", "tool_choice is not supported by exo", code="unsupported_parameter")
-        if self.thinking and self.thinking.get("type") != "disabled":
-            raise RequestParamError("thinking", "extended thinking is not supported by exo", code="unsupported_parameter")
         last = self.messages[-1]
         if last.role == "assistant" and last.text() != last.text().rstrip():
             raise RequestParamError("messages", "final assistant content cannot end with trailing whitespace")
@@ -101,24 +183,25 @@ class _MessagesBase(BaseModel):
             return None
         return self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
 
-    def prompt(self, tokenizer: Tokenizer) -> str:
-        """The prompt text: the chat template over system + messages; a last assistant message
-        is a prefill appended after the generation prompt.
-
-        Raises:
-            APIError: 400 when the template rejects the conversation.
-        """
-        turns = [{"role": m.role, "content": m.text()} for m in self.messages]
+    def to_generate_request(self) -> GenerateRequest:
+        """The request for the serving layer: system first, a last assistant message as the
+        prefill the answer continues."""
+        turns: list[Turn] = [Turn("system", self.system_text() or "", param="system")] if self.system_text() else []
+        for i, m in enumerate(self.messages):
+            turns.extend(m.to_turns(i))
         prefill = ""
-        if turns[-1]["role"] == "assistant":
-            prefill = turns.pop()["content"]
-        system = self.system_text()
-        if system:
-            turns.insert(0, {"role": "system", "content": system})
-        try:
-            return tokenizer.apply_chat_template(turns, add_generation_prompt=True) + prefill
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from None
+        if turns[-1].role == "assistant" and not turns[-1].tool_calls:
+            prefill = turns.pop().content
+        choice = self.tool_choice
+        mode = {"auto": "auto", "any": "required", "tool": "function", "none": "none"}[choice.type] if choice else "auto"
+        thinking = None if self.thinking is None else self.thinking.type != "disabled"
+        return GenerateRequest(
+            model=self.model, turns=turns, prefill=prefill,
+            tools=[ToolSpec(t.name, t.description or "", t.input_schema) for t in self.tools or []],
+            tool_choice=ToolChoice(mode, choice.name if choice else None),  # type: ignore[arg-type]
+            parallel_tool_calls=not (choice and choice.disable_parallel_tool_use),
+            thinking=thinking if thinking is not None else False,
+        )
 
 
 class MessagesRequest(_MessagesBase):
@@ -147,9 +230,10 @@ class MessagesRequest(_MessagesBase):
         for s in self.stop_sequences or []:
             if s == "":
                 raise RequestParamError("stop_sequences", "stop sequences must not be empty")
-        if self.output_config and self.output_config.get("format"):
-            raise RequestParamError("output_config.format", "structured outputs are not supported by exo",
-                                    code="unsupported_parameter")
+        fmt = (self.output_config or {}).get("format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "json_schema"
+                                or not isinstance(fmt.get("schema"), dict)):
+            raise RequestParamError("output_config.format", 'must be {"type": "json_schema", "schema": {...}}')
         if self.container is not None:
             raise RequestParamError("container", "containers (code execution) are not supported by exo",
                                     code="unsupported_parameter")
@@ -168,52 +252,121 @@ def new_message_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
 
-def stop_reason(step: TextStep) -> str:
-    """Anthropic's ``stop_reason`` of the last step: end_turn, max_tokens or stop_sequence."""
-    if step.finish_reason == "length":
+def stop_reason(c: Choice) -> str:
+    """Anthropic's ``stop_reason`` of a finished choice: end_turn, max_tokens, stop_sequence or tool_use."""
+    if c.finish_reason == "length":
         return "max_tokens"
-    if step.stop_string is not None:
+    if c.finish_reason == "tool_calls":
+        return "tool_use"
+    if c.stop_string is not None:
         return "stop_sequence"
     return "end_turn"
 
 
-def message_object(msg_id: str, model: str, text: str | None, stats: GenerationStats, step: TextStep | None) -> dict[str, Any]:
-    """A ``message`` object: the whole answer, or (``text`` None, ``step`` None) the empty
-    message of ``message_start``."""
+def _tool_use_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
+
+
+def _input(arguments: str) -> dict[str, Any]:
+    try:
+        value = json.loads(arguments) if arguments else {}
+    except ValueError:  # cut short by the token budget
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def content_blocks(c: Choice) -> list[dict[str, Any]]:
+    """A finished choice's content: its thinking, its text, its ``tool_use`` blocks."""
+    blocks: list[dict[str, Any]] = []
+    if c.reasoning:
+        blocks.append({"type": "thinking", "thinking": c.reasoning, "signature": ""})
+    if c.content or not c.tool_calls:
+        blocks.append({"type": "text", "text": c.content})
+    blocks.extend({"type": "tool_use", "id": _tool_use_id(t.id), "name": t.name, "input": _input(t.arguments)}
+                  for t in c.tool_calls)
+    return blocks
+
+
+def message_object(job: Job, model: str, finished: bool) -> dict[str, Any]:
+    """The ``message`` object: the whole answer, or (not ``finished``) the empty message of
+    ``message_start``."""
+    c = job.choices[0]
     return {
-        "id": msg_id,
+        "id": job.id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [] if text is None else [{"type": "text", "text": text}],
-        "stop_reason": stop_reason(step) if step is not None else None,
-        "stop_sequence": step.stop_string if step is not None else None,
-        "usage": {"input_tokens": stats.prompt_tokens, "output_tokens": stats.completion_tokens},
+        "content": content_blocks(c) if finished else [],
+        "stop_reason": stop_reason(c) if finished else None,
+        "stop_sequence": c.stop_string if finished else None,
+        "usage": {"input_tokens": job.prompt_tokens, "output_tokens": job.completion_tokens},
     }
 
 
 def encode_event(event: str, data: dict[str, Any]) -> bytes:
-    """One server-sent event with its name: ``event: NAME\\ndata: JSON\\n\\n``."""
+    """One server-sent event with its name: ``event: NAME\ndata: JSON\n\n``."""
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode("utf-8")
+
+
+class _BlockStream:
+    """The content blocks of a streamed answer, opened as their first piece arrives."""
+
+    def __init__(self, resp: web.StreamResponse):
+        self.resp = resp
+        self.index = -1
+        self.kind: str | None = None
+
+    async def _event(self, name: str, data: dict[str, Any]) -> None:
+        await self.resp.write(encode_event(name, {"type": name, **data}))
+
+    async def open(self, kind: str, block: dict[str, Any]) -> None:
+        await self.close()
+        self.index += 1
+        self.kind = kind
+        await self._event("content_block_start", {"index": self.index, "content_block": block})
+        if self.index == 0:
+            await self._event("ping", {})
+
+    async def delta(self, delta: dict[str, Any]) -> None:
+        await self._event("content_block_delta", {"index": self.index, "delta": delta})
+
+    async def close(self) -> None:
+        if self.kind is None:
+            return
+        if self.kind == "thinking":
+            await self.delta({"type": "signature_delta", "signature": ""})
+        await self._event("content_block_stop", {"index": self.index})
+        self.kind = None
+
+    async def add(self, u: Update) -> None:
+        if u.reasoning:
+            if self.kind != "thinking":
+                await self.open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            await self.delta({"type": "thinking_delta", "thinking": u.reasoning})
+        if u.content:
+            if self.kind != "text":
+                await self.open("text", {"type": "text", "text": ""})
+            await self.delta({"type": "text_delta", "text": u.content})
+        for piece in u.tool_calls:
+            if piece.id is not None:
+                await self.open("tool_use", {"type": "tool_use", "id": _tool_use_id(piece.id), "name": piece.name,
+                                             "input": {}})
+            if piece.arguments:
+                await self.delta({"type": "input_json_delta", "partial_json": piece.arguments})
 
 
 # ---------------------------------------------------------------------------- handlers
 
 
-def _options(req: MessagesRequest, state: APIState, card: ModelCard, prompt_tokens: int,
-             tokenizer: Tokenizer) -> GenerationOptions:
-    d = model_defaults(state, tokenizer)
-    max_tokens = resolve_max_tokens(req.max_tokens, None, prompt_tokens, card.context_length, "messages")
-    try:
-        return GenerationOptions(
-            max_tokens=max_tokens,
-            temperature=req.temperature if req.temperature is not None else d.temperature,
-            top_p=req.top_p if req.top_p is not None else d.top_p,
-            top_k=req.top_k if req.top_k is not None else d.top_k,
-            stop_token_ids=tuple(tokenizer.eos_token_ids),
-        )
-    except ValueError as e:
-        raise APIError(400, str(e), code="invalid_value") from None
+def _generate_request(req: MessagesRequest) -> GenerateRequest:
+    gen = req.to_generate_request()
+    gen.max_tokens = req.max_tokens
+    gen.stop = list(req.stop_sequences or [])
+    gen.sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
+    fmt = (req.output_config or {}).get("format")
+    if fmt is not None:
+        gen.response_format = ResponseFormat("json_schema", fmt["schema"])
+    return gen
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -225,56 +378,52 @@ async def messages(request: web.Request) -> web.StreamResponse:
     """
     state = request.app[STATE_KEY]
     req = parse_request(MessagesRequest, await read_json(request))
-    card = await resolve_model(state, req.model)
-    tokenizer = await get_tokenizer(state, card.model_id)
-    prompt_ids = await encode_prompt(tokenizer, lambda: req.prompt(tokenizer), card.context_length, "messages")
-    options = _options(req, state, card, len(prompt_ids), tokenizer)
-    stops = list(req.stop_sequences or [])
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    msg_id = new_message_id()
-    steps = generate_text(state, card.model_id, tokenizer, prompt_ids, options, stops, msg_id, stats)
-    model = served_model(request, req.model, card)  # the fallback's id when one answers
+    job = await prepare(state, _generate_request(req), "msg")
+    job.id = new_message_id()
+    model = served_model(request, req.model, job.card)  # the fallback's id when one answers
+    updates = generate(state, job)
     try:
-        first = await steps.__anext__()  # errors before anything is sent are plain HTTP errors
+        first = await updates.__anext__()  # errors before anything is sent are plain HTTP errors
         if not req.stream:
-            text, step = await collect_text(first, steps)
-            return web.json_response(message_object(msg_id, model, text, stats, step))
-        resp = web.StreamResponse(headers=SSE_HEADERS)
-        await resp.prepare(request)
-        try:
-            await resp.write(encode_event("message_start", {
-                "type": "message_start", "message": message_object(msg_id, model, None, stats, None)}))
-            await resp.write(encode_event("content_block_start", {
-                "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
-            await resp.write(encode_event("ping", {"type": "ping"}))
-            step = first
-            try:
-                while True:
-                    if step.text:
-                        await resp.write(encode_event("content_block_delta", {
-                            "type": "content_block_delta", "index": 0,
-                            "delta": {"type": "text_delta", "text": step.text}}))
-                    if step.finish_reason is not None:
-                        break
-                    step = await steps.__anext__()
-            except APIError as e:
-                logger.warning("request %s failed mid-stream: %s", msg_id, e.message)
-                await resp.write(encode_event("error", {"type": "error", "error": {
-                    "type": anthropic_error_type(e.status), "message": e.message}}))
-                await resp.write_eof()
-                return resp
-            await resp.write(encode_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
-            await resp.write(encode_event("message_delta", {
-                "type": "message_delta",
-                "delta": {"stop_reason": stop_reason(step), "stop_sequence": step.stop_string},
-                "usage": {"output_tokens": stats.completion_tokens}}))
-            await resp.write(encode_event("message_stop", {"type": "message_stop"}))
-            await resp.write_eof()
-        except ConnectionResetError:
-            logger.info("request %s: client disconnected", msg_id)
-        return resp
+            await collect(updates)
+            return web.json_response(message_object(job, model, finished=True))
+        return await _stream(request, job, model, first, updates)
     finally:
-        await steps.aclose()
+        await updates.aclose()
+
+
+async def _stream(request: web.Request, job: Job, model: str, first: Update,
+                  updates: AsyncIterator[Update]) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    blocks = _BlockStream(resp)
+    try:
+        await resp.write(encode_event("message_start", {
+            "type": "message_start", "message": message_object(job, model, finished=False)}))
+        try:
+            u: Update | None = first
+            while u is not None:
+                await blocks.add(u)
+                u = None if u.finish_reason is not None else await anext(updates, None)
+        except Exception as e:
+            err = api_error_from(e)
+            logger.warning("request %s failed mid-stream: %s", job.id, err.message)
+            await resp.write(encode_event("error", {"type": "error", "error": {
+                "type": anthropic_error_type(err.status), "message": err.message}}))
+            await resp.write_eof()
+            return resp
+        if blocks.index == -1:  # an empty answer still has its (empty) text block
+            await blocks.open("text", {"type": "text", "text": ""})
+        await blocks.close()
+        c = job.choices[0]
+        await resp.write(encode_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": stop_reason(c), "stop_sequence": c.stop_string},
+            "usage": {"output_tokens": job.completion_tokens}}))
+        await resp.write(encode_event("message_stop", {"type": "message_stop"}))
+        await resp.write_eof()
+    except ConnectionResetError:
+        logger.info("request %s: client disconnected", job.id)
+    return resp
 
 
 async def count_tokens(request: web.Request) -> web.Response:
@@ -282,10 +431,10 @@ async def count_tokens(request: web.Request) -> web.Response:
     would send. Errors as for ``/v1/messages``."""
     state = request.app[STATE_KEY]
     req = parse_request(CountTokensRequest, await read_json(request))
-    card = await resolve_model(state, req.model)
-    tokenizer = await get_tokenizer(state, card.model_id)
-    prompt_ids = await encode_prompt(tokenizer, lambda: req.prompt(tokenizer), card.context_length, "messages")
-    return web.json_response({"input_tokens": len(prompt_ids)})
+    gen = req.to_generate_request()
+    gen.max_tokens = 1
+    job = await prepare(state, gen, "msg")
+    return web.json_response({"input_tokens": job.prompt_tokens})
 
 
 def setup_routes(app: web.Application) -> None:

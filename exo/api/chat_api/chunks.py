@@ -21,10 +21,13 @@ from exo.api.chat_api.responses import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    FunctionCallDelta,
+    ToolCallDeltaObject,
     TopLogprob,
     Usage,
 )
-from exo.api.chat_api.token_handler import TokenLogprob
+from exo.api.serving.token_handler import TokenLogprob
+from exo.api.serving.tools import ToolCallDelta
 
 ChunkKind = Literal["chat", "completion"]
 
@@ -67,6 +70,8 @@ class ChoiceUpdate:
         logprobs: log-probabilities of the tokens of ``text``, or None when not asked for.
         text_offset_base: characters before the choice's generated text (the echoed prompt of a
             completion), added to each token's ``text_offset``.
+        reasoning: new reasoning text (chat), or None.
+        tool_calls: new pieces of calls (chat), or None.
     """
 
     index: int
@@ -75,6 +80,8 @@ class ChoiceUpdate:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     text_offset_base: int = 0
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatChoiceLogprobs:
@@ -107,7 +114,8 @@ def build_chunk(meta: StreamMeta, updates: Sequence[ChoiceUpdate], usage: Usage 
             choices=[
                 ChatChunkChoice(
                     index=u.index,
-                    delta=ChatDelta(role=u.role, content=u.text),
+                    delta=ChatDelta(role=u.role, content=u.text, reasoning_content=u.reasoning,
+                                    tool_calls=_tool_call_deltas(u.tool_calls)),
                     logprobs=chat_logprobs(u.logprobs) if u.logprobs is not None else None,
                     finish_reason=u.finish_reason,  # type: ignore[arg-type]
                 )
@@ -130,6 +138,13 @@ def build_chunk(meta: StreamMeta, updates: Sequence[ChoiceUpdate], usage: Usage 
     if not meta.include_usage:
         chunk.pop("usage", None)
     return chunk
+
+
+def _tool_call_deltas(pieces: Sequence[ToolCallDelta] | None) -> list[ToolCallDeltaObject] | None:
+    if not pieces:
+        return None
+    return [ToolCallDeltaObject(index=p.index, id=p.id, type="function" if p.id is not None else None,
+                                function=FunctionCallDelta(name=p.name, arguments=p.arguments)) for p in pieces]
 
 
 def encode_sse(payload: dict[str, Any] | str) -> bytes:

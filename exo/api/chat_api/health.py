@@ -134,7 +134,7 @@ async def health_of_model(request: web.Request) -> web.Response:
     run; a model whose header cannot be downloaded is 503 with the reason.
     """
     from exo.api.chat_api.fallback import configured_fallbacks
-    from exo.api.chat_api.serving import resolve_model
+    from exo.api.serving.resolve import resolve_model
     from exo.api.chat_api.utils import APIError
 
     state = request.app[STATE_KEY]

@@ -50,7 +50,7 @@ async def get_model(request: web.Request) -> web.Response:
     Raises:
         APIError: 404 "model_not_found", 400 "invalid_model" (see ``resolve_model``).
     """
-    from exo.api.chat_api.serving import resolve_model
+    from exo.api.serving.resolve import resolve_model
 
     state = _state(request)
     card = await resolve_model(state, request.match_info["model_id"])

@@ -4,21 +4,26 @@ Requests are validated strictly: wrong types, out-of-range values and unknown fi
 rejected with a 400 that names the parameter (``parse_request``). A few fields that the
 official OpenAI clients may send and that cannot change our answer (``user``, ``metadata``,
 ``store``, ...) are accepted and ignored; fields that would change the answer but that exo does
-not support (``tools``, ``logit_bias``, ``suffix`` ...) are rejected with code
-``"unsupported_parameter"`` rather than silently ignored.
+not support (``suffix``, ``modalities`` other than text ...) are rejected with code
+``"unsupported_parameter"`` rather than silently ignored. ``to_generate_request`` translates a
+chat request into the serving layer's dialect-neutral ``GenerateRequest``.
 
-Generation options resolve as request value > server default > OpenAI's default
-(``SamplingRequest.to_generation_options``), the layering of vLLM's ``to_sampling_params``.
+Generation options resolve as request value > server default > OpenAI's default (in the serving
+layer, ``exo.api.serving.pipeline``), the layering of vLLM's ``to_sampling_params``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from exo.api.chat_api.utils import APIError
-from exo.inference.generation import SEED_MAX, SEED_MIN, GenerationOptions
+from exo.api.serving.request import (
+    GenerateRequest, ResponseFormat, Sampling, ToolCall, ToolChoice, ToolSpec, Turn,
+)
+from exo.inference.generation import SEED_MAX, SEED_MIN
 
 # OpenAI's API defaults (https://platform.openai.com/docs/api-reference)
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -60,22 +65,54 @@ class TextContentPart(BaseModel):
     text: str
 
 
+class FunctionCallParam(BaseModel):
+    """``{"name", "arguments"}`` of a call in the history (arguments: JSON text)."""
+
+    model_config = _STRICT
+    name: str
+    arguments: str
+
+
+class ToolCallParam(BaseModel):
+    """A call an assistant message made: ``{"id", "type": "function", "function"}``."""
+
+    model_config = _STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(BaseModel):
     """One message of a conversation.
 
     ``developer`` is OpenAI's newer name for ``system`` and is rendered as ``system``. Content
-    is a string or a list of text parts; it may be null only for an assistant message.
+    is a string or a list of text parts; it may be null only for an assistant message. An
+    assistant message may carry ``tool_calls`` (and ``reasoning_content``, its earlier
+    reasoning); a ``tool`` message answers the call ``tool_call_id``.
     """
 
     model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    refusal: str | None = None  # accepted in the history, not rendered
 
     @model_validator(mode="after")
     def _content_required(self) -> "ChatMessage":
         if self.content is None and self.role != "assistant":
             raise RequestParamError("content", f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise RequestParamError("tool_calls", "only an assistant message can carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise RequestParamError("tool_call_id", "a tool message needs the tool_call_id of the call it answers")
+        for i, c in enumerate(self.tool_calls or []):
+            try:
+                json.loads(c.function.arguments)
+            except ValueError:
+                raise RequestParamError(f"tool_calls[{i}].function.arguments", "must be JSON text") from None
         return self
 
     def text(self) -> str:
@@ -86,10 +123,60 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def to_template_dict(self) -> dict[str, str]:
-        """``{"role", "content"}`` as chat templates expect it."""
+    def to_turn(self, index: int) -> Turn:
+        """The message as the serving layer's ``Turn``."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or []]
+        return Turn(role, self.text(), calls, self.tool_call_id, self.name if role == "tool" else None,  # type: ignore[arg-type]
+                    self.reasoning_content, f"messages[{index}]")
+
+
+class FunctionDefinition(BaseModel):
+    """A tool's function: name, description, JSON Schema of its parameters."""
+
+    model_config = _STRICT
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments always follow the schema here
+
+
+class ToolParam(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: call this function."""
+
+    model_config = _STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # answers always follow the schema here
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+class ResponseFormatJsonObject(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_object"]
 
 
 class StreamOptions(BaseModel):
@@ -133,7 +220,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, int | float] | None = None
+    logit_bias: dict[str, int | float] | None = None  # token id (as text) -> bias in [-100, 100]
     # accepted and ignored: they cannot change the answer
     user: str | None = None
 
@@ -147,9 +234,19 @@ class SamplingRequest(BaseModel):
                 raise RequestParamError("stop", "stop strings must not be empty")
         if self.stream_options is not None and not self.stream:
             raise RequestParamError("stream_options", "stream_options is only allowed when stream is true")
-        if self.logit_bias:
-            raise _unsupported("logit_bias", "logit_bias is not supported")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise RequestParamError("logit_bias", f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise RequestParamError("logit_bias", f"the bias of token {key} must be in [-100, 100], got {bias}")
         return self
+
+    def sampling(self) -> Sampling:
+        """The sampling options for the serving layer."""
+        logprobs, top = self._logprob_options()
+        return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty or 0.0,
+                        self.frequency_penalty or 0.0, {int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+                        logprobs, top)
 
     def stop_strings(self) -> list[str]:
         """The stop strings as a list (empty when none)."""
@@ -168,38 +265,6 @@ class SamplingRequest(BaseModel):
     def _logprob_options(self) -> tuple[bool, int]:
         """(logprobs wanted, number of alternatives per token)."""
         return False, 0
-
-    def to_generation_options(self, max_tokens: int, stop_token_ids: tuple[int, ...], choice_index: int = 0,
-                              defaults: GenerationDefaults | None = None) -> GenerationOptions:
-        """The engine's options for choice ``choice_index``.
-
-        Args:
-            max_tokens: tokens to generate at most (already resolved against the context).
-            stop_token_ids: the model's EOS ids.
-            choice_index: index of the choice among ``n`` (offsets the seed).
-            defaults: server defaults, used where the request leaves a field out.
-
-        Raises:
-            ValueError: an option out of range (GenerationOptions names it).
-        """
-        d = defaults or GenerationDefaults()
-        logprobs, top_logprobs = self._logprob_options()
-        temperature = self.temperature if self.temperature is not None else d.temperature
-        top_p = self.top_p if self.top_p is not None else d.top_p
-        top_k = self.top_k if self.top_k is not None else d.top_k
-        seed = (self.seed + choice_index - SEED_MIN) % 2**64 + SEED_MIN if self.seed is not None else None
-        return GenerationOptions(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=max(top_k, 0),
-            seed=seed,
-            stop_token_ids=tuple(stop_token_ids),
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-        )
 
 
 class GenerationDefaults(BaseModel):
@@ -229,6 +294,10 @@ class ChatCompletionRequest(SamplingRequest):
             when both are given.
         logprobs: return the chosen tokens' log-probabilities.
         top_logprobs: 0-20 alternatives per token; requires ``logprobs``.
+        tools, tool_choice, parallel_tool_calls: functions the model may call and how.
+        response_format: text, ``json_object`` or ``json_schema``.
+        reasoning_effort: "none" switches a thinking model's reasoning off, any other value on.
+        chat_template_kwargs: extra template variables (vLLM's), e.g. ``enable_thinking``.
     """
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -236,25 +305,52 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # accepted and ignored (harmless for our text-only models without tools)
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # accepted and ignored: they cannot change the answer
     metadata: dict[str, str] | None = None
     store: bool | None = None
-    parallel_tool_calls: bool | None = None
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     modalities: list[Literal["text"]] | None = None
-    response_format: ResponseFormatText | None = None
-    tool_choice: Literal["none"] | None = None
-    tools: list[Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestParamError("top_logprobs", "top_logprobs requires logprobs to be true")
-        if self.tools:
-            raise _unsupported("tools", "tools are not supported")
         return self
+
+    def to_generate_request(self) -> GenerateRequest:
+        """The request for the serving layer."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            tool_choice = ToolChoice("function", choice.function.name)
+        else:
+            tool_choice = ToolChoice(choice or "auto")
+        rf = self.response_format
+        if isinstance(rf, ResponseFormatJsonSchema):
+            response_format = ResponseFormat("json_schema", rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {})
+        elif isinstance(rf, ResponseFormatJsonObject):
+            response_format = ResponseFormat("json_object")
+        else:
+            response_format = ResponseFormat()
+        thinking = (self.chat_template_kwargs or {}).get("enable_thinking")
+        if self.reasoning_effort is not None:
+            thinking = self.reasoning_effort != "none"
+        return GenerateRequest(
+            model=self.model, turns=[m.to_turn(i) for i, m in enumerate(self.messages)], n=self.num_choices,
+            max_tokens=self.requested_max_tokens, stop=self.stop_strings(), sampling=self.sampling(),
+            tools=[ToolSpec(t.function.name, t.function.description or "",
+                            t.function.parameters if t.function.parameters is not None else {"type": "object", "properties": {}})
+                   for t in self.tools or []],
+            tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls is not False,
+            response_format=response_format, thinking=bool(thinking) if thinking is not None else None,
+        )
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -262,10 +358,6 @@ class ChatCompletionRequest(SamplingRequest):
 
     def _logprob_options(self) -> tuple[bool, int]:
         return bool(self.logprobs), (self.top_logprobs or 0) if self.logprobs else 0
-
-    def template_messages(self) -> list[dict[str, str]]:
-        """The messages as ``{"role", "content"}`` dicts for the chat template."""
-        return [m.to_template_dict() for m in self.messages]
 
 
 class CompletionRequest(SamplingRequest):
@@ -312,6 +404,14 @@ class CompletionRequest(SamplingRequest):
 
     def _logprob_options(self) -> tuple[bool, int]:
         return self.logprobs is not None, self.logprobs or 0
+
+    def to_generate_request(self) -> GenerateRequest:
+        """The request for the serving layer (each prompt gets ``n`` choices)."""
+        return GenerateRequest(
+            model=self.model, prompts=self.prompts(), n=self.num_choices, max_tokens=self.max_tokens,
+            default_max_tokens=OPENAI_DEFAULT_COMPLETIONS_MAX_TOKENS, stop=self.stop_strings(),
+            sampling=self.sampling(), echo=bool(self.echo), param="prompt",
+        )
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)

@@ -7,9 +7,8 @@ object with ``"stream": false``); ``GET /api/tags``, ``POST /api/show``, ``GET /
 ``ollama_downloads``.
 Errors are ``{"error": "message"}`` with the HTTP status.
 
-Requests become the same internal request as the OpenAI endpoints (chat template, the node's
-``generate``, ``ChoiceTextStream`` for text and stop strings, see ``text_generation``).
-Model names may carry Ollama's tag: ``smollm2-135m:latest`` is ``smollm2-135m``.
+Requests become the serving layer's ``GenerateRequest`` (``exo.api.serving``), as every dialect's
+do. Model names may carry Ollama's tag: ``smollm2-135m:latest`` is ``smollm2-135m``.
 
 Options (``"options": {...}``): ``temperature`` [0, 2], ``top_p`` (0, 1], ``top_k`` (>= 0),
 ``seed`` (negative: random), ``num_predict`` (>= 1; -1 and -2: up to the context length),
@@ -17,9 +16,10 @@ Options (``"options": {...}``): ``temperature`` [0, 2], ``top_p`` (0, 1], ``top_
 value is a 400 naming ``options.<name>``. Runtime options that cannot change the answer
 (``num_ctx``, ``num_thread``, ``num_gpu`` ...) and sampling knobs exo does not implement
 (``repeat_penalty``, ``mirostat`` ...) are ignored with a log line, as Ollama itself does with
-options it does not know. Request fields that would change the answer but that exo cannot honour
-(``format``, ``tools``, ``images``, ``think``, ``suffix``, ``template``, ``logprobs``) are
-rejected with 400.
+options it does not know. ``format`` ("json" or a JSON Schema), ``tools`` (``/api/chat``;
+``message.tool_calls`` in the answer, ``tool`` messages with ``tool_name`` in the history),
+``think`` (``message.thinking`` / ``thinking``) and ``logprobs`` / ``top_logprobs`` are
+honoured; ``images``, ``suffix`` and ``template`` are rejected with 400.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from exo.api.chat_api.fallback import served_model
 from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.models import parse_request
 from exo.api.chat_api.ollama_models import LENIENT, resolve_ollama_model
-from exo.api.chat_api.serving import encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens
-from exo.api.chat_api.state import STATE_KEY, APIState
-from exo.api.chat_api.text_generation import GenerationStats, TextStep, collect_text, generate_text
-from exo.api.chat_api.utils import APIError, new_id
-from exo.inference.generation import SEED_MAX, GenerationOptions
-from exo.inference.tokenizers import Tokenizer
-from exo.models.sources import ModelCard
+from exo.api.chat_api.state import STATE_KEY
+from exo.api.chat_api.utils import APIError
+from exo.api.serving.pipeline import Choice, Job, Update, collect, generate as run_generation, prepare
+from exo.api.serving.request import GenerateRequest, ResponseFormat, Sampling, ToolCall, ToolSpec, Turn
+from exo.api.serving.resolve import api_error_from
+from exo.api.serving.token_handler import TokenLogprob
+from exo.inference.generation import SEED_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +65,40 @@ _UNIMPLEMENTED_OPTIONS = frozenset({
 # ---------------------------------------------------------------------------- requests
 
 
+class OllamaFunctionCall(BaseModel):
+    model_config = LENIENT
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(BaseModel):
+    model_config = LENIENT
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(BaseModel):
-    """One message of ``/api/chat``."""
+    """One message of ``/api/chat``; a ``tool`` message names its function in ``tool_name``."""
 
     model_config = LENIENT
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[Any] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
     thinking: str | None = None
+    tool_name: str | None = None
+
+
+class OllamaFunction(BaseModel):
+    model_config = LENIENT
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class OllamaTool(BaseModel):
+    model_config = LENIENT
+    type: Literal["function"] = "function"
+    function: OllamaFunction
 
 
 class _OllamaBase(BaseModel):
@@ -83,27 +108,34 @@ class _OllamaBase(BaseModel):
     options: dict[str, Any] | None = None
     format: str | dict[str, Any] | None = None
     keep_alive: str | int | float | None = None  # models stay loaded; accepted and ignored
-    think: bool | str | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
-    def check_unsupported(self) -> None:
-        """Raises APIError 400 for fields exo cannot honour."""
-        if self.format:
-            raise APIError(400, "format (structured outputs) is not supported by exo", param="format",
-                           code="unsupported_parameter")
-        if self.think not in (None, False, "", "false"):
-            raise APIError(400, f"{self.model} does not support thinking", param="think", code="unsupported_parameter")
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported by exo's Ollama API; use /v1/chat/completions",
-                           param="logprobs", code="unsupported_parameter")
+    def response_format(self) -> ResponseFormat:
+        """``format``: "json" (any JSON object), a JSON Schema, or nothing.
+
+        Raises:
+            APIError: 400 naming ``format`` for any other value.
+        """
+        if self.format in (None, ""):
+            return ResponseFormat()
+        if self.format == "json":
+            return ResponseFormat("json_object")
+        if isinstance(self.format, dict):
+            return ResponseFormat("json_schema", self.format)
+        raise APIError(400, f"Invalid value for 'format': {self.format!r} is neither \"json\" nor a JSON Schema",
+                       param="format", code="invalid_value")
+
+    def thinking(self) -> bool | None:
+        return None if self.think is None else self.think is not False
 
 
 class OllamaChatRequest(_OllamaBase):
     """``POST /api/chat`` body."""
 
     messages: list[OllamaMessage] = Field(default_factory=list)
-    tools: list[Any] | None = None
+    tools: list[OllamaTool] | None = None
 
 
 class OllamaGenerateRequest(_OllamaBase):
@@ -157,23 +189,20 @@ def ollama_stops(options: dict[str, Any]) -> list[str]:
     return list(stops)
 
 
-def ollama_generation_options(options: dict[str, Any] | None, state: APIState, prompt_tokens: int, card: ModelCard,
-                              tokenizer: Tokenizer) -> tuple[GenerationOptions, list[str]]:
-    """Ollama ``options`` -> (the engine's options, stop strings): request value > the
-    model's defaults (``model_defaults``: the server's configuration, the model's own).
+def ollama_sampling(req: _OllamaBase) -> tuple[Sampling, int | None, list[str]]:
+    """Ollama ``options`` (and ``logprobs``) -> (sampling, tokens to generate at most or None
+    for the default, stop strings). ``num_predict`` -1 / -2 ask for the whole context.
 
     Raises:
-        APIError: 400 naming ``options.<name>`` for a bad value; 413 when the prompt leaves no
-            room in the model's context.
+        APIError: 400 naming ``options.<name>`` for a bad value.
     """
-    options = dict(options or {})
+    options = dict(req.options or {})
     for name in sorted(set(options) - {"temperature", "top_p", "top_k", "seed", "num_predict", "stop",
                                        "presence_penalty", "frequency_penalty"}):
         if name in _UNIMPLEMENTED_OPTIONS:
             logger.warning("Ollama option %s is not implemented by exo; ignored", name)
         elif name not in _RUNTIME_OPTIONS:
             logger.warning("unknown Ollama option %s; ignored", name)
-    d = model_defaults(state, tokenizer)
     temperature = _number(options, "temperature", 0.0, 2.0)
     top_p = _number(options, "top_p", 0.0, 1.0, lo_open=True)
     top_k = _number(options, "top_k", 0, None, integer=True)
@@ -183,19 +212,16 @@ def ollama_generation_options(options: dict[str, Any] | None, state: APIState, p
     num_predict = _number(options, "num_predict", -2, None, integer=True)
     if num_predict == 0:
         raise _bad_option("num_predict", "must be >= 1, or -1 / -2 for no limit but the context length")
-    requested = card.context_length if num_predict in (-1, -2) else num_predict
-    max_tokens = resolve_max_tokens(requested, d.max_tokens, prompt_tokens, card.context_length, "prompt")
-    gen = GenerationOptions(
-        max_tokens=max_tokens,
-        temperature=float(temperature if temperature is not None else d.temperature),
-        top_p=float(top_p if top_p is not None else d.top_p),
-        top_k=int(top_k if top_k is not None else d.top_k),
+    max_tokens = 2**62 if num_predict in (-1, -2) else num_predict  # clamped to the context's room
+    sampling = Sampling(
+        temperature=float(temperature) if temperature is not None else None,
+        top_p=float(top_p) if top_p is not None else None,
+        top_k=int(top_k) if top_k is not None else None,
         seed=int(seed) if seed is not None and seed >= 0 else None,
-        stop_token_ids=tuple(tokenizer.eos_token_ids),
-        presence_penalty=float(presence or 0.0),
-        frequency_penalty=float(frequency or 0.0),
+        presence_penalty=float(presence or 0.0), frequency_penalty=float(frequency or 0.0),
+        logprobs=bool(req.logprobs), top_logprobs=int(req.top_logprobs or 0),
     )
-    return gen, ollama_stops(options)
+    return sampling, int(max_tokens) if max_tokens is not None else None, ollama_stops(options)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -206,76 +232,113 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _durations(stats: GenerationStats, received: float) -> dict[str, int]:
+def _durations(job: Job) -> dict[str, int]:
     """Ollama's timing fields (nanoseconds) and counts."""
-    end = stats.finished or time.perf_counter()
-    first = stats.first_token or end
+    end = job.finished or time.perf_counter()
+    first = job.first_token or end
+    started = job.started or job.received
     ns = 1_000_000_000
     return {
-        "total_duration": int((end - received) * ns),
-        "load_duration": int(max(0.0, stats.started - received) * ns),
-        "prompt_eval_count": stats.prompt_tokens,
-        "prompt_eval_duration": int((first - stats.started) * ns),
-        "eval_count": stats.completion_tokens,
+        "total_duration": int((end - job.received) * ns),
+        "load_duration": int(max(0.0, started - job.received) * ns),
+        "prompt_eval_count": job.prompt_tokens,
+        "prompt_eval_duration": int((first - started) * ns),
+        "eval_count": job.completion_tokens,
         "eval_duration": int((end - first) * ns),
     }
+
+
+def ollama_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Log-probabilities in Ollama's form: ``[{"token", "logprob", "bytes", "top_logprobs"}]``."""
+    return [{"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top]} for e in entries]
+
+
+def _tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Calls as Ollama's ``message.tool_calls`` (arguments as an object)."""
+    out = []
+    for i, c in enumerate(calls):
+        try:
+            arguments = json.loads(c.arguments) if c.arguments else {}
+        except ValueError:  # cut short by the token budget
+            arguments = {}
+        out.append({"id": c.id, "function": {"index": i, "name": c.name, "arguments": arguments}})
+    return out
 
 
 # ---------------------------------------------------------------------------- generation
 
 
-async def _answer(request: web.Request, state: APIState, req: _OllamaBase, card: ModelCard, tokenizer: Tokenizer,
-                  prompt_ids: list[int], kind: Literal["chat", "generate"], received: float) -> web.StreamResponse:
+async def _answer(request: web.Request, req: _OllamaBase, gen: GenerateRequest, kind: Literal["chat", "generate"],
+                  received: float) -> web.StreamResponse:
     """Run the generation and answer in Ollama's framing (NDJSON lines or one object)."""
-    options, stops = ollama_generation_options(req.options, state, len(prompt_ids), card, tokenizer)
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    request_id = new_id("ollama")
-    steps = generate_text(state, card.model_id, tokenizer, prompt_ids, options, stops, request_id, stats)
-    model = served_model(request, req.model, card)  # the fallback's id when one answers
+    state = request.app[STATE_KEY]
+    job = await prepare(state, gen, "ollama", received)
+    model = served_model(request, req.model, job.card)  # the fallback's id when one answers
+    want_logprobs = bool(req.logprobs)
 
-    def part(text: str) -> dict[str, Any]:
+    def part(content: str, thinking: str = "", calls: list[ToolCall] | None = None,
+             logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
         if kind == "chat":
-            body["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = _tool_calls(calls)
+            body["message"] = message
         else:
-            body["response"] = text
+            body["response"] = content
+            if thinking:
+                body["thinking"] = thinking
+        if want_logprobs and logprobs:
+            body["logprobs"] = ollama_logprobs(logprobs)
         return body
 
-    def final(step: TextStep, text: str) -> dict[str, Any]:
-        body = part(text)
-        body.update(done=True, done_reason=step.finish_reason, **_durations(stats, received))
+    def final(c: Choice, content: str, thinking: str = "", calls: list[ToolCall] | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        body = part(content, thinking, calls, logprobs)
+        reason = "stop" if c.finish_reason == "tool_calls" else c.finish_reason
+        body.update(done=True, done_reason=reason, **_durations(job))
         if kind == "generate":
-            body["context"] = list(prompt_ids) + list(stats.token_ids)
+            body["context"] = list(c.prompt_ids) + list(c.text.token_ids)
         return body
 
+    updates = run_generation(state, job)
     try:
-        first = await steps.__anext__()  # errors before anything is sent are plain HTTP errors
+        first = await updates.__anext__()  # errors before anything is sent are plain HTTP errors
+        c = job.choices[0]
         if not req.stream:
-            text, step = await collect_text(first, steps)
-            return web.json_response(final(step, text))
+            await collect(updates)
+            return web.json_response(final(c, c.content, c.reasoning, c.tool_calls, c.logprobs))
         resp = web.StreamResponse(headers=NDJSON_HEADERS)
         await resp.prepare(request)
         try:
-            step = first
-            while True:
-                if step.text:
-                    line = part(step.text)
+            u: Update | None = first
+            while u is not None:
+                if u.content or u.reasoning or (want_logprobs and u.logprobs):
+                    line = part(u.content, u.reasoning, logprobs=u.logprobs)
                     line["done"] = False
                     await resp.write(_ndjson(line))
-                if step.finish_reason is not None:
-                    await resp.write(_ndjson(final(step, "")))
+                if u.finish_reason is not None:
+                    if c.tool_calls:  # Ollama sends whole calls, in a line of their own
+                        line = part("", calls=c.tool_calls)
+                        line["done"] = False
+                        await resp.write(_ndjson(line))
+                    await resp.write(_ndjson(final(c, "")))
                     break
-                step = await steps.__anext__()
+                u = await anext(updates, None)
         except ConnectionResetError:
-            logger.info("request %s: client disconnected", request_id)
+            logger.info("request %s: client disconnected", job.id)
             return resp
-        except APIError as e:
-            logger.warning("request %s failed mid-stream: %s", request_id, e.message)
-            await resp.write(_ndjson({"error": e.message}))
+        except Exception as e:
+            err = api_error_from(e)
+            logger.warning("request %s failed mid-stream: %s", job.id, err.message)
+            await resp.write(_ndjson({"error": err.message}))
         await resp.write_eof()
         return resp
     finally:
-        await steps.aclose()
+        await updates.aclose()
 
 
 def _ndjson(obj: dict[str, Any]) -> bytes:
@@ -304,24 +367,24 @@ async def chat(request: web.Request) -> web.StreamResponse:
     received = time.perf_counter()
     state = request.app[STATE_KEY]
     req = parse_request(OllamaChatRequest, await read_json(request))
-    req.check_unsupported()
-    if req.tools:
-        raise APIError(400, f"{req.model} does not support tools", param="tools", code="unsupported_parameter")
     card = await resolve_ollama_model(state, req.model)
     if not req.messages:
         return _load_response(req, "chat")
+    turns = []
     for i, m in enumerate(req.messages):
         if m.images:
             raise APIError(400, f"messages[{i}].images: images are not supported by this model",
                            param=f"messages[{i}].images", code="unsupported_parameter")
-        if m.role == "tool" or m.tool_calls:
-            raise APIError(400, f"messages[{i}]: tool messages are not supported", param=f"messages[{i}].role",
-                           code="unsupported_parameter")
-    tokenizer = await get_tokenizer(state, card.model_id)
-    turns = [{"role": m.role, "content": m.content} for m in req.messages]
-    prompt_ids = await encode_prompt(tokenizer, lambda: tokenizer.apply_chat_template(turns, add_generation_prompt=True),
-                                     card.context_length, "messages")
-    return await _answer(request, state, req, card, tokenizer, prompt_ids, "chat", received)
+        calls = [ToolCall(f"call_{i}_{j}", c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))
+                 for j, c in enumerate(m.tool_calls or [])]
+        turns.append(Turn(m.role, m.content, calls, None, m.tool_name, m.thinking, f"messages[{i}]"))
+    sampling, max_tokens, stops = ollama_sampling(req)
+    tools = [ToolSpec(t.function.name, t.function.description or "",
+                      t.function.parameters if t.function.parameters is not None else {"type": "object", "properties": {}})
+             for t in req.tools or []]
+    gen = GenerateRequest(model=card.model_id, turns=turns, max_tokens=max_tokens, stop=stops, sampling=sampling,
+                          tools=tools, response_format=req.response_format(), thinking=req.thinking())
+    return await _answer(request, req, gen, "chat", received)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -334,7 +397,6 @@ async def generate(request: web.Request) -> web.StreamResponse:
     received = time.perf_counter()
     state = request.app[STATE_KEY]
     req = parse_request(OllamaGenerateRequest, await read_json(request))
-    req.check_unsupported()
     for name in ("suffix", "template"):
         if getattr(req, name):
             raise APIError(400, f"{name} is not supported by exo", param=name, code="unsupported_parameter")
@@ -343,21 +405,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
     card = await resolve_ollama_model(state, req.model)
     if not req.prompt and not req.context:
         return _load_response(req, "generate")
-    tokenizer = await get_tokenizer(state, card.model_id)
-    context = list(req.context or [])
-    bad = [t for t in context if not 0 <= t < tokenizer.vocab_size]
-    if bad:
-        raise APIError(400, f"Invalid value for 'context': token id {bad[0]} is outside the vocabulary "
-                            f"(0-{tokenizer.vocab_size - 1})", param="context", code="invalid_value")
-    def render() -> str:
-        if req.raw or not req.prompt:
-            return req.prompt or ""
-        messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
-            [{"role": "user", "content": req.prompt}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-
-    prompt_ids = context + await encode_prompt(tokenizer, render, card.context_length, "prompt")
-    return await _answer(request, state, req, card, tokenizer, prompt_ids, "generate", received)
+    sampling, max_tokens, stops = ollama_sampling(req)
+    gen = GenerateRequest(model=card.model_id, prefix_ids=list(req.context or []), max_tokens=max_tokens, stop=stops,
+                          sampling=sampling, response_format=req.response_format(), thinking=req.thinking(),
+                          param="prompt")
+    if req.raw or not req.prompt:
+        gen.prompts = [req.prompt]
+    else:
+        gen.turns = ([Turn("system", req.system)] if req.system else []) + [Turn("user", req.prompt)]
+    return await _answer(request, req, gen, "generate", received)
 
 
 def setup_routes(app: web.Application) -> None:

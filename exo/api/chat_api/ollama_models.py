@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.models import parse_request
-from exo.api.chat_api.serving import get_tokenizer, resolve_model
+from exo.api.serving.resolve import get_tokenizer, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.utils import APIError
 from exo.models import catalogue

@@ -43,17 +43,44 @@ class ChatChoiceLogprobs(BaseModel):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+def _is_none(v: Any) -> bool:
+    return v is None
+
+
+class FunctionCall(BaseModel):
+    """A call's function: its name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallObject(BaseModel):
+    """``message.tool_calls[i]`` of a chat completion."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
+    """The answer's message: content (null when the answer is only calls), its calls and, for
+    a thinking model, its reasoning (``reasoning_content``, as vLLM and DeepSeek send it)."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallObject] | None = Field(None, exclude_if=_is_none)
+    reasoning_content: str | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -68,8 +95,19 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-def _is_none(v: Any) -> bool:
-    return v is None
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=_is_none)
+    arguments: str
+
+
+class ToolCallDeltaObject(BaseModel):
+    """A streamed piece of a call: the first has ``id``, ``type`` and the function's name;
+    later ones only ``index`` and more ``arguments`` (as OpenAI streams them)."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
+    function: FunctionCallDelta
 
 
 class ChatDelta(BaseModel):
@@ -77,13 +115,15 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
     content: str | None = Field(None, exclude_if=_is_none)
+    reasoning_content: str | None = Field(None, exclude_if=_is_none)
+    tool_calls: list[ToolCallDeltaObject] | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -111,7 +151,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class Completion(BaseModel):

@@ -117,8 +117,11 @@ class ChoiceTextStream:
 
     Attributes:
         completion_tokens: tokens consumed so far (counted for usage).
+        token_ids: those tokens' ids.
         text: all text released so far.
         stopped: a stop string ended the choice.
+        stop_string: the stop string that ended it (the earliest in the text; the first listed
+            on a tie), or None.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), want_logprobs: bool = False):
@@ -132,7 +135,9 @@ class ChoiceTextStream:
         self.completion_tokens = 0
         self.text = ""
         self.stopped = False
+        self.stop_string: str | None = None
         self.finished = False
+        self.token_ids: list[int] = []  # every token consumed
 
     def add_result(self, result: TokenResult) -> TextDelta:
         """Feed a TokenResult's tokens; stops early (ignoring the rest) at a stop string."""
@@ -153,6 +158,7 @@ class ChoiceTextStream:
         if self.stopped or self.finished:
             return TextDelta(stopped=self.stopped)
         self.completion_tokens += 1
+        self.token_ids.append(token_id)
         piece = self._detok.add(token_id)
         tok = _PendingToken(token_id, logprob, list(top), self._decoded, None)
         if self._want_logprobs:
@@ -184,6 +190,7 @@ class ChoiceTextStream:
         stop_at = find_stop(self._held, self._stops) if self._stops else None
         if stop_at is not None:
             out = self._held[:stop_at]
+            self.stop_string = next(s for s in self._stops if self._held.startswith(s, stop_at))
             self._held = ""
             self.stopped = True
         else:
