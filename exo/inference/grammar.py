@@ -152,6 +152,8 @@ class GrammarMatcher:
         if self._matcher.is_error():
             raise ValueError(f"invalid grammar: {self._matcher.get_error()}")
         self.vocab_size = lltok.vocab_size
+        #: the ids the grammar allows once it is complete (the tokenizer's EOS ids)
+        self.eos_token_ids = frozenset(lltok.eos_tokens)
         self._bitmask = llguidance.numpy.allocate_token_bitmask(1, self.vocab_size)  # (1, ceil(vocab / 32)) int32
 
     def allowed(self) -> np.ndarray:
