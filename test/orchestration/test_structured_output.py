@@ -14,7 +14,7 @@ import json
 
 import jsonschema
 import pytest
-from test_failover import GiB, MODEL, PROMPT, cluster, kill
+from test_failover import MODEL, PROMPT, GiB, cluster, kill
 
 from exo.inference.generation import GenerationOptions
 from exo.inference.grammar import json_schema_grammar, lark_grammar
