@@ -19,6 +19,7 @@ install_requires = [
     "pyyaml>=6.0",
     "prometheus-client>=0.20",
     "huggingface_hub>=2.4,<3",  # hub downloads (exo/models/hub/; its HTTP client is httpx2)
+    "llguidance>=1.9,<2",  # grammar-constrained sampling (exo/inference/grammar.py)
     "tomli>=1.1; python_version < '3.11'",  # exo/models/catalogue.toml (tomllib from 3.11)
 ]
 
@@ -40,6 +41,8 @@ extras_require = {
         "grpcio-tools>=1.85.1",
         "transformers>=4.46",
         "accelerate>=1.0",
+        "jsonschema>=4",  # structured output is checked against its schema
+        "outlines-core>=0.2",  # the alternative grammar library, measured in bench/grammar_libraries.py
         "playwright>=1.49",  # drives Debian's chromium (scripts/test.sh); never `playwright install`
     ],
 }

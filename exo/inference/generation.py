@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 # Temperatures below this sample greedily: logits / T overflows float32 for T below ~1e-38 (and
 # float64 below ~1e-300), and long before that the distribution is the argmax's alone. vLLM's
 # sampler uses the same threshold (_SAMPLING_EPS).
 GREEDY_BELOW = 1e-5
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed is a signed 64-bit integer (the wire's int64)
+LOGIT_BIAS_MAX = 100.0  # OpenAI's bound on a logit_bias value (either sign)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class GenerationOptions:
             logits of tokens already generated.
         logprobs: whether to return the chosen token's log-probability.
         top_logprobs: how many alternatives' log-probabilities to return (0-20).
+        grammar: an llguidance grammar (from ``exo.inference.grammar``: ``json_schema_grammar``,
+            ``lark_grammar``) the output must follow, or None.
+        logit_bias: (token id, bias) pairs, the bias added to that token's logit before sampling,
+            each in [-100, 100] (OpenAI's ``logit_bias``); stored sorted by token id. A mapping
+            (id -> bias) is accepted and stored the same way.
 
     Raises:
         ValueError: naming the first option out of its range.
@@ -46,6 +54,8 @@ class GenerationOptions:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -66,8 +76,36 @@ class GenerationOptions:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be a signed 64-bit integer, in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise ValueError("grammar must be a non-empty llguidance grammar string or None")
+        object.__setattr__(self, "logit_bias", _checked_logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         """Whether tokens are chosen by argmax (temperature 0 or below GREEDY_BELOW)."""
         return self.temperature < GREEDY_BELOW
+
+
+def _checked_logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """``bias`` (pairs or a mapping of token id -> bias) as pairs sorted by token id.
+
+    Raises:
+        ValueError: naming logit_bias, for a negative or non-integer id, a repeated id, or a bias
+            outside [-100, 100] (NaN included).
+    """
+    pairs = bias.items() if isinstance(bias, Mapping) else bias
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise ValueError(f"logit_bias must be (token id, bias) pairs or a mapping, got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"logit_bias must be (token id, bias) pairs, got {pair!r}")
+        token, value = pair
+        if isinstance(token, bool) or not isinstance(token, Integral) or not 0 <= token <= SEED_MAX:
+            raise ValueError(f"logit_bias token ids must be integers >= 0 (64-bit), got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, Real) or not -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {token}")
+        if int(token) in out:
+            raise ValueError(f"logit_bias names token {token} twice")
+        out[int(token)] = float(value)
+    return tuple(sorted(out.items()))

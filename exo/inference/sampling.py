@@ -1,17 +1,25 @@
 """Token sampling from logits: greedy at temperature 0 (or below ``GREEDY_BELOW``), else temperature, top-k and top-p.
 
-Pure functions over numpy arrays so every engine shares them. Nucleus (top-p) sampling:
-Holtzman et al. 2019, arXiv:1904.09751. Presence and frequency penalties follow the OpenAI API
-definition: ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``.
+Pure functions over numpy arrays so every engine shares them. The order of one step: penalties,
+logit bias, grammar mask, then greedy or temperature / top-k / top-p sampling. Nucleus (top-p)
+sampling: Holtzman et al. 2019, arXiv:1904.09751. Presence and frequency penalties follow the
+OpenAI API definition: ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``;
+``logit_bias`` as OpenAI's: the bias is added to the token's logit. The grammar mask
+(``exo.inference.grammar.GrammarMatcher``) sets the logits of the tokens a request's grammar
+forbids to -inf.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from exo.inference.generation import GenerationOptions
+
+if TYPE_CHECKING:
+    from exo.inference.grammar import GrammarMatcher
 
 
 def apply_penalties(logits: np.ndarray, counts: dict[int, int], presence_penalty: float, frequency_penalty: float) -> np.ndarray:
@@ -22,6 +30,19 @@ def apply_penalties(logits: np.ndarray, counts: dict[int, int], presence_penalty
     n = np.fromiter(counts.values(), dtype=np.float32)
     out = logits.copy()
     out[ids] -= n * frequency_penalty + presence_penalty
+    return out
+
+
+def apply_logit_bias(logits: np.ndarray, token_ids: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """``logits`` (vocab,) float32 plus ``biases`` (n,) float32 at ``token_ids`` (n,) int64: a new array.
+
+    Raises:
+        ValueError: naming logit_bias, when a token id is not below the vocabulary size.
+    """
+    if token_ids.size and token_ids[-1] >= logits.shape[0]:  # sorted (GenerationOptions)
+        raise ValueError(f"logit_bias names token {int(token_ids[-1])}, but the model has {logits.shape[0]} tokens")
+    out = logits.copy()
+    out[token_ids] += biases
     return out
 
 
@@ -63,30 +84,54 @@ class SampleResult:
 
 
 class Sampler:
-    """The sampling state of one request: its random generator and the counts of tokens so far.
+    """The sampling state of one request: its random generator, the counts of tokens so far, and
+    its grammar's state.
 
-    Raises:
-        ValueError: ``logits`` is not a 1-D array.
+    Args:
+        options: the request's options (``logit_bias`` is applied here; ``grammar`` is not read:
+            the caller builds ``matcher`` from it, since that needs the model's tokenizer).
+        matcher: the request's grammar, consulted for every token and told each token sampled.
+
+    Log-probabilities (``logprobs``) are those of the distribution the token is drawn from before
+    temperature, top-k and top-p: the penalized logits, plus the logit bias, with the tokens the
+    grammar forbids at -inf (so they sum to 1 over the allowed tokens). An unconstrained request
+    without bias gets those of the penalized logits, as before.
     """
 
-    def __init__(self, options: GenerationOptions):
+    def __init__(self, options: GenerationOptions, matcher: GrammarMatcher | None = None):
         self.options = options
+        self.matcher = matcher
         # numpy wants a seed >= 0: a negative one is read as its two's complement (mod 2^64)
         self.rng = np.random.default_rng(None if options.seed is None else options.seed % 2**64)
         self.counts: dict[int, int] = {}
+        self._bias_ids = np.array([t for t, _ in options.logit_bias], dtype=np.int64)
+        self._biases = np.array([b for _, b in options.logit_bias], dtype=np.float32)
 
     def sample(self, logits: np.ndarray) -> SampleResult:
-        """Sample one token from ``logits`` (vocab,) float32."""
+        """Sample one token from ``logits`` (vocab,) float32, and advance the grammar past it.
+
+        Raises:
+            ValueError: ``logits`` is not a 1-D array; ``logit_bias`` names a token past the
+                vocabulary; the grammar allows no token here (or the matcher failed).
+        """
         if logits.ndim != 1:
             raise ValueError(f"logits must have shape (vocab,), got {logits.shape}")
         o = self.options
         logits = apply_penalties(logits.astype(np.float32, copy=False), self.counts, o.presence_penalty, o.frequency_penalty)
+        if self._bias_ids.size:
+            logits = apply_logit_bias(logits, self._bias_ids, self._biases)
+        if self.matcher is not None:
+            logits = self.matcher.apply_mask(logits)
+            if not (logits > -np.inf).any():  # sampling would divide 0 by 0
+                raise ValueError("the grammar allows no token here (none of the model's tokens can continue it)")
         if o.greedy:
             token = int(np.argmax(logits))
         else:
             scaled = filter_top_p(filter_top_k(logits / o.temperature, o.top_k), o.top_p)
             probs = np.exp(log_softmax(scaled))
             token = int(self.rng.choice(probs.shape[0], p=probs / probs.sum()))
+        if self.matcher is not None:
+            self.matcher.consume(token)
         self.counts[token] = self.counts.get(token, 0) + 1
         result = SampleResult(token)
         if o.logprobs:
@@ -95,5 +140,6 @@ class Sampler:
             if o.top_logprobs:
                 top = np.argpartition(-lp, o.top_logprobs)[: o.top_logprobs]
                 top = top[np.argsort(-lp[top])]
+                top = top[lp[top] > -np.inf]  # not the tokens the grammar forbids
                 result.top_logprobs = [(int(i), float(lp[i])) for i in top]
         return result

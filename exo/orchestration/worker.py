@@ -18,6 +18,7 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 
 from exo.inference.generation import GenerationOptions
+from exo.inference.grammar import GrammarMatcher
 from exo.inference.inference_engine import WIRE_TOKEN_DTYPE
 from exo.inference.sampling import Sampler
 from exo.orchestration.background import Background
@@ -31,12 +32,22 @@ from exo.orchestration.shards import ShardCache
 logger = logging.getLogger(__name__)
 
 
-def replayed_sampler(options: GenerationOptions, generated: Sequence[int]) -> Sampler:
+def replayed_sampler(options: GenerationOptions, generated: Sequence[int],
+                     matcher_factory: Callable[[], GrammarMatcher] | None = None) -> Sampler:
     """A Sampler in the state one had after sampling the tokens ``generated``: their penalty
     counts, and when it samples (not greedy) its random generator advanced by one uniform draw per token
     (``Sampler`` draws exactly one through ``Generator.choice`` per sampled token), so a seeded
-    request continues with the same draws after a re-partition."""
-    sampler = Sampler(options)
+    request continues with the same draws after a re-partition; with ``matcher_factory`` (a
+    request with a grammar), a fresh matcher from it that consumed ``generated``.
+
+    Raises:
+        ValueError: the grammar cannot be built, or does not allow ``generated``.
+    """
+    matcher = None
+    if matcher_factory is not None:
+        matcher = matcher_factory()
+        matcher.consume_all(generated)
+    sampler = Sampler(options, matcher)
     for t in generated:
         sampler.counts[t] = sampler.counts.get(t, 0) + 1
     if not options.greedy and generated:
@@ -149,7 +160,7 @@ class Worker:
             if not shard.is_last_layer:
                 await self._pass_on(ctx, out, position)
                 return
-            result, token = self._sample(ctx, out, position, next_position)
+            result, token = await self._sample(ctx, out, position, next_position)
             await self._deliver_and_continue(ctx, result, token, next_position)
         except asyncio.CancelledError:
             raise
@@ -187,20 +198,44 @@ class Worker:
         await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}",
                                             epoch=ctx.epoch))
 
-    def _sample(self, ctx: RequestContext, logits: np.ndarray, position: int, next_position: int) -> tuple[TokenResult, int]:
+    async def _fresh_sampler(self, ctx: RequestContext) -> Sampler:
+        """The sampler of a prefill (the request's first, or a replay's): for a request with a
+        grammar, its matcher (and llguidance's view of the model's tokenizer, the first time)
+        is built in a thread, since that takes from milliseconds to a second.
+
+        Raises:
+            ValueError: the grammar cannot be used with the model's tokenizer.
+            ModelNotFoundError, InvalidModelError, ModelUnavailableError: as ``get_tokenizer``.
+        """
+        grammar = ctx.options.grammar
+        if grammar is None:
+            return replayed_sampler(ctx.options, ctx.generated_tokens)
+        tokenizer = await self._models.get_tokenizer(ctx.model_id)
+        return await asyncio.to_thread(replayed_sampler, ctx.options, ctx.generated_tokens,
+                                       lambda: GrammarMatcher(grammar, tokenizer))
+
+    async def _sample(self, ctx: RequestContext, logits: np.ndarray, position: int, next_position: int) -> tuple[TokenResult, int]:
         """The last shard's step: sample the next token from ``logits`` ((vocab,) float32) with the
-        request's sampler. Returns the result for the origin (the token, or a finish) and the token."""
+        request's sampler. Returns the result for the origin (the token, or a finish) and the token.
+
+        Raises:
+            ValueError: the request's grammar cannot be used, or allows no token (see ``Sampler``).
+        """
         rid = ctx.request_id
         entry = self._registry.entry(rid)
         if entry.sampler is None or position == 0 or entry.sampler[0] != ctx.epoch:
             # a prefill: the request's first, or the replay of a re-partition
-            entry.sampler = (ctx.epoch, replayed_sampler(ctx.options, ctx.generated_tokens))
+            sampler = await self._fresh_sampler(ctx)
+            entry = self._registry.entry(rid)
+            entry.sampler = (ctx.epoch, sampler)
         sampler = entry.sampler[1]
         s = sampler.sample(logits)
         n_generated = next_position - ctx.prompt_len + 1
         card = self._models.known_card(ctx.model_id)
         context = card.context_length if card is not None else None  # the origin bounds max_tokens by it too
-        if s.token in ctx.options.stop_token_ids:
+        # a grammar's EOS ends the request even when the request names no stop tokens
+        grammar_ended = sampler.matcher is not None and s.token in sampler.matcher.eos_token_ids
+        if s.token in ctx.options.stop_token_ids or grammar_ended:
             result = TokenResult(rid, finish_reason="stop", epoch=ctx.epoch)
         else:
             finish = "length" if n_generated >= ctx.options.max_tokens or (context and next_position + 1 >= context) else None

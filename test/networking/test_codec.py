@@ -74,6 +74,27 @@ def test_ctx_round_trip() -> None:
     assert codec.ctx_from_proto(codec.ctx_to_proto(zero_seed)).options.seed == 0
 
 
+def test_grammar_and_logit_bias_round_trip() -> None:
+    from exo.inference.grammar import json_schema_grammar
+
+    options = GenerationOptions(grammar=json_schema_grammar({"type": "object", "properties": {"a": {"type": "integer"}}}),
+                                logit_bias={49151: -100, 7: 2.5, 0: 100})
+    ctx = make_ctx(options=options)
+    decoded = codec.ctx_from_proto(pb.RequestContext.FromString(codec.ctx_to_proto(ctx).SerializeToString()))
+    assert decoded == ctx
+    assert decoded.options.logit_bias == ((0, 100.0), (7, 2.5), (49151, -100.0))
+    plain = codec.ctx_to_proto(make_ctx(options=GenerationOptions()))
+    assert not plain.options.HasField("grammar") and not plain.options.logit_bias
+    assert codec.ctx_from_proto(plain).options.grammar is None
+
+
+def test_options_from_proto_rejects_a_bias_out_of_range() -> None:
+    msg = codec.ctx_to_proto(make_ctx())
+    msg.options.logit_bias[5] = 101.0
+    with pytest.raises(ValueError, match="logit_bias"):
+        codec.ctx_from_proto(msg)
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

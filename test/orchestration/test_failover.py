@@ -32,9 +32,11 @@ PROMPT = [40, 41, 42, 43, 44]
 
 
 @contextlib.asynccontextmanager
-async def cluster(memories: dict[str, int], token_delay: float = 0.01, health_check_interval: float = 0.3) -> AsyncIterator[dict]:
+async def cluster(memories: dict[str, int], token_delay: float = 0.01, health_check_interval: float = 0.3,
+                  **engine_options) -> AsyncIterator[dict]:
     """Dummy-engine nodes named by ``memories`` (short name -> bytes), found over mDNS on
-    loopback; yields short name -> RunningNode once every node sees the same ring of them all."""
+    loopback; yields short name -> RunningNode once every node sees the same ring of them all.
+    ``engine_options`` go to every node's DummyInferenceEngine (e.g. ``vocab_size``)."""
     from helpers import loopback_config
 
     from exo.orchestration.launcher import start_node
@@ -44,7 +46,7 @@ async def cluster(memories: dict[str, int], token_delay: float = 0.01, health_ch
     try:
         results = await asyncio.gather(*(
             start_node(loopback_config(node_id=f"fo{tag}-{name}", discovery_module="mdns", cluster_secret=secret,
-                                       inference_engine="dummy", inference_engine_options={"token_delay": token_delay},
+                                       inference_engine="dummy", inference_engine_options={"token_delay": token_delay, **engine_options},
                                        memory=mem, serve_api=False, health_check_interval=health_check_interval))
             for name, mem in memories.items()), return_exceptions=True)
         for name, r in zip(memories, results):

@@ -106,7 +106,7 @@ def partition_from_proto(msg: pb.Partition) -> Partition:
 
 
 def options_to_proto(options: GenerationOptions) -> pb.GenerationOptions:
-    """Encode GenerationOptions (``seed=None`` leaves the optional field unset)."""
+    """Encode GenerationOptions (``seed=None`` and ``grammar=None`` leave the optional fields unset)."""
     msg = pb.GenerationOptions(
         max_tokens=options.max_tokens,
         temperature=options.temperature,
@@ -117,9 +117,12 @@ def options_to_proto(options: GenerationOptions) -> pb.GenerationOptions:
         frequency_penalty=options.frequency_penalty,
         logprobs=options.logprobs,
         top_logprobs=options.top_logprobs,
+        logit_bias=dict(options.logit_bias),
     )
     if options.seed is not None:
         msg.seed = options.seed
+    if options.grammar is not None:
+        msg.grammar = options.grammar
     return msg
 
 
@@ -136,6 +139,8 @@ def options_from_proto(msg: pb.GenerationOptions) -> GenerationOptions:
         frequency_penalty=float(msg.frequency_penalty),
         logprobs=bool(msg.logprobs),
         top_logprobs=int(msg.top_logprobs),
+        grammar=msg.grammar if msg.HasField("grammar") else None,
+        logit_bias=tuple((int(t), float(b)) for t, b in msg.logit_bias.items()),
     )
 
 

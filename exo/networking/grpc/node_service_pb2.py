@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exo/networking/grpc/node_service.proto\x12\x10\x65xo.node_service\"\x07\n\x05\x45mpty\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x03\x12\x11\n\tend_layer\x18\x03 \x01(\x03\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\"\xeb\x01\n\x11GenerationOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x03\x42\x07\n\x05_seed\"U\n\tPartition\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x03\x12\x11\n\tend_layer\x18\x04 \x01(\x03\"\xfe\x01\n\x0eRequestContext\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\x12)\n\x04ring\x18\x05 \x03(\x0b\x32\x1b.exo.node_service.Partition\x12\x34\n\x07options\x18\x06 \x01(\x0b\x32#.exo.node_service.GenerationOptions\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x12\n\nprompt_len\x18\x08 \x01(\x03\x12\x18\n\x10generated_tokens\x18\t \x03(\x03\"\xbe\x01\n\rPromptRequest\x12-\n\x03\x63tx\x18\x01 \x01(\x0b\x32 .exo.node_service.RequestContext\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.exo.node_service.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x34\n\x06result\x18\x04 \x01(\x0b\x32\x1f.exo.node_service.ResultRequestH\x00\x88\x01\x01\x42\t\n\x07_result\"\x81\x01\n\rTensorRequest\x12-\n\x03\x63tx\x18\x01 \x01(\x0b\x32 .exo.node_service.RequestContext\x12/\n\rhidden_states\x18\x02 \x01(\x0b\x32\x18.exo.node_service.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x01\"\xd5\x01\n\rResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x03(\x01\x12\x33\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x1d.exo.node_service.TopLogprobs\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x42\x10\n\x0e_finish_reasonB\x08\n\x06_error\"\'\n\x11\x45ndRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x14\n\x12HealthCheckRequest\"F\n\x13HealthCheckResponse\x12\x12\n\nis_healthy\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"<\n\x16\x43ollectTopologyRequest\x12\x0f\n\x07visited\x18\x01 \x03(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\x03\"7\n\x0b\x44\x65viceFlops\x12\x0c\n\x04\x66p32\x18\x01 \x01(\x01\x12\x0c\n\x04\x66p16\x18\x02 \x01(\x01\x12\x0c\n\x04int8\x18\x03 \x01(\x01\"\xaa\x01\n\x12\x44\x65viceCapabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\t\x12\x0e\n\x06memory\x18\x03 \x01(\x03\x12,\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x1d.exo.node_service.DeviceFlops\x12\x18\n\x10\x61vailable_memory\x18\x05 \x01(\x03\x12\x0b\n\x03gpu\x18\x06 \x01(\t\x12\x12\n\ngpu_memory\x18\x07 \x01(\x03\"\x8d\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12:\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32$.exo.node_service.DeviceCapabilities\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x05 \x01(\x01\"&\n\x04\x45\x64ge\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\x12\r\n\x05to_id\x18\x02 \x01(\t\"\\\n\x08Topology\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.exo.node_service.NodeInfo\x12%\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x16.exo.node_service.Edge\"\x84\x02\n\x0bRingMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x31\n\x06prompt\x18\x02 \x01(\x0b\x32\x1f.exo.node_service.PromptRequestH\x00\x12\x31\n\x06tensor\x18\x03 \x01(\x0b\x32\x1f.exo.node_service.TensorRequestH\x00\x12\x31\n\x06result\x18\x04 \x01(\x0b\x32\x1f.exo.node_service.ResultRequestH\x00\x12\x32\n\x03\x65nd\x18\x06 \x01(\x0b\x32#.exo.node_service.EndRequestRequestH\x00\x12\x13\n\x0b\x65rrors_only\x18\x05 \x01(\x08\x42\x06\n\x04\x62ody\"5\n\x07RingAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\t2\x90\x02\n\x0bNodeService\x12\\\n\x0bHealthCheck\x12$.exo.node_service.HealthCheckRequest\x1a%.exo.node_service.HealthCheckResponse\"\x00\x12Y\n\x0f\x43ollectTopology\x12(.exo.node_service.CollectTopologyRequest\x1a\x1a.exo.node_service.Topology\"\x00\x12H\n\x06Stream\x12\x1d.exo.node_service.RingMessage\x1a\x19.exo.node_service.RingAck\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exo/networking/grpc/node_service.proto\x12\x10\x65xo.node_service\"\x07\n\x05\x45mpty\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x03\x12\x11\n\tend_layer\x18\x03 \x01(\x03\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\"\x87\x03\n\x11GenerationOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x03\x12\x14\n\x07grammar\x18\x0b \x01(\tH\x01\x88\x01\x01\x12\x46\n\nlogit_bias\x18\x0c \x03(\x0b\x32\x32.exo.node_service.GenerationOptions.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\n\n\x08_grammar\"U\n\tPartition\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x03\x12\x11\n\tend_layer\x18\x04 \x01(\x03\"\xfe\x01\n\x0eRequestContext\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\x12)\n\x04ring\x18\x05 \x03(\x0b\x32\x1b.exo.node_service.Partition\x12\x34\n\x07options\x18\x06 \x01(\x0b\x32#.exo.node_service.GenerationOptions\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x12\n\nprompt_len\x18\x08 \x01(\x03\x12\x18\n\x10generated_tokens\x18\t \x03(\x03\"\xbe\x01\n\rPromptRequest\x12-\n\x03\x63tx\x18\x01 \x01(\x0b\x32 .exo.node_service.RequestContext\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.exo.node_service.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x34\n\x06result\x18\x04 \x01(\x0b\x32\x1f.exo.node_service.ResultRequestH\x00\x88\x01\x01\x42\t\n\x07_result\"\x81\x01\n\rTensorRequest\x12-\n\x03\x63tx\x18\x01 \x01(\x0b\x32 .exo.node_service.RequestContext\x12/\n\rhidden_states\x18\x02 \x01(\x0b\x32\x18.exo.node_service.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x01\"\xd5\x01\n\rResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x03(\x01\x12\x33\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x1d.exo.node_service.TopLogprobs\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x42\x10\n\x0e_finish_reasonB\x08\n\x06_error\"\'\n\x11\x45ndRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x14\n\x12HealthCheckRequest\"F\n\x13HealthCheckResponse\x12\x12\n\nis_healthy\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"<\n\x16\x43ollectTopologyRequest\x12\x0f\n\x07visited\x18\x01 \x03(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\x03\"7\n\x0b\x44\x65viceFlops\x12\x0c\n\x04\x66p32\x18\x01 \x01(\x01\x12\x0c\n\x04\x66p16\x18\x02 \x01(\x01\x12\x0c\n\x04int8\x18\x03 \x01(\x01\"\xaa\x01\n\x12\x44\x65viceCapabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\t\x12\x0e\n\x06memory\x18\x03 \x01(\x03\x12,\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x1d.exo.node_service.DeviceFlops\x12\x18\n\x10\x61vailable_memory\x18\x05 \x01(\x03\x12\x0b\n\x03gpu\x18\x06 \x01(\t\x12\x12\n\ngpu_memory\x18\x07 \x01(\x03\"\x8d\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12:\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32$.exo.node_service.DeviceCapabilities\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x05 \x01(\x01\"&\n\x04\x45\x64ge\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\x12\r\n\x05to_id\x18\x02 \x01(\t\"\\\n\x08Topology\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.exo.node_service.NodeInfo\x12%\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x16.exo.node_service.Edge\"\x84\x02\n\x0bRingMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x31\n\x06prompt\x18\x02 \x01(\x0b\x32\x1f.exo.node_service.PromptRequestH\x00\x12\x31\n\x06tensor\x18\x03 \x01(\x0b\x32\x1f.exo.node_service.TensorRequestH\x00\x12\x31\n\x06result\x18\x04 \x01(\x0b\x32\x1f.exo.node_service.ResultRequestH\x00\x12\x32\n\x03\x65nd\x18\x06 \x01(\x0b\x32#.exo.node_service.EndRequestRequestH\x00\x12\x13\n\x0b\x65rrors_only\x18\x05 \x01(\x08\x42\x06\n\x04\x62ody\"5\n\x07RingAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\t2\x90\x02\n\x0bNodeService\x12\\\n\x0bHealthCheck\x12$.exo.node_service.HealthCheckRequest\x1a%.exo.node_service.HealthCheckResponse\"\x00\x12Y\n\x0f\x43ollectTopology\x12(.exo.node_service.CollectTopologyRequest\x1a\x1a.exo.node_service.Topology\"\x00\x12H\n\x06Stream\x12\x1d.exo.node_service.RingMessage\x1a\x19.exo.node_service.RingAck\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'exo.networking.grpc.node_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_EMPTY']._serialized_start=60
   _globals['_EMPTY']._serialized_end=67
   _globals['_TENSOR']._serialized_start=69
@@ -38,41 +40,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHARD']._serialized_start=123
   _globals['_SHARD']._serialized_end=206
   _globals['_GENERATIONOPTIONS']._serialized_start=209
-  _globals['_GENERATIONOPTIONS']._serialized_end=444
-  _globals['_PARTITION']._serialized_start=446
-  _globals['_PARTITION']._serialized_end=531
-  _globals['_REQUESTCONTEXT']._serialized_start=534
-  _globals['_REQUESTCONTEXT']._serialized_end=788
-  _globals['_PROMPTREQUEST']._serialized_start=791
-  _globals['_PROMPTREQUEST']._serialized_end=981
-  _globals['_TENSORREQUEST']._serialized_start=984
-  _globals['_TENSORREQUEST']._serialized_end=1113
-  _globals['_TOPLOGPROBS']._serialized_start=1115
-  _globals['_TOPLOGPROBS']._serialized_end=1165
-  _globals['_RESULTREQUEST']._serialized_start=1168
-  _globals['_RESULTREQUEST']._serialized_end=1381
-  _globals['_ENDREQUESTREQUEST']._serialized_start=1383
-  _globals['_ENDREQUESTREQUEST']._serialized_end=1422
-  _globals['_HEALTHCHECKREQUEST']._serialized_start=1424
-  _globals['_HEALTHCHECKREQUEST']._serialized_end=1444
-  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1446
-  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1516
-  _globals['_COLLECTTOPOLOGYREQUEST']._serialized_start=1518
-  _globals['_COLLECTTOPOLOGYREQUEST']._serialized_end=1578
-  _globals['_DEVICEFLOPS']._serialized_start=1580
-  _globals['_DEVICEFLOPS']._serialized_end=1635
-  _globals['_DEVICECAPABILITIES']._serialized_start=1638
-  _globals['_DEVICECAPABILITIES']._serialized_end=1808
-  _globals['_NODEINFO']._serialized_start=1811
-  _globals['_NODEINFO']._serialized_end=1952
-  _globals['_EDGE']._serialized_start=1954
-  _globals['_EDGE']._serialized_end=1992
-  _globals['_TOPOLOGY']._serialized_start=1994
-  _globals['_TOPOLOGY']._serialized_end=2086
-  _globals['_RINGMESSAGE']._serialized_start=2089
-  _globals['_RINGMESSAGE']._serialized_end=2349
-  _globals['_RINGACK']._serialized_start=2351
-  _globals['_RINGACK']._serialized_end=2404
-  _globals['_NODESERVICE']._serialized_start=2407
-  _globals['_NODESERVICE']._serialized_end=2679
+  _globals['_GENERATIONOPTIONS']._serialized_end=600
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_start=531
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_end=579
+  _globals['_PARTITION']._serialized_start=602
+  _globals['_PARTITION']._serialized_end=687
+  _globals['_REQUESTCONTEXT']._serialized_start=690
+  _globals['_REQUESTCONTEXT']._serialized_end=944
+  _globals['_PROMPTREQUEST']._serialized_start=947
+  _globals['_PROMPTREQUEST']._serialized_end=1137
+  _globals['_TENSORREQUEST']._serialized_start=1140
+  _globals['_TENSORREQUEST']._serialized_end=1269
+  _globals['_TOPLOGPROBS']._serialized_start=1271
+  _globals['_TOPLOGPROBS']._serialized_end=1321
+  _globals['_RESULTREQUEST']._serialized_start=1324
+  _globals['_RESULTREQUEST']._serialized_end=1537
+  _globals['_ENDREQUESTREQUEST']._serialized_start=1539
+  _globals['_ENDREQUESTREQUEST']._serialized_end=1578
+  _globals['_HEALTHCHECKREQUEST']._serialized_start=1580
+  _globals['_HEALTHCHECKREQUEST']._serialized_end=1600
+  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1602
+  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1672
+  _globals['_COLLECTTOPOLOGYREQUEST']._serialized_start=1674
+  _globals['_COLLECTTOPOLOGYREQUEST']._serialized_end=1734
+  _globals['_DEVICEFLOPS']._serialized_start=1736
+  _globals['_DEVICEFLOPS']._serialized_end=1791
+  _globals['_DEVICECAPABILITIES']._serialized_start=1794
+  _globals['_DEVICECAPABILITIES']._serialized_end=1964
+  _globals['_NODEINFO']._serialized_start=1967
+  _globals['_NODEINFO']._serialized_end=2108
+  _globals['_EDGE']._serialized_start=2110
+  _globals['_EDGE']._serialized_end=2148
+  _globals['_TOPOLOGY']._serialized_start=2150
+  _globals['_TOPOLOGY']._serialized_end=2242
+  _globals['_RINGMESSAGE']._serialized_start=2245
+  _globals['_RINGMESSAGE']._serialized_end=2505
+  _globals['_RINGACK']._serialized_start=2507
+  _globals['_RINGACK']._serialized_end=2560
+  _globals['_NODESERVICE']._serialized_start=2563
+  _globals['_NODESERVICE']._serialized_end=2835
 # @@protoc_insertion_point(module_scope)
