@@ -197,7 +197,7 @@ class _MessagesBase(BaseModel):
         thinking = None if self.thinking is None else self.thinking.type != "disabled"
         return GenerateRequest(
             model=self.model, turns=turns, prefill=prefill,
-            tools=[ToolSpec(t.name, t.description or "", t.input_schema) for t in self.tools or []],
+            tools=[ToolSpec(t.name, t.description or "", t.input_schema, f"tools[{i}]") for i, t in enumerate(self.tools or [])],
             tool_choice=ToolChoice(mode, choice.name if choice else None),  # type: ignore[arg-type]
             parallel_tool_calls=not (choice and choice.disable_parallel_tool_use),
             thinking=thinking if thinking is not None else False,

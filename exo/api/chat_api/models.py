@@ -346,8 +346,9 @@ class ChatCompletionRequest(SamplingRequest):
             model=self.model, turns=[m.to_turn(i) for i, m in enumerate(self.messages)], n=self.num_choices,
             max_tokens=self.requested_max_tokens, stop=self.stop_strings(), sampling=self.sampling(),
             tools=[ToolSpec(t.function.name, t.function.description or "",
-                            t.function.parameters if t.function.parameters is not None else {"type": "object", "properties": {}})
-                   for t in self.tools or []],
+                            t.function.parameters if t.function.parameters is not None else {"type": "object", "properties": {}},
+                            f"tools[{i}].function")
+                   for i, t in enumerate(self.tools or [])],
             tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls is not False,
             response_format=response_format, thinking=bool(thinking) if thinking is not None else None,
         )

@@ -380,8 +380,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         turns.append(Turn(m.role, m.content, calls, None, m.tool_name, m.thinking, f"messages[{i}]"))
     sampling, max_tokens, stops = ollama_sampling(req)
     tools = [ToolSpec(t.function.name, t.function.description or "",
-                      t.function.parameters if t.function.parameters is not None else {"type": "object", "properties": {}})
-             for t in req.tools or []]
+                      t.function.parameters if t.function.parameters is not None else {"type": "object", "properties": {}},
+                      f"tools[{i}].function")
+             for i, t in enumerate(req.tools or [])]
     gen = GenerateRequest(model=card.model_id, turns=turns, max_tokens=max_tokens, stop=stops, sampling=sampling,
                           tools=tools, response_format=req.response_format(), thinking=req.thinking())
     return await _answer(request, req, gen, "chat", received)

@@ -169,7 +169,7 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
     received = time.perf_counter() if received is None else received
     card = await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
-    check_tools(req.tools, req.tool_choice, req.turns, [t_param(i) for i in range(len(req.tools))], "tool_choice")
+    check_tools(req.tools, req.tool_choice, req.turns)
     calls_wanted = bool(req.tools) and req.tool_choice.mode != "none"
     if calls_wanted and req.response_format.kind != "text":
         raise APIError(400, "Invalid value for 'response_format': a JSON response format cannot be combined with "
@@ -234,11 +234,6 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
     return Job(new_id(id_prefix), unix_time(), card, tokenizer, choices, sum(len(p[0]) for p in prompts), received)
 
 
-def t_param(i: int) -> str:
-    """The parameter of tool ``i`` in errors."""
-    return f"tools[{i}]"
-
-
 async def _grammar(req: GenerateRequest, tokenizer: Tokenizer, syntax: ToolSyntax | None) -> str | None:
     """The llguidance grammar of the answer (tool calls, or a JSON response format), checked
     against the tokenizer off the event loop; None when the answer is free.
@@ -297,8 +292,8 @@ def _options(state: APIState, req: GenerateRequest, tokenizer: Tokenizer, max_to
             frequency_penalty=s.frequency_penalty,
             logprobs=s.logprobs,
             top_logprobs=s.top_logprobs if s.logprobs else 0,
-            **({"grammar": grammar} if grammar else {}),  # TODO(merge): plain keywords
-            **({"logit_bias": tuple(sorted(s.logit_bias.items()))} if s.logit_bias else {}),
+            grammar=grammar,
+            logit_bias=tuple(sorted(s.logit_bias.items())),
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None

@@ -25,11 +25,13 @@ class ToolSpec:
         name: the function's name (``[A-Za-z0-9_.-]``, 1-64 characters, as OpenAI requires).
         description: what it does, for the model.
         parameters: the JSON Schema of its arguments (an object schema).
+        param: where the tool is in the request (e.g. ``tools[0].function``), named in errors.
     """
 
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    param: str = "tools"
 
     def as_openai(self) -> dict[str, Any]:
         """``{"type": "function", "function": {...}}``, the form chat templates take tools in."""

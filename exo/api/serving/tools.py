@@ -410,11 +410,10 @@ class ToolCallParser:
 
 
 def check_tools(tools: Sequence[ToolSpec], choice: ToolChoice, turns: Sequence[Turn] | None,
-                params: Sequence[str], choice_param: str) -> None:
+                choice_param: str = "tool_choice") -> None:
     """Refuse tools and histories the serving layer cannot honour.
 
     Args:
-        params: the request parameter of each tool (for errors).
         choice_param: the parameter holding the tool choice.
 
     Raises:
@@ -422,7 +421,8 @@ def check_tools(tools: Sequence[ToolSpec], choice: ToolChoice, turns: Sequence[T
             given (or of calls without tools), a tool result without its call.
     """
     seen: set[str] = set()
-    for t, param in zip(tools, params):
+    for t in tools:
+        param = t.param
         if not TOOL_NAME.match(t.name):
             raise _invalid(f"{param}.name", f"the tool name {t.name!r} must be 1-64 letters, digits, '_', '.' or '-'")
         if t.name in seen:

@@ -1,0 +1,96 @@
+"""Unit tests of the serving layer's pure parts: the streaming tool-call parser of each family,
+the reasoning splitter, and the rendering of tools and tool history into a conversation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exo.api.serving.reasoning import ReasoningSplitter, prompt_opens_thinking
+from exo.api.serving.request import ToolCall, ToolSpec, Turn
+from exo.api.serving.tools import ToolCallParser, ToolSyntax, template_turns
+
+HERMES = ToolSyntax("hermes", "<tool_call>", "arguments", False)
+LLAMA = ToolSyntax("llama3", '{"name": ', "parameters", True)
+MISTRAL = ToolSyntax("mistral", "[TOOL_CALLS]", "arguments", True)
+
+
+def run(parser: ToolCallParser, text: str, step: int) -> tuple[str, list]:
+    """Feed ``text`` in pieces of ``step`` characters; the content and the calls' pieces."""
+    content, pieces = "", []
+    for i in range(0, len(text), step):
+        c, d = parser.feed(text[i:i + step])
+        content += c
+        pieces += d
+    return content + parser.finish(), pieces
+
+
+CASES = [
+    (HERMES, 'Let me check. <tool_call>\n{"name": "f", "arguments": {"a": "}{\\"", "b": [1, {"c": 2}]}}\n</tool_call>',
+     "Let me check. ", [("f", {"a": '}{"', "b": [1, {"c": 2}]})]),
+    (HERMES, '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g", "arguments": {"x": 1}}'
+             '\n</tool_call>', "\n", [("f", {}), ("g", {"x": 1})]),
+    (HERMES, "No call, just a < sign and <tool", "No call, just a < sign and <tool", []),
+    (LLAMA, '{"name": "f", "parameters": {"q": "x"}}', "", [("f", {"q": "x"})]),
+    (MISTRAL, '[TOOL_CALLS][{"name": "f", "arguments": {"q": 1}}, {"name": "g", "arguments": {}}]', "",
+     [("f", {"q": 1}), ("g", {})]),
+]
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+@pytest.mark.parametrize("syntax, text, content, calls", CASES)
+def test_parser_reads_calls_in_any_pieces(syntax, text, content, calls, step):
+    parser = ToolCallParser(syntax)
+    got_content, pieces = run(parser, text, step)
+    assert got_content == content
+    assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == calls
+    # the streamed pieces: id and name first, then arguments that add up to the call's
+    for i, call in enumerate(parser.calls):
+        mine = [p for p in pieces if p.index == i]
+        assert mine[0].id == call.id and mine[0].name == call.name
+        assert all(p.id is None and p.name is None for p in mine[1:])
+        assert "".join(p.arguments for p in mine) == call.arguments
+
+
+@pytest.mark.parametrize("step", [1, 2, 100])
+@pytest.mark.parametrize("text, inside, reasoning, content", [
+    ("<think>a < b</think>\n\nanswer", False, "a < b", "answer"),
+    ("  <think>x</think>y", False, "x", "y"),
+    ("no thinking <think>here</think>", False, "", "no thinking <think>here</think>"),
+    ("opened by the prompt</think>\nthen", True, "opened by the prompt", "then"),
+    ("<think>never closed", False, "never closed", ""),
+    ("<thin", False, "", "<thin"),
+])
+def test_reasoning_splitter(text, inside, reasoning, content, step):
+    s = ReasoningSplitter(inside=inside)
+    r = c = ""
+    for i in range(0, len(text), step):
+        a, b = s.feed(text[i:i + step])
+        r, c = r + a, c + b
+    a, b = s.finish()
+    assert (r + a, c + b) == (reasoning, content)
+
+
+def test_prompt_opens_thinking():
+    assert prompt_opens_thinking("<|Assistant|><think>\n") and not prompt_opens_thinking("<think>\n\n</think>\n\n")
+
+
+def test_history_without_native_tool_support_is_written_into_the_turns():
+    tools = [ToolSpec("f", "does f", {"type": "object", "properties": {"a": {"type": "integer"}}})]
+    turns = [Turn("system", "Be brief."), Turn("user", "do f"),
+             Turn("assistant", "", [ToolCall("call_1", "f", '{"a": 1}')]),
+             Turn("tool", "42", tool_call_id="call_1"), Turn("tool", "43", tool_call_id="call_2")]
+    out = template_turns(turns, tools, HERMES)
+    assert [d["role"] for d in out] == ["system", "user", "assistant", "user"]
+    assert out[0]["content"].startswith("Be brief.\n\n") and '"name": "f"' in out[0]["content"]
+    assert out[2]["content"] == '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    assert out[3]["content"] == "<tool_response>\n42\n</tool_response>\n<tool_response>\n43\n</tool_response>"
+
+
+def test_history_with_native_tool_support_uses_the_transformers_forms():
+    native = ToolSyntax("hermes", "<tool_call>", "arguments", True)
+    out = template_turns([Turn("user", "x"), Turn("assistant", "", [ToolCall("c1", "f", '{"a": 1}')]),
+                          Turn("tool", "42", tool_call_id="c1", name="f")], [], native)
+    assert out[1]["tool_calls"] == [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]
+    assert out[2] == {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}
