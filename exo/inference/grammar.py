@@ -12,7 +12,7 @@ Why llguidance: it takes JSON Schema, Lark with embedded JSON schemas and lazy l
 (``StructTag`` tool-call triggers), supports recursive schemas, and needs neither torch nor
 transformers (xgrammar needs torch, transformers and triton). Measured against outlines-core on
 SmolLM2's 49,152-token vocabulary (``bench/grammar_libraries.py``, ``bench/results.md``, 2 vCPU
-AMD EPYC): llguidance compiles a schema in 1-1.5 ms, outlines-core builds its index in 40-670 ms
+AMD EPYC): llguidance compiles a schema in 1-1.6 ms, outlines-core builds its index in 60-770 ms
 (growing with the schema: paid by every request with a new schema); outlines-core's precomputed
 mask is faster per token (4-6 us against llguidance's 30-45 us median, both far below a ~15 ms
 decode step), but it has no recursion (its regex unrolls a recursive schema to a fixed depth),
