@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exo.inference.pooling import POOLINGS
+
 # Temperatures below this sample greedily: logits / T overflows float32 for T below ~1e-38 (and
 # float64 below ~1e-300), and long before that the distribution is the argmax's alone. vLLM's
 # sampler uses the same threshold (_SAMPLING_EPS).
@@ -31,6 +33,9 @@ class GenerationOptions:
             logits of tokens already generated.
         logprobs: whether to return the chosen token's log-probability.
         top_logprobs: how many alternatives' log-probabilities to return (0-20).
+        pooling: None for a generation; for an embedding request, how the last shard pools the
+            prompt's final-normed hidden states into one vector (``exo.inference.pooling.POOLINGS``:
+            "mean", "last", "cls"): the request is that one prefill step, nothing is sampled.
 
     Raises:
         ValueError: naming the first option out of its range.
@@ -46,6 +51,7 @@ class GenerationOptions:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -66,6 +72,13 @@ class GenerationOptions:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be a signed 64-bit integer, in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)} (or None), got {self.pooling!r}")
+
+    @property
+    def is_embedding(self) -> bool:
+        """Whether the request computes an embedding (``pooling`` set) instead of generating."""
+        return self.pooling is not None
 
     @property
     def greedy(self) -> bool:
