@@ -89,7 +89,7 @@ class TokenResult:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     epoch: int = 0
-    embedding: np.ndarray | None = None
+    embedding: np.ndarray | None = field(default=None, compare=False)  # an array has no truth value for ==
 
     @property
     def is_finished(self) -> bool:
