@@ -4,10 +4,10 @@ A prompt (token ids, on the node holding layer 0) or hidden states (on the other
 scheduled as one step of the request's epoch; the step runs this node's shard and passes its
 output on to the next node, or, on the node holding the last layer, samples the next token,
 sends the next decode step to the first node and delivers the result to the origin. Messages
-of an ended request or of an older epoch are dropped;
-an embedding request (``GenerationOptions.pooling``) is one prefill step whose last shard pools
-the final-normed hidden states and sends the vector to the origin instead of sampling; a failed step is reported to the origin,
-which fails over or ends the request.
+of an ended request or of an older epoch are dropped; a failed step is reported to the origin,
+which fails over or ends the request. An embedding request (``GenerationOptions.pooling``) is
+one prefill step whose last shard pools the final-normed hidden states and sends that vector to
+the origin instead of sampling.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 
 from exo.inference.generation import GenerationOptions
-from exo.inference.inference_engine import WIRE_TOKEN_DTYPE
+from exo.inference.inference_engine import WIRE_TOKEN_DTYPE, InferenceEngine
 from exo.inference.pooling import pool
 from exo.inference.sampling import Sampler
 from exo.orchestration.background import Background
@@ -197,7 +197,7 @@ class Worker:
         await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}",
                                             epoch=ctx.epoch))
 
-    async def _deliver_embedding(self, ctx: RequestContext, engine, hidden_states: np.ndarray) -> None:
+    async def _deliver_embedding(self, ctx: RequestContext, engine: InferenceEngine, hidden_states: np.ndarray) -> None:
         """The last shard's only step of an embedding request: pool ``hidden_states`` ((1, T,
         hidden) float32, final-normed) as the request says, free this node's KV cache of it at
         once (nothing continues it; the origin's end frees the other nodes'), and send the
