@@ -34,7 +34,7 @@ def tiny_llama(tmp_path_factory):
     return d, hidden
 
 
-async def _embed_on_engines(stages: list[tuple[TorchInferenceEngine, Shard]], ids: list[int], mode: str) -> np.ndarray:
+async def _embed_on_engines(stages: list[tuple], ids: list[int], mode: str) -> np.ndarray:
     """The prompt through each stage as the ring runs it: ``infer_tensor`` on all but the last,
     ``infer_final_hidden`` there; pooled and normalized."""
     x = np.asarray([ids], dtype=np.int64)
@@ -92,3 +92,23 @@ async def test_two_node_ring_gives_the_embedding_of_one_node(two_node_cluster, s
             np.testing.assert_allclose(await n.node.embed(SMOLLM2, ids, "last"), alone, atol=1e-5, err_msg=text)
     for n in two_node_cluster:
         assert not n.node.engine.cached_request_ids()
+
+
+@asyncio_test
+@pytest.mark.parametrize("name", ["tinygrad", "mlx"])
+async def test_tinygrad_and_mlx_embeddings_match_transformers(tiny_llama, name):
+    """The engines sharing ``ShardedModelEngine`` return final-normed hidden states too."""
+    from test_engines import _require
+
+    from exo.inference.inference_engine import get_inference_engine
+
+    _require(name)
+    directory, hidden = tiny_llama
+    stages = [(get_inference_engine(name), Shard(str(directory), a, b, 4)) for a, b in [(0, 1), (2, 3)]]
+    try:
+        for ids, ref in zip(TEXT_IDS, hidden):
+            got = await _embed_on_engines(stages, ids, "mean")
+            np.testing.assert_allclose(got, l2_normalize(pool(ref, "mean")), atol=1e-4, err_msg=f"{name} {ids}")
+    finally:
+        for engine, _ in stages:
+            await engine.close()
