@@ -9,6 +9,8 @@ correctly; and it can compute the expected tokens with :func:`expected_tokens`.
 
 Hidden states, float32 of shape ``(1, T, HIDDEN_SIZE)``; per position ``j``:
     ``[0]`` the token id, ``[1]`` its absolute position, ``[2]`` the layers run so far, the rest 0.
+Final hidden states (``infer_final_hidden`` on the last shard, for embeddings): those hidden
+states as they leave the last layer (no norm: the dummy model has none), ``(1, T, HIDDEN_SIZE)``.
 Logits, float32 of shape ``(vocab_size,)``: ``PEAK`` at the next token, 0 elsewhere, so greedy
 decoding and sampling at any temperature pick it (its probability is > 1 - vocab_size * e^-PEAK).
 Next token after tokens ``t_0 .. t_{n-1}``: ``next_token(digest(t_0 .. t_{n-1}))``.
@@ -132,6 +134,14 @@ class DummyInferenceEngine(InferenceEngine):
             self._requests.clear()
 
     async def infer_tensor(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+        return await self._run(request_id, shard, x, position, final_hidden=False)
+
+    async def infer_final_hidden(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+        """As ``infer_tensor``, but the last shard returns its hidden states ``(1, T, 8)``
+        float32 (see the module docstring) instead of logits."""
+        return await self._run(request_id, shard, x, position, final_hidden=True)
+
+    async def _run(self, request_id: str, shard: Shard, x: np.ndarray, position: int, final_hidden: bool) -> np.ndarray:
         """Run ``shard`` on ``x`` (token ids ``(1, T)`` int, or hidden states ``(1, T, 8)`` float).
 
         Returns hidden states ``(1, T, 8)`` float32, or on the last shard logits ``(vocab_size,)``
@@ -170,7 +180,7 @@ class DummyInferenceEngine(InferenceEngine):
         state.offset = position + t
         self._requests[request_id] = state
         self.calls += 1
-        if not shard.is_last_layer:
+        if not shard.is_last_layer or final_hidden:
             return h
         logits = np.zeros(self.vocab_size, dtype=np.float32)
         logits[self.forced_tokens.get(state.offset, next_token(state.digest, self.vocab_size))] = PEAK

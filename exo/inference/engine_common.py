@@ -125,7 +125,7 @@ class ShardedModel(Protocol):
 
     def new_cache(self) -> Any: ...
 
-    def __call__(self, x: np.ndarray, cache: Any) -> np.ndarray: ...
+    def __call__(self, x: np.ndarray, cache: Any, final_hidden: bool = False) -> np.ndarray: ...
 
     def load_tensors(self, tensors: dict[str, np.ndarray]) -> None: ...
 
@@ -224,9 +224,20 @@ class ShardedModelEngine(InferenceEngine):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._infer, model, request_id, x, position)
 
-    def _infer(self, model: ShardedModel, request_id: str, x: np.ndarray, position: int) -> np.ndarray:
+    async def infer_final_hidden(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+        """``InferenceEngine.infer_final_hidden``: the last shard returns the final-normed hidden
+        states (1, T, hidden) float32 (the model's ``final_hidden``)."""
+        if self._shard != shard:
+            await self.ensure_shard(shard)
+        model = self._model
+        validate_input(shard, x, model.args.hidden_size, model.args.vocab_size)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._infer, model, request_id, x, position, True)
+
+    def _infer(self, model: ShardedModel, request_id: str, x: np.ndarray, position: int,
+               final_hidden: bool = False) -> np.ndarray:
         cache = self._requests.for_step(request_id, position, x.shape[1], model.args.max_seq_len, model.new_cache)
-        out = model(x, cache)
+        out = model(x, cache, final_hidden) if final_hidden else model(x, cache)
         return np.asarray(out, dtype=np.float32 if model.shard.is_last_layer else WIRE_HIDDEN_DTYPE)
 
     async def clear_request(self, request_id: str) -> None:

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+from exo.inference.pooling import POOLINGS
+
 # Temperatures below this sample greedily: logits / T overflows float32 for T below ~1e-38 (and
 # float64 below ~1e-300), and long before that the distribution is the argmax's alone. vLLM's
 # sampler uses the same threshold (_SAMPLING_EPS).
@@ -39,6 +41,9 @@ class GenerationOptions:
         logit_bias: (token id, bias) pairs, the bias added to that token's logit before sampling,
             each in [-100, 100] (OpenAI's ``logit_bias``); stored sorted by token id. A mapping
             (id -> bias) is accepted and stored the same way.
+        pooling: None for a generation; for an embedding request, how the last shard pools the
+            prompt's final-normed hidden states into one vector (``exo.inference.pooling.POOLINGS``:
+            "mean", "last", "cls"): the request is that one prefill step, nothing is sampled.
 
     Raises:
         ValueError: naming the first option out of its range.
@@ -56,6 +61,7 @@ class GenerationOptions:
     top_logprobs: int = 0
     grammar: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -79,6 +85,13 @@ class GenerationOptions:
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
             raise ValueError("grammar must be a non-empty llguidance grammar string or None")
         object.__setattr__(self, "logit_bias", _checked_logit_bias(self.logit_bias))
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)} (or None), got {self.pooling!r}")
+
+    @property
+    def is_embedding(self) -> bool:
+        """Whether the request computes an embedding (``pooling`` set) instead of generating."""
+        return self.pooling is not None
 
     @property
     def greedy(self) -> bool:

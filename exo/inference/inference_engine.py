@@ -63,6 +63,18 @@ class InferenceEngine(ABC):
                 request's cache length.
         """
 
+    async def infer_final_hidden(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+        """``infer_tensor`` of an embedding request: the same on any shard but the last, where it
+        returns the final-normed hidden states of every position of ``x`` (the last layer's
+        output after the model's final norm, which the output head would read), float32
+        ``(1, T, hidden_size)``, instead of logits. The KV cache is kept as by ``infer_tensor``.
+
+        Raises:
+            NotImplementedError: this engine does not compute embeddings (the default).
+            ValueError, KeyError: as ``infer_tensor``.
+        """
+        raise NotImplementedError(f"the {self.name} engine does not compute embeddings")
+
     @abstractmethod
     async def clear_request(self, request_id: str) -> None:
         """Free the KV cache of ``request_id``; a no-op for an unknown id."""

@@ -65,6 +65,12 @@ class ModelCard:
         layer_bytes: bytes of each layer in the checkpoint, when its header has been read.
         args: its hyper-parameters, when its header has been read.
         path: where its checkpoint is on this machine (None: not here yet).
+        pooling: how its embeddings pool the last hidden states: "mean", "last" or "cls", from
+            its checkpoint (a GGUF's ``{arch}.pooling_type``, a sentence-transformers Pooling
+            module); "mean" when it says none (``exo.models.config_readers``).
+        matryoshka: its embeddings may be truncated to fewer dimensions and normalized again
+            (Matryoshka representation learning, e.g. Qwen3-Embedding); requests for other
+            models may ask only for their full size.
     """
 
     model_id: str
@@ -78,6 +84,8 @@ class ModelCard:
     layer_bytes: tuple[int, ...] | None = None
     args: ModelArgs | None = field(default=None, compare=False, repr=False)
     path: Path | None = None
+    pooling: str = "mean"
+    matryoshka: bool = False
 
     @property
     def max_layer_bytes(self) -> int:

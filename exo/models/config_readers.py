@@ -1,10 +1,13 @@
 """``ModelArgs`` from a checkpoint's own config: the metadata of a GGUF file
 (``args_from_gguf``) or a Hugging Face ``config.json`` (``args_from_hf_config``), for the
-architectures ``exo.models.architectures`` describes."""
+architectures ``exo.models.architectures`` describes; and how the model pools its hidden states
+into an embedding (``embedding_config_from_gguf``, ``embedding_config_from_hf_dir``)."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -232,3 +235,57 @@ def args_from_hf_config(config: Mapping[str, Any]) -> ModelArgs:
         rope_dim=int(head_dim * partial), layer_window=windows, attn_scale=attn_scale, embed_scale=embed_scale,
         tie_word_embeddings=bool(tied), max_seq_len=int(c.get("max_position_embeddings", 8192)),
     )
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+#: Model families trained with Matryoshka representation learning (their model cards say so),
+#: matched against the name a checkpoint gives itself (a GGUF's ``general.basename`` or
+#: ``general.name``; a Hugging Face directory's ``_name_or_path`` or its own directory name).
+#: A checkpoint may also declare it: ``matryoshka_dimensions`` in its ``config.json`` or
+#: ``config_sentence_transformers.json``.
+MATRYOSHKA_FAMILIES = ("qwen3-embedding",)
+
+
+def _is_matryoshka_name(*names: Any) -> bool:
+    return any(isinstance(n, str) and any(f in n.lower() for f in MATRYOSHKA_FAMILIES) for n in names)
+
+
+def embedding_config_from_gguf(meta: Mapping[str, Any]) -> tuple[str, bool]:
+    """(pooling, matryoshka) of a GGUF model: llama.cpp's ``{arch}.pooling_type`` (1 mean,
+    2 cls, 3 last; ``exo.inference.pooling.GGUF_POOLING``), else mean; Matryoshka by name
+    (``MATRYOSHKA_FAMILIES``)."""
+    from exo.inference.pooling import DEFAULT_POOLING, GGUF_POOLING
+
+    arch = meta.get("general.architecture")
+    pooling = GGUF_POOLING.get(meta.get(f"{arch}.pooling_type"), DEFAULT_POOLING)  # type: ignore[arg-type]
+    return pooling, _is_matryoshka_name(meta.get("general.basename"), meta.get("general.name"))
+
+
+def embedding_config_from_hf_dir(directory: Path, config: Mapping[str, Any]) -> tuple[str, bool]:
+    """(pooling, matryoshka) of a Hugging Face model directory: the sentence-transformers
+    Pooling module's ``config.json`` that ``modules.json`` names (``pooling_mode_lasttoken``
+    -> last, ``pooling_mode_mean_tokens`` -> mean, ``pooling_mode_cls_token`` -> cls), else
+    mean; Matryoshka when a config declares ``matryoshka_dimensions`` or by name
+    (``MATRYOSHKA_FAMILIES``). Unreadable sentence-transformers files count as absent."""
+    from exo.inference.pooling import DEFAULT_POOLING, pooling_from_sentence_transformers
+
+    def read(name: str) -> Any:
+        try:
+            return json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    pooling = None
+    modules = read("modules.json")
+    if isinstance(modules, list):
+        for m in modules:
+            if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling") and isinstance(m.get("path"), str):
+                pooling_cfg = read(f"{m['path']}/config.json")
+                if isinstance(pooling_cfg, dict):
+                    pooling = pooling_from_sentence_transformers(pooling_cfg)
+                break
+    st_config = read("config_sentence_transformers.json")
+    declared = "matryoshka_dimensions" in config or (isinstance(st_config, dict) and "matryoshka_dimensions" in st_config)
+    matryoshka = declared or _is_matryoshka_name(config.get("_name_or_path"), directory.name)
+    return pooling or DEFAULT_POOLING, matryoshka

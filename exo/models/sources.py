@@ -172,7 +172,7 @@ class ModelStore:
         info = weights.tensor_info()
         return ModelCard(model_id, name, a.architecture, a.n_layers, a.max_seq_len, source, chat=chat,
                          size=sum(t.nbytes for t in info.values()), layer_bytes=tuple(weights.layer_bytes()), args=a,
-                         path=weights.path)
+                         path=weights.path, pooling=weights.pooling, matryoshka=weights.matryoshka)
 
     def local_path(self, name: str) -> Path | None:
         """Where ``name``'s checkpoint is on this machine, or None (no I/O beyond the cache)."""

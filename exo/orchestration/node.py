@@ -107,7 +107,7 @@ class Node:
         self.model_card, self.cached_card, self.get_tokenizer = ms.model_card, ms.cached_card, ms.get_tokenizer
         self.available_models, self.model_state, self.downloads = ms.available_models, ms.model_state, ms.downloads
         self.pull, self.delete_model, self.download_failure = ms.pull, ms.delete_model, ms.download_failure
-        self.generate, self.process_result = o.generate, o.process_result
+        self.generate, self.embed, self.process_result = o.generate, o.embed, o.process_result
         self.process_prompt, self.process_tensor, self.end_request = w.process_prompt, w.process_tensor, w.end_request
 
     # the parts' state that callers read by the Node's names

@@ -6,6 +6,7 @@ prompt, streams the results to the client, fails over when a member of the ring 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ import numpy as np
 
 from exo.inference.generation import GenerationOptions
 from exo.inference.inference_engine import WIRE_TOKEN_DTYPE
+from exo.inference.pooling import l2_normalize
 from exo.models.sources import ModelCard
 from exo.orchestration.errors import GenerationError, GenerationTimeoutError, NoNodeAvailableError
 from exo.orchestration.membership import Membership
@@ -159,6 +161,36 @@ class Origin:
         finally:
             self._registry.finish_origin(request_id)
             await self._end_everywhere(req)
+
+    async def embed(self, model_id: str, token_ids: list[int], pooling: str | None = None, normalize: bool = True,
+                    request_id: str | None = None) -> np.ndarray:
+        """The embedding of ``token_ids``: the prompt's prefill runs through the ring as a
+        generation's does, and the node holding the last layer pools the final-normed hidden
+        states (``exo.inference.pooling.pool``) and returns that vector instead of sampling;
+        the request ends after that one step, and every node of the ring frees its KV cache.
+        Failover (a ring member lost, a failed step) is a generation's (see ``generate``): the
+        prefill is replayed on the re-partitioned ring.
+
+        Args:
+            pooling: "mean", "last" or "cls"; None: the model's own (``ModelCard.pooling``).
+            normalize: L2-normalize the vector (``exo.inference.pooling.l2_normalize``).
+
+        Returns:
+            float32 ``(hidden_size,)``.
+
+        Raises:
+            as ``generate``; ValueError also for an unknown pooling; GenerationError when the
+            ring answers without an embedding (a node that does not compute embeddings).
+        """
+        if pooling is None:
+            pooling = (await self._models.model_card(model_id)).pooling
+        options = GenerationOptions(max_tokens=1, pooling=pooling)
+        async with contextlib.aclosing(self.generate(model_id, token_ids, options, request_id)) as results:
+            async for result in results:
+                if result.embedding is None:
+                    raise GenerationError(f"the ring answered an embedding request of {model_id} without an embedding")
+                return l2_normalize(result.embedding) if normalize else result.embedding
+        raise GenerationError(f"the ring ended an embedding request of {model_id} without a result")
 
     async def _send_first_prompt(self, req: OriginRequest, card: ModelCard) -> None:
         """Send the prompt to the first node of the ring; fail over if that node is gone."""

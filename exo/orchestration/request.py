@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from exo.inference.generation import GenerationOptions
 from exo.inference.shard import Shard
 from exo.topology.partitioning import Partition
@@ -75,6 +77,9 @@ class TokenResult:
         top_logprobs: for each token, the alternatives' (token id, log-probability) pairs.
         epoch: the epoch of the request context the result was computed in; the origin drops
             results of an epoch other than its current one (sent before a re-partition).
+        embedding: of an embedding request (``GenerationOptions.pooling``), its only result:
+            the pooled final-normed hidden states, float32 ``(hidden,)``, not normalized; with
+            finish_reason "stop" and no tokens. None otherwise.
     """
 
     request_id: str
@@ -84,6 +89,7 @@ class TokenResult:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     epoch: int = 0
+    embedding: np.ndarray | None = field(default=None, compare=False)  # an array has no truth value for ==
 
     @property
     def is_finished(self) -> bool:

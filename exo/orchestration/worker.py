@@ -5,7 +5,9 @@ scheduled as one step of the request's epoch; the step runs this node's shard an
 output on to the next node, or, on the node holding the last layer, samples the next token,
 sends the next decode step to the first node and delivers the result to the origin. Messages
 of an ended request or of an older epoch are dropped; a failed step is reported to the origin,
-which fails over or ends the request.
+which fails over or ends the request. An embedding request (``GenerationOptions.pooling``) is
+one prefill step whose last shard pools the final-normed hidden states and sends that vector to
+the origin instead of sampling.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 
 from exo.inference.generation import GenerationOptions
 from exo.inference.grammar import GrammarMatcher
-from exo.inference.inference_engine import WIRE_TOKEN_DTYPE
+from exo.inference.inference_engine import WIRE_TOKEN_DTYPE, InferenceEngine
+from exo.inference.pooling import pool
 from exo.inference.sampling import Sampler
 from exo.orchestration.background import Background
 from exo.orchestration.errors import NodeStoppingError
@@ -150,7 +153,11 @@ class Worker:
             engine = await self._models.ensure_shard(shard)
             if self._is_stale(ctx):
                 return
-            out = await engine.infer_tensor(rid, shard, x, position)
+            embedding = ctx.options.is_embedding and shard.is_last_layer
+            if embedding:  # final-normed hidden states, not logits
+                out = await engine.infer_final_hidden(rid, shard, x, position)
+            else:
+                out = await engine.infer_tensor(rid, shard, x, position)
             if self._registry.is_ended(rid):
                 await engine.clear_request(rid)
                 return
@@ -159,6 +166,9 @@ class Worker:
             next_position = position + x.shape[1]
             if not shard.is_last_layer:
                 await self._pass_on(ctx, out, position)
+                return
+            if embedding:
+                await self._deliver_embedding(ctx, engine, out)
                 return
             result, token = await self._sample(ctx, out, position, next_position)
             await self._deliver_and_continue(ctx, result, token, next_position)
@@ -197,6 +207,15 @@ class Worker:
             await asyncio.wait([previous])
         await self._report(ctx, TokenResult(rid, finish_reason="error", error=f"node {self.id}: {type(e).__name__}: {e}",
                                             epoch=ctx.epoch))
+
+    async def _deliver_embedding(self, ctx: RequestContext, engine: InferenceEngine, hidden_states: np.ndarray) -> None:
+        """The last shard's only step of an embedding request: pool ``hidden_states`` ((1, T,
+        hidden) float32, final-normed) as the request says, free this node's KV cache of it at
+        once (nothing continues it; the origin's end frees the other nodes'), and send the
+        vector to the origin as the request's one and final result. Nothing is sampled."""
+        vector = pool(hidden_states, ctx.options.pooling)
+        await engine.clear_request(ctx.request_id)
+        await self._report(ctx, TokenResult(ctx.request_id, finish_reason="stop", epoch=ctx.epoch, embedding=vector))
 
     async def _fresh_sampler(self, ctx: RequestContext) -> Sampler:
         """The sampler of a prefill (the request's first, or a replay's): for a request with a

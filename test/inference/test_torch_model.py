@@ -11,20 +11,15 @@ from helpers import smollm2_gguf_path
 
 from exo.inference.tokenizers import IncrementalDetokenizer, tokenizer_for_path
 from exo.inference.torch.engine import TorchInferenceEngine
-from exo.models.sources import STORE
 
 MODEL = "smollm2-135m"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="session")
-def reference():
-    """transformers' model and tokenizer built from the shipped GGUF (slow: load once)."""
-    transformers = pytest.importorskip("transformers")
-    path = STORE.card(MODEL).path
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer
+def reference(smollm2_transformers):
+    """transformers' model and tokenizer built from the shipped GGUF (conftest.py: loaded once)."""
+    return smollm2_transformers
 
 
 @pytest.fixture(scope="session")

@@ -152,6 +152,24 @@ def test_result_from_proto_rejects_malformed() -> None:
         codec.result_from_proto(msg)
 
 
+def test_embedding_request_and_result_round_trip() -> None:
+    ctx = make_ctx(options=GenerationOptions(max_tokens=1, pooling="last"))
+    assert codec.ctx_from_proto(codec.ctx_to_proto(ctx)).options.pooling == "last"
+    assert codec.ctx_from_proto(codec.ctx_to_proto(make_ctx())).options.pooling is None  # a generation
+    vector = np.array([0.25, -1.5, 3.0], dtype=np.float32)
+    back = codec.result_from_proto(codec.result_to_proto(TokenResult("r", finish_reason="stop", embedding=vector)))
+    assert back == TokenResult("r", finish_reason="stop") and back.embedding.dtype == np.float32
+    np.testing.assert_array_equal(back.embedding, vector)
+    assert codec.result_from_proto(codec.result_to_proto(TokenResult("r"))).embedding is None
+    msg = codec.ctx_to_proto(ctx)
+    msg.options.pooling = "max"
+    with pytest.raises(ValueError, match="pooling"):
+        codec.ctx_from_proto(msg)
+    msg = pb.ResultRequest(request_id="r", embedding=codec.tensor_to_proto(np.zeros((2, 3), dtype=np.float32)))
+    with pytest.raises(ValueError, match="embedding"):
+        codec.result_from_proto(msg)
+
+
 def test_topology_and_capabilities_round_trip() -> None:
     caps_a = DeviceCapabilities("Linux x86_64", "Xeon", 64 << 30, DeviceFlops(1.5, 3.0, 6.0), 32 << 30, "H100", 80 << 30)
     caps_b = DeviceCapabilities("Mac", "M2", 16 << 30)

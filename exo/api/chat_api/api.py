@@ -14,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from exo.api.chat_api import (
-    anthropic_endpoints, fallback, health, image_endpoints, metrics, model_endpoints, ollama_downloads, ollama_endpoints, ollama_models, route_handlers,
+    anthropic_endpoints, embeddings, fallback, health, image_endpoints, metrics, model_endpoints, ollama_downloads, ollama_endpoints, ollama_models, route_handlers,
 )
 from exo.api.chat_api.auth import setup as setup_auth
 from exo.api.chat_api.dialects import DialectErrorRunner, dialect_error_middleware
@@ -141,6 +141,7 @@ class ChatAPI:
         route_handlers.setup_routes(app)
         model_endpoints.setup_routes(app)
         image_endpoints.setup_routes(app)
+        embeddings.setup_routes(app)
         if self.tinychat_dir is not None:
             if not (self.tinychat_dir / "index.html").is_file():
                 logger.warning("no index.html in the web UI directory %s", self.tinychat_dir)

@@ -32,7 +32,7 @@ KEY_ID = web.RequestKey("exo_api_key_id", str) if hasattr(web, "RequestKey") els
 
 # paths served by the API itself (everything else is the web page and its files)
 _SERVICE_PREFIXES = ("/v1/", "/api/", "/chat/", "/health/")
-_SERVICE_PATHS = frozenset({"/v1", "/api", "/completions", "/metrics", "/health", "/healthcheck"})
+_SERVICE_PATHS = frozenset({"/v1", "/api", "/completions", "/embeddings", "/metrics", "/health", "/healthcheck"})
 
 
 def is_service_path(path: str) -> bool:

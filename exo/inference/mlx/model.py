@@ -178,7 +178,9 @@ class ShardedModel:
     def new_cache(self) -> ShardCache:
         return ShardCache(self.shard.n_shard_layers)
 
-    def __call__(self, x: np.ndarray, cache: ShardCache) -> np.ndarray:
+    def __call__(self, x: np.ndarray, cache: ShardCache, final_hidden: bool = False) -> np.ndarray:
+        """Hidden states (1, T, hidden), or on the last shard the logits (vocab,) of the last
+        position; ``final_hidden`` (embeddings): there, the final-normed hidden states (1, T, hidden)."""
         position, t = cache.offset, x.shape[1]
         if self.embed is not None:
             h = self.embed[mx.array(np.asarray(x, dtype=np.int32))]  # (1, T, hidden)
@@ -186,12 +188,14 @@ class ShardedModel:
             h = mx.array(np.asarray(x, dtype=np.float32))
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, position, layer_cache)
-        if self.output is not None:
+        if self.output is not None and final_hidden:
+            h = rms_norm(h, self.output_norm, self.args.rms_norm_eps)  # (1, T, hidden)
+        elif self.output is not None:
             h = rms_norm(h[:, -1, :], self.output_norm, self.args.rms_norm_eps) @ self.output.T  # (1, vocab)
         mx.eval(h, *[a for c in cache.layers for a in (c.keys, c.values)])
         cache.offset = position + t
         out = np.array(h)
-        return out[0] if self.output is not None else out
+        return out[0] if self.output is not None and not final_hidden else out
 
     def load_tensors(self, tensors: dict[str, Any]) -> None:
         """Load the shard's float32 arrays by canonical name (``layers.{i}.{key}`` with ``i``

@@ -207,7 +207,9 @@ class ShardedModel:
             h = jit(h, pos, window, kv, cos, sin, self.eps, self.scale, *weights)
         return h
 
-    def __call__(self, x: np.ndarray, cache: KVCache) -> np.ndarray:
+    def __call__(self, x: np.ndarray, cache: KVCache, final_hidden: bool = False) -> np.ndarray:
+        """Hidden states (1, T, hidden), or on the last shard the logits (vocab,) of the last
+        position; ``final_hidden`` (embeddings): there, the final-normed hidden states (1, T, hidden)."""
         position, t = cache.offset, x.shape[1]
         if self.embed is not None:
             hidden = self.embed[np.asarray(x[0], dtype=np.int64)][None]  # (1, T, hidden)
@@ -229,6 +231,8 @@ class ShardedModel:
         cache.offset = position + t
         if self.output is None:
             return out
+        if final_hidden:
+            return rms_norm(Tensor(np.ascontiguousarray(out, dtype=np.float32)), self.output_norm, self.eps).numpy()
         last = Tensor(np.ascontiguousarray(out[:, -1:])).realize()
         head = _graph(("head", self.args.hidden_size, self.args.vocab_size), head_forward)
         return head(last, self.eps, self.output_norm, self.output).numpy()[0]

@@ -218,6 +218,14 @@ class TorchInferenceEngine(InferenceEngine):
             return await step.future
         return await self._on_worker(self._infer, request_id, x, position)
 
+    async def infer_final_hidden(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+        """``InferenceEngine.infer_final_hidden``: one forward pass on the worker, never batched
+        with decode steps; the last shard returns (1, T, hidden) float32 after the final norm."""
+        if self._shard != shard:
+            await self.ensure_shard(shard)
+        self._validate_input(shard, x)
+        return await self._on_worker(self._infer, request_id, x, position, True)
+
     async def _drain(self) -> None:
         """Run the queued decode steps in batches until none is left."""
         while self._pending:
@@ -336,12 +344,12 @@ class TorchInferenceEngine(InferenceEngine):
         finally:
             torch.ops.exo_gguf.set_spin(False)
 
-    def _infer(self, request_id: str, x: np.ndarray, position: int) -> np.ndarray:
+    def _infer(self, request_id: str, x: np.ndarray, position: int, final_hidden: bool = False) -> np.ndarray:
         self._evict_idle()
         state = self._state_for(request_id, position, x.shape[1])
         with torch.inference_mode(), self._forward_pass(x.shape[1]):
-            out = self._to_output(self._model(self._to_input(x), state.caches, position))
-        return out[0] if self._model.lm_head is not None else out
+            out = self._to_output(self._model(self._to_input(x), state.caches, position, final_hidden))
+        return out[0] if self._model.lm_head is not None and not final_hidden else out
 
     def _decode_batch(self, steps: list[_DecodeStep]) -> list[np.ndarray | Exception]:
         """One forward pass for the decode steps of several requests; per step its output or

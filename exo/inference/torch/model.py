@@ -162,14 +162,19 @@ class ShardedTransformer(nn.Module):
                 return torch.cat([self.lm_head(x[i:i + 1].clone()) for i in range(x.shape[0])]).float()
         return self.lm_head(x).float()  # (B, vocab)
 
-    def forward(self, x: torch.Tensor, caches: list[KVCache], position: int) -> torch.Tensor:
-        if self.native_decode and x.shape[:2] == (1, 1):  # one token: the native decode step
+    def forward(self, x: torch.Tensor, caches: list[KVCache], position: int, final_hidden: bool = False) -> torch.Tensor:
+        """See the class docstring. ``final_hidden`` (an embedding request): the last shard
+        returns the final-normed hidden states of every position (B, T, hidden) in the model's
+        dtype instead of logits; the native decode step is never taken for it."""
+        if self.native_decode and x.shape[:2] == (1, 1) and not final_hidden:  # one token: the native decode step
             return self.decode(x, [caches], [position])
         h = self._embed(x)
         tables = [r(position, h.shape[1], h.dtype, h.device) for r in self.rotary]  # (T, 1, rope_dim) each
         for layer, cache in zip(self.layers, caches):
             cos, sin = tables[layer.self_attn.rope_index]
             h = layer(h, cos, sin, cache)
+        if final_hidden:
+            return self.norm(h) if self.norm is not None else h  # (B, T, hidden)
         return self._head(h)
 
     def decode(self, x: torch.Tensor, caches: list[list[KVCache]], positions: list[int]) -> torch.Tensor:

@@ -73,11 +73,16 @@ class ModelWeights(ABC):
         args: the model's hyper-parameters.
         path: the file (first split) or directory it was opened from.
         format: "gguf" or "safetensors".
+        pooling: how the model pools hidden states into an embedding ("mean", "last", "cls";
+            ``exo.models.config_readers.embedding_config_from_gguf`` / ``_from_hf_dir``).
+        matryoshka: its embeddings may be truncated to fewer dimensions (Matryoshka).
     """
 
     args: ModelArgs
     path: Path
     format: str
+    pooling: str = "mean"
+    matryoshka: bool = False
 
     def __init__(self) -> None:
         self._sources: dict[str, _Source] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from exo.models.architectures import GGUF_GLOBAL, GGUF_LAYER, architecture, layer_name
-from exo.models.config_readers import args_from_gguf
+from exo.models.config_readers import args_from_gguf, embedding_config_from_gguf
 from exo.models.gguf import GGUFModel, dequantize, open_gguf
 from exo.models.weights.base import ModelWeights, WeightsError
 
@@ -31,6 +31,7 @@ class GGUFWeights(ModelWeights):
         small = {n: self._small(n) for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
                  if n in names}
         self.args = args_from_gguf(self.metadata, names, small)
+        self.pooling, self.matryoshka = embedding_config_from_gguf(self.metadata)
         arch = architecture(self.args.architecture)
         a = self.args
         for i in range(a.n_layers):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from exo.models.architectures import HF_GLOBAL, ModelArgs, architecture, layer_name, parse_layer_name
-from exo.models.config_readers import args_from_hf_config
+from exo.models.config_readers import args_from_hf_config, embedding_config_from_hf_dir
 from exo.models.gguf import BF16, F16, F32
 from exo.models.weights.base import ModelWeights, WeightsError, _Source
 
@@ -70,6 +70,7 @@ class SafetensorsWeights(ModelWeights):
         except ValueError as e:
             raise WeightsError(f"{config_path} is not valid JSON: {e}") from None
         self.args = args_from_hf_config(self.config)
+        self.pooling, self.matryoshka = embedding_config_from_hf_dir(self.path, self.config)
         self._files: dict[str, Path] = {}  # tensor -> file
         self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
         self._maps: dict[Path, np.ndarray] = {}

@@ -118,6 +118,7 @@ def options_to_proto(options: GenerationOptions) -> pb.GenerationOptions:
         logprobs=options.logprobs,
         top_logprobs=options.top_logprobs,
         logit_bias=dict(options.logit_bias),
+        pooling=options.pooling or "",
     )
     if options.seed is not None:
         msg.seed = options.seed
@@ -141,6 +142,7 @@ def options_from_proto(msg: pb.GenerationOptions) -> GenerationOptions:
         top_logprobs=int(msg.top_logprobs),
         grammar=msg.grammar if msg.HasField("grammar") else None,
         logit_bias=tuple((int(t), float(b)) for t, b in msg.logit_bias.items()),
+        pooling=msg.pooling or None,
     )
 
 
@@ -282,6 +284,8 @@ def result_to_proto(result: TokenResult) -> pb.ResultRequest:
         msg.finish_reason = result.finish_reason
     if result.error is not None:
         msg.error = result.error
+    if result.embedding is not None:
+        msg.embedding.CopyFrom(tensor_to_proto(np.asarray(result.embedding, dtype=np.float32)))
     return msg
 
 
@@ -289,7 +293,8 @@ def result_from_proto(msg: pb.ResultRequest) -> TokenResult:
     """Decode a TokenResult.
 
     Raises:
-        ValueError: empty request id, or a top-logprobs entry whose id and logprob lists differ in length.
+        ValueError: empty request id, a top-logprobs entry whose id and logprob lists differ in
+            length, or an embedding that is not a float32 vector (``tensor_from_proto``'s errors too).
     """
     if not msg.request_id:
         raise ValueError("result has an empty request_id")
@@ -303,6 +308,12 @@ def result_from_proto(msg: pb.ResultRequest) -> TokenResult:
                 f"but {len(alts.logprobs)} logprobs"
             )
         top.append([(int(t), float(lp)) for t, lp in zip(alts.token_ids, alts.logprobs)])
+    embedding = None
+    if msg.HasField("embedding"):
+        embedding = tensor_from_proto(msg.embedding)
+        if embedding.ndim != 1 or embedding.dtype != np.float32:
+            raise ValueError(f"result of {msg.request_id}: embedding must be a float32 vector, got "
+                             f"{embedding.dtype} of shape {list(embedding.shape)}")
     return TokenResult(
         request_id=msg.request_id,
         tokens=[int(t) for t in msg.tokens],
@@ -311,6 +322,7 @@ def result_from_proto(msg: pb.ResultRequest) -> TokenResult:
         logprobs=[float(lp) for lp in msg.logprobs],
         top_logprobs=top,
         epoch=int(msg.epoch),
+        embedding=embedding,
     )
 
 
