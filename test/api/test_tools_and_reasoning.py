@@ -3,7 +3,7 @@ told which tokens to produce (``forced_tokens``): the answer text is known exact
 split into reasoning, content and calls, streamed and not, is checked against it with the real
 ``openai``, ``anthropic`` and ``ollama`` clients. The calls pass through the request's grammar
 too (a forced token the grammar forbade could not be sampled). Real-model checks of the same
-features: test_structured_output.py.
+features: test_constrained_output_api.py.
 """
 
 from __future__ import annotations
