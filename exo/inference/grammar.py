@@ -39,10 +39,11 @@ logger = logging.getLogger(__name__)
 _MAX_CACHED_TOKENIZERS = 8
 _cache: OrderedDict[tuple, tuple[object, llguidance.LLTokenizer]] = OrderedDict()
 _cache_lock = threading.Lock()
-#: llguidance's JSON compile options under a schema's own ``"x-guidance"``: whitespace between
-#: tokens is free but bounded per gap (llguidance's default, unbounded, lets a sampled model emit
-#: whitespace forever; 32 characters still allow pretty-printing a few levels deep).
-JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
+#: llguidance's JSON compile options under a schema's own ``"x-guidance"``: between two tokens of
+#: the JSON, nothing, one space, or one or two newlines and up to 20 spaces or tabs of indent (the
+#: gap llama.cpp's JSON-schema grammars allow). llguidance's default, any whitespace, lets a
+#: sampled model emit whitespace until its token budget runs out; this still pretty-prints.
+JSON_DEFAULTS = {"whitespace_pattern": r"(?:\x20|\n{1,2}[\x20\t]{0,20})?"}
 
 
 def _validated(grammar: str, what: str) -> str:
@@ -56,7 +57,7 @@ def json_schema_grammar(schema: dict | bool | None) -> str:
     """An llguidance grammar for JSON text valid under the JSON Schema ``schema``.
 
     ``None`` means any JSON object (OpenAI's ``response_format: {"type": "json_object"}``);
-    ``True`` any JSON value. Whitespace between tokens: up to 32 characters a gap (``JSON_DEFAULTS``);
+    ``True`` any JSON value. Whitespace between tokens: a space or a newline and an indent (``JSON_DEFAULTS``);
     a schema may set llguidance's options under ``"x-guidance"`` (e.g. ``{"whitespace_flexible":
     false}`` for none, ``"whitespace_pattern"``, ``"item_separator"``).
     Supported keywords: https://github.com/guidance-ai/llguidance/blob/main/docs/json_schema.md.
@@ -74,6 +75,12 @@ def json_schema_grammar(schema: dict | bool | None) -> str:
     except (TypeError, ValueError) as e:  # not JSON-serializable, or not an object
         raise ValueError(f"invalid JSON schema: {e}") from None
     return _validated(grammar, "JSON schema")
+
+
+def schema_with_defaults(schema: dict) -> dict:
+    """``schema`` with ``JSON_DEFAULTS`` as its ``"x-guidance"`` options (its own win), for
+    embedding in Lark as ``%json {...}``, where ``json_schema_grammar``'s defaults do not apply."""
+    return {**schema, "x-guidance": {**JSON_DEFAULTS, **schema.get("x-guidance", {})}}
 
 
 def lark_grammar(source: str) -> str:

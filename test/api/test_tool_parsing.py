@@ -9,7 +9,8 @@ import pytest
 
 from exo.api.serving.reasoning import ReasoningSplitter, prompt_opens_thinking
 from exo.api.serving.request import ToolCall, ToolSpec, Turn
-from exo.api.serving.tools import ToolCallParser, ToolSyntax, template_turns
+from exo.api.serving.tool_parser import ToolCallParser
+from exo.api.serving.tools import ToolSyntax, template_turns
 
 HERMES = ToolSyntax("hermes", "<tool_call>", "arguments", False)
 LLAMA = ToolSyntax("llama3", '{"name": ', "parameters", True)
@@ -30,7 +31,7 @@ CASES = [
     (HERMES, 'Let me check. <tool_call>\n{"name": "f", "arguments": {"a": "}{\\"", "b": [1, {"c": 2}]}}\n</tool_call>',
      "Let me check. ", [("f", {"a": '}{"', "b": [1, {"c": 2}]})]),
     (HERMES, '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g", "arguments": {"x": 1}}'
-             '\n</tool_call>', "\n", [("f", {}), ("g", {"x": 1})]),
+             '\n</tool_call>', "", [("f", {}), ("g", {"x": 1})]),
     (HERMES, "No call, just a < sign and <tool", "No call, just a < sign and <tool", []),
     (LLAMA, '{"name": "f", "parameters": {"q": "x"}}', "", [("f", {"q": "x"})]),
     (MISTRAL, '[TOOL_CALLS][{"name": "f", "arguments": {"q": 1}}, {"name": "g", "arguments": {}}]', "",
@@ -83,7 +84,7 @@ def test_history_without_native_tool_support_is_written_into_the_turns():
              Turn("tool", "42", tool_call_id="call_1"), Turn("tool", "43", tool_call_id="call_2")]
     out = template_turns(turns, tools, HERMES)
     assert [d["role"] for d in out] == ["system", "user", "assistant", "user"]
-    assert out[0]["content"].startswith("Be brief.\n\n") and '"name": "f"' in out[0]["content"]
+    assert out[0]["content"].startswith("Be brief.\n\n") and '"name":"f"' in out[0]["content"]
     assert out[2]["content"] == '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
     assert out[3]["content"] == "<tool_response>\n42\n</tool_response>\n<tool_response>\n43\n</tool_response>"
 
@@ -94,3 +95,50 @@ def test_history_with_native_tool_support_uses_the_transformers_forms():
                           Turn("tool", "42", tool_call_id="c1", name="f")], [], native)
     assert out[1]["tool_calls"] == [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]
     assert out[2] == {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from helpers import smollm2_gguf_path
+
+    from exo.inference.tokenizers import tokenizer_for_path
+    return tokenizer_for_path(smollm2_gguf_path())
+
+
+def accepts(grammar: str, tokenizer, text: str) -> bool:
+    """Whether ``text`` (then EOS) is a sentence of ``grammar``, token by token."""
+    from exo.inference.grammar import GrammarMatcher
+
+    m = GrammarMatcher(grammar, tokenizer)
+    try:
+        m.consume_all(tokenizer.backend.encode(text, add_special_tokens=False).ids)
+    except ValueError:
+        return False
+    return m.is_accepting
+
+
+WEATHER = ToolSpec("get_weather", "", {"type": "object", "properties": {"city": {"type": "string"}},
+                                       "required": ["city"], "additionalProperties": False})
+OTHER = ToolSpec("get_time", "", {"type": "object", "properties": {}})
+
+
+@pytest.mark.parametrize("syntax", [HERMES, LLAMA, MISTRAL])
+def test_tool_grammars_accept_calls_and_refuse_bad_arguments(smollm2, syntax):
+    from exo.api.serving.request import ToolChoice
+    from exo.api.serving.tools import tool_grammar
+
+    call = syntax.calls_text([ToolCall("c", "get_weather", '{"city": "Paris"}')])
+    bad = syntax.calls_text([ToolCall("c", "get_weather", '{"town": "Paris"}')])
+    two = syntax.calls_text([ToolCall("c", "get_weather", '{"city": "Paris"}'), ToolCall("d", "get_time", "{}")])
+    for mode in ("required", "auto"):
+        g = tool_grammar([WEATHER, OTHER], ToolChoice(mode), True, syntax)
+        assert accepts(g, smollm2, call) and not accepts(g, smollm2, bad) and accepts(g, smollm2, two)
+    single = tool_grammar([WEATHER, OTHER], ToolChoice("required"), False, syntax)
+    assert accepts(single, smollm2, call) and not accepts(single, smollm2, two)
+    named = tool_grammar([WEATHER, OTHER], ToolChoice("function", "get_time"), True, syntax)
+    assert not accepts(named, smollm2, call)
+    auto = tool_grammar([WEATHER], ToolChoice("auto"), True, syntax)
+    assert accepts(auto, smollm2, "Just text, no call.")
+    assert accepts(auto, smollm2, "Let me look. " + call) and not accepts(auto, smollm2, "Let me look. " + bad)
+    forced = tool_grammar([WEATHER], ToolChoice("required"), True, syntax)
+    assert not accepts(forced, smollm2, "Just text, no call.")

@@ -225,3 +225,29 @@ async def test_anthropic_and_ollama_bad_tools_are_400s_in_their_format(dummy_api
     with pytest.raises(ollama.ResponseError) as e:
         await oclient.chat(model=MODEL, messages=ASK, format={"type": "objectx"})
     assert e.value.status_code == 400 and "format" in e.value.error
+
+
+async def test_openai_logit_bias_moves_the_choice(dummy_api):
+    tok = await dummy_api.node.get_tokenizer(MODEL)
+    paris = tok.backend.encode(" Paris", add_special_tokens=False).ids[0]
+    r = await oai(dummy_api).chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, logit_bias={str(paris): 100})
+    assert r.choices[0].message.content == " Paris" * 3  # +100 beats the dummy model's peak of 40
+    with pytest.raises(openai.BadRequestError) as e:
+        await oai(dummy_api).chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, logit_bias={"99999999": 1})
+    assert e.value.body["param"] == "logit_bias"
+
+
+async def test_ollama_logprobs_streamed_and_not(dummy_api):
+    from exo.inference.dummy import PEAK
+
+    client = ollama.AsyncClient(host=dummy_api.api_url)
+    r = await client.chat(model=MODEL, messages=ASK, logprobs=True, top_logprobs=2, options={"num_predict": 4})
+    assert len(r.logprobs) == 4 and "".join(lp.token for lp in r.logprobs) == r.message.content
+    for lp in r.logprobs:
+        assert lp.logprob == pytest.approx(0.0, abs=1e-6) and len(lp.top_logprobs) == 2
+        assert lp.top_logprobs[0].token == lp.token and lp.top_logprobs[1].logprob == pytest.approx(-PEAK, abs=1e-3)
+    streamed = []
+    async for part in await client.generate(model=MODEL, prompt="hi", logprobs=True, stream=True,
+                                            options={"num_predict": 4}):
+        streamed += part.logprobs or []
+    assert len(streamed) == 4 and all(not lp.top_logprobs for lp in streamed)

@@ -91,7 +91,8 @@ async def test_a_request_gets_the_same_logits_alone_and_in_batches_of_2_8_16(eng
         emulated = load_emulated_kernels()
         assert emulated.amx_rows() == 8  # products of 8 rows or more would take the AMX path
         monkeypatch.setattr(torch.ops, "exo_gguf", emulated)
-    for target in (0, 5):
+    # the emulated AMX kernels are slow (a minute for both targets): one row, not the first
+    for target in (5,) if kernels == "emulated_amx" else (0, 5):
         alone = _decode(engine, caches, [target])[0]
         for size in BATCHES:
             rows = _batch_rows(target, size)

@@ -27,7 +27,7 @@ from exo.api.chat_api.responses import (
     Usage,
 )
 from exo.api.serving.token_handler import TokenLogprob
-from exo.api.serving.tools import ToolCallDelta
+from exo.api.serving.tool_parser import ToolCallDelta
 
 ChunkKind = Literal["chat", "completion"]
 

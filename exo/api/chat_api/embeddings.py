@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict
 
 from exo.api.chat_api.fallback import served_model
 from exo.api.chat_api.json_body import read_json
-from exo.api.chat_api.models import parse_request
+from exo.api.chat_api.parsing import parse_request
 from exo.api.chat_api.ollama_models import LENIENT, resolve_ollama_model
 from exo.api.chat_api.rate_limit import RATE_CONFIG_KEY
 from exo.api.serving.resolve import api_error_from, encode_prompt, get_tokenizer, resolve_model

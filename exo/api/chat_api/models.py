@@ -14,12 +14,11 @@ layer, ``exo.api.serving.pipeline``), the layering of vLLM's ``to_sampling_param
 
 from __future__ import annotations
 
-import json
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from exo.api.chat_api.utils import APIError
+from exo.api.chat_api.parsing import RequestParamError, unsupported
 from exo.api.serving.request import (
     GenerateRequest, ResponseFormat, Sampling, ToolCall, ToolChoice, ToolSpec, Turn,
 )
@@ -33,25 +32,6 @@ MAX_N = 16  # most choices per request (each is a full generation on the ring)
 MAX_STOP_STRINGS = 16
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
-
-
-class RequestParamError(ValueError):
-    """A cross-field check failed (raised inside validators; ``parse_request`` turns it into a 400).
-
-    Args:
-        param: the parameter at fault (relative to the model validated).
-        message: what is wrong.
-        code: OpenAI-style error code, "invalid_value" or "unsupported_parameter".
-    """
-
-    def __init__(self, param: str, message: str, code: str = "invalid_value"):
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-
-def _unsupported(param: str, message: str) -> RequestParamError:
-    return RequestParamError(param, message, code="unsupported_parameter")
 
 
 # ---------------------------------------------------------------------------- requests
@@ -108,11 +88,6 @@ class ChatMessage(BaseModel):
             raise RequestParamError("tool_calls", "only an assistant message can carry tool_calls")
         if self.role == "tool" and not self.tool_call_id:
             raise RequestParamError("tool_call_id", "a tool message needs the tool_call_id of the call it answers")
-        for i, c in enumerate(self.tool_calls or []):
-            try:
-                json.loads(c.function.arguments)
-            except ValueError:
-                raise RequestParamError(f"tool_calls[{i}].function.arguments", "must be JSON text") from None
         return self
 
     def text(self) -> str:
@@ -387,11 +362,11 @@ class CompletionRequest(SamplingRequest):
         if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):
             raise RequestParamError("prompt", "prompt token lists must not be empty")
         if self.suffix:
-            raise _unsupported("suffix", "suffix is not supported")
+            raise unsupported("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.num_choices:
-            raise _unsupported("best_of", "best_of other than n is not supported")
+            raise unsupported("best_of", "best_of other than n is not supported")
         if self.echo and self.logprobs is not None:
-            raise _unsupported("echo", "echo together with logprobs is not supported (no prompt log-probabilities)")
+            raise unsupported("echo", "echo together with logprobs is not supported (no prompt log-probabilities)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -413,53 +388,3 @@ class CompletionRequest(SamplingRequest):
             default_max_tokens=OPENAI_DEFAULT_COMPLETIONS_MAX_TOKENS, stop=self.stop_strings(),
             sampling=self.sampling(), echo=bool(self.echo), param="prompt",
         )
-
-
-RequestT = TypeVar("RequestT", bound=BaseModel)
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
-
-
-def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
-    """``("messages", 0, "content", "str")`` -> ``"messages[0].content"`` (union tags dropped)."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in _TYPE_TAGS or "[" in part or "-" in part or (part and part[0].isupper()):
-            continue
-        else:
-            out += f".{part}" if out else part
-    return out or None
-
-
-def parse_request(model: type[RequestT], data: Any) -> RequestT:
-    """Validate a decoded JSON body against ``model``.
-
-    Raises:
-        APIError: 400 naming the first offending parameter in ``param`` and in the message;
-            code "unsupported_parameter" for supported-by-OpenAI-but-not-by-exo values.
-    """
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_request_body")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors(include_url=False)
-        for err in errors:  # our own cross-field checks carry their parameter
-            exc = (err.get("ctx") or {}).get("error")
-            if isinstance(exc, RequestParamError):
-                prefix = _param_from_loc(tuple(err["loc"]))
-                param = f"{prefix}.{exc.param}" if prefix else exc.param
-                raise APIError(400, f"Invalid value for '{param}': {exc}", param=param, code=exc.code) from None
-        # for unions pydantic reports one error per member: the deepest is the most telling
-        err = max(errors, key=lambda x: len(x["loc"]))
-        param = _param_from_loc(tuple(err["loc"]))
-        if err["type"] == "extra_forbidden":
-            raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                           code="unknown_parameter") from None
-        if err["type"] == "missing":
-            raise APIError(400, f"Missing required parameter: '{param}'", param=param,
-                           code="missing_required_parameter") from None
-        code = "invalid_type" if err["type"].endswith("_type") else "invalid_value"
-        raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code=code) from None

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 from aiohttp import web
 from pydantic import BaseModel
 
-from exo.api.chat_api.models import parse_request
+from exo.api.chat_api.parsing import parse_request
 from exo.api.chat_api.ollama_endpoints import NDJSON_HEADERS, _ndjson
 from exo.api.chat_api.ollama_models import LENIENT, model_base_name
 from exo.api.chat_api.json_body import read_json

@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from exo.api.chat_api.json_body import read_json
-from exo.api.chat_api.models import parse_request
+from exo.api.chat_api.parsing import parse_request
 from exo.api.serving.resolve import get_tokenizer, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.utils import APIError

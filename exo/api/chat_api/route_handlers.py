@@ -23,7 +23,8 @@ from exo.api.chat_api.chunks import (
     encode_sse,
 )
 from exo.api.chat_api.json_body import read_json
-from exo.api.chat_api.models import ChatCompletionRequest, CompletionRequest, parse_request
+from exo.api.chat_api.models import ChatCompletionRequest, CompletionRequest
+from exo.api.chat_api.parsing import parse_request
 from exo.api.chat_api.rate_limit import check_generations
 from exo.api.chat_api.responses import (
     ChatChoice,

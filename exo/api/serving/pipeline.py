@@ -32,7 +32,8 @@ from exo.api.serving.resolve import (
 )
 from exo.api.serving.token_handler import ChoiceTextStream, TokenLogprob
 from exo.api.serving.token_queue import ChoiceEvent, TokenQueue
-from exo.api.serving.tools import ToolCallDelta, ToolCallParser, ToolSyntax, check_tools, template_turns, tool_grammar, tool_syntax
+from exo.api.serving.tool_parser import ToolCallDelta, ToolCallParser
+from exo.api.serving.tools import ToolSyntax, check_tools, template_turns, tool_grammar, tool_syntax
 from exo.inference.generation import SEED_MIN, GenerationOptions
 from exo.inference.tokenizers import Tokenizer
 from exo.models.sources import ModelCard
@@ -178,6 +179,8 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
     syntax = tool_syntax(tokenizer) if req.turns is not None and (
         req.tools or any(t.role == "tool" or t.tool_calls for t in req.turns)) else None
     grammar = await _grammar(req, tokenizer, syntax if calls_wanted else None)
+    # constrained from the first token (a JSON answer, forced calls): no free text, no reasoning
+    constrained = grammar is not None and not (calls_wanted and req.tool_choice.mode == "auto")
     bad = [t for t in req.prefix_ids if not 0 <= t < tokenizer.vocab_size]
     if bad:
         raise APIError(400, f"Invalid value for 'context': token id {bad[0]} is outside the vocabulary "
@@ -188,8 +191,8 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
         kwargs = {}
         if req.thinking is not None:
             kwargs["enable_thinking"] = req.thinking
-        elif grammar is not None:
-            kwargs["enable_thinking"] = False  # a constrained answer starts at once
+        elif constrained:
+            kwargs["enable_thinking"] = False  # the grammar allows no reasoning before the answer
         turns = template_turns(req.turns, req.tools, syntax)
         tools = [t.as_openai() for t in req.tools] if syntax is not None and syntax.template_renders_tools and req.tools else None
         rendered: list[str] = []
@@ -228,7 +231,7 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
             choices.append(Choice(
                 index, ids, _options(state, req, tokenizer, max_tokens, i, grammar),
                 ChoiceTextStream(tokenizer, req.stop, req.sampling.logprobs), prefix=prefix,
-                splitter=ReasoningSplitter(inside=opens_thinking) if req.turns is not None else None,
+                splitter=ReasoningSplitter(inside=opens_thinking) if req.turns is not None and not constrained else None,
                 parser=ToolCallParser(syntax) if calls_wanted and syntax is not None else None,
             ))
     return Job(new_id(id_prefix), unix_time(), card, tokenizer, choices, sum(len(p[0]) for p in prompts), received)
