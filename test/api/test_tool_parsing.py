@@ -142,3 +142,46 @@ def test_tool_grammars_accept_calls_and_refuse_bad_arguments(smollm2, syntax):
     assert accepts(auto, smollm2, "Let me look. " + call) and not accepts(auto, smollm2, "Let me look. " + bad)
     forced = tool_grammar([WEATHER], ToolChoice("required"), True, syntax)
     assert not accepts(forced, smollm2, "Just text, no call.")
+
+
+def test_a_trigger_that_is_a_special_token_is_constrained_and_parsed():
+    """Mistral's [TOOL_CALLS] is a control token: the grammar names it as a token, and the
+    text stream shows it to the parser although decoding drops special tokens."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from exo.api.serving.request import ToolChoice
+    from exo.api.serving.token_handler import ChoiceTextStream
+    from exo.api.serving.tool_parser import ToolCallParser
+    from exo.api.serving.tools import tool_grammar, tool_syntax
+    from exo.inference.tokenizers import Tokenizer, byte_level_decoder
+
+    byte_to_char = {b: c for c, b in byte_level_decoder().items()}
+    backend = HFTokenizer(models.BPE(vocab={byte_to_char[b]: b for b in range(256)}, merges=[], fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("</s>", special=True), AddedToken("[TOOL_CALLS]", special=True)])
+    eos, trigger = 256, 257
+    tok = Tokenizer(backend, chat_template="{{ tools }}[TOOL_CALLS]", eos_token_ids=[eos], special_token_ids=[eos, trigger])
+    syntax = tool_syntax(tok)
+    assert syntax.family == "mistral" and syntax.special_trigger == trigger and syntax.template_renders_tools
+    grammar = tool_grammar([WEATHER], ToolChoice("required"), False, syntax)
+    body = list('[{"name": "get_weather", "arguments": {"city": "Paris"}}]'.encode())
+    assert accepts_ids(grammar, tok, [trigger] + body) and not accepts_ids(grammar, tok, list(b"[TOOL_CALLS]") + body)
+    text = ChoiceTextStream(tok, show_tokens=[trigger])
+    parser = ToolCallParser(syntax)
+    content = "".join(parser.feed(text.add_token(t).text)[0] for t in [trigger] + body + [eos])
+    assert content + parser.finish() == "" and [(c.name, c.arguments) for c in parser.calls] == \
+        [("get_weather", '{"city": "Paris"}')]
+    assert ChoiceTextStream(tok).add_token(trigger).text == ""  # hidden where no call is parsed
+
+
+def accepts_ids(grammar: str, tokenizer, ids: list[int]) -> bool:
+    from exo.inference.grammar import GrammarMatcher
+
+    m = GrammarMatcher(grammar, tokenizer)
+    try:
+        m.consume_all(ids)
+    except ValueError:
+        return False
+    return m.is_accepting

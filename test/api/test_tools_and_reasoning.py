@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import anthropic
 import ollama
 import openai
@@ -218,7 +219,18 @@ async def test_anthropic_and_ollama_bad_tools_are_400s_in_their_format(dummy_api
             {"role": "assistant", "content": "ok"},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_404", "content": "x"}]}])
     assert "messages[2].content[0]" in e.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        await client.messages.create(model=MODEL, max_tokens=2, messages=ASK, tools=[{"input_schema": {"type": "object"}}])
+    assert "tools[0].name" in e.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        await client.messages.create(model=MODEL, max_tokens=2, messages=ASK, tool_choice={"type": "any"},
+                                     tools=[{"name": "f", "input_schema": {"type": "objectx"}}])
+    assert "tools" in e.value.body["error"]["message"] and "objectx" in e.value.body["error"]["message"]
     oclient = ollama.AsyncClient(host=dummy_api.api_url)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{dummy_api.api_url}/api/chat", json={"model": MODEL, "messages": ASK, "tools": [
+                {"type": "function", "function": {"description": "no name"}}]}) as resp:
+            assert resp.status == 400 and "tools[0].function.name" in (await resp.json())["error"]
     with pytest.raises(ollama.ResponseError) as e:
         await oclient.chat(model=MODEL, messages=ASK + [{"role": "tool", "tool_name": "get_weather", "content": "x"}])
     assert e.value.status_code == 400 and "messages[1]" in e.value.error

@@ -19,7 +19,7 @@ from exo.api.chat_api import (
 from exo.api.chat_api.auth import setup as setup_auth
 from exo.api.chat_api.dialects import DialectErrorRunner, dialect_error_middleware
 from exo.api.chat_api.rate_limit import setup as setup_rate_limit
-from exo.api.chat_api.middlewares import cors_preflight_middleware, error_middleware, make_cors_on_prepare
+from exo.api.chat_api.middlewares import cors_preflight_middleware, make_cors_on_prepare
 from exo.api.chat_api.models import GenerationDefaults
 from exo.api.chat_api.state import STATE_KEY, APINode, APIState
 from exo.api.chat_api.utils import unix_time
@@ -114,7 +114,7 @@ class ChatAPI:
         Serve it with ``handler_cancellation=True`` (as ``run`` does) so that a client
         disconnect cancels its handler, which ends the request on the ring.
         """
-        app = web.Application(middlewares=[cors_preflight_middleware, error_middleware],
+        app = web.Application(middlewares=[cors_preflight_middleware, dialect_error_middleware],
                               client_max_size=DEFAULT_CLIENT_MAX_SIZE)
         app[STATE_KEY] = APIState(
             node=self.node,
@@ -127,8 +127,7 @@ class ChatAPI:
         )
         app.on_response_prepare.append(make_cors_on_prepare(self.cors_allow_origin))
         app.router.add_get("/healthcheck", healthcheck)
-        # Ollama and Anthropic dialects, keys, limits, metrics, health (middlewares run in this order)
-        app.middlewares.append(dialect_error_middleware)
+        # keys, limits, metrics, health (middlewares run in this order)
         setup_auth(app, self.auth)
         setup_rate_limit(app, self.rate_limit)
         metrics.setup(app)

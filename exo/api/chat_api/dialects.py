@@ -6,9 +6,8 @@
   (https://docs.anthropic.com/en/api/errors).
 * Ollama (``/api/*``): ``{"error": "message"}`` (ollama ``api/types.go`` ``StatusError``).
 
-``dialect_error_middleware`` answers every error of an Anthropic or Ollama path in its own
-format (handlers raise ``APIError`` as the OpenAI modules do); OpenAI paths pass through to the
-OpenAI ``error_middleware``. ``DialectErrorRunner`` serves an application so that the errors
+``dialect_error_middleware`` answers every error in the format of its path's dialect (handlers
+raise ``APIError`` whatever their dialect). ``DialectErrorRunner`` serves an application so that the errors
 aiohttp answers itself, before any middleware runs (a request it cannot parse: an invalid
 method, a request line or header over 8,190 bytes, a bad ``Content-Length``), are JSON too.
 """
@@ -86,11 +85,10 @@ def api_error_response(dialect: Dialect, e: APIError, headers: Mapping[str, str]
 
 @web.middleware
 async def dialect_error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer errors of Anthropic and Ollama paths in their own format (404 of an unknown
-    ``/api/...`` route included); OpenAI paths are left to ``error_middleware``."""
+    """Answer every error in the dialect of its path: ``APIError`` with its status, aiohttp's
+    4xx/5xx (an unknown route's 404, 405, the 413 of an oversized body) rewritten, any other
+    exception logged and answered 500. The one error middleware of every dialect."""
     dialect = dialect_of(request.path)
-    if dialect == "openai":
-        return await handler(request)
     try:
         return await handler(request)
     except APIError as e:
@@ -99,20 +97,20 @@ async def dialect_error_middleware(request: web.Request, handler: Handler) -> we
         if e.status < 400:
             raise
         if e.status == 404:
-            message = f"Unknown route: {request.method} {request.path}"
+            message, code = f"Unknown route: {request.method} {request.path}", "not_found"
         elif e.status == 405:
-            message = f"Method {request.method} is not allowed on {request.path}"
+            message, code = f"Method {request.method} is not allowed on {request.path}", "method_not_allowed"
         elif e.status == 413:
-            message = "request body too large"
+            message, code = "request body too large", "request_too_large"
         else:
-            message = e.reason or e.text or "error"
+            message, code = e.reason or e.text or "error", None
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        return error_response(dialect, e.status, message, headers=headers)
+        return error_response(dialect, e.status, message, code=code, headers=headers)
     except asyncio.CancelledError:
         raise
     except Exception as e:
         logger.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(dialect, 500, f"internal server error: {type(e).__name__}: {e}")
+        return error_response(dialect, 500, f"internal server error: {type(e).__name__}: {e}", code="internal_error")
 
 
 class _DialectErrorRequestHandler(web.RequestHandler):

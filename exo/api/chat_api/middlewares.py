@@ -1,52 +1,12 @@
-"""aiohttp middlewares: OpenAI-format errors everywhere, and CORS for browser clients."""
+"""aiohttp middlewares: CORS for browser clients (errors: ``dialects.dialect_error_middleware``)."""
 
 from __future__ import annotations
-
-import asyncio
-import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from exo.api.chat_api.utils import APIError, error_response
-
-logger = logging.getLogger(__name__)
-
 _CORS_METHODS = "GET, POST, OPTIONS"
 _CORS_MAX_AGE_S = "86400"
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error in OpenAI's format ``{"error": {message, type, param, code}}``.
-
-    ``APIError`` keeps its status; aiohttp's 4xx/5xx (unknown route 404, 405, 413 of an
-    oversized body) are rewritten; any other exception is logged and answered 500.
-    """
-    try:
-        return await handler(request)
-    except APIError as e:
-        return e.response()
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        if e.status == 404:
-            message, code = f"Unknown route: {request.method} {request.path}", "not_found"
-        elif e.status == 405:
-            message, code = f"Method {request.method} is not allowed on {request.path}", "method_not_allowed"
-        elif e.status == 413:
-            message, code = "request body too large", "request_too_large"
-        else:
-            message, code = e.reason or e.text or "error", None
-        resp = error_response(e.status, message, code=code)
-        if "Allow" in e.headers:
-            resp.headers["Allow"] = e.headers["Allow"]
-        return resp
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        logger.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, f"internal server error: {type(e).__name__}: {e}", code="internal_error")
 
 
 @web.middleware

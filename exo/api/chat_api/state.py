@@ -12,6 +12,8 @@ from exo.api.chat_api.models import GenerationDefaults
 from exo.config import DEFAULT_RESPONSE_TIMEOUT
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from exo.inference.generation import GenerationOptions
     from exo.inference.tokenizers import Tokenizer
     from exo.models.sources import ModelCard
@@ -25,6 +27,9 @@ class APINode(Protocol):
 
     def generate(self, model_id: str, prompt_token_ids: list[int], options: "GenerationOptions",
                  request_id: str | None = None) -> AsyncIterator["TokenResult"]: ...
+
+    async def embed(self, model_id: str, token_ids: list[int], pooling: str | None = None, normalize: bool = True,
+                    request_id: str | None = None) -> "np.ndarray": ...
 
     async def get_tokenizer(self, model_id: str) -> "Tokenizer": ...
 

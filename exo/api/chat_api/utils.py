@@ -71,11 +71,6 @@ class APIError(Exception):
         return web.json_response(self.body(), status=self.status)
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
-    """A JSON response with an OpenAI-format error body and ``status``."""
-    return APIError(status, message, param=param, code=code).response()
-
-
 def percent(done: int, total: int) -> float:
     """``done`` of ``total`` in percent, one decimal (100 for nothing to do)."""
     return round(100.0 * done / total, 1) if total > 0 else 100.0

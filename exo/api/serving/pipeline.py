@@ -223,6 +223,8 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
             prompts.append((ids, text if req.echo else "", param))
     _check_logit_bias(req, tokenizer)
     default = req.default_max_tokens if req.default_max_tokens is not None else state.defaults.max_tokens
+    # a call's trigger that is one special token must reach the parser as text
+    shown = [syntax.special_trigger] if calls_wanted and syntax is not None and syntax.special_trigger is not None else []
     choices: list[Choice] = []
     for p_index, (ids, prefix, param) in enumerate(prompts):
         max_tokens = resolve_max_tokens(req.max_tokens, default, len(ids), card.context_length, param)
@@ -230,7 +232,7 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
             index = p_index * req.n + i
             choices.append(Choice(
                 index, ids, _options(state, req, tokenizer, max_tokens, i, grammar),
-                ChoiceTextStream(tokenizer, req.stop, req.sampling.logprobs), prefix=prefix,
+                ChoiceTextStream(tokenizer, req.stop, req.sampling.logprobs, show_tokens=shown), prefix=prefix,
                 splitter=ReasoningSplitter(inside=opens_thinking) if req.turns is not None and not constrained else None,
                 parser=ToolCallParser(syntax) if calls_wanted and syntax is not None else None,
             ))

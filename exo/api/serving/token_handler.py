@@ -114,6 +114,8 @@ class ChoiceTextStream:
         stop_strings: strings that end the choice; neither they nor anything after them is
             released.
         want_logprobs: collect ``TokenLogprob`` entries (requires TokenResult.logprobs).
+        show_tokens: special tokens whose text the client must see although decoding drops
+            special tokens (a tool-call trigger such as Mistral's ``[TOOL_CALLS]``).
 
     Attributes:
         completion_tokens: tokens consumed so far (counted for usage).
@@ -124,11 +126,14 @@ class ChoiceTextStream:
             on a tie), or None.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), want_logprobs: bool = False):
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), want_logprobs: bool = False,
+                 show_tokens: Sequence[int] = ()):
         self._tokenizer = tokenizer
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = [s for s in stop_strings if s]
         self._want_logprobs = want_logprobs
+        # the ones decoding drops, with their text
+        self._shown = {t: tokenizer.id_to_token(t) or "" for t in show_tokens if tokenizer.decode([t]) == ""}
         self._decoded = 0  # characters decoded so far (released + held)
         self._held = ""  # decoded text not yet released (a possible stop-string prefix)
         self._pending: list[_PendingToken] = []  # tokens whose log-probabilities are not released
@@ -159,7 +164,7 @@ class ChoiceTextStream:
             return TextDelta(stopped=self.stopped)
         self.completion_tokens += 1
         self.token_ids.append(token_id)
-        piece = self._detok.add(token_id)
+        piece = self._detok.add(token_id) + self._shown.get(token_id, "")
         tok = _PendingToken(token_id, logprob, list(top), self._decoded, None)
         if self._want_logprobs:
             self._pending.append(tok)
