@@ -168,21 +168,25 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _arguments(tool: ToolSpec) -> str:
+    """``%json {schema}``: the tool's arguments, with the JSON whitespace bounded."""
+    return "%json " + json.dumps(schema_with_defaults(tool.parameters or {"type": "object"}), ensure_ascii=False)
+
+
 def tool_grammar_source(tools: Sequence[ToolSpec], choice: ToolChoice, parallel: bool, syntax: ToolSyntax) -> str:
     """The Lark source (llguidance's dialect) of what a model may write with these tools.
 
     ``required`` / a named function: calls only (one, or several when ``parallel``), from the
-    first token; ``auto``: free text, in which a call is constrained from its trigger on.
+    first token; ``auto``: free text, in which a call is constrained from its trigger on (a
+    lazy lexeme ends at the trigger's first occurrence; a special-token trigger ends the text
+    lexeme by itself, since text never matches a special token).
     """
     allowed = [t for t in tools if choice.mode != "function" or t.name == choice.name]
-    bodies = []
-    for i, t in enumerate(allowed):
-        schema = json.dumps(schema_with_defaults(t.parameters or {"type": "object"}), ensure_ascii=False)
-        head = _lit(f'{{"name": {json.dumps(t.name)}, "{syntax.arguments_key}": ')
-        bodies.append(f"body_{i}: {head} %json {schema} \"}}\"")
-    lines = ["%llguidance {}", "body: " + " | ".join(f"body_{i}" for i in range(len(allowed)))] + bodies
+    key = syntax.arguments_key
+    lines = ["%llguidance {}", "body: " + " | ".join(f"body_{i}" for i in range(len(allowed)))]
+    lines += [f'body_{i}: {_lit("{" + json.dumps("name") + ": " + json.dumps(t.name) + ", " + json.dumps(key) + ": ")} '
+              f'{_arguments(t)} "}}"' for i, t in enumerate(allowed)]
     trigger = f"<[{syntax.special_trigger}]>" if syntax.special_trigger is not None else _lit(syntax.trigger)
-    forced = choice.mode in ("required", "function")
     if syntax.family == "hermes":
         lines.append(f'call: {trigger} "\\n" body "\\n</tool_call>"')
         lines.append('calls: call ("\\n" call)*' if parallel else "calls: call")
@@ -190,42 +194,21 @@ def tool_grammar_source(tools: Sequence[ToolSpec], choice: ToolChoice, parallel:
         lines.append(f'calls: {trigger} "[" body (", " body)* "]"' if parallel else f'calls: {trigger} "[" body "]"')
     else:  # llama3: the body itself opens with the trigger
         lines.append('calls: body ("; " body)*' if parallel else "calls: body")
-    if forced:
+    if choice.mode in ("required", "function"):
         lines.append("start: calls")
     elif syntax.special_trigger is not None:
-        lines.append("start: TEXT | TEXT calls TEXT")
-        lines.append(r"TEXT: /(.|\n)*/")
+        lines += ["start: TEXT | TEXT calls TEXT", r"TEXT: /(.|\n)*/"]
     else:
-        # a lazy lexeme ends at the trigger's first occurrence: text, then the constrained calls
-        body_after = "calls_rest"
-        opener = _lit(syntax.trigger)
-        lines.append(f"start: TEXT | open {body_after} TEXT")
-        lines.append(f"open[lazy]: TEXT {opener}")
-        rest = _calls_after_trigger(syntax, parallel)
-        lines.append(f"{body_after}: {rest}")
-        lines.append(r"TEXT: /(.|\n)*/")
+        lines += ["start: TEXT | open rest TEXT", f"open[lazy]: TEXT {trigger}", r"TEXT: /(.|\n)*/"]
+        if syntax.family == "hermes":  # the trigger consumed, the rest of the calls
+            lines.append('rest: "\\n" body "\\n</tool_call>"' + (' ("\\n" call)*' if parallel else ""))
+        elif syntax.family == "mistral":
+            lines.append('rest: "[" body (", " body)* "]"' if parallel else 'rest: "[" body "]"')
+        else:  # llama3: the trigger is the beginning of a body; the rest of one, then more
+            lines.append("rest: llama_rest" + (' ("; " body)*' if parallel else ""))
+            lines.append("llama_rest: " + " | ".join(
+                f'{_lit(json.dumps(t.name) + ", " + json.dumps(key) + ": ")} {_arguments(t)} "}}"' for t in allowed))
     return "\n".join(lines)
-
-
-def _calls_after_trigger(syntax: ToolSyntax, parallel: bool) -> str:
-    """The rule of what follows a text trigger that ``open`` consumed."""
-    if syntax.family == "hermes":
-        more = ' ("\\n" call)*' if parallel else ""
-        return f'"\\n" body "\\n</tool_call>"{more}'
-    if syntax.family == "mistral":
-        return '"[" body (", " body)* "]"' if parallel else '"[" body "]"'
-    # llama3: the trigger is the body's own start: match the rest of a body
-    return "llama_rest" + (' ("; " body)*' if parallel else "")
-
-
-def llama_rest_rules(tools: Sequence[ToolSpec], choice: ToolChoice) -> str:
-    """Rules of a llama3 body after its trigger ``{"name": ``."""
-    allowed = [t for t in tools if choice.mode != "function" or t.name == choice.name]
-    alts = []
-    for t in allowed:
-        schema = json.dumps(schema_with_defaults(t.parameters or {"type": "object"}), ensure_ascii=False)
-        alts.append(f'{_lit(json.dumps(t.name) + ", " + json.dumps("parameters") + ": ")} %json {schema} "}}"')
-    return "llama_rest: " + " | ".join(alts)
 
 
 def tool_grammar(tools: Sequence[ToolSpec], choice: ToolChoice, parallel: bool, syntax: ToolSyntax) -> str:
@@ -234,10 +217,7 @@ def tool_grammar(tools: Sequence[ToolSpec], choice: ToolChoice, parallel: bool, 
     Raises:
         ValueError: a schema llguidance cannot use (the message says which).
     """
-    source = tool_grammar_source(tools, choice, parallel, syntax)
-    if syntax.family == "llama3" and choice.mode not in ("required", "function"):
-        source += "\n" + llama_rest_rules(tools, choice)
-    return lark_grammar(source)
+    return lark_grammar(tool_grammar_source(tools, choice, parallel, syntax))
 
 
 def check_tools(tools: Sequence[ToolSpec], choice: ToolChoice, turns: Sequence[Turn] | None,
