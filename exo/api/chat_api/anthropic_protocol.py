@@ -51,6 +51,7 @@ class ToolResultBlockParam(BaseModel):
     cache_control: dict[str, Any] | None = None
 
     def text(self) -> str:
+        """The result's text (text blocks concatenated)."""
         return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
 
 
@@ -74,6 +75,7 @@ class MessageParam(BaseModel):
     content: str | list[Block]
 
     def text(self) -> str:
+        """The message's text (its text blocks concatenated; tool and thinking blocks left out)."""
         if isinstance(self.content, str):
             return self.content
         return "".join(b.text for b in self.content if isinstance(b, TextBlockParam))
@@ -147,6 +149,7 @@ class _MessagesBase(BaseModel):
         return self
 
     def system_text(self) -> str | None:
+        """The system prompt's text, or None."""
         if self.system is None:
             return None
         return self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)

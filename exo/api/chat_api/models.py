@@ -117,12 +117,16 @@ class FunctionDefinition(BaseModel):
 
 
 class ToolParam(BaseModel):
+    """A tool: ``{"type": "function", "function": {...}}``."""
+
     model_config = _STRICT
     type: Literal["function"]
     function: FunctionDefinition
 
 
 class NamedFunction(BaseModel):
+    """``{"name": ...}`` of a named tool choice."""
+
     model_config = _STRICT
     name: str
 
@@ -136,6 +140,8 @@ class NamedToolChoice(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
+    """``json_schema`` of a response format: ``name``, ``schema`` (``strict`` accepted: answers always follow it)."""
+
     model_config = _STRICT
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
@@ -144,12 +150,16 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormatJsonSchema(BaseModel):
+    """``{"type": "json_schema", "json_schema": {...}}``: JSON valid for the schema."""
+
     model_config = _STRICT
     type: Literal["json_schema"]
     json_schema: JsonSchemaFormat
 
 
 class ResponseFormatJsonObject(BaseModel):
+    """``{"type": "json_object"}``: any JSON object."""
+
     model_config = _STRICT
     type: Literal["json_object"]
 

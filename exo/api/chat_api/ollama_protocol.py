@@ -36,12 +36,16 @@ _UNIMPLEMENTED_OPTIONS = frozenset({
 
 
 class OllamaFunctionCall(BaseModel):
+    """A call's function: ``name`` and ``arguments`` as an object."""
+
     model_config = LENIENT
     name: str
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
 class OllamaToolCall(BaseModel):
+    """An assistant message's call: ``{"function": {...}}``."""
+
     model_config = LENIENT
     function: OllamaFunctionCall
 
@@ -59,6 +63,8 @@ class OllamaMessage(BaseModel):
 
 
 class OllamaFunction(BaseModel):
+    """A tool's function: name, description, JSON Schema of its parameters."""
+
     model_config = LENIENT
     name: str
     description: str | None = None
@@ -66,12 +72,17 @@ class OllamaFunction(BaseModel):
 
 
 class OllamaTool(BaseModel):
+    """``{"type": "function", "function": {...}}``."""
+
     model_config = LENIENT
     type: Literal["function"] = "function"
     function: OllamaFunction
 
 
 class OllamaRequestBase(BaseModel):
+    """Fields ``/api/chat`` and ``/api/generate`` share: model, streaming, options, output format,
+    thinking, log-probabilities."""
+
     model_config = LENIENT
     model: str = Field(min_length=1)
     stream: bool = True
@@ -98,6 +109,7 @@ class OllamaRequestBase(BaseModel):
                        param="format", code="invalid_value")
 
     def thinking(self) -> bool | None:
+        """``think`` as the serving layer's switch: None (the model's default), on or off."""
         return None if self.think is None else self.think is not False
 
 

@@ -30,6 +30,7 @@ class RequestParamError(ValueError):
 
 
 def unsupported(param: str, message: str) -> RequestParamError:
+    """A ``RequestParamError`` for a value exo does not support (code "unsupported_parameter")."""
     return RequestParamError(param, message, code="unsupported_parameter")
 
 

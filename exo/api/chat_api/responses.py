@@ -96,6 +96,8 @@ class ChatCompletion(BaseModel):
 
 
 class FunctionCallDelta(BaseModel):
+    """A streamed piece of a call's function: its name on the first piece, more arguments."""
+
     name: str | None = Field(None, exclude_if=_is_none)
     arguments: str
 

@@ -67,6 +67,7 @@ class Update:
 
     @property
     def is_empty(self) -> bool:
+        """Nothing new and not the last update (a stream sends no chunk for it)."""
         return not (self.content or self.reasoning or self.tool_calls or self.logprobs or self.finish_reason)
 
 
@@ -99,10 +100,12 @@ class Choice:
 
     @property
     def tool_calls(self) -> list[ToolCall]:
+        """The calls read from the answer so far (complete ones, and the last maybe not)."""
         return list(self.parser.calls) if self.parser is not None else []
 
     @property
     def completion_tokens(self) -> int:
+        """Tokens generated for this choice (the EOS token not counted)."""
         return self.text.completion_tokens
 
     def step(self, text: str, logprobs: list[TokenLogprob], finish: str | None) -> Update:
@@ -155,6 +158,7 @@ class Job:
 
     @property
     def completion_tokens(self) -> int:
+        """Tokens generated over all choices (usage)."""
         return sum(c.completion_tokens for c in self.choices)
 
 
