@@ -8,21 +8,18 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from exo.api.chat_api.parsing import RequestParamError
+from exo.api.chat_api.parsing import MAX_STOP_STRINGS, STRICT, RequestParamError
 from exo.api.serving.request import GenerateRequest, ResponseFormat, Sampling, ToolCall, ToolChoice, ToolSpec, Turn
 from exo.inference.generation import SEED_MAX, SEED_MIN
 
-MAX_STOP_SEQUENCES = 16
-
-_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class TextBlockParam(BaseModel):
     """``{"type": "text", "text": ...}`` (``cache_control`` and ``citations`` accepted, unused)."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["text"]
     text: str
     cache_control: dict[str, Any] | None = None
@@ -32,7 +29,7 @@ class TextBlockParam(BaseModel):
 class ToolUseBlockParam(BaseModel):
     """An assistant's earlier call: ``{"type": "tool_use", "id", "name", "input"}``."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["tool_use"]
     id: str
     name: str
@@ -43,7 +40,7 @@ class ToolUseBlockParam(BaseModel):
 class ToolResultBlockParam(BaseModel):
     """A user's answer to a call: ``{"type": "tool_result", "tool_use_id", "content"}``."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["tool_result"]
     tool_use_id: str
     content: str | list[TextBlockParam] = ""
@@ -58,7 +55,7 @@ class ToolResultBlockParam(BaseModel):
 class ThinkingBlockParam(BaseModel):
     """An assistant's earlier reasoning (``signature`` accepted, not checked)."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["thinking"]
     thinking: str
     signature: str | None = None
@@ -70,7 +67,7 @@ Block = TextBlockParam | ToolUseBlockParam | ToolResultBlockParam | ThinkingBloc
 class MessageParam(BaseModel):
     """One turn: ``user`` or ``assistant``, with text, tool and thinking blocks."""
 
-    model_config = _STRICT
+    model_config = STRICT
     role: Literal["user", "assistant"]
     content: str | list[Block]
 
@@ -101,7 +98,7 @@ class MessageParam(BaseModel):
 class ToolParam(BaseModel):
     """A client tool: ``name``, ``description``, ``input_schema`` (server tools are refused)."""
 
-    model_config = _STRICT
+    model_config = STRICT
     name: str
     description: str | None = None
     input_schema: dict[str, Any]
@@ -112,7 +109,7 @@ class ToolParam(BaseModel):
 class ToolChoiceParam(BaseModel):
     """``{"type": "auto" | "any" | "tool" | "none", "name", "disable_parallel_tool_use"}``."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
@@ -127,13 +124,13 @@ class ToolChoiceParam(BaseModel):
 class ThinkingParam(BaseModel):
     """``{"type": "enabled", "budget_tokens"}`` or ``{"type": "disabled"}``."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(None, ge=1)
 
 
 class _MessagesBase(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     model: str = Field(min_length=1)
     messages: list[MessageParam] = Field(min_length=1)
     system: str | list[TextBlockParam] | None = None
@@ -179,7 +176,7 @@ class MessagesRequest(_MessagesBase):
     """``POST /v1/messages`` body."""
 
     max_tokens: int = Field(ge=1)
-    stop_sequences: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stop_sequences: list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)

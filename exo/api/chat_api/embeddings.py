@@ -47,7 +47,7 @@ from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.parsing import parse_request
 from exo.api.chat_api.ollama_models import LENIENT, resolve_ollama_model
 from exo.api.chat_api.rate_limit import RATE_CONFIG_KEY
-from exo.api.serving.resolve import api_error_from, encode_prompt, get_tokenizer, resolve_model
+from exo.api.serving.resolve import api_error_from, check_token_ids, encode_prompt, get_tokenizer, resolve_model
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.utils import APIError, new_id
 from exo.inference.pooling import truncate_dimensions
@@ -164,9 +164,7 @@ async def _token_ids(item: EmbeddingInput, tokenizer: Tokenizer, context_length:
             the context holds (unless ``truncate``: then cut to it).
     """
     if item.token_ids is not None:
-        bad = next((t for t in item.token_ids if not 0 <= t < tokenizer.vocab_size), None)
-        if bad is not None:
-            raise _bad_input(item.param, f"token id {bad} is outside the vocabulary (0-{tokenizer.vocab_size - 1})")
+        check_token_ids(tokenizer, item.token_ids, item.param)
         ids = list(item.token_ids)
     else:
         text = item.text or ""

@@ -18,20 +18,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from exo.api.chat_api.parsing import RequestParamError, unsupported
+from exo.api.chat_api.parsing import MAX_STOP_STRINGS, STRICT, RequestParamError, unsupported
 from exo.api.serving.request import (
     GenerateRequest, ResponseFormat, Sampling, ToolCall, ToolChoice, ToolSpec, Turn,
 )
-from exo.inference.generation import SEED_MAX, SEED_MIN
+from exo.inference.generation import LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN
 
 # OpenAI's API defaults (https://platform.openai.com/docs/api-reference)
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 OPENAI_DEFAULT_TOP_P = 1.0
 OPENAI_DEFAULT_COMPLETIONS_MAX_TOKENS = 16
 MAX_N = 16  # most choices per request (each is a full generation on the ring)
-MAX_STOP_STRINGS = 16
-
-_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 # ---------------------------------------------------------------------------- requests
@@ -40,7 +37,7 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 class TextContentPart(BaseModel):
     """``{"type": "text", "text": ...}``, the only content part our text models take."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
@@ -48,7 +45,7 @@ class TextContentPart(BaseModel):
 class FunctionCallParam(BaseModel):
     """``{"name", "arguments"}`` of a call in the history (arguments: JSON text)."""
 
-    model_config = _STRICT
+    model_config = STRICT
     name: str
     arguments: str
 
@@ -56,7 +53,7 @@ class FunctionCallParam(BaseModel):
 class ToolCallParam(BaseModel):
     """A call an assistant message made: ``{"id", "type": "function", "function"}``."""
 
-    model_config = _STRICT
+    model_config = STRICT
     id: str
     type: Literal["function"] = "function"
     function: FunctionCallParam
@@ -71,7 +68,7 @@ class ChatMessage(BaseModel):
     reasoning); a ``tool`` message answers the call ``tool_call_id``.
     """
 
-    model_config = _STRICT
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -109,7 +106,7 @@ class ChatMessage(BaseModel):
 class FunctionDefinition(BaseModel):
     """A tool's function: name, description, JSON Schema of its parameters."""
 
-    model_config = _STRICT
+    model_config = STRICT
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -119,7 +116,7 @@ class FunctionDefinition(BaseModel):
 class ToolParam(BaseModel):
     """A tool: ``{"type": "function", "function": {...}}``."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["function"]
     function: FunctionDefinition
 
@@ -127,14 +124,14 @@ class ToolParam(BaseModel):
 class NamedFunction(BaseModel):
     """``{"name": ...}`` of a named tool choice."""
 
-    model_config = _STRICT
+    model_config = STRICT
     name: str
 
 
 class NamedToolChoice(BaseModel):
     """``{"type": "function", "function": {"name": ...}}``: call this function."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["function"]
     function: NamedFunction
 
@@ -142,7 +139,7 @@ class NamedToolChoice(BaseModel):
 class JsonSchemaFormat(BaseModel):
     """``json_schema`` of a response format: ``name``, ``schema`` (``strict`` accepted: answers always follow it)."""
 
-    model_config = _STRICT
+    model_config = STRICT
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -152,7 +149,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormatJsonSchema(BaseModel):
     """``{"type": "json_schema", "json_schema": {...}}``: JSON valid for the schema."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["json_schema"]
     json_schema: JsonSchemaFormat
 
@@ -160,18 +157,18 @@ class ResponseFormatJsonSchema(BaseModel):
 class ResponseFormatJsonObject(BaseModel):
     """``{"type": "json_object"}``: any JSON object."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["json_object"]
 
 
 class StreamOptions(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     include_usage: bool = False
     include_obfuscation: bool | None = None  # sent by newer clients; nothing to obfuscate here
 
 
 class ResponseFormatText(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["text"]
 
 
@@ -192,7 +189,7 @@ class SamplingRequest(BaseModel):
         stream_options: ``{"include_usage": bool}``, only with ``stream``.
     """
 
-    model_config = _STRICT
+    model_config = STRICT
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -222,8 +219,9 @@ class SamplingRequest(BaseModel):
         for key, bias in (self.logit_bias or {}).items():
             if not key.lstrip("-").isdigit():
                 raise RequestParamError("logit_bias", f"keys must be token ids, got {key!r}")
-            if not -100 <= bias <= 100:
-                raise RequestParamError("logit_bias", f"the bias of token {key} must be in [-100, 100], got {bias}")
+            if not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX:
+                raise RequestParamError("logit_bias", f"the bias of token {key} must be in [-{LOGIT_BIAS_MAX:g}, "
+                                                      f"{LOGIT_BIAS_MAX:g}], got {bias}")
         return self
 
     def sampling(self) -> Sampling:

@@ -43,6 +43,7 @@ from exo.api.serving.pipeline import Choice, Job, Update, collect, generate as r
 from exo.api.serving.request import GenerateRequest, ToolCall, ToolSpec, Turn
 from exo.api.serving.resolve import api_error_from
 from exo.api.serving.token_handler import TokenLogprob
+from exo.models.sources import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,12 @@ def _tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- generation
 
 
-async def _answer(request: web.Request, req: OllamaRequestBase, gen: GenerateRequest, kind: Literal["chat", "generate"],
-                  received: float) -> web.StreamResponse:
-    """Run the generation and answer in Ollama's framing (NDJSON lines or one object)."""
+async def _answer(request: web.Request, req: OllamaRequestBase, card: ModelCard, gen: GenerateRequest,
+                  kind: Literal["chat", "generate"], received: float) -> web.StreamResponse:
+    """Run the generation of ``card`` (``req.model`` resolved) and answer in Ollama's framing
+    (NDJSON lines or one object)."""
     state = request.app[STATE_KEY]
-    job = await prepare(state, gen, "ollama", received)
+    job = await prepare(state, gen, "ollama", received, card)
     model = served_model(request, req.model, job.card)  # the fallback's id when one answers
     want_logprobs = bool(req.logprobs)
 
@@ -208,7 +210,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
              for i, t in enumerate(req.tools or [])]
     gen = GenerateRequest(model=card.model_id, turns=turns, max_tokens=max_tokens, stop=stops, sampling=sampling,
                           tools=tools, response_format=req.response_format(), thinking=req.thinking())
-    return await _answer(request, req, gen, "chat", received)
+    return await _answer(request, req, card, gen, "chat", received)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -237,7 +239,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         gen.prompts = [req.prompt]
     else:
         gen.turns = ([Turn("system", req.system)] if req.system else []) + [Turn("user", req.prompt)]
-    return await _answer(request, req, gen, "generate", received)
+    return await _answer(request, req, card, gen, "generate", received)
 
 
 def setup_routes(app: web.Application) -> None:

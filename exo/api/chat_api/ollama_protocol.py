@@ -12,13 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from exo.api.chat_api.ollama_models import LENIENT
+from exo.api.chat_api.parsing import MAX_STOP_STRINGS
 from exo.api.chat_api.utils import APIError
 from exo.api.serving.request import ResponseFormat, Sampling
 from exo.inference.generation import SEED_MAX
 
 logger = logging.getLogger(__name__)
 
-MAX_STOP_STRINGS = 16
 
 # options that cannot change the answer (memory, threads, devices, batching): ignored
 _RUNTIME_OPTIONS = frozenset({

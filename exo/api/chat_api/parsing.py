@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exo.api.chat_api.utils import APIError
+
+#: The configuration of the OpenAI and Anthropic request models: unknown fields and wrong types
+#: are errors, as those APIs answer them.
+STRICT = ConfigDict(extra="forbid", strict=True)
+MAX_STOP_STRINGS = 16  # stop strings a request may give, in every dialect
 
 
 class RequestParamError(ValueError):

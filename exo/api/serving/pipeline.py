@@ -28,7 +28,7 @@ from exo.api.chat_api.utils import APIError, new_id, unix_time
 from exo.api.serving.reasoning import ReasoningSplitter, prompt_opens_thinking
 from exo.api.serving.request import GenerateRequest, ToolCall
 from exo.api.serving.resolve import (
-    api_error_from, encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens, resolve_model,
+    api_error_from, check_token_ids, encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens, resolve_model,
 )
 from exo.api.serving.token_handler import ChoiceTextStream, TokenLogprob
 from exo.api.serving.token_queue import ChoiceEvent, TokenQueue
@@ -162,8 +162,13 @@ class Job:
         return sum(c.completion_tokens for c in self.choices)
 
 
-async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, received: float | None = None) -> Job:
+async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, received: float | None = None,
+                  card: ModelCard | None = None) -> Job:
     """Resolve, render, tokenize and plan ``req``.
+
+    Args:
+        card: the model, when the dialect resolved ``req.model`` itself (Ollama's tagged names);
+            otherwise ``resolve_model`` resolves it here, fallback included.
 
     Raises:
         APIError: 404 unknown model; 400 a bad parameter (named: a tool, the tool choice, a
@@ -172,7 +177,7 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
             longer than the model's context; 503 no node can serve the model.
     """
     received = time.perf_counter() if received is None else received
-    card = await resolve_model(state, req.model)
+    card = card or await resolve_model(state, req.model)
     tokenizer = await get_tokenizer(state, card.model_id)
     check_tools(req.tools, req.tool_choice, req.turns)
     calls_wanted = bool(req.tools) and req.tool_choice.mode != "none"
@@ -185,10 +190,7 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
     grammar = await _grammar(req, tokenizer, syntax if calls_wanted else None)
     # constrained from the first token (a JSON answer, forced calls): no free text, no reasoning
     constrained = grammar is not None and not (calls_wanted and req.tool_choice.mode == "auto")
-    bad = [t for t in req.prefix_ids if not 0 <= t < tokenizer.vocab_size]
-    if bad:
-        raise APIError(400, f"Invalid value for 'context': token id {bad[0]} is outside the vocabulary "
-                            f"(0-{tokenizer.vocab_size - 1})", param="context", code="invalid_value")
+    check_token_ids(tokenizer, req.prefix_ids, "context")
     prompts: list[tuple[list[int], str, str]] = []  # (token ids, echoed prefix, parameter)
     opens_thinking = False
     if req.turns is not None:
@@ -216,16 +218,13 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
                 ids = await encode_prompt(tokenizer, functools.partial(str, p), card.context_length, param)
                 text = p
             else:
-                bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
-                if bad:
-                    raise APIError(400, f"Invalid value for '{param}': token id {bad[0]} is outside the vocabulary "
-                                        f"(0-{tokenizer.vocab_size - 1})", param=param, code="invalid_value")
+                check_token_ids(tokenizer, p, param)
                 ids, text = list(p), tokenizer.decode(p)
             ids = (list(req.prefix_ids) if i == 0 else []) + ids
             if not ids:
                 raise APIError(400, f"Invalid value for '{param}': the prompt is empty", param=param, code="invalid_value")
             prompts.append((ids, text if req.echo else "", param))
-    _check_logit_bias(req, tokenizer)
+    check_token_ids(tokenizer, req.sampling.logit_bias, "logit_bias")  # the biases' range: GenerationOptions
     default = req.default_max_tokens if req.default_max_tokens is not None else state.defaults.max_tokens
     # a call's trigger that is one special token must reach the parser as text
     shown = [syntax.special_trigger] if calls_wanted and syntax is not None and syntax.special_trigger is not None else []
@@ -272,16 +271,6 @@ async def _grammar(req: GenerateRequest, tokenizer: Tokenizer, syntax: ToolSynta
         return await asyncio.to_thread(run)
     except ValueError as e:
         raise APIError(400, f"Invalid value for '{param}': {e}", param=param, code="invalid_value") from None
-
-
-def _check_logit_bias(req: GenerateRequest, tokenizer: Tokenizer) -> None:
-    for token, bias in req.sampling.logit_bias.items():
-        if not 0 <= token < tokenizer.vocab_size:
-            raise APIError(400, f"Invalid value for 'logit_bias': token id {token} is outside the vocabulary "
-                                f"(0-{tokenizer.vocab_size - 1})", param="logit_bias", code="invalid_value")
-        if not -100 <= bias <= 100:
-            raise APIError(400, f"Invalid value for 'logit_bias': the bias of token {token} must be in [-100, 100], "
-                                f"got {bias}", param="logit_bias", code="invalid_value")
 
 
 def _options(state: APIState, req: GenerateRequest, tokenizer: Tokenizer, max_tokens: int, index: int,

@@ -4,7 +4,8 @@ OpenAI (``route_handlers``), Ollama (``ollama_endpoints``) and Anthropic
 (``anthropic_endpoints``) requests all go through these: ``resolve_model`` (a name to a
 ``ModelCard``, fallback decided there), ``get_tokenizer``, ``model_defaults`` (the sampling
 defaults of a model), ``encode_prompt`` (the prompt's token ids, off the event loop),
-``resolve_max_tokens`` (the cap against the context) and ``api_error_from`` (an exception
+``check_token_ids`` (ids a request gives against the vocabulary), ``resolve_max_tokens`` (the cap
+against the context) and ``api_error_from`` (an exception
 raised while generating as the client-facing ``APIError``).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 from exo.api.chat_api.fallback import serving_card
 from exo.api.chat_api.models import GenerationDefaults
@@ -120,6 +121,18 @@ async def encode_prompt(tokenizer: Tokenizer, render: Callable[[], str], context
         return tokenizer.encode(text) if text else []
 
     return await asyncio.to_thread(run)
+
+
+def check_token_ids(tokenizer: Tokenizer, ids: Sequence[int], param: str) -> None:
+    """Refuse token ids the model's vocabulary does not have.
+
+    Raises:
+        APIError: 400 naming ``param`` and the first id outside ``[0, vocab_size)``.
+    """
+    bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
+                            f"(0-{tokenizer.vocab_size - 1})", param=param, code="invalid_value")
 
 
 def resolve_max_tokens(requested: int | None, server_default: int | None, prompt_tokens: int,
