@@ -82,15 +82,54 @@ async def run_node(args) -> None:
         await running.stop()
 
 
-async def _generate(node, ids: list[int], n_tokens: int) -> list[float]:
-    """Times (perf_counter) at which each of ``n_tokens`` greedy tokens arrived."""
+async def _generate(node, ids: list[int], n_tokens: int, tokens: list[int] | None = None) -> list[float]:
+    """Times (perf_counter) at which each of ``n_tokens`` greedy tokens arrived; the tokens are
+    appended to ``tokens`` when given."""
     from exo.inference.generation import GenerationOptions
 
     options = GenerationOptions(max_tokens=n_tokens, temperature=0.0, stop_token_ids=())
     stamps: list[float] = []
     async for r in node.generate(MODEL, ids, options):
         stamps += [time.perf_counter()] * len(r.tokens)
+        if tokens is not None:
+            tokens += r.tokens
     return stamps
+
+
+def _distinct(ids: list[int], i: int) -> list[int]:
+    """``ids`` with a token that differs for each ``i`` in front, so that no two measured
+    prompts share a prefix (nothing comes from the prompt cache unless a row says so)."""
+    return [1000 + i % 40000] + ids
+
+
+def _prompt_of(n: int) -> list[int]:
+    """Token ids of exactly ``n`` tokens: the long benchmark prompt repeated and cut."""
+    long = prompts()["long"]
+    return (long * (n // len(long) + 1))[:n]
+
+
+async def _ttft(node, ids: list[int]) -> float:
+    t = time.perf_counter()
+    stamps = await _generate(node, ids, 1)
+    return stamps[0] - t
+
+
+async def _followup_ttft(node, tag: int) -> dict:
+    """A chat client's second turn: a ~2000-token first prompt, 16 tokens of answer, then the
+    whole conversation again with a short new user turn (what the chat template would add),
+    as a client resends it. Returns both turns' times to first token."""
+    from exo.inference.tokenizers import tokenizer_for_path
+    from exo.models.sources import STORE
+
+    tok = tokenizer_for_path(STORE.card(MODEL).path)
+    first = _distinct(_prompt_of(1999), tag)
+    t = time.perf_counter()
+    answer: list[int] = []
+    stamps = await _generate(node, first, 16, answer)
+    first_ttft = stamps[0] - t
+    turn = tok.encode("<|im_end|>\n<|im_start|>user\nAnd what follows from that?<|im_end|>\n<|im_start|>assistant\n")
+    return {"first_ttft_s": first_ttft, "followup_ttft_s": await _ttft(node, first + answer + turn),
+            "followup_tokens": len(first) + len(answer) + len(turn)}
 
 
 async def drive(args) -> dict:
@@ -115,13 +154,16 @@ async def drive(args) -> dict:
             ttft.append(stamps[0] - t)
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         concurrency: dict[str, dict] = {}
+        tag = 0
         for k in args.streams:
             agg, dec, batches = [], [], []
-            for _ in range(args.runs):
+            for _ in range(args.stream_runs or args.runs):
                 engine = node.engine
                 before = len(getattr(engine, "batch_sizes", []))
                 t = time.perf_counter()
-                results = await asyncio.gather(*(_generate(node, ids, args.decode_tokens) for _ in range(k)))
+                tag += k
+                results = await asyncio.gather(*(_generate(node, _distinct(ids, tag + i), args.stream_tokens or args.decode_tokens)
+                                                 for i in range(k)))
                 wall = time.perf_counter() - t
                 agg.append(sum(len(s) for s in results) / wall)
                 # decode alone: tokens after every stream has its first one (all prefills done)
@@ -133,8 +175,22 @@ async def drive(args) -> dict:
                     batches.append(statistics.mean(sizes))
             concurrency[str(k)] = {"aggregate_tps": median(agg), "runs": agg, "decode_tps": median([d for d in dec if d]),
                                    "decode_runs": dec, "mean_batch": median(batches)}
+        ttft_by_len = {}
+        for n in args.ttft_lens:
+            times = []
+            for _ in range(args.runs):
+                tag += 1
+                times.append(await _ttft(node, _distinct(_prompt_of(n - 1), tag)))
+            ttft_by_len[str(n)] = {"ttft_s": median(times), "runs": times}
+        followup = []
+        if args.followup:
+            for _ in range(args.runs):
+                tag += 1
+                followup.append(await _followup_ttft(node, tag))
         return {
             "nodes": args.nodes,
+            "ttft_by_len": ttft_by_len,
+            "followup": followup,
             "ring": [{"node_id": p.node_id, "start_layer": p.start_layer, "end_layer": p.end_layer} for p in ring],
             "ttft_s": median(ttft),
             "decode_tps": median(decode),
@@ -164,7 +220,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
+    parser.add_argument("--stream-tokens", type=int, default=0, help="tokens per concurrent stream (0: --decode-tokens)")
+    parser.add_argument("--stream-runs", type=int, default=0, help="runs per stream count (0: --runs)")
+    parser.add_argument("--ttft-lens", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                        help="prompt lengths in tokens whose time to first token is measured (distinct prompts)")
+    parser.add_argument("--followup", action="store_true", help="time to first token of a second chat turn after ~2000 tokens")
+    parser.add_argument("--cpus", type=lambda s: {int(x) for x in s.split(",") if x}, default=None,
+                        help="CPU ids this process runs on (os.sched_setaffinity, set before torch is imported): "
+                             "a node pinned to its own core is measured as a separate one-core machine")
     args = parser.parse_args()
+    if args.cpus:
+        os.sched_setaffinity(0, args.cpus)
     logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"), format="%(created).6f %(levelname)s %(name)s: %(message)s")
     if args.role == "node":
         asyncio.run(run_node(args))

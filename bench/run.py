@@ -64,12 +64,14 @@ def ring_retrying(*args, **kwargs) -> dict:
 
 
 def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, engine: str = "torch", env: dict | None = None,
-         node_args: list[str] | None = None, root: Path = ROOT) -> dict:
+         node_args: list[str] | None = None, root: Path = ROOT, cpus: list[int] | None = None,
+         drive_args: list[str] | None = None) -> dict:
     """A ring of ``n_nodes`` node processes on loopback; the first drives the measurements.
     ``env``: extra environment variables of the node processes; ``node_args``: extra
     arguments of every ``bench.ring`` process (e.g. ``--no-batch-invariant``,
     ``--cluster-secret S``); ``root``: the source tree they run (another checkout of exo, to
-    compare with an earlier version)."""
+    compare with an earlier version); ``cpus``: node ``i`` runs on CPU ``cpus[i]`` alone (the
+    first node drives); ``drive_args``: extra arguments of the driving node."""
     from bench.ring import free_ports, write_peer_file
 
     print(f"  ring of {n_nodes} node(s), streams {streams or '-'} ...", file=sys.stderr, flush=True)
@@ -85,13 +87,15 @@ def ring(n_nodes: int, runs: int, tokens: int, streams: list[int], dtype: str, e
         try:
             for nid in ids[1:]:
                 logs[nid] = open(os.path.join(tmp, f"{nid}.log"), "w+")
+                pin = ["--cpus", str(cpus[ids.index(nid)])] if cpus else []
                 procs[nid] = subprocess.Popen(
-                    [sys.executable, "-m", "bench.ring", "node", "--node-id", nid, "--port", str(ports[nid]), *common, "--max-seconds", "1200"],
+                    [sys.executable, "-m", "bench.ring", "node", "--node-id", nid, "--port", str(ports[nid]), *common, *pin,
+                     "--max-seconds", "1200"],
                     cwd=root, env=penv, stdout=subprocess.DEVNULL, stderr=logs[nid])
             driver = subprocess.run(
                 [sys.executable, "-m", "bench.ring", "drive", "--node-id", ids[0], "--port", str(ports[ids[0]]), *common,
                  "--nodes", str(n_nodes), "--runs", str(runs), "--decode-tokens", str(tokens),
-                 "--streams", ",".join(map(str, streams))],
+                 "--streams", ",".join(map(str, streams)), *(["--cpus", str(cpus[0])] if cpus else []), *(drive_args or [])],
                 cwd=root, env=penv, capture_output=True, text=True, timeout=1500)
             peaks = {ids[0]: None}
             for nid, p in procs.items():

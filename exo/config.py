@@ -189,6 +189,9 @@ class EngineConfig(BaseModel):
             False lets batched products take faster paths (Intel AMX from 8 concurrent
             requests; one BLAS call per batch for dense weights), whose last bits depend on the
             batch.
+        prompt_cache_mb: the torch engine's prompt cache: MiB for the KV caches of finished
+            requests, kept for later requests that share their prefix (a chat's next turn);
+            0 turns it off (default 512).
         options: further keyword arguments of the engine's constructor (e.g. the dummy
             engine's ``token_delay``, seconds); the fields above beat the same keys here.
     """
@@ -198,6 +201,7 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     mlx_blas: str | None = None
     batch_invariant: bool = True
+    prompt_cache_mb: int | None = Field(None, ge=0)
     options: dict[str, Any] = Field(default_factory=dict)
 
     def constructor_options(self, engine_name: str) -> dict[str, Any]:
@@ -206,6 +210,8 @@ class EngineConfig(BaseModel):
         if engine_name == "torch":  # the one engine that batches requests' decode steps
             out.update({k: v for k, v in (("weights", self.weights), ("dtype", self.dtype)) if v is not None})
             out["batch_invariant"] = self.batch_invariant
+            if self.prompt_cache_mb is not None:
+                out["prompt_cache_bytes"] = self.prompt_cache_mb * 2**20
         return out
 
 

@@ -83,6 +83,33 @@ class InferenceEngine(ABC):
     def cached_request_ids(self) -> set[str]:
         """Ids of the requests that currently hold a KV cache in this engine."""
 
+    #: Nodes of the ring this engine's requests run on, which the node sets before each step:
+    #: an engine that batches decode steps splits its requests into that many groups, so that
+    #: every node of the ring has a group's step to run at all times. Others ignore it.
+    pipeline_depth: int = 1
+
+    def match_prefix(self, token_ids) -> tuple[str | None, int]:
+        """The prompt cache entry (``exo.inference.prompt_cache``) sharing the longest prefix
+        with ``token_ids`` (int, on the first shard) and that prefix's length in tokens;
+        (None, 0) without one (the default: no prompt cache)."""
+        return None, 0
+
+    def continue_from_prefix(self, request_id: str, entry_id: str, n_tokens: int) -> None:
+        """Start ``request_id``'s KV cache as a copy of the first ``n_tokens`` keys and values
+        of prompt cache entry ``entry_id``: its next step is a prefill at position ``n_tokens``.
+
+        Raises:
+            PromptCacheMiss: this engine holds no such entry (always, by default).
+        """
+        from exo.inference.prompt_cache import PromptCacheMiss
+
+        raise PromptCacheMiss(f"the {self.name} engine keeps no prompt cache")
+
+    async def keep_prefix(self, request_id: str, token_ids) -> None:
+        """``request_id`` is over: keep its KV cache in the prompt cache as the keys and values
+        of the first tokens of ``token_ids`` (as many as it holds), or free it (the default)."""
+        await self.clear_request(request_id)
+
     @property
     @abstractmethod
     def shard(self) -> Shard | None:

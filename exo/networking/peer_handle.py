@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -63,8 +63,9 @@ class PeerHandle(ABC):
         """Deliver tokens, a finish or an error to the request's origin node."""
 
     @abstractmethod
-    async def end_request(self, request_id: str) -> None:
-        """Tell the peer the request is over: stop it and free its KV cache."""
+    async def end_request(self, request_id: str, keep_tokens: Sequence[int] = ()) -> None:
+        """Tell the peer the request is over: stop it and free its KV cache, or with
+        ``keep_tokens`` (the tokens that cache holds) keep it in the peer's prompt cache."""
 
     @abstractmethod
     async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:

@@ -17,6 +17,7 @@ import numpy as np
 from exo.inference.generation import GenerationOptions
 from exo.inference.inference_engine import WIRE_TOKEN_DTYPE
 from exo.inference.pooling import l2_normalize
+from exo.inference.prompt_cache import MISS
 from exo.models.sources import ModelCard
 from exo.orchestration.errors import GenerationError, GenerationTimeoutError, NoNodeAvailableError
 from exo.orchestration.membership import Membership
@@ -220,6 +221,9 @@ class Origin:
         Raises:
             GenerationError: the error stands.
         """
+        if MISS in error and req.ctx.prompt_cache:
+            await self._replay_without_prompt_cache(req, error)
+            return
         dead = await self._unreachable_members(req.ctx)
         if not dead:
             try:
@@ -230,6 +234,22 @@ class Origin:
                 raise GenerationError(error)
             req.retried_live_ring = True
         await self._failover(req, card, dead, error)
+
+    async def _replay_without_prompt_cache(self, req: OriginRequest, error: str) -> None:
+        """A node of the ring lacked the prompt cache entry the first node chose (evicted,
+        dropped with a shard change, or a node that joined since): replay the prefill on the
+        same ring, without the prompt cache (the next epoch).
+
+        Raises:
+            GenerationError: the replay could not be sent.
+        """
+        logger.info("request %s: %s; prefilling it without the prompt cache", req.ctx.request_id, error)
+        req.ctx = replace(req.ctx, epoch=req.ctx.epoch + 1, generated_tokens=tuple(req.generated), prompt_cache=False)
+        tokens = np.asarray([req.prompt_ids + req.generated], dtype=WIRE_TOKEN_DTYPE)
+        try:
+            await self._worker.send_prompt(req.ctx, tokens, 0)
+        except Exception as e:
+            raise GenerationError(f"request {req.ctx.request_id}: the replay without the prompt cache failed: {e}") from e
 
     async def _failover(self, req: OriginRequest, card: ModelCard, gone: set[str], reason: str) -> None:
         """Re-partition ``req`` over the live nodes (without ``gone`` and every node excluded
@@ -267,15 +287,18 @@ class Origin:
 
     async def _end_everywhere(self, req: OriginRequest) -> None:
         """Tell every node of every ring the request used (but those that stopped answering)
-        that it is over: they free its KV cache."""
+        that it is over: they keep its KV cache in their prompt cache (with the tokens it holds),
+        or free it (an embedding's)."""
         rid = req.ctx.request_id
+        # what every node's KV cache of the request holds, for its prompt cache (not an embedding's)
+        keep = () if req.ctx.options.is_embedding else tuple(req.prompt_ids + req.generated)
 
         async def end(p: Partition) -> None:
             try:
                 if p.node_id == self.id:
-                    await self._worker.end_request(rid)
+                    await self._worker.end_request(rid, keep)
                 else:
-                    await self._pool.handle(p).end_request(rid)
+                    await self._pool.handle(p).end_request(rid, keep)
             except Exception as e:
                 logger.warning("could not end request %s on %s: %s", rid, p.node_id, e)
 

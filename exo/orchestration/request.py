@@ -32,6 +32,12 @@ class RequestContext:
             before it (the prefill's input is the prompt followed by them); the last shard
             rebuilds the sampler's state (penalty counts, random generator) from them. Empty on
             every other message, so decode steps stay small.
+        prefix_entry, prefix_tokens: on the messages of a prefill that continues from the
+            prompt cache (``exo.inference.prompt_cache``): the entry, chosen by the first node,
+            whose first ``prefix_tokens`` keys and values every node copies; the prefill starts
+            at that position. Empty and 0 otherwise.
+        prompt_cache: False on the replay after a node missed a prompt cache entry: the first
+            node prefills everything.
     """
 
     request_id: str
@@ -43,6 +49,15 @@ class RequestContext:
     prompt_len: int = 0
     epoch: int = 0
     generated_tokens: tuple[int, ...] = ()
+    prefix_entry: str = ""
+    prefix_tokens: int = 0
+    prompt_cache: bool = True
+
+    @property
+    def prefill_end(self) -> int:
+        """Tokens in the KV cache once this epoch's prefill is done: the prompt, and on a
+        replay the tokens generated before it. The last shard samples only after that."""
+        return self.prompt_len + len(self.generated_tokens)
 
     def partition_of(self, node_id: str) -> Partition:
         """The partition of ``node_id``. Raises KeyError if the node is not in the ring."""
@@ -80,6 +95,8 @@ class TokenResult:
         embedding: of an embedding request (``GenerationOptions.pooling``), its only result:
             the pooled final-normed hidden states, float32 ``(hidden,)``, not normalized; with
             finish_reason "stop" and no tokens. None otherwise.
+        cached_tokens: on the first result of an epoch: how many prompt tokens came from the
+            prompt cache instead of being prefilled.
     """
 
     request_id: str
@@ -90,6 +107,7 @@ class TokenResult:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     epoch: int = 0
     embedding: np.ndarray | None = field(default=None, compare=False)  # an array has no truth value for ==
+    cached_tokens: int = 0
 
     @property
     def is_finished(self) -> bool:

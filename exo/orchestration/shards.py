@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable, Collection
+from typing import Callable, Collection, Sequence
 
 from exo.config import DEFAULT_IDLE_TTL, DEFAULT_MAX_MODELS  # noqa: F401  (re-exported)
 from exo.inference.inference_engine import InferenceEngine
@@ -156,9 +156,14 @@ class ShardCache:
             await self.evict(m, f"idle for {self.idle_ttl:.0f} s")
         return gone
 
-    async def clear_request(self, request_id: str) -> None:
+    async def clear_request(self, request_id: str, keep_tokens: Sequence[int] = ()) -> None:
+        """Free ``request_id``'s KV cache in every engine, or with ``keep_tokens`` (the tokens
+        it holds) keep it in the prompt cache of the engine that holds it."""
         for e in list(self._engines.values()):
-            await e.clear_request(request_id)
+            if keep_tokens:
+                await e.keep_prefix(request_id, keep_tokens)
+            else:
+                await e.clear_request(request_id)
 
     async def close(self) -> None:
         for e in self.engines():

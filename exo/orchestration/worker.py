@@ -8,6 +8,13 @@ of an ended request or of an older epoch are dropped; a failed step is reported 
 which fails over or ends the request. An embedding request (``GenerationOptions.pooling``) is
 one prefill step whose last shard pools the final-normed hidden states and sends that vector to
 the origin instead of sampling.
+
+On a ring of several nodes the first node sends a long prompt on in pieces of ``PREFILL_CHUNK``
+tokens, so that the next nodes prefill the first pieces while it runs the later ones; the last
+node samples once the prefill's last piece is through. For a new prompt the first node looks in
+its prompt cache (``exo.inference.prompt_cache``): the prefill then starts after the longest
+prefix a finished request left, and every node of the ring continues from its own copy of that
+request's keys and values.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from exo.inference.generation import GenerationOptions
 from exo.inference.grammar import GrammarMatcher
 from exo.inference.inference_engine import WIRE_TOKEN_DTYPE, InferenceEngine
 from exo.inference.pooling import pool
+from exo.inference.prompt_cache import PromptCacheMiss
 from exo.inference.sampling import Sampler
 from exo.orchestration.background import Background
 from exo.orchestration.errors import NodeStoppingError
@@ -33,6 +41,11 @@ from exo.orchestration.request import RequestContext, TokenResult
 from exo.orchestration.shards import ShardCache
 
 logger = logging.getLogger(__name__)
+
+#: Tokens of a prompt the first node of a ring of several nodes runs before it sends their hidden
+#: states on (a 2,000-token prompt flows down a 2-node ring in 8 pieces: the nodes prefill at the
+#: same time but for the first and last piece).
+PREFILL_CHUNK = 256
 
 
 def replayed_sampler(options: GenerationOptions, generated: Sequence[int],
@@ -103,7 +116,31 @@ class Worker:
             raise ValueError(f"node {self.id} holds layers {shard.start_layer}-{shard.end_layer}, not layer 0")
         if token_ids.ndim != 2 or token_ids.shape[0] != 1 or token_ids.shape[1] == 0:
             raise ValueError(f"token ids must have shape (1, T), got {token_ids.shape}")
+        if position == 0 and not ctx.prefix_tokens:
+            ctx, token_ids, position = self._after_cached_prefix(ctx, token_ids)
         self._schedule(ctx, token_ids, position)
+
+    def _after_cached_prefix(self, ctx: RequestContext, token_ids: np.ndarray) -> tuple[RequestContext, np.ndarray, int]:
+        """A new prompt (token ids (1, T) at position 0) as what is left to prefill after the
+        longest prefix this node's prompt cache holds: the context naming the entry, the
+        remaining ids and their position; unchanged without a match (or on a replay after a
+        miss, or for an embedding). At least one token is left to run, for its logits.
+
+        A seeded request that samples (temperature > 0) prefills its whole prompt: keys and
+        values taken from the cache equal a fresh prefill's only up to float rounding (the
+        cached part may have been decoded token by token), and a seeded sample must not depend
+        on what earlier requests left (issue 23). llama-server's ``cache_prompt`` documents the
+        same rounding and keeps the cache on; greedy requests here do too."""
+        engine = self._shards.get(ctx.model_id)
+        seeded = ctx.options.seed is not None and not ctx.options.greedy
+        if engine is None or not ctx.prompt_cache or ctx.options.is_embedding or seeded or token_ids.shape[1] < 2:
+            return ctx, token_ids, 0
+        entry, n = engine.match_prefix(token_ids[0])
+        n = min(n, token_ids.shape[1] - 1)
+        if entry is None or n < 1:
+            return ctx, token_ids, 0
+        logger.debug("request %s: %d of %d prompt tokens from the prompt cache (%s)", ctx.request_id, n, token_ids.shape[1], entry)
+        return replace(ctx, prefix_entry=entry, prefix_tokens=n), token_ids[:, n:], n
 
     async def process_tensor(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
         """Schedule hidden states (float32, (1, T, hidden)) on this node's shard.
@@ -133,6 +170,10 @@ class Worker:
             logger.debug("dropping a message of request %s from epoch %d (now %d)", rid, ctx.epoch, latest)
             return
         engine = self._shards.get(ctx.model_id)
+        if ctx.prefix_tokens and position == ctx.prefix_tokens and (engine is None or rid not in engine.cached_request_ids()):
+            if engine is None:
+                raise PromptCacheMiss(f"node {self.id} holds no shard of {ctx.model_id}")
+            engine.continue_from_prefix(rid, ctx.prefix_entry, ctx.prefix_tokens)  # the first piece of the prefill
         if position > 0 and (engine is None or rid not in engine.cached_request_ids()):
             raise KeyError(f"unknown request {rid}: node {self.id} has no KV cache to continue it at position {position}")
         if latest is None or ctx.epoch > latest:
@@ -151,21 +192,24 @@ class Worker:
         try:
             shard = ctx.shard_of(self.id)
             engine = await self._models.ensure_shard(shard)
+            engine.pipeline_depth = len(ctx.ring)
             if self._is_stale(ctx):
                 return
             embedding = ctx.options.is_embedding and shard.is_last_layer
+            if shard.is_first_layer and not shard.is_last_layer and not ctx.options.is_embedding and x.shape[1] > PREFILL_CHUNK:
+                await self._prefill_in_chunks(ctx, engine, x, position)
+                return
             if embedding:  # final-normed hidden states, not logits
                 out = await engine.infer_final_hidden(rid, shard, x, position)
             else:
                 out = await engine.infer_tensor(rid, shard, x, position)
-            if self._registry.is_ended(rid):
-                await engine.clear_request(rid)
-                return
-            if self._is_stale(ctx):
+            if not await self._still_wanted(ctx, engine):
                 return
             next_position = position + x.shape[1]
             if not shard.is_last_layer:
                 await self._pass_on(ctx, out, position)
+                return
+            if next_position < ctx.prefill_end:  # a piece of a prefill flowing down the ring: nothing to sample yet
                 return
             if embedding:
                 await self._deliver_embedding(ctx, engine, out)
@@ -179,6 +223,24 @@ class Worker:
         finally:
             self._registry.end_step(rid)
             self._shards.end(ctx.model_id)
+
+    async def _still_wanted(self, ctx: RequestContext, engine: InferenceEngine) -> bool:
+        """After a step: False (and the KV cache freed) when the request ended meanwhile, or
+        False when a newer epoch of it reached this node."""
+        if self._registry.is_ended(ctx.request_id):
+            await engine.clear_request(ctx.request_id)
+            return False
+        return not self._is_stale(ctx)
+
+    async def _prefill_in_chunks(self, ctx: RequestContext, engine: InferenceEngine, token_ids: np.ndarray, position: int) -> None:
+        """The first node's prefill of token ids (1, T) at ``position`` in pieces of
+        ``PREFILL_CHUNK`` tokens, each sent on to the next node as soon as it ran."""
+        shard = ctx.shard_of(self.id)
+        for start in range(0, token_ids.shape[1], PREFILL_CHUNK):
+            out = await engine.infer_tensor(ctx.request_id, shard, token_ids[:, start:start + PREFILL_CHUNK], position + start)
+            if not await self._still_wanted(ctx, engine):
+                return
+            await self._pass_on(ctx, out, position + start)
 
     async def _pass_on(self, ctx: RequestContext, hidden_states: np.ndarray, position: int) -> None:
         """Send this shard's output to the next node of the ring. Raises as ``send_tensor``."""
@@ -242,8 +304,8 @@ class Worker:
         """
         rid = ctx.request_id
         entry = self._registry.entry(rid)
-        if entry.sampler is None or position == 0 or entry.sampler[0] != ctx.epoch:
-            # a prefill: the request's first, or the replay of a re-partition
+        prefill = entry.sampler is None or position == 0 or entry.sampler[0] != ctx.epoch
+        if prefill:  # the request's first, or the replay of a re-partition
             sampler = await self._fresh_sampler(ctx)
             entry = self._registry.entry(rid)
             entry.sampler = (ctx.epoch, sampler)
@@ -262,6 +324,8 @@ class Worker:
             if s.logprob is not None:
                 result.logprobs = [s.logprob]
                 result.top_logprobs = [s.top_logprobs]
+        if prefill:
+            result.cached_tokens = ctx.prefix_tokens
         if result.is_finished:
             entry.sampler = None
         return result, s.token
@@ -272,7 +336,8 @@ class Worker:
         dtype), and whether this step's result rides with it: the first node is the origin (and
         not this node), and no earlier delivery of the request is under way (so tokens stay in
         order)."""
-        next_ctx = replace(ctx, generated_tokens=()) if ctx.generated_tokens else ctx
+        prefill_only = ctx.generated_tokens or ctx.prefix_tokens
+        next_ctx = replace(ctx, generated_tokens=(), prefix_entry="", prefix_tokens=0) if prefill_only else ctx
         previous = self._registry.delivery(ctx.request_id)
         rides = ctx.ring[0].node_id == ctx.origin_node_id != self.id and (previous is None or previous.done())
         return next_ctx, np.asarray([[token]], dtype=WIRE_TOKEN_DTYPE), rides
@@ -316,7 +381,9 @@ class Worker:
     def _undelivered(self, ctx: RequestContext, e: BaseException) -> None:
         logger.error("could not deliver a result of request %s to %s", ctx.request_id, ctx.origin_node_id, exc_info=e)
 
-    async def end_request(self, request_id: str) -> None:
-        """Stop ``request_id`` on this node and free its KV cache and sampler."""
+    async def end_request(self, request_id: str, keep_tokens: Sequence[int] = ()) -> None:
+        """Stop ``request_id`` on this node and free its sampler and KV cache, or with
+        ``keep_tokens`` (the tokens its KV cache holds: prompt, then generated) keep that cache
+        in the prompt cache."""
         self._registry.end(request_id)
-        await self._shards.clear_request(request_id)
+        await self._shards.clear_request(request_id, keep_tokens)

@@ -114,6 +114,16 @@ def chip_flops(name: str) -> DeviceFlops | None:
     return None
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, a container's cpuset, a
+    node pinned to one core), not the machine's core count; the machine's count where the
+    platform has no affinity (macOS)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def cpu_flops(cores: int, ghz: float, flags: set[str]) -> DeviceFlops:
     """Peak CPU estimate: ``cores x GHz x fp32 FLOP per cycle``.
 
@@ -245,7 +255,8 @@ def device_capabilities(memory_override: int | None = None, detect_gpu: bool = T
     import psutil
 
     vm = psutil.virtual_memory()
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    # physical cores, but no more than this process may use
+    cores = min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, usable_cpus())
     if platform.system() == "Darwin":
         chip = _sysctl("machdep.cpu.brand_string") or platform.processor() or "Apple"
         model = _mac_model()

@@ -147,9 +147,13 @@ async def test_bad_input_raises_clear_errors(chat_ids):
     await engine.close()
 
 
-async def _greedy(engine, shard, rid, ids, n):
-    """n greedy tokens of request ``rid`` (prefill, then n - 1 decode steps) and their logits."""
+async def _greedy(engine, shard, rid, ids, n, prefilled: asyncio.Barrier | None = None):
+    """n greedy tokens of request ``rid`` (prefill, then n - 1 decode steps) and their logits;
+    with ``prefilled``, the decode steps wait for every request's prefill (the engine runs
+    prefills between decode batches, so requests that start together otherwise decode apart)."""
     logits = await engine.infer_tensor(rid, shard, np.asarray([ids]), 0)
+    if prefilled is not None:
+        await prefilled.wait()
     tokens, all_logits, pos = [int(logits.argmax())], [logits], len(ids)
     for _ in range(n - 1):
         logits = await engine.infer_tensor(rid, shard, np.asarray([[tokens[-1]]]), pos)
@@ -214,7 +218,8 @@ async def test_a_large_batch_decodes_as_each_request_alone(chat_ids):
     await alone.close()
     batched = TorchInferenceEngine(device="cpu", dtype="float32")
     await batched.ensure_shard(shard)
-    got = await asyncio.gather(*(_greedy(batched, shard, f"b{i}", p, 4) for i, p in enumerate(prompts)))
+    barrier = asyncio.Barrier(len(prompts))
+    got = await asyncio.gather(*(_greedy(batched, shard, f"b{i}", p, 4, barrier) for i, p in enumerate(prompts)))
     assert max(batched.batch_sizes) == len(prompts)
     for (tokens, logits), (exp_tokens, exp_logits) in zip(got, expected):
         assert tokens == exp_tokens

@@ -50,7 +50,7 @@ class RecordingNode:
         self._maybe_fail()
         self.calls.append(("result", result))
 
-    async def end_request(self, request_id: str) -> None:
+    async def end_request(self, request_id: str, keep_tokens=()) -> None:
         if request_id not in self.requests:
             raise KeyError(f"unknown request {request_id}")
         self.calls.append(("end", request_id))

@@ -46,7 +46,7 @@ class Recorder:
             await self.release.wait()
         self.calls.append(("result", result.tokens[0] if result.tokens else None))
 
-    async def end_request(self, request_id: str) -> None:
+    async def end_request(self, request_id: str, keep_tokens=()) -> None:
         if request_id == "unknown":
             raise KeyError(f"unknown request {request_id}")
         self.calls.append(("end", request_id))

@@ -98,7 +98,9 @@ def message_object(job: Job, model: str, finished: bool) -> dict[str, Any]:
         "content": content_blocks(c) if finished else [],
         "stop_reason": stop_reason(c) if finished else None,
         "stop_sequence": c.stop_string if finished else None,
-        "usage": {"input_tokens": job.prompt_tokens, "output_tokens": job.completion_tokens},
+        # input_tokens are those prefilled; the prompt cache's are counted apart, as Anthropic does
+        "usage": {"input_tokens": job.prompt_tokens - job.cached_tokens, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": job.cached_tokens, "output_tokens": job.completion_tokens},
     }
 
 

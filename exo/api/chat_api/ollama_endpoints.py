@@ -62,14 +62,17 @@ def _durations(job: Job) -> dict[str, int]:
     first = job.first_token or end
     started = job.started or job.received
     ns = 1_000_000_000
-    return {
+    out = {
         "total_duration": int((end - job.received) * ns),
         "load_duration": int(max(0.0, started - job.received) * ns),
-        "prompt_eval_count": job.prompt_tokens,
+        "prompt_eval_count": job.prompt_tokens,  # the whole prompt, cached tokens included, as Ollama counts it
         "prompt_eval_duration": int((first - started) * ns),
         "eval_count": job.completion_tokens,
         "eval_duration": int((end - first) * ns),
     }
+    if job.cached_tokens:  # Ollama's prompt_eval_cached_count (omitted when none)
+        out["prompt_eval_cached_count"] = job.cached_tokens
+    return out
 
 
 def ollama_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:

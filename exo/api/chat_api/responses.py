@@ -12,17 +12,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+class PromptTokensDetails(BaseModel):
+    """``usage.prompt_tokens_details``: of the prompt tokens, those the prompt cache served."""
+
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     """Token counts of one request (prompt counted once, completion over all choices)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> "Usage":
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 class TopLogprob(BaseModel):

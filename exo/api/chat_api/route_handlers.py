@@ -74,7 +74,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def _usage(job: Job) -> Usage:
-    return Usage.of(job.prompt_tokens, job.completion_tokens)
+    return Usage.of(job.prompt_tokens, job.completion_tokens, job.cached_tokens)
 
 
 async def _answer(request: web.Request, state: APIState, job: Job, kind: ChunkKind, stream: bool, include_usage: bool,

@@ -141,6 +141,8 @@ class Job:
         tokenizer: its tokenizer.
         choices: one per generation.
         prompt_tokens: tokens of all prompts (each counted once).
+        cached_tokens: of those, the most that one choice took from the prompt cache instead
+            of prefilling them.
         received, started, first_token, finished: ``time.perf_counter`` seconds of the
             request's arrival, of asking the node, of the first token and of the end.
     """
@@ -152,6 +154,7 @@ class Job:
     choices: list[Choice]
     prompt_tokens: int
     received: float
+    cached_tokens: int = 0
     started: float = 0.0
     first_token: float | None = None
     finished: float | None = None
@@ -356,6 +359,7 @@ def _advance(job: Job, queue: TokenQueue, ev: ChoiceEvent) -> Update | None:
     elif result.error is not None or result.finish_reason == "error":
         raise GenerationError(result.error or "generation failed")
     else:
+        job.cached_tokens = min(max(job.cached_tokens, result.cached_tokens), job.prompt_tokens)
         if result.tokens and job.first_token is None:
             job.first_token = time.perf_counter()
         delta = choice.text.add_result(result)

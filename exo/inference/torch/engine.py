@@ -2,8 +2,10 @@
 
 Decode steps of concurrent requests that reach the engine together run as one batched forward
 pass (``ShardedTransformer.decode``): the weights are read once for the whole batch, which is what
-bounds decode speed on a CPU. Prefills run one at a time. Model work happens on one worker
-thread, in arrival order.
+bounds decode speed on a CPU. Model work happens on one worker thread, in the order
+``exo.inference.step_scheduler`` decides (decode batches, pipeline groups, prefills in pieces
+between them). A finished request's KV cache is kept in the prompt cache
+(``exo.inference.prompt_cache``) for later requests that share its prefix.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import numpy as np
 import torch
 
 from exo.inference.inference_engine import WIRE_HIDDEN_DTYPE, InferenceEngine
+from exo.inference.prompt_cache import PromptCache
 from exo.inference.shard import Shard
+from exo.inference.step_scheduler import DecodeStep, PrefillJob, StepScheduler
 from exo.inference.torch.gguf_weights import KERNEL_MAX_ROWS
 from exo.inference.torch.layers import KVCache
 from exo.inference.torch.model import ShardedTransformer
 from exo.inference.torch.loading import ShardLoader, release_freed_memory, weight_bytes
 from exo.models.architectures import ModelArgs
+from exo.topology.device_capabilities import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -33,21 +38,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _WEIGHTS = ("auto", "gguf", "dense", "int4")
 #: The weights that run on the CPU only, and the one dtype each computes in.
 _CPU_WEIGHTS_DTYPE = {"gguf": "float32", "int4": "bfloat16"}
-
-#: A decode batch starts once no step has joined for this many event-loop turns: the steps of
-#: the requests a batch just served come back within a few turns (sampling, then the node
-#: schedules the next step), and waiting for them keeps concurrent requests in one batch
-#: instead of alternating between a straggler and the rest. An idle turn costs microseconds.
-_GATHER_STABLE_TURNS = 3
-#: Most event-loop turns a batch waits for more steps.
-_GATHER_MAX_TURNS = 32
-#: A request counts as decoding while its last step is at most this old, in seconds.
-_DECODING_WINDOW = 1.0
-#: Then, longest a batch waits for the steps of requests still decoding, in seconds: on a later
-#: shard of a ring the previous node's batch arrives as one message per request, spread over
-#: a millisecond or two, and running the first arrivals alone would split the batch for good.
-_GATHER_MAX_WAIT = 0.004
-
+#: The prompt cache's default memory budget, in bytes.
+DEFAULT_PROMPT_CACHE_BYTES = 512 * 2**20
 
 @dataclass
 class _RequestState:
@@ -57,16 +49,6 @@ class _RequestState:
     @property
     def offset(self) -> int:
         return self.caches[0].offset if self.caches else 0
-
-
-@dataclass
-class _DecodeStep:
-    """One request's decode step waiting for the next batch: x (1, 1) or (1, 1, hidden)."""
-
-    request_id: str
-    x: np.ndarray
-    position: int
-    future: asyncio.Future
 
 
 class TorchInferenceEngine(InferenceEngine):
@@ -99,6 +81,8 @@ class TorchInferenceEngine(InferenceEngine):
             requests of a batch run one after another). False: batched products take the faster
             paths, and logits may differ in the last bits with the batch (on a CPU with AMX, from
             8 requests on). Prefills run one request at a time either way.
+        prompt_cache_bytes: memory for the KV caches of finished requests kept for requests
+            that share their prefix (the prompt cache; 0 turns it off), in bytes.
 
     Raises:
         ValueError: an unknown ``dtype`` or ``weights``, ``max_batch`` < 1, "gguf" or "int4" off
@@ -110,7 +94,8 @@ class TorchInferenceEngine(InferenceEngine):
     name = "torch"
 
     def __init__(self, device: str | None = None, dtype: str | None = None, max_requests: int = 64, request_ttl: float = 600.0,
-                 max_batch: int = 32, weights: str | None = None, batch_invariant: bool = True):
+                 max_batch: int = 32, weights: str | None = None, batch_invariant: bool = True,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         #: The ``weights`` asked for, and (``weights``) what the shard held now uses ("auto"
         #: until a shard is loaded).
@@ -134,12 +119,13 @@ class TorchInferenceEngine(InferenceEngine):
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self.batch_invariant = bool(batch_invariant)
-        self.batch_sizes: list[int] = []  # sizes of the last decode batches (most recent last), for benchmarks
-        self._pending: list[_DecodeStep] = []
-        self._drainer: asyncio.Task | None = None
-        self._last_compute_s = 0.0
+        self._scheduler = StepScheduler(self._on_worker, self._decode_batch, self._prefill_piece, max_batch)
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self._forks: dict[str, tuple[str, int]] = {}  # request -> (prompt cache entry, tokens) it starts from
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
-        self._threads = torch.get_num_threads()  # intra-op threads of a forward pass
+        # intra-op threads of a forward pass: one per CPU this process may use (its affinity)
+        self._threads = usable_cpus()
+        torch.set_num_threads(self._threads)
         self._loader = ShardLoader(self.device, self.dtype, self.requested_weights)
         self._shard: Shard | None = None
         self._requests: OrderedDict[str, _RequestState] = OrderedDict()
@@ -148,6 +134,19 @@ class TorchInferenceEngine(InferenceEngine):
     @property
     def shard(self) -> Shard | None:
         return self._shard
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Sizes of the last decode batches (most recent last), for benchmarks and tests."""
+        return self._scheduler.batch_sizes
+
+    @property
+    def pipeline_depth(self) -> int:
+        return self._scheduler.pipeline_depth
+
+    @pipeline_depth.setter
+    def pipeline_depth(self, nodes: int) -> None:
+        self._scheduler.pipeline_depth = nodes
 
     @property
     def _model(self) -> ShardedTransformer | None:
@@ -181,6 +180,7 @@ class TorchInferenceEngine(InferenceEngine):
     def _drop(self) -> None:
         self._loader.model, self._shard = None, None
         self._requests.clear()
+        self.prompt_cache.clear()
         release_freed_memory()
 
     async def ensure_shard(self, shard: Shard) -> None:
@@ -193,6 +193,7 @@ class TorchInferenceEngine(InferenceEngine):
         self._loader.load(shard, self.batch_invariant)
         self._shard = shard
         self._requests.clear()
+        self.prompt_cache.clear()  # keys and values of other layers
 
     async def _on_worker(self, fn, *args):
         """``fn(*args)`` on the worker thread (the one thread that runs the model)."""
@@ -209,74 +210,47 @@ class TorchInferenceEngine(InferenceEngine):
         if self._shard != shard:
             await self.ensure_shard(shard)
         self._validate_input(shard, x)
-        loop = asyncio.get_running_loop()
-        if x.shape[1] == 1 and position > 0 and self.max_batch > 1:
-            step = _DecodeStep(request_id, x, position, loop.create_future())
-            self._pending.append(step)
-            if self._drainer is None or self._drainer.done():
-                self._drainer = loop.create_task(self._drain(), name="torch-decode-batches")
-            return await step.future
-        return await self._on_worker(self._infer, request_id, x, position)
+        if x.shape[1] == 1 and position > 0 and self._scheduler.max_batch > 1:
+            return await self._scheduler.decode(request_id, x, position)
+        return await self._scheduler.prefill(request_id, x, position)
 
     async def infer_final_hidden(self, request_id: str, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
         """``InferenceEngine.infer_final_hidden``: one forward pass on the worker, never batched
-        with decode steps; the last shard returns (1, T, hidden) float32 after the final norm."""
+        with decode steps nor cut in pieces; the last shard returns (1, T, hidden) float32 after
+        the final norm."""
         if self._shard != shard:
             await self.ensure_shard(shard)
         self._validate_input(shard, x)
         return await self._on_worker(self._infer, request_id, x, position, True)
 
-    async def _drain(self) -> None:
-        """Run the queued decode steps in batches until none is left."""
-        while self._pending:
-            seen, stable, turns = len(self._pending), 0, 0
-            while stable < _GATHER_STABLE_TURNS and seen < self.max_batch and turns < _GATHER_MAX_TURNS:
-                await asyncio.sleep(0)  # let the steps of requests woken meanwhile join this batch
-                turns += 1
-                stable = stable + 1 if len(self._pending) == seen else 0
-                seen = len(self._pending)
-            await self._await_decoding_requests()
-            batch = [s for s in self._pending[:self.max_batch] if not s.future.done()]
-            del self._pending[:self.max_batch]
-            if not batch:
-                continue
-            t0 = time.perf_counter()
-            try:
-                results = await self._on_worker(self._decode_batch, batch)
-            except BaseException as e:
-                for s in batch:
-                    if not s.future.done():
-                        s.future.set_exception(e if isinstance(e, Exception) else RuntimeError("the engine stopped"))
-                if not isinstance(e, Exception):
-                    raise
-                continue
-            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("decode batch of %d: %.2f ms on the worker, %.2f ms round trip", len(batch),
-                             self._last_compute_s * 1000, (time.perf_counter() - t0) * 1000)
-            for s, r in zip(batch, results):
-                if s.future.done():
-                    continue
-                if isinstance(r, BaseException):
-                    s.future.set_exception(r)
-                else:
-                    s.future.set_result(r)
+    def match_prefix(self, token_ids) -> tuple[str | None, int]:
+        """``InferenceEngine.match_prefix``: the prompt cache's longest match."""
+        return self.prompt_cache.match(token_ids)
 
-    async def _await_decoding_requests(self) -> None:
-        """Wait up to ``_GATHER_MAX_WAIT`` seconds for a step of every request that is decoding
-        (had a step within ``_DECODING_WINDOW`` seconds) but has none queued yet."""
-        now = time.monotonic()
-        decoding = self._decoding_request_ids(now)
-        deadline = now + _GATHER_MAX_WAIT
-        while len(self._pending) < self.max_batch and time.monotonic() < deadline:
-            if not decoding - {s.request_id for s in self._pending}:
-                return
-            await asyncio.sleep(0.0005)
+    def continue_from_prefix(self, request_id: str, entry_id: str, n_tokens: int) -> None:
+        """``InferenceEngine.continue_from_prefix``: the request's next prefill (at position
+        ``n_tokens``) starts from a copy of the entry's first ``n_tokens`` keys and values.
 
-    def _decoding_request_ids(self, now: float) -> set[str]:
-        """Requests whose last step is at most ``_DECODING_WINDOW`` seconds old at ``now``
-        (``time.monotonic()``)."""
-        return {rid for rid, st in self._requests.items() if now - st.last_used < _DECODING_WINDOW}
+        Raises:
+            PromptCacheMiss: no such entry here, or a shorter one.
+        """
+        self.prompt_cache.get(entry_id, n_tokens)  # a miss answers the sender now
+        self._forks[request_id] = (entry_id, n_tokens)
+
+    async def keep_prefix(self, request_id: str, token_ids) -> None:
+        """``InferenceEngine.keep_prefix``: the request is over; its KV cache goes into the
+        prompt cache under its id, keyed by the first ``offset`` of ``token_ids`` (the tokens
+        it holds), unless it holds none or more than the budget."""
+        self._scheduler.forget(request_id)
+        self._forks.pop(request_id, None)
+        state = self._requests.pop(request_id, None)
+        if state is None or not state.offset or self.prompt_cache.budget_bytes == 0:
+            return
+        n = min(state.offset, len(token_ids))
+        if n < state.offset:  # the origin's tokens end before what this node holds: keep only theirs
+            for c in state.caches:
+                c.offset = n
+        self.prompt_cache.add(request_id, token_ids[:n], state.caches, sum(c.nbytes() for c in state.caches))
 
     def _validate_input(self, shard: Shard, x: np.ndarray) -> None:
         args = self._model.args
@@ -296,9 +270,12 @@ class TorchInferenceEngine(InferenceEngine):
         state = self._requests.get(request_id)
         if position + n_tokens > model.args.max_seq_len:
             raise ValueError(f"request {request_id}: {position + n_tokens} tokens exceed the context of {model.args.max_seq_len}")
+        fork = self._forks.pop(request_id, None) if position > 0 else None
         if position == 0:
             state = _RequestState(model.new_caches(1, capacity=n_tokens + 1))
             self._requests[request_id] = state
+        elif fork is not None:
+            state = self._requests[request_id] = self._forked_state(*fork, position, n_tokens)
         elif state is None:
             raise KeyError(f"request {request_id} has no KV cache on this node (position {position})")
         elif state.offset != position:
@@ -309,6 +286,24 @@ class TorchInferenceEngine(InferenceEngine):
             evicted, _ = self._requests.popitem(last=False)
             logger.warning("evicting the KV cache of request %s (more than %d requests)", evicted, self.max_requests)
         return state
+
+    def _forked_state(self, entry_id: str, n_cached: int, position: int, n_tokens: int) -> _RequestState:
+        """A request's state whose first ``n_cached`` (== ``position``) keys and values are
+        copied from prompt cache entry ``entry_id``, with room for ``n_tokens`` more.
+
+        Raises:
+            PromptCacheMiss: the entry is gone (evicted, a shard change) or shorter.
+            ValueError: ``position`` is not ``n_cached``.
+        """
+        if position != n_cached:
+            raise ValueError(f"a request continued from {n_cached} cached tokens must go on at position {n_cached}, not {position}")
+        entry = self.prompt_cache.get(entry_id, n_cached)
+        caches = self._model.new_caches(1, capacity=n_cached + n_tokens + 1)
+        for new, old in zip(caches, entry.kv):
+            new.k[:, :, :n_cached] = old.k[:, :, :n_cached]
+            new.v[:, :, :n_cached] = old.v[:, :, :n_cached]
+            new.offset = n_cached
+        return _RequestState(caches)
 
     def _to_input(self, x: np.ndarray) -> torch.Tensor:
         inp = torch.from_numpy(np.ascontiguousarray(x))
@@ -351,13 +346,16 @@ class TorchInferenceEngine(InferenceEngine):
             out = self._to_output(self._model(self._to_input(x), state.caches, position, final_hidden))
         return out[0] if self._model.lm_head is not None and not final_hidden else out
 
-    def _decode_batch(self, steps: list[_DecodeStep]) -> list[np.ndarray | Exception]:
+    def _prefill_piece(self, job: PrefillJob, n: int) -> np.ndarray:
+        """Tokens ``job.done .. job.done + n`` of a prefill (``StepScheduler``)."""
+        return self._infer(job.request_id, job.x[:, job.done:job.done + n], job.position + job.done)
+
+    def _decode_batch(self, steps: list[DecodeStep]) -> list[np.ndarray | Exception]:
         """One forward pass for the decode steps of several requests; per step its output or
         the exception that step raises (a bad step fails alone)."""
-        t0 = time.perf_counter()
         self._evict_idle()
         results: list[np.ndarray | Exception | None] = [None] * len(steps)
-        ok: list[tuple[int, _DecodeStep, _RequestState]] = []
+        ok: list[tuple[int, DecodeStep, _RequestState]] = []
         seen: set[str] = set()
         for i, s in enumerate(steps):
             try:
@@ -379,7 +377,6 @@ class TorchInferenceEngine(InferenceEngine):
                 logger.exception("a decode batch of %d requests failed", len(ok))
                 for i, _, _ in ok:
                     results[i] = e
-        self._last_compute_s = time.perf_counter() - t0
         return results
 
     def _evict_idle(self) -> None:
@@ -390,15 +387,14 @@ class TorchInferenceEngine(InferenceEngine):
 
     async def clear_request(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
+        self._forks.pop(request_id, None)
+        self._scheduler.forget(request_id)
 
     def cached_request_ids(self) -> set[str]:
-        return set(self._requests)
+        """Requests holding a KV cache here, being prefilled, or about to continue from a
+        prompt cache entry."""
+        return set(self._requests) | self._scheduler.queued_request_ids() | set(self._forks)
 
     async def close(self) -> None:
-        if self._drainer is not None:
-            self._drainer.cancel()
-        for s in self._pending:
-            if not s.future.done():
-                s.future.set_exception(RuntimeError("the engine is closed"))
-        self._pending.clear()
+        self._scheduler.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

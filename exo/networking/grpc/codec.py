@@ -158,6 +158,9 @@ def ctx_to_proto(ctx: RequestContext) -> pb.RequestContext:
         prompt_len=ctx.prompt_len,
         epoch=ctx.epoch,
         generated_tokens=[int(t) for t in ctx.generated_tokens],
+        prefix_entry=ctx.prefix_entry,
+        prefix_tokens=ctx.prefix_tokens,
+        no_prompt_cache=not ctx.prompt_cache,
     )
 
 
@@ -181,6 +184,9 @@ def validate_ctx(ctx: RequestContext) -> None:
         raise ValueError(f"request {ctx.request_id}: epoch must be >= 0, got {ctx.epoch}")
     if any(t < 0 for t in ctx.generated_tokens):
         raise ValueError(f"request {ctx.request_id}: generated_tokens has a negative token id")
+    if ctx.prefix_tokens < 0 or bool(ctx.prefix_entry) != (ctx.prefix_tokens > 0):
+        raise ValueError(f"request {ctx.request_id}: a prompt cache prefix needs an entry and a positive token count, "
+                         f"got {ctx.prefix_entry!r} and {ctx.prefix_tokens}")
     if not ctx.ring:
         raise ValueError(f"request {ctx.request_id}: the ring is empty")
     seen: set[str] = set()
@@ -217,6 +223,9 @@ def ctx_from_proto(msg: pb.RequestContext) -> RequestContext:
         prompt_len=int(msg.prompt_len),
         epoch=int(msg.epoch),
         generated_tokens=tuple(int(t) for t in msg.generated_tokens),
+        prefix_entry=msg.prefix_entry,
+        prefix_tokens=int(msg.prefix_tokens),
+        prompt_cache=not msg.no_prompt_cache,
     )
     validate_ctx(ctx)
     return ctx
@@ -273,6 +282,7 @@ def result_to_proto(result: TokenResult) -> pb.ResultRequest:
     msg = pb.ResultRequest(
         request_id=result.request_id,
         epoch=result.epoch,
+        cached_tokens=result.cached_tokens,
         tokens=[int(t) for t in result.tokens],
         logprobs=[float(lp) for lp in result.logprobs],
         top_logprobs=[
@@ -300,6 +310,8 @@ def result_from_proto(msg: pb.ResultRequest) -> TokenResult:
         raise ValueError("result has an empty request_id")
     if msg.epoch < 0:
         raise ValueError(f"result of {msg.request_id}: epoch must be >= 0, got {msg.epoch}")
+    if msg.cached_tokens < 0:
+        raise ValueError(f"result of {msg.request_id}: cached_tokens must be >= 0, got {msg.cached_tokens}")
     top: list[list[tuple[int, float]]] = []
     for i, alts in enumerate(msg.top_logprobs):
         if len(alts.token_ids) != len(alts.logprobs):
@@ -323,6 +335,7 @@ def result_from_proto(msg: pb.ResultRequest) -> TokenResult:
         top_logprobs=top,
         epoch=int(msg.epoch),
         embedding=embedding,
+        cached_tokens=int(msg.cached_tokens),
     )
 
 

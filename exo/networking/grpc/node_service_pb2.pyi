@@ -82,7 +82,7 @@ class Partition(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "origin_node_id", "model_id", "n_layers", "ring", "options", "epoch", "prompt_len", "generated_tokens")
+    __slots__ = ("request_id", "origin_node_id", "model_id", "n_layers", "ring", "options", "epoch", "prompt_len", "generated_tokens", "prefix_entry", "prefix_tokens", "no_prompt_cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,9 @@ class RequestContext(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NO_PROMPT_CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     origin_node_id: str
     model_id: str
@@ -101,7 +104,10 @@ class RequestContext(_message.Message):
     epoch: int
     prompt_len: int
     generated_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ..., prompt_len: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefix_entry: str
+    prefix_tokens: int
+    no_prompt_cache: bool
+    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ..., prompt_len: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ..., prefix_entry: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., no_prompt_cache: _Optional[bool] = ...) -> None: ...
 
 class PromptRequest(_message.Message):
     __slots__ = ("ctx", "token_ids", "position", "result")
@@ -134,7 +140,7 @@ class TopLogprobs(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ResultRequest(_message.Message):
-    __slots__ = ("request_id", "tokens", "finish_reason", "error", "logprobs", "top_logprobs", "epoch", "embedding")
+    __slots__ = ("request_id", "tokens", "finish_reason", "error", "logprobs", "top_logprobs", "epoch", "embedding", "cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +149,7 @@ class ResultRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
@@ -151,13 +158,16 @@ class ResultRequest(_message.Message):
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
     epoch: int
     embedding: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., epoch: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., epoch: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class EndRequestRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "keep_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    keep_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., keep_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HealthCheckRequest(_message.Message):
     __slots__ = ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -261,8 +261,9 @@ class GRPCPeerHandle(PeerHandle):
         request = codec.result_to_proto(result)
         await self._send_ring("SendResult", pb.RingMessage(result=request), on_error)
 
-    async def end_request(self, request_id: str) -> None:
-        await self._send_ring("EndRequest", pb.RingMessage(end=pb.EndRequestRequest(request_id=request_id)))
+    async def end_request(self, request_id: str, keep_tokens: Sequence[int] = ()) -> None:
+        end = pb.EndRequestRequest(request_id=request_id, keep_tokens=[int(t) for t in keep_tokens])
+        await self._send_ring("EndRequest", pb.RingMessage(end=end))
 
     async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
         request = pb.CollectTopologyRequest(visited=sorted(visited), max_depth=max_depth)

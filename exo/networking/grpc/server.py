@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -61,7 +61,7 @@ class NodeLike(Protocol):
 
     async def process_result(self, result: TokenResult) -> None: ...
 
-    async def end_request(self, request_id: str) -> None: ...
+    async def end_request(self, request_id: str, keep_tokens: Sequence[int] = ()) -> None: ...
 
     async def collect_topology(self, visited: set[str], max_depth: int) -> Topology: ...
 
@@ -198,7 +198,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def _end(self, request: pb.EndRequestRequest) -> None:
         if not request.request_id:
             raise ValueError("request_id is empty")
-        await self._node.end_request(request.request_id)
+        if any(t < 0 for t in request.keep_tokens):
+            raise ValueError("keep_tokens has a negative token id")
+        await self._node.end_request(request.request_id, tuple(request.keep_tokens))
 
     async def Stream(self, request_iterator: AsyncIterator[pb.RingMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RingAck]:
         """Serve a peer's persistent stream of ring messages (see ``RingSession``)."""

@@ -12,8 +12,8 @@ file's header for the formats); on a CPU with Intel AMX, products of ``amx_rows(
 activation split into two parts, within the float32 path's error bound; ``linear`` and
 ``decode_layers`` take ``allow_amx=False`` to stay on the float32 path, whose rows are each
 computed exactly as alone whatever the number of rows (batch invariance).
-The kernels run on their own worker threads (``set_threads``; as many as torch's intra-op
-threads when loaded) that spin between calls only while some forward pass holds
+The kernels run on their own worker threads (``set_threads``; one per CPU the process may use,
+its affinity, when loaded) that spin between calls only while some forward pass holds
 ``set_spin(True)`` (each paired with a ``set_spin(False)``). It is built with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``-O3 -march=native
 -ffp-contract=fast -fopenmp``, sharing torch's own libgomp) into torch's extension cache
@@ -34,6 +34,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from exo.topology.device_capabilities import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def gguf_kernels_error() -> str | None:
             import torch
 
             _build()
-            torch.ops.exo_gguf.set_threads(torch.get_num_threads())  # as many as torch's intra-op threads
+            torch.ops.exo_gguf.set_threads(usable_cpus())  # one per CPU this process may use (its affinity)
             error = None
             logger.info("GGUF block kernels ready in %.1f s", time.perf_counter() - t0)
         except Exception as e:  # no compiler / ninja, or a build error: the caller falls back
@@ -139,6 +141,6 @@ def _load_variant(variant: str, define: str):
     with _lock:
         if variant not in _state:
             _build(f"_{variant}", (define, f"EXO_GGUF_NAMESPACE={namespace}"))
-            getattr(torch.ops, namespace).set_threads(torch.get_num_threads())
+            getattr(torch.ops, namespace).set_threads(usable_cpus())
             _state[variant] = True
     return getattr(torch.ops, namespace)
