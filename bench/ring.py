@@ -132,6 +132,40 @@ async def _followup_ttft(node, tag: int) -> dict:
             "followup_tokens": len(first) + len(answer) + len(turn)}
 
 
+async def _prefill_gap(node, streams: int, tag: int) -> dict:
+    """While ``streams`` streams decode, a 2000-token prompt is prefilled: the streams' longest
+    gap between two tokens while it is (from sending it to its first token), against their
+    median gap over the whole run, and its time to first token."""
+    ids = prompts()["short"]
+    stamps: list[list[float]] = [[] for _ in range(streams)]
+
+    async def stream(i: int) -> None:
+        from exo.inference.generation import GenerationOptions
+
+        options = GenerationOptions(max_tokens=4000, temperature=0.0, stop_token_ids=())
+        async for r in node.generate(MODEL, _distinct(ids, tag + i), options):
+            stamps[i] += [time.perf_counter()] * len(r.tokens)
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(streams)]
+    try:
+        while min(len(s) for s in stamps) < 24:
+            await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        ttft = await _ttft(node, _distinct(_prompt_of(1999), tag + streams))
+        t1 = t0 + ttft
+        end = time.perf_counter() + 1.0  # and a second of decoding after it
+        while time.perf_counter() < end:
+            await asyncio.sleep(0.05)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    gaps = [(a, b - a) for s in stamps for a, b in zip(s, s[1:])]
+    during = [g for a, g in gaps if t0 <= a + g and a <= t1]
+    return {"streams": streams, "ttft_s": ttft, "median_gap_s": statistics.median(g for _, g in gaps),
+            "max_gap_during_s": max(during) if during else None}
+
+
 async def drive(args) -> dict:
     from exo.models.sources import STORE
 
@@ -182,6 +216,8 @@ async def drive(args) -> dict:
                 tag += 1
                 times.append(await _ttft(node, _distinct(_prompt_of(n - 1), tag)))
             ttft_by_len[str(n)] = {"ttft_s": median(times), "runs": times}
+        gap = await _prefill_gap(node, args.gap_streams, tag + 100) if args.gap_streams else None
+        tag += 200
         followup = []
         if args.followup:
             for _ in range(args.runs):
@@ -190,6 +226,7 @@ async def drive(args) -> dict:
         return {
             "nodes": args.nodes,
             "ttft_by_len": ttft_by_len,
+            "prefill_gap": gap,
             "followup": followup,
             "ring": [{"node_id": p.node_id, "start_layer": p.start_layer, "end_layer": p.end_layer} for p in ring],
             "ttft_s": median(ttft),
@@ -224,6 +261,8 @@ def main() -> None:
     parser.add_argument("--stream-runs", type=int, default=0, help="runs per stream count (0: --runs)")
     parser.add_argument("--ttft-lens", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                         help="prompt lengths in tokens whose time to first token is measured (distinct prompts)")
+    parser.add_argument("--gap-streams", type=int, default=0,
+                        help="streams decoding while a 2000-token prompt is prefilled (their longest gap is measured)")
     parser.add_argument("--followup", action="store_true", help="time to first token of a second chat turn after ~2000 tokens")
     parser.add_argument("--cpus", type=lambda s: {int(x) for x in s.split(",") if x}, default=None,
                         help="CPU ids this process runs on (os.sched_setaffinity, set before torch is imported): "

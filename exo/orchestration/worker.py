@@ -135,6 +135,8 @@ class Worker:
         seeded = ctx.options.seed is not None and not ctx.options.greedy
         if engine is None or not ctx.prompt_cache or ctx.options.is_embedding or seeded or token_ids.shape[1] < 2:
             return ctx, token_ids, 0
+        if engine.shard != ctx.shard_of(self.id):  # about to load other layers, which drops the cache
+            return ctx, token_ids, 0
         entry, n = engine.match_prefix(token_ids[0])
         n = min(n, token_ids.shape[1] - 1)
         if entry is None or n < 1:

@@ -160,7 +160,7 @@ def ctx_to_proto(ctx: RequestContext) -> pb.RequestContext:
         generated_tokens=[int(t) for t in ctx.generated_tokens],
         prefix_entry=ctx.prefix_entry,
         prefix_tokens=ctx.prefix_tokens,
-        no_prompt_cache=not ctx.prompt_cache,
+        prompt_cache=ctx.prompt_cache,
     )
 
 
@@ -225,7 +225,7 @@ def ctx_from_proto(msg: pb.RequestContext) -> RequestContext:
         generated_tokens=tuple(int(t) for t in msg.generated_tokens),
         prefix_entry=msg.prefix_entry,
         prefix_tokens=int(msg.prefix_tokens),
-        prompt_cache=not msg.no_prompt_cache,
+        prompt_cache=msg.prompt_cache,
     )
     validate_ctx(ctx)
     return ctx

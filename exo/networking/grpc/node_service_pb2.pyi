@@ -82,7 +82,7 @@ class Partition(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "origin_node_id", "model_id", "n_layers", "ring", "options", "epoch", "prompt_len", "generated_tokens", "prefix_entry", "prefix_tokens", "no_prompt_cache")
+    __slots__ = ("request_id", "origin_node_id", "model_id", "n_layers", "ring", "options", "epoch", "prompt_len", "generated_tokens", "prefix_entry", "prefix_tokens", "prompt_cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -94,7 +94,7 @@ class RequestContext(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_ENTRY_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    NO_PROMPT_CACHE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     origin_node_id: str
     model_id: str
@@ -106,8 +106,8 @@ class RequestContext(_message.Message):
     generated_tokens: _containers.RepeatedScalarFieldContainer[int]
     prefix_entry: str
     prefix_tokens: int
-    no_prompt_cache: bool
-    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ..., prompt_len: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ..., prefix_entry: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., no_prompt_cache: _Optional[bool] = ...) -> None: ...
+    prompt_cache: bool
+    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., ring: _Optional[_Iterable[_Union[Partition, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., epoch: _Optional[int] = ..., prompt_len: _Optional[int] = ..., generated_tokens: _Optional[_Iterable[int]] = ..., prefix_entry: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., prompt_cache: _Optional[bool] = ...) -> None: ...
 
 class PromptRequest(_message.Message):
     __slots__ = ("ctx", "token_ids", "position", "result")
