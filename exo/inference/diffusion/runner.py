@@ -90,7 +90,7 @@ class DiffusionRunner:
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in info.components else {}
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(str(info.path), torch_dtype=dtype, variant=info.variant,
+            pipe = AutoPipelineForText2Image.from_pretrained(str(info.path), dtype=dtype, variant=info.variant,
                                                              local_files_only=True, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError, EnvironmentError) as e:
             raise ValueError(f"diffusers cannot load the pipeline at {info.path}: {type(e).__name__}: {e}") from None
