@@ -21,12 +21,16 @@ install_requires = [
     "huggingface_hub>=2.4,<3",  # hub downloads (exo/models/hub/; its HTTP client is httpx2)
     "llguidance>=1.9,<2",  # grammar-constrained sampling (exo/inference/grammar.py)
     "tomli>=1.1; python_version < '3.11'",  # exo/models/catalogue.toml (tomllib from 3.11)
+    "Pillow>=10",  # the image endpoints: pictures given to /v1/images/edits, PNGs drawn
 ]
 
 extras_require = {
     # torch is pinned: an unpinned torch resolves to the newest CUDA build (gigabytes)
     # ninja builds the engine's native kernels at first use (exo/inference/torch/kernels)
     "torch": ["torch==2.13.0", "ninja>=1.11"],
+    # image models (exo/inference/diffusion): Stable Diffusion pipelines through diffusers, their
+    # CLIP text encoders through transformers (install with the torch extra: torch stays pinned)
+    "images": ["diffusers>=0.42,<0.43", "transformers>=4.46", "Pillow>=10"],
     # tinygrad changes its API between minor versions; its CPU device needs a system clang
     "tinygrad": ["tinygrad>=0.14,<0.15"],
     # Metal on macOS; the CPU build on Linux (exo.inference.mlx preloads the system OpenBLAS)

@@ -138,6 +138,8 @@ class ModelConfig(BaseModel):
         inference_engine: "torch", "tinygrad", "mlx" or "dummy" (default: the best installed).
         max_models: models whose shards the node holds at once (flag ``--max-models``).
         idle_ttl: seconds an unused model's shard stays loaded (flag ``--model-idle-ttl``).
+        image_threads: torch threads while this node draws images on the CPU (flag
+            ``--image-threads``; default: torch's own, one per core).
         chat_templates: model id -> the chat template to use when the model has none (a base
             model): a built-in name ("chatml"), a path to a Jinja file, or the Jinja source.
         fallbacks: model id -> the models that answer its generation requests, in order, when
@@ -153,6 +155,7 @@ class ModelConfig(BaseModel):
     inference_engine: Literal["torch", "tinygrad", "mlx", "dummy"] | None = None
     max_models: int = Field(DEFAULT_MAX_MODELS, ge=1)
     idle_ttl: float = Field(DEFAULT_IDLE_TTL, gt=0)
+    image_threads: int | None = Field(None, ge=1)
     chat_templates: dict[str, str] = Field(default_factory=dict)
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
 

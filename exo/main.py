@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"models whose shards this node holds at once (default {DEFAULT_MAX_MODELS})")
     setting("--model-idle-ttl", "model.idle_ttl", type=float,
             help=f"seconds an unused model stays loaded (default {DEFAULT_IDLE_TTL:g})")
+    setting("--image-threads", "model.image_threads", type=int,
+            help="torch threads while this node draws images on the CPU (default: one per core)")
     setting("--batch-invariant", "engine.batch_invariant", action=argparse.BooleanOptionalAction,
             help="torch engine: a request's logits do not depend on the requests batched with it, so a seed gives "
                  "the same answer at any load (default); --no-batch-invariant lets batches take faster paths (AMX)")

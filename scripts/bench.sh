@@ -4,7 +4,7 @@
 # bench/results.md. Extra arguments go to `python -m bench.run` (e.g. --runs 5, --skip llamacpp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup_env.sh torch,test   # the test extra brings transformers and accelerate
+scripts/setup_env.sh torch,images,test   # the test extra brings transformers and accelerate
 # shellcheck disable=SC1091
 . .venv/bin/activate
 

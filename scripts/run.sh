@@ -13,7 +13,7 @@ if ! command -v c++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get 
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; } \
         || echo "warning: could not install g++; the torch engine will use dense float32 weights" >&2
 fi
-scripts/setup_env.sh torch
+scripts/setup_env.sh torch,images
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export EXO_INTERFACES="${EXO_INTERFACES:-127.0.0.1}"

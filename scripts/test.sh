@@ -24,7 +24,7 @@ if ! command -v ip >/dev/null 2>&1; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } \
         || echo "warning: could not install iproute2; the network-namespace cluster tests will be skipped" >&2
 fi
-scripts/setup_env.sh torch,test,tinygrad,mlx
+scripts/setup_env.sh torch,images,test,tinygrad,mlx
 # shellcheck disable=SC1091
 . .venv/bin/activate
 # The suite runs in a network namespace of its own where the machine allows it: only a loopback

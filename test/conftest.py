@@ -33,6 +33,16 @@ def pytest_sessionstart(session) -> None:
 from helpers import SESSION_TAG, NodeUnderTest, loopback_config  # noqa: E402,F401  (re-exported)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline(tmp_path_factory) -> Path:
+    """The directory of a tiny random-weight Stable Diffusion pipeline (``tiny_diffusion``),
+    built once per session; skipped without diffusers (the ``images`` extra)."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusion import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("diffusion"))
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def single_node_api() -> AsyncIterator[NodeUnderTest]:
     """One node alone (no discovery) holding all 30 layers, with its API."""

@@ -84,7 +84,7 @@ _SETTING = {
     "chat_templates": "model.chat_templates", "wait_for_peers": "node.wait_for_peers",
     "cluster_secret": "node.cluster_secret", "memory": "node.memory", "serve_api": "server.enabled",
     "tinychat_dir": "server.web_ui_dir", "response_timeout": "server.response_timeout",
-    "health_check_interval": "node.health_check_interval",
+    "health_check_interval": "node.health_check_interval", "image_threads": "model.image_threads",
 }
 # keys of ``api_options`` (ChatAPI's keyword arguments) -> the Settings field each sets
 _API_SETTING = {"auth": "auth", "rate_limit": "rate_limit", "fallbacks": "model.fallbacks",

@@ -11,6 +11,7 @@ from pathlib import Path
 from exo.models import catalogue, hub
 from exo.models.architectures import ModelArgs
 from exo.models.gguf import SPLIT_NAME
+from exo.models.image_catalogue import resolve_image_alias
 
 
 class NotDeletable(ValueError):
@@ -28,7 +29,7 @@ class ModelNotFound(KeyError):
 
 def as_local_path(name: str) -> Path | None:
     """``name`` as a path on this machine when it names one (a ``.gguf`` file, a split of one,
-    or a directory with ``config.json``), else None. ``~`` is expanded; relative paths are
+    or a directory with ``config.json`` or a diffusers ``model_index.json``), else None. ``~`` is expanded; relative paths are
     taken from the working directory. A hub name (``org/name:FILE.gguf``) that is no existing
     path is not one."""
     if not name or "\n" in name or "\x00" in name:
@@ -71,6 +72,9 @@ class ModelCard:
         matryoshka: its embeddings may be truncated to fewer dimensions and normalized again
             (Matryoshka representation learning, e.g. Qwen3-Embedding); requests for other
             models may ask only for their full size.
+        kind: "text" (a language model: chat, completions, embeddings) or "image" (a diffusers
+            pipeline for the image endpoints; ``n_layers`` counts its weighted components,
+            ``context_length`` is its text encoder's 77 tokens, ``path`` its directory).
     """
 
     model_id: str
@@ -86,6 +90,7 @@ class ModelCard:
     path: Path | None = None
     pooling: str = "mean"
     matryoshka: bool = False
+    kind: str = "text"
 
     @property
     def max_layer_bytes(self) -> int:
@@ -96,13 +101,13 @@ class ModelCard:
 
 def canonical_name(name: str) -> str:
     """The model id ``name`` stands for: a catalogue id for an alias (``smollm2:135m``,
-    ``smollm2-135m:latest``), an absolute path for a local path (a split GGUF's first file for
+    ``smollm2-135m:latest``, an image model's repository), an absolute path for a local path (a split GGUF's first file for
     any of its splits), else ``name`` itself."""
     name = name.strip()
     base, sep, tag = name.rpartition(":")
     if sep and tag == "latest" and base in catalogue.CATALOGUE:
         return base
-    alias = catalogue.resolve_alias(name)
+    alias = catalogue.resolve_alias(name) or resolve_image_alias(name)
     if alias is not None:
         return alias
     if name in catalogue.CATALOGUE:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from exo.models import catalogue, hub
 from exo.models.cards import ModelCard, ModelNotFound, NotDeletable, _exists, as_local_path, canonical_name
+from exo.models.image_catalogue import IMAGE_CATALOGUE, ImageEntry
+from exo.inference.diffusion.pipeline_dir import CLIP_CONTEXT, WEIGHTED, PipelineInfo, is_pipeline_dir, read_pipeline
 from exo.models.weights import ModelWeights, open_weights
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ class ModelStore:
     def hub_ref(model_id: str) -> hub.HubRef | None:
         """What a catalogue id (its default GGUF, else its safetensors repo) or a hub name
         fetches from the hub; None for a local path or an unknown name."""
+        image = IMAGE_CATALOGUE.get(model_id)
+        if image is not None:
+            return hub.HubRef(image.hf_repo)
         entry = catalogue.CATALOGUE.get(model_id)
         if entry is not None:
             if entry.gguf_repo and entry.gguf:
@@ -117,6 +122,13 @@ class ModelStore:
         return card
 
     def _resolve(self, model_id: str) -> ModelCard:
+        image = IMAGE_CATALOGUE.get(model_id)
+        if image is not None:
+            try:
+                return self._hub_card(model_id, image.name, None, "catalogue")
+            except hub.DownloadError as e:  # still listed, from the catalogue's facts
+                logger.info("%s: %s", model_id, e)
+                return image_catalogue_card(image)
         entry = catalogue.CATALOGUE.get(model_id)
         if entry is not None:
             path = _package_path(entry)
@@ -131,6 +143,8 @@ class ModelStore:
         if p is not None:
             if not _exists(p):
                 raise FileNotFoundError(f"no model at {p}")
+            if is_pipeline_dir(p):
+                return image_card(model_id, read_pipeline(p), "path", p.name)
             return self._card_from(model_id, open_weights(p), "path", p.name, None)
         if hub.parse_hub_name(model_id) is not None:
             return self._hub_card(model_id, model_id, None, "hub")
@@ -141,6 +155,13 @@ class ModelStore:
         """The card of a hub model: its header fetched (or found in the cache) and read."""
         model = self._hub_model(model_id)
         downloader = self._downloader()
+        if model.kind == "diffusers":  # an image pipeline: its facts once every file is here
+            if downloader.is_complete(model):
+                return image_card(model_id, read_pipeline(model.snapshot), source, name)
+            entry = IMAGE_CATALOGUE.get(model_id)
+            size = sum(model.remote[f].size or 0 for f in model.files if f.endswith((".safetensors", ".bin")))
+            return ModelCard(model_id, name, entry.architecture if entry else "stable-diffusion", 3, CLIP_CONTEXT, source,
+                             size=size or None, kind="image")
         # a complete model opens as it is (ensure_header would start a new progress entry, hiding the pull's)
         path = model.local_path if downloader.is_complete(model) else downloader.ensure_header(model)
         return self._card_from(model_id, open_weights(path), source, name, chat)
@@ -173,6 +194,22 @@ class ModelStore:
         return ModelCard(model_id, name, a.architecture, a.n_layers, a.max_seq_len, source, chat=chat,
                          size=sum(t.nbytes for t in info.values()), layer_bytes=tuple(weights.layer_bytes()), args=a,
                          path=weights.path, pooling=weights.pooling, matryoshka=weights.matryoshka)
+
+    def ensure_pipeline(self, name: str) -> ModelCard:
+        """The card of image model ``name`` with its pipeline directory local, downloading every
+        file of it from the hub first when needed (blocks).
+
+        Raises:
+            as ``card``; FileNotFoundError: not on this machine and not on the hub;
+            hub.DownloadError: the download failed.
+        """
+        card = self.card(name)
+        if card.path is not None:
+            return card
+        if self.hub_ref(card.model_id) is None:
+            raise FileNotFoundError(f"the pipeline of {card.model_id} is not on this machine")
+        self._downloader().ensure_all(self._hub_model(card.model_id))
+        return self._refresh(card.model_id)
 
     def local_path(self, name: str) -> Path | None:
         """Where ``name``'s checkpoint is on this machine, or None (no I/O beyond the cache)."""
@@ -293,9 +330,11 @@ class ModelStore:
     def cards(self) -> list[ModelCard]:
         """Every model this node knows: the catalogue's (resolved where cheap: models shipped in an
         installed package) and every other model resolved so far."""
+        images = {e.id: self.cached(e.id) or image_catalogue_card(e) for e in IMAGE_CATALOGUE.values()}
         out = {e.id: self.cached(e.id) or ModelCard(e.id, e.name, e.architecture, e.n_layers, e.context_length, "catalogue",
                                                   chat=e.chat, size=next((v.size for v in e.gguf if v.quant == e.default_quant), e.hf_size))
                for e in catalogue.entries()}
+        out.update(images)
         out.update(self._cards)
         return sorted(out.values(), key=lambda c: c.model_id)
 
@@ -337,6 +376,19 @@ class ModelStore:
             return self.card(name).path is not None
         except (LookupError, OSError, ValueError):
             return False
+
+
+def image_card(model_id: str, info: PipelineInfo, source: str, name: str) -> ModelCard:
+    """The card of an image model whose pipeline directory ``info`` describes (``n_layers``: its
+    weighted components; ``size``: their weights' bytes)."""
+    return ModelCard(model_id, name, info.architecture, len(info.component_bytes), CLIP_CONTEXT, source,
+                     size=info.size, path=info.path, kind="image")
+
+
+def image_catalogue_card(entry: ImageEntry) -> ModelCard:
+    """The card of a catalogue image model from the catalogue's facts (not downloaded)."""
+    return ModelCard(entry.id, entry.name, entry.architecture, len(WEIGHTED[entry.architecture]), CLIP_CONTEXT,
+                     "catalogue", size=entry.hf_size, kind="image")
 
 
 #: The store of this process: every node and engine of a process shares its files and cache.

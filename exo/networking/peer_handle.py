@@ -67,6 +67,18 @@ class PeerHandle(ABC):
         """Tell the peer the request is over: stop it and free its KV cache, or with
         ``keep_tokens`` (the tokens that cache holds) keep it in the peer's prompt cache."""
 
+    async def send_image_job(self, job) -> None:
+        """Ask the peer, which holds the image model, to draw ``job``
+        (``exo.networking.grpc.image_codec.ImageJob``); it answers at once and sends the
+        request's ``ImageEvent``s to the origin. Transports without image support raise
+        NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry image requests")
+
+    async def send_image_event(self, event, on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Deliver one ``ImageEvent`` (a step, an image, the end, an error) to the request's
+        origin; ``on_error`` as for ``send_prompt``."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry image events")
+
     @abstractmethod
     async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
         """The topology as seen from the peer, not descending into ``visited`` node ids."""

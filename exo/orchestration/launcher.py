@@ -93,7 +93,8 @@ async def start_node(settings: Settings) -> RunningNode:
 
     node = Node(node_id, engine, caps, create_peer_handle, default_model=model_cfg.default,
                 response_timeout=server_cfg.response_timeout, create_engine=create_engine, max_models=model_cfg.max_models,
-                idle_ttl=model_cfg.idle_ttl, chat_templates=dict(model_cfg.chat_templates))
+                idle_ttl=model_cfg.idle_ttl, chat_templates=dict(model_cfg.chat_templates),
+                image_threads=model_cfg.image_threads)
     node_host = bind_host(node_cfg.host, node_cfg.interfaces)
     server = GRPCServer(node, node_host, node_cfg.port, cluster_secret=secret)
     await server.start()

@@ -312,6 +312,29 @@ class ModelService:
             if not self._loading[shard.model_id]:
                 del self._loading[shard.model_id]
 
+    async def ensure_pipeline(self, name: str) -> ModelCard:
+        """The card of image model ``name`` with its pipeline directory on this machine
+        (downloaded from the hub first when needed), counting the download for ``model_state``.
+
+        Raises:
+            ModelNotFoundError, InvalidModelError: as ``model_card``.
+            ModelUnavailableError: not here and cannot be downloaded now.
+        """
+        model_id = canonical_name(name)
+        card = self._cards.get(model_id)
+        if card is not None and card.path is not None:
+            return card
+        self._loading[model_id] = self._loading.get(model_id, 0) + 1
+        try:
+            with self._downloading(model_id), _model_errors(model_id):
+                card = await asyncio.to_thread(self.store.ensure_pipeline, model_id)
+        finally:
+            self._loading[model_id] -= 1
+            if not self._loading[model_id]:
+                del self._loading[model_id]
+        self._cards[model_id] = card
+        return card
+
     async def get_tokenizer(self, model_id: str) -> Tokenizer:
         """The tokenizer of ``model_id`` (from its GGUF metadata or its directory's tokenizer files).
 

@@ -14,6 +14,7 @@ The parts, each given only the collaborators it uses (none imports this module):
 - ``model_service.ModelService``: cards, pulls, deletes, downloads, shard loads, tokenizers;
 - ``origin.Origin``: the origin side of a request (lifecycle, failover and replay, delivery);
 - ``worker.Worker``: the ring worker (steps, sampling, passing on, reports to the origin);
+- ``images.ImageService``: image requests (the holder of an image model, forwarding to it);
 - ``registry.RequestRegistry``: one bounded, TTL'd entry per request id for both sides;
 - ``background.Background``: the background tasks, refused once stopping.
 """
@@ -28,6 +29,7 @@ from exo.models.sources import STORE, ModelStore, canonical_name
 from exo.networking.discovery import Discovery
 from exo.orchestration.background import Background
 from exo.orchestration.errors import NoNodeAvailableError
+from exo.orchestration.images import ImageService
 from exo.orchestration.membership import Membership, layer_bytes
 from exo.orchestration.model_service import ModelService
 from exo.orchestration.origin import Origin
@@ -59,6 +61,7 @@ class Node:
         models: where model names resolve and weights come from (default: the process's store).
         chat_templates: model id -> chat template for a model that has none (a built-in name,
             a Jinja file's path, or the Jinja source).
+        image_threads: torch threads while this node draws images on the CPU (None: torch's).
     """
 
     _layer_bytes = staticmethod(layer_bytes)
@@ -78,6 +81,7 @@ class Node:
         idle_ttl: float = DEFAULT_IDLE_TTL,
         models: ModelStore | None = None,
         chat_templates: dict[str, str] | None = None,
+        image_threads: int | None = None,
     ):
         self.id = node_id
         self.shards = ShardCache(engine, create_engine, max_models, idle_ttl, memory=device_capabilities.memory)
@@ -88,7 +92,7 @@ class Node:
         self._registry = RequestRegistry()
         self._membership = Membership(
             node_id, self.node_info, partitioning_strategy or RingMemoryWeightedPartitioningStrategy(), topology_interval,
-            self._background, on_ring_loss=lambda gone: self._origin.notify_ring_loss(gone),
+            self._background, on_ring_loss=self._notify_ring_loss,
             on_topology_changed=lambda: self._model_service.preload_default(),
             after_refresh=lambda: self._model_service.evict_idle())
         self._pool = PeerPool(node_id, create_peer_handle, lambda: self._membership.peers, lambda: self._membership.topology,
@@ -100,15 +104,40 @@ class Node:
                               to_origin=lambda result: self._origin.process_result(result))
         self._origin = Origin(node_id, self._registry, self._pool, self._membership, self._model_service, self._worker,
                               response_timeout)
+        self._images = ImageService(node_id, lambda: self.address, self._membership, self._pool, self._model_service,
+                                    self._background, response_timeout, device=self._torch_device, threads=image_threads)
         # forwarded: the parts' docstrings say what each does
         m, ms, o, w = self._membership, self._model_service, self._origin, self._worker
         self.update_topology, self.collect_topology, self.lost_peers = m.update_topology, m.collect_topology, m.lost_peers
         self.partition, self.partition_plan = m.partition, m.partition_plan
         self.model_card, self.cached_card, self.get_tokenizer = ms.model_card, ms.cached_card, ms.get_tokenizer
-        self.available_models, self.model_state, self.downloads = ms.available_models, ms.model_state, ms.downloads
+        self.available_models, self.downloads = ms.available_models, ms.downloads
         self.pull, self.delete_model, self.download_failure = ms.pull, ms.delete_model, ms.download_failure
         self.generate, self.embed, self.process_result = o.generate, o.embed, o.process_result
-        self.process_prompt, self.process_tensor, self.end_request = w.process_prompt, w.process_tensor, w.end_request
+        self.process_prompt, self.process_tensor = w.process_prompt, w.process_tensor
+        self.generate_image, self.process_image_job = self._images.generate, self._images.process_image_job
+        self.process_image_event, self.place_image_model = self._images.process_image_event, self._images.place
+
+    def _notify_ring_loss(self, gone: set[str]) -> None:
+        self._origin.notify_ring_loss(gone)
+        self._images.notify_ring_loss(gone)
+
+    def _torch_device(self) -> str | None:
+        """The device of this node's torch engine, where it runs one (image pipelines use it)."""
+        device = getattr(self.shards.first_engine, "device", None)
+        return str(device) if device is not None and type(device).__name__ == "device" else None
+
+    async def end_request(self, request_id: str) -> None:
+        """End ``request_id`` on this node: an image request it draws, else a ring request
+        (``Worker.end_request``)."""
+        if self._images.cancel(request_id):
+            return
+        await self._worker.end_request(request_id)
+
+    def model_state(self, model_id: str) -> str:
+        """This node's readiness for ``model_id`` (``ModelService.model_state``; an image model
+        is "ready" once its pipeline is loaded here)."""
+        return self._images.model_state(canonical_name(model_id)) or self._model_service.model_state(model_id)
 
     # the parts' state that callers read by the Node's names
     chat_templates = property(lambda self: self._model_service.chat_templates)
@@ -153,6 +182,7 @@ class Node:
         await self._background.cancel(self._membership.loop_task, *self._model_service.pulls.values())
         await self._membership.stop()
         await self._pool.close()
+        await self._images.close()
         await self.shards.close()
 
     def is_healthy(self) -> bool:

@@ -70,7 +70,7 @@ async def _dummy_api_session(tinychat_dir) -> AsyncIterator[NodeUnderTest]:
     from exo.orchestration.launcher import start_node
 
     running = await start_node(loopback_config(node_id="api-dummy", discovery_module="none", inference_engine="dummy",
-                                               tinychat_dir=tinychat_dir))
+                                               tinychat_dir=tinychat_dir, image_threads=1))
     try:
         yield NodeUnderTest(running)
     finally:

@@ -471,11 +471,11 @@ async def test_client_disconnect_before_the_first_token_ends_the_request(dummy_a
     await no_request_left(dummy_api)
 
 
-async def test_images_are_unsupported(dummy_api):
-    c = client(dummy_api)
+async def test_images_need_an_image_model(dummy_api):
+    c = client(dummy_api)  # image generation itself: test_images_api.py
     with pytest.raises(openai.BadRequestError) as e:
         await c.images.generate(prompt="a cat")
-    assert e.value.body["code"] == "unsupported"
+    assert e.value.body["code"] == "missing_required_parameter" and e.value.body["param"] == "model"
     with pytest.raises(openai.NotFoundError) as e:
         await c.images.generate(prompt="a cat", model="dall-e-3")
     assert e.value.body["code"] == "model_not_found"

@@ -2,6 +2,7 @@
 // libraries it uses are vendored in ../vendor (see vendor/README.md).
 
 import { FriendlyError, apiKey, checkKey, fetchDefaultModel, fetchHealth, fetchModel, fetchModels, fetchTopology, isKeyError, onKeyRefused, pullModel, setApiKey, streamChat } from "./api.js";
+import { imageElement, isImageModel, streamImage } from "./images.js";
 import { renderInto, renderMarkdown } from "./markdown.js";
 import { Store } from "./store.js";
 import { h, renderTopology } from "./topology.js";
@@ -108,7 +109,7 @@ function renderModels() {
 
 function optionText(m, st) {
   const name = m.name && m.name !== m.id ? `${m.name}` : m.id;
-  return `${name} — ${st.label}`;
+  return `${name}${isImageModel(m) ? " · image" : ""} — ${st.label}`;
 }
 
 /** Redraw the option of model `id` and the badge only (a download's progress: the list stays put). */
@@ -128,6 +129,7 @@ function renderModelBadge() {
   const badge = $("model-state");
   const download = $("model-download");
   const progress = $("model-progress");
+  $("input").placeholder = isImageModel(m) ? "Describe an image…" : "Ask anything…";
   if (!m) {
     badge.textContent = ""; badge.dataset.state = "none";
     download.hidden = true; progress.hidden = true;
@@ -295,7 +297,8 @@ function messageElement(m, conv, index) {
 /** Redraw an assistant message: Markdown content, stats line, stop/error notes. */
 function updateAssistant(el, m, final) {
   const content = el.querySelector(".content");
-  if (m.content) renderInto(content, m.content, { final });
+  if (m.image) content.replaceChildren(imageElement(m));
+  else if (m.content) renderInto(content, m.content, { final });
   else if (!final) content.replaceChildren(h("span", { class: "waiting", text: "Waiting for the first token…" }));
   else content.replaceChildren();
   el.querySelector(".stats")?.remove();
@@ -366,6 +369,7 @@ async function send(text) {
   let conv = store.current();
   if (!conv) conv = store.create(model);
   conv.model = model;
+  if (isImageModel(ui.models.find((m) => m.id === model))) { await sendImage(conv, model, text); return; }
   conv.messages.push({ role: "user", content: text });
   const msg = { role: "assistant", content: "", model };
   conv.messages.push(msg);
@@ -429,6 +433,45 @@ async function send(text) {
     setGenerating(false);
     renderSidebar();
     refreshModels();  // the model may have loaded for this answer
+  }
+}
+
+/** Image mode: draw `prompt` with image model `model`, showing each denoising step, then the picture. */
+async function sendImage(conv, model, prompt) {
+  conv.messages.push({ role: "user", content: prompt });
+  const msg = { role: "assistant", content: "", model, prompt, image: { step: 0, total: 0 } };
+  conv.messages.push(msg);
+  store.touch(conv);
+  const controller = new AbortController();
+  ui.live = { conv, msg, el: null, controller, renderQueued: false };
+  renderConversation();
+  renderSidebar();
+  setGenerating(true);
+  try {
+    for await (const ev of streamImage({ model, prompt }, controller.signal)) {
+      if (ev.type === "progress") msg.image = { step: ev.step, total: ev.total };
+      else msg.image = { ...msg.image, src: ev.src, seed: ev.seed, size: ev.size };
+      if (ui.live.el) updateAssistant(ui.live.el, msg, false);
+    }
+  } catch (e) {
+    if (e && e.name === "AbortError") msg.stopped = true;
+    else {
+      msg.error = plainMessage(e);
+      reportError(e, msg.error, "chat");
+    }
+    if (!msg.image.src) msg.image = null;
+  } finally {
+    store.touch(conv);
+    store.save();  // a picture too large for this browser's storage stays on the page only
+    const el = ui.live.el;
+    ui.live = null;
+    if (el && el.isConnected) {
+      el.classList.remove("streaming");
+      updateAssistant(el, msg, true);
+    }
+    setGenerating(false);
+    renderSidebar();
+    refreshModels();
   }
 }
 

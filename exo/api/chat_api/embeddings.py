@@ -47,7 +47,9 @@ from exo.api.chat_api.json_body import read_json
 from exo.api.chat_api.parsing import parse_request
 from exo.api.chat_api.ollama_models import LENIENT, resolve_ollama_model
 from exo.api.chat_api.rate_limit import RATE_CONFIG_KEY
-from exo.api.serving.resolve import api_error_from, check_token_ids, encode_prompt, get_tokenizer, resolve_model
+from exo.api.serving.resolve import (
+    api_error_from, check_token_ids, encode_prompt, get_tokenizer, require_text_model, resolve_model,
+)
 from exo.api.chat_api.state import STATE_KEY, APIState
 from exo.api.chat_api.utils import APIError, new_id
 from exo.inference.pooling import truncate_dimensions
@@ -224,6 +226,7 @@ async def embed_inputs(request: web.Request, state: APIState, card: ModelCard, i
         APIError: as ``_token_ids`` and ``_check_dimensions``; the mapped error of a failed ring
             request (``serving.api_error_from``).
     """
+    require_text_model(card)
     size = card.args.hidden_size if card.args is not None else None
     _check_dimensions(card, dimensions, size)
     tokenizer = await get_tokenizer(state, card.model_id)

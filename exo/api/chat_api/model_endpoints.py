@@ -3,7 +3,8 @@
 
 ``/v1/models`` lists the catalogue and every other model this node has resolved (a local path
 or a hub repo becomes known when a request, ``GET /v1/models/{id}``, ``/api/show`` or a pull
-names it), each with its ``state`` on this node, and ``download`` while its files come."""
+names it), each with its ``state`` on this node, ``download`` while its files come, and its
+``kind``: "text", or "image" for the Stable Diffusion pipelines of the image endpoints."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def model_object(card: ModelCard, created: int, state: str, download: dict | Non
         info = DownloadInfo(bytes_done=done, bytes_total=total, percent=percent(done, total) if total else 0.0)
     return ModelObject(id=card.model_id, created=created, name=card.name, n_layers=card.n_layers,
                        context_length=card.context_length, architecture=card.architecture, state=state,
-                       source=card.source, size=card.size, download=info)
+                       source=card.source, size=card.size, download=info, kind=card.kind)
 
 
 def _state(request: web.Request) -> APIState:

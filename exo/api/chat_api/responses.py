@@ -194,6 +194,7 @@ class ModelObject(BaseModel):
     loaded), "loading" (being loaded), "downloading" (its files are coming; ``download``
     says how far), "available" (weights present, loaded on first use), "not downloaded".
     ``source``: "catalogue", "path" or "hub"; ``size``: bytes of its weights, when known.
+    ``kind``: "text" (chat, completions, embeddings) or "image" (``/v1/images/*``).
     """
 
     id: str
@@ -208,6 +209,7 @@ class ModelObject(BaseModel):
     source: str
     size: int | None = None
     download: DownloadInfo | None = None
+    kind: Literal["text", "image"] = "text"
 
 
 class ModelList(BaseModel):

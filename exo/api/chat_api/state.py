@@ -14,6 +14,7 @@ from exo.config import DEFAULT_RESPONSE_TIMEOUT
 if TYPE_CHECKING:
     import numpy as np
 
+    from exo.inference.diffusion.params import ImageEvent, ImageParams
     from exo.inference.generation import GenerationOptions
     from exo.inference.tokenizers import Tokenizer
     from exo.models.sources import ModelCard
@@ -32,6 +33,8 @@ class APINode(Protocol):
                     request_id: str | None = None) -> "np.ndarray": ...
 
     async def get_tokenizer(self, model_id: str) -> "Tokenizer": ...
+
+    def generate_image(self, card: "ModelCard", params: "ImageParams", request_id: str) -> AsyncIterator["ImageEvent"]: ...
 
     async def model_card(self, name: str) -> "ModelCard": ...
 

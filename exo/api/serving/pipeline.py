@@ -28,7 +28,8 @@ from exo.api.chat_api.utils import APIError, new_id, unix_time
 from exo.api.serving.reasoning import ReasoningSplitter, prompt_opens_thinking
 from exo.api.serving.request import GenerateRequest, ToolCall
 from exo.api.serving.resolve import (
-    api_error_from, check_token_ids, encode_prompt, get_tokenizer, model_defaults, resolve_max_tokens, resolve_model,
+    api_error_from, check_token_ids, encode_prompt, get_tokenizer, model_defaults, require_text_model, resolve_max_tokens,
+    resolve_model,
 )
 from exo.api.serving.token_handler import ChoiceTextStream, TokenLogprob
 from exo.api.serving.token_queue import ChoiceEvent, TokenQueue
@@ -181,6 +182,7 @@ async def prepare(state: APIState, req: GenerateRequest, id_prefix: str, receive
     """
     received = time.perf_counter() if received is None else received
     card = card or await resolve_model(state, req.model)
+    require_text_model(card)
     tokenizer = await get_tokenizer(state, card.model_id)
     check_tools(req.tools, req.tool_choice, req.turns)
     calls_wanted = bool(req.tools) and req.tool_choice.mode != "none"

@@ -50,6 +50,18 @@ async def resolve_model(state: APIState, requested: str | None) -> ModelCard:
     return await serving_card(state, model_id, functools.partial(_model_card, state))
 
 
+def require_text_model(card: ModelCard) -> None:
+    """Refuse an image model in a text request (chat, completions, messages, embeddings).
+
+    Raises:
+        APIError: 400 "invalid_model" naming ``model`` (each dialect words it its own way).
+    """
+    if card.kind != "text":
+        raise APIError(400, f"The model `{card.model_id}` is an image model: it does not generate text. Image "
+                            f"generation is offered by POST /v1/images/generations (OpenAI's API) only", param="model",
+                       code="invalid_model")
+
+
 async def _model_card(state: APIState, model_id: str) -> ModelCard:
     """``state.node.model_card`` with its errors as ``APIError`` (see ``resolve_model``)."""
     try:

@@ -62,6 +62,8 @@ class _CachedFiles:
 
         A GGUF is complete when its sparse copies hold every byte; safetensors when the
         snapshot has every file its index names (or its one weights file)."""
+        if model.kind == "diffusers":
+            return all((model.snapshot / f).is_file() for f in model.files)
         if model.kind == "safetensors":
             index = model.snapshot / INDEX_FILE
             files = (sorted(set((json.loads(index.read_text()).get("weight_map") or {}).values()))

@@ -203,7 +203,9 @@ class HubDownloader(_CachedFiles, _RangeFetching):
             path = self._header(op)
             if on_header is not None:
                 on_header(path)
-            if model.kind == "safetensors":
+            if model.kind == "diffusers":
+                self._fetch_files(op, list(model.files))
+            elif model.kind == "safetensors":
                 index = model.snapshot / INDEX_FILE
                 if index.is_file():
                     files = sorted(set((json.loads(index.read_text()).get("weight_map") or {}).values()))
@@ -252,6 +254,9 @@ class HubDownloader(_CachedFiles, _RangeFetching):
 
     def _header(self, op: _Operation) -> Path:
         model = op.model
+        if model.kind == "diffusers":  # model_index.json and the components' configs, not their weights
+            self._fetch_files(op, [f for f in model.files if not f.endswith((".safetensors", ".bin"))])
+            return model.snapshot
         if model.kind == "safetensors":
             if "config.json" not in model.remote:
                 raise DownloadError(f"{model.model_id}: {model.repo_id} has no config.json")

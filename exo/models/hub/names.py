@@ -118,8 +118,9 @@ class HubModel:
         model_id: the name the user gave (the key of its progress).
         ref: what it names.
         commit: the commit every file is fetched at.
-        kind: "gguf" or "safetensors".
-        files: the weight files: a GGUF's splits in order, or the repo's safetensors files.
+        kind: "gguf", "safetensors" or "diffusers" (a pipeline: model_index.json and component folders).
+        files: the weight files: a GGUF's splits in order, or the repo's safetensors files;
+            a pipeline's every file it needs (``diffusers_files``).
         remote: every file of the repo at ``commit``.
         storage: the repo's folder in the cache (``.../models--org--name``).
     """
@@ -149,7 +150,7 @@ class HubModel:
     @property
     def local_path(self) -> Path:
         """What ``open_weights`` opens: the snapshot directory, or the first GGUF split."""
-        return self.snapshot if self.kind == "safetensors" else self.partial_dir / self.files[0]
+        return self.snapshot if self.kind in ("safetensors", "diffusers") else self.partial_dir / self.files[0]
 
 
 def _choose(ref: HubRef, remote: Mapping[str, RemoteFile], model_id: str) -> tuple[str, tuple[str, ...]]:
@@ -184,6 +185,8 @@ def _choose(ref: HubRef, remote: Mapping[str, RemoteFile], model_id: str) -> tup
             raise NotOnHub(f"{model_id}: {ref.repo_id} has no GGUF file for quant {ref.quant} "
                                 f"(its GGUF files: {available})")
         return "gguf", group(matching[0])
+    if "model_index.json" in remote:
+        return "diffusers", diffusers_files(remote)
     safetensors = [n for n in names if n.endswith(".safetensors") and "/" not in n]
     if safetensors and "config.json" in remote:
         preferred = [n for n in safetensors if not n.startswith("consolidated")] or safetensors
@@ -192,4 +195,31 @@ def _choose(ref: HubRef, remote: Mapping[str, RemoteFile], model_id: str) -> tup
         default = [n for n in models if _quant_matches(DEFAULT_QUANT, n)]
         return "gguf", group((default or models)[0])
     raise DownloadError(f"{model_id}: {ref.repo_id} holds no model exo can read (neither safetensors weights with a "
-                        f"config.json nor a .gguf file)")
+                        f"config.json, a .gguf file, nor a diffusers pipeline's model_index.json)")
+
+
+#: The folders of a diffusers pipeline exo runs (``exo.inference.diffusion.pipeline_dir``);
+#: the safety checker and feature extractor are not used.
+PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+_WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model)(\.fp16)?\.(safetensors|bin)$")
+
+
+def diffusers_files(remote: Mapping[str, RemoteFile]) -> tuple[str, ...]:
+    """The files of a diffusers repo a node needs, sorted: ``model_index.json``, the configs and
+    tokenizer files of ``PIPELINE_FOLDERS``, and one weights file per component folder: the
+    fp16 safetensors where the repo has them (half the bytes; loaded at the node's own dtype),
+    else the full-precision safetensors, else a ``.bin``. Root-level single-file checkpoints
+    and sharded or other variants are never fetched."""
+    out = {"model_index.json"}
+    for folder in PIPELINE_FOLDERS:
+        inside = [n for n in remote if n.startswith(folder + "/") and n.count("/") == 1]
+        weights = {n.split("/")[1]: n for n in inside if _WEIGHTS.match(n.split("/")[1])}
+        out |= {n for n in inside if not n.split("/")[1].endswith((".safetensors", ".bin", ".ckpt", ".msgpack",
+                                                                   ".onnx", ".pb", ".h5", ".onnx_data"))}
+        for stem in ("diffusion_pytorch_model", "model"):
+            pick = next((weights[f] for f in (f"{stem}.fp16.safetensors", f"{stem}.safetensors", f"{stem}.fp16.bin",
+                                              f"{stem}.bin") if f in weights), None)
+            if pick is not None:
+                out.add(pick)
+                break
+    return tuple(sorted(out))

@@ -247,21 +247,79 @@ class Topology(_message.Message):
     edges: _containers.RepeatedCompositeFieldContainer[Edge]
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ...) -> None: ...
 
+class ImageRequest(_message.Message):
+    __slots__ = ("request_id", "origin_node_id", "origin_address", "model_id", "prompt", "negative_prompt", "n", "width", "height", "steps", "guidance_scale", "seed", "init_image", "strength")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    origin_node_id: str
+    origin_address: str
+    model_id: str
+    prompt: str
+    negative_prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    init_image: bytes
+    strength: float
+    def __init__(self, request_id: _Optional[str] = ..., origin_node_id: _Optional[str] = ..., origin_address: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class ImageEvent(_message.Message):
+    __slots__ = ("request_id", "kind", "index", "step", "total_steps", "png", "error", "code", "seed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kind: str
+    index: int
+    step: int
+    total_steps: int
+    png: bytes
+    error: str
+    code: str
+    seed: int
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[str] = ..., index: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., png: _Optional[bytes] = ..., error: _Optional[str] = ..., code: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
 class RingMessage(_message.Message):
-    __slots__ = ("seq", "prompt", "tensor", "result", "end", "errors_only")
+    __slots__ = ("seq", "prompt", "tensor", "result", "end", "image", "image_event", "errors_only")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_EVENT_FIELD_NUMBER: _ClassVar[int]
     ERRORS_ONLY_FIELD_NUMBER: _ClassVar[int]
     seq: int
     prompt: PromptRequest
     tensor: TensorRequest
     result: ResultRequest
     end: EndRequestRequest
+    image: ImageRequest
+    image_event: ImageEvent
     errors_only: bool
-    def __init__(self, seq: _Optional[int] = ..., prompt: _Optional[_Union[PromptRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorRequest, _Mapping]] = ..., result: _Optional[_Union[ResultRequest, _Mapping]] = ..., end: _Optional[_Union[EndRequestRequest, _Mapping]] = ..., errors_only: _Optional[bool] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., prompt: _Optional[_Union[PromptRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorRequest, _Mapping]] = ..., result: _Optional[_Union[ResultRequest, _Mapping]] = ..., end: _Optional[_Union[EndRequestRequest, _Mapping]] = ..., image: _Optional[_Union[ImageRequest, _Mapping]] = ..., image_event: _Optional[_Union[ImageEvent, _Mapping]] = ..., errors_only: _Optional[bool] = ...) -> None: ...
 
 class RingAck(_message.Message):
     __slots__ = ("seq", "code", "details")

@@ -10,7 +10,7 @@ from typing import Any, Sequence, TypeVar
 import grpc
 import numpy as np
 
-from exo.networking.grpc import codec
+from exo.networking.grpc import codec, image_codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.ring_stream import RingStream
@@ -264,6 +264,13 @@ class GRPCPeerHandle(PeerHandle):
     async def end_request(self, request_id: str, keep_tokens: Sequence[int] = ()) -> None:
         end = pb.EndRequestRequest(request_id=request_id, keep_tokens=[int(t) for t in keep_tokens])
         await self._send_ring("EndRequest", pb.RingMessage(end=end))
+
+    async def send_image_job(self, job: image_codec.ImageJob) -> None:
+        await self._send_ring("SendImage", pb.RingMessage(image=image_codec.job_to_proto(job)))
+
+    async def send_image_event(self, event: image_codec.ImageEvent,
+                               on_error: Callable[[BaseException], None] | None = None) -> None:
+        await self._send_ring("SendImageEvent", pb.RingMessage(image_event=image_codec.event_to_proto(event)), on_error)
 
     async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
         request = pb.CollectTopologyRequest(visited=sorted(visited), max_depth=max_depth)

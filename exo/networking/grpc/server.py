@@ -18,7 +18,7 @@ from typing import Any, Protocol, Sequence, TypeVar
 import grpc
 import numpy as np
 
-from exo.networking.grpc import codec
+from exo.networking.grpc import codec, image_codec
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.tls import cluster_credentials
@@ -62,6 +62,10 @@ class NodeLike(Protocol):
     async def process_result(self, result: TokenResult) -> None: ...
 
     async def end_request(self, request_id: str, keep_tokens: Sequence[int] = ()) -> None: ...
+
+    async def process_image_job(self, job: image_codec.ImageJob) -> None: ...
+
+    async def process_image_event(self, event: "image_codec.ImageEvent") -> None: ...
 
     async def collect_topology(self, visited: set[str], max_depth: int) -> Topology: ...
 
@@ -154,7 +158,7 @@ class RingSession:
 
     def __init__(self, servicer: "NodeServicer") -> None:
         self._handlers = {"prompt": servicer._prompt, "tensor": servicer._tensor, "result": servicer._result,
-                          "end": servicer._end}
+                          "end": servicer._end, "image": servicer._image, "image_event": servicer._image_event}
         self._loop = asyncio.get_running_loop()  # made on the loop, for its clock
         self._last_ack = self._loop.time()
 
@@ -163,7 +167,7 @@ class RingSession:
         kind = message.WhichOneof("body")
         try:
             if kind is None:
-                raise ValueError("a ring message needs a prompt, tensor, result or end")
+                raise ValueError("a ring message needs a prompt, tensor, result, end, image or image_event")
             await self._handlers[kind](getattr(message, kind))
         except Exception as e:
             code, details = _status(e, f"Stream/{kind}")
@@ -201,6 +205,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if any(t < 0 for t in request.keep_tokens):
             raise ValueError("keep_tokens has a negative token id")
         await self._node.end_request(request.request_id, tuple(request.keep_tokens))
+
+    async def _image(self, request: pb.ImageRequest) -> None:
+        await self._node.process_image_job(image_codec.job_from_proto(request))
+
+    async def _image_event(self, request: pb.ImageEvent) -> None:
+        await self._node.process_image_event(image_codec.event_from_proto(request))
 
     async def Stream(self, request_iterator: AsyncIterator[pb.RingMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RingAck]:
         """Serve a peer's persistent stream of ring messages (see ``RingSession``)."""
