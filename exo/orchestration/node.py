@@ -21,7 +21,7 @@ The parts, each given only the collaborators it uses (none imports this module):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from exo.config import DEFAULT_RESPONSE_TIMEOUT
 from exo.inference.inference_engine import InferenceEngine
@@ -127,12 +127,12 @@ class Node:
         device = getattr(self.shards.first_engine, "device", None)
         return str(device) if device is not None and type(device).__name__ == "device" else None
 
-    async def end_request(self, request_id: str) -> None:
+    async def end_request(self, request_id: str, keep_tokens: Sequence[int] = ()) -> None:
         """End ``request_id`` on this node: an image request it draws, else a ring request
-        (``Worker.end_request``)."""
+        (``Worker.end_request``: with ``keep_tokens``, its KV cache goes to the prompt cache)."""
         if self._images.cancel(request_id):
             return
-        await self._worker.end_request(request_id)
+        await self._worker.end_request(request_id, keep_tokens)
 
     def model_state(self, model_id: str) -> str:
         """This node's readiness for ``model_id`` (``ModelService.model_state``; an image model
