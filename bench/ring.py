@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -102,9 +103,14 @@ def _distinct(ids: list[int], i: int) -> list[int]:
     return [1000 + i % 40000] + ids
 
 
+@functools.cache
+def _long_prompt() -> tuple[int, ...]:
+    return tuple(prompts()["long"])
+
+
 def _prompt_of(n: int) -> list[int]:
     """Token ids of exactly ``n`` tokens: the long benchmark prompt repeated and cut."""
-    long = prompts()["long"]
+    long = list(_long_prompt())
     return (long * (n // len(long) + 1))[:n]
 
 
@@ -137,6 +143,7 @@ async def _prefill_gap(node, streams: int, tag: int) -> dict:
     gap between two tokens while it is (from sending it to its first token), against their
     median gap over the whole run, and its time to first token."""
     ids = prompts()["short"]
+    long = _distinct(_prompt_of(1999), tag + streams)  # before the streams start: it loads a tokenizer
     stamps: list[list[float]] = [[] for _ in range(streams)]
 
     async def stream(i: int) -> None:
@@ -151,7 +158,7 @@ async def _prefill_gap(node, streams: int, tag: int) -> dict:
         while min(len(s) for s in stamps) < 24:
             await asyncio.sleep(0.01)
         t0 = time.perf_counter()
-        ttft = await _ttft(node, _distinct(_prompt_of(1999), tag + streams))
+        ttft = await _ttft(node, long)
         t1 = t0 + ttft
         end = time.perf_counter() + 1.0  # and a second of decoding after it
         while time.perf_counter() < end:
