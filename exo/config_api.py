@@ -94,7 +94,7 @@ class RateLimitConfig(BaseModel):
     ``trust_forwarded_for``, for a node behind a reverse proxy).
 
     Generations (chat, completions, messages, generate) run at most ``max_concurrent_requests``
-    at once; up to ``max_queued_requests`` more wait for a slot (at most ``queue_timeout``
+    at once per node of the cluster (a ring of more nodes holds more streams); up to ``max_queued_requests`` more wait for a slot (at most ``queue_timeout``
     seconds); beyond that a request gets 503 at once instead of the queue growing without limit.
     One request may ask for at most ``max_generations_per_request`` generations (its prompts
     times ``n``); more is a 400 before anything runs.
@@ -103,7 +103,8 @@ class RateLimitConfig(BaseModel):
         requests_per_minute: refill rate of each bucket; None or 0 disables rate limiting.
         burst: bucket size (default: requests_per_minute / 6, at least 1).
         trust_forwarded_for: identify clients by ``X-Forwarded-For``.
-        max_concurrent_requests: generations in progress at once (None: no limit).
+        max_concurrent_requests: generations in progress at once, per node of the cluster
+            (None: no limit).
         max_queued_requests: generations waiting for a slot.
         queue_timeout: seconds a request may wait for a slot before 503.
         max_generations_per_request: prompts x ``n`` of one request, at most (OpenAI's

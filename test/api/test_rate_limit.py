@@ -171,3 +171,17 @@ async def test_queue_wait_is_bounded_in_time():
     async with q.slot():
         assert q.running == 1
     assert q.running == 0
+
+
+async def test_queue_holds_its_limit_per_node_of_the_cluster():
+    """Issue 22: a ring of more nodes holds more streams; the limit follows the node count."""
+    nodes = [1]
+    q = RequestQueue(max_running=1, max_waiting=0, timeout=0.05, nodes=lambda: nodes[0])
+    async with q.slot():
+        with pytest.raises(QueueFullError, match="queue is full"):
+            async with q.slot():
+                pass
+        nodes[0] = 2  # a node joined
+        async with q.slot():
+            assert q.running == 2 and q.limit == 2
+    assert q.running == 0

@@ -129,7 +129,7 @@ class ChatAPI:
         app.router.add_get("/healthcheck", healthcheck)
         # keys, limits, metrics, health (middlewares run in this order)
         setup_auth(app, self.auth)
-        setup_rate_limit(app, self.rate_limit)
+        setup_rate_limit(app, self.rate_limit, lambda: len(self.node.topology.nodes))
         metrics.setup(app)
         fallback.setup(app)
         health.setup(app)

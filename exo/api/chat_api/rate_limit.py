@@ -113,25 +113,38 @@ class QueueFullError(Exception):
 
 
 class RequestQueue:
-    """Bounds the generations in progress and those waiting for a slot.
+    """Bounds the generations in progress and those waiting for a slot; waiting requests get
+    slots in arrival order.
 
     Args:
-        max_running: generations at once (None: no limit; they are still counted).
+        max_running: generations at once per node of the cluster (None: no limit; they are
+            still counted): a ring of more nodes holds more requests in flight.
         max_waiting: requests that may wait for a slot (0: none wait).
         timeout: seconds a request may wait for a slot.
+        nodes: the cluster's node count now (default 1).
 
     Attributes:
         running: requests holding a slot now.
         waiting: requests waiting for one.
     """
 
-    def __init__(self, max_running: int | None, max_waiting: int, timeout: float):
+    def __init__(self, max_running: int | None, max_waiting: int, timeout: float, nodes: Callable[[], int] = lambda: 1):
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.timeout = timeout
         self.running = 0
         self.waiting = 0
-        self._sem = asyncio.Semaphore(max_running) if max_running else None
+        self._nodes = nodes
+        self._freed = asyncio.Condition()
+
+    @property
+    def limit(self) -> int | None:
+        """Generations at once now: ``max_running`` per node of the cluster."""
+        return self.max_running * max(1, self._nodes()) if self.max_running else None
+
+    def _full(self) -> bool:
+        limit = self.limit
+        return limit is not None and self.running >= limit
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -140,15 +153,14 @@ class RequestQueue:
         Raises:
             QueueFullError: no slot free and the queue full, or no slot within ``timeout``.
         """
-        sem = self._sem
-        if sem is not None:
-            if sem.locked() or self.waiting:
-                if self.waiting >= self.max_waiting:
-                    raise QueueFullError(f"{self.running} requests running and {self.waiting} waiting: the queue is full")
+        if self._full() or self.waiting:
+            if self.waiting >= self.max_waiting:
+                raise QueueFullError(f"{self.running} requests running and {self.waiting} waiting: the queue is full")
             self.waiting += 1
             try:
-                await asyncio.wait_for(sem.acquire(), self.timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.timeout), self._freed:
+                    await self._freed.wait_for(lambda: not self._full())
+            except TimeoutError:
                 raise QueueFullError(f"no free slot within {self.timeout:g} s") from None
             finally:
                 self.waiting -= 1
@@ -157,8 +169,8 @@ class RequestQueue:
             yield
         finally:
             self.running -= 1
-            if sem is not None:
-                sem.release()
+            async with self._freed:
+                self._freed.notify()
 
 
 RATE_LIMITER_KEY: web.AppKey[RateLimiter | None] = web.AppKey("exo_rate_limiter", RateLimiter)  # None: no rate limit
@@ -227,10 +239,11 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
                               code="server_busy", headers={"Retry-After": "1"})
 
 
-def setup(app: web.Application, cfg: RateLimitConfig) -> None:
-    """Install rate limiting and the generation queue (``auth.setup`` must run first)."""
+def setup(app: web.Application, cfg: RateLimitConfig, nodes: Callable[[], int] = lambda: 1) -> None:
+    """Install rate limiting and the generation queue (``auth.setup`` must run first);
+    ``nodes``: the cluster's node count now, which scales the generations run at once."""
     app[RATE_CONFIG_KEY] = cfg
     app[RATE_LIMITER_KEY] = (RateLimiter(cfg.requests_per_minute / 60.0, cfg.bucket_size, cfg.max_clients)
                              if cfg.rate_enabled else None)
-    app[REQUEST_QUEUE_KEY] = RequestQueue(cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.queue_timeout)
+    app[REQUEST_QUEUE_KEY] = RequestQueue(cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.queue_timeout, nodes)
     app.middlewares.append(rate_limit_middleware)
