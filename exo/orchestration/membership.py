@@ -45,15 +45,6 @@ def layer_bytes(card: ModelCard, topo: Topology) -> dict[str, int]:
     return out
 
 
-def head_layers(card: ModelCard) -> int:
-    """The output head's compute in layers of ``card`` (vocab x hidden over one layer's
-    parameters, rounded; 0 before its header is read): the ring's last node runs it, and
-    partitioning gives that node as many fewer layers (``RingMemoryWeightedPartitioningStrategy``)."""
-    if card.args is None:
-        return 0
-    return round(card.args.vocab_size * card.args.hidden_size / max(card.args.layer_params(), 1))
-
-
 class Membership:
     """The cluster as node ``node_id`` sees it.
 
@@ -221,7 +212,7 @@ class Membership:
         if not topo.nodes:
             raise NoNodeAvailableError(f"no node can run {card.model_id}: {left_out or 'no node left'}")
         try:
-            plan = self.partitioning_strategy.plan(topo, card.n_layers, layer_bytes(card, topo), head_layers(card))
+            plan = self.partitioning_strategy.plan(topo, card.n_layers, layer_bytes(card, topo))
         except ValueError as e:
             raise NoNodeAvailableError(str(e)) from e
         return PartitionPlan(plan.ring, {**left_out, **plan.left_out}, plan.shortfall)

@@ -57,18 +57,16 @@ class PartitioningStrategy(ABC):
     the topology's contents (and the model's sizes), never on which node computes it.
     """
 
-    def partition(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0,
-                  head_layers: int = 0) -> list[Partition]:
+    def partition(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0) -> list[Partition]:
         """Partitions in ring order, covering layers ``0 .. n_layers-1`` exactly once (see ``plan``).
 
         Raises:
             ValueError: no node can hold a layer, or ``n_layers < 1``.
         """
-        return self.plan(topology, n_layers, layer_bytes, head_layers).ring
+        return self.plan(topology, n_layers, layer_bytes).ring
 
     @abstractmethod
-    def plan(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0,
-             head_layers: int = 0) -> PartitionPlan:
+    def plan(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0) -> PartitionPlan:
         """The ring and the nodes left out of it.
 
         Args:
@@ -76,8 +74,6 @@ class PartitioningStrategy(ABC):
             n_layers: the model's transformer layers.
             layer_bytes: bytes one layer takes in memory (0: unknown, no size check), the same
                 on every node or per node id (engines hold weights in different formats).
-            head_layers: the output head's compute in layers (the last node of the ring runs
-                it); 0 leaves it out of the split.
 
         Raises:
             ValueError: no node can hold a layer, ``n_layers < 1`` or ``layer_bytes < 0``.
@@ -99,16 +95,9 @@ class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
     with an empty range; if there are more nodes than layers, the smallest are left out.
     Nodes with unknown memory (0 bytes) are left out unless no node's memory is known, in which
     case all share the layers equally.
-
-    With ``head_layers`` h, the shares are of the ring's compute rather than of its layers: the
-    ``n_layers + h`` units are apportioned, and the last node, which runs the output head, holds h
-    fewer layers than its share (when its share exceeds h; else the split ignores the head). In
-    a pipeline every node then takes about as long per step, so none waits for a slower one: on
-    SmolLM2-135M (its 49152 x 576 head about 8 layers' work) two equal nodes hold 19 and 11.
     """
 
-    def plan(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0,
-             head_layers: int = 0) -> PartitionPlan:
+    def plan(self, topology: Topology, n_layers: int, layer_bytes: int | Mapping[str, int] = 0) -> PartitionPlan:
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         per_node = dict(layer_bytes) if isinstance(layer_bytes, Mapping) else {nid: layer_bytes for nid in topology.nodes}
@@ -143,11 +132,6 @@ class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
                 shortfall = _shortfall(nodes, capacities, n_layers, lb)
                 capacities = None
             counts = apportion(weights, n_layers, capacities)
-            if head_layers > 0 and len(counts) > 1:
-                caps = None if capacities is None else capacities[:-1] + [capacities[-1] + head_layers]
-                shifted = apportion(weights, n_layers + head_layers, caps)
-                if shifted[-1] > head_layers:
-                    counts = shifted[:-1] + [shifted[-1] - head_layers]
             if all(c > 0 for c in counts):
                 break
             total = sum(n.capabilities.memory for n in nodes)

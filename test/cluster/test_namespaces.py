@@ -311,21 +311,20 @@ def test_three_nodes_join_fail_over_leave_and_keep_foreigners_out(lab: Lab, tmp_
     n4 = NodeProcess(lab, 4, "n4", tmp_path, secret_flag=foreign)    # same bridge, another cluster
 
     # two nodes find each other and split the layers
-    wait_until(lambda: settled([n1, n2], [("n1", 0, 18), ("n2", 19, 29)]), 180, "n1 and n2 form a ring",
+    wait_until(lambda: settled([n1, n2], [("n1", 0, 14), ("n2", 15, 29)]), 180, "n1 and n2 form a ring",
                interval=0.5)
 
     # a third node joins: admitted within 3 s of announcing itself, and the ring re-partitions
     n3 = NodeProcess(lab, 3, "n3", tmp_path, secret_flag=secret)
-    # equal shares of 30 layers + the output head's 8 layers' work, which the last node runs
-    ring3 = [("n1", 0, 12), ("n2", 13, 25), ("n3", 26, 29)]
+    ring3 = [("n1", 0, 9), ("n2", 10, 19), ("n3", 20, 29)]
     wait_until(lambda: settled([n1, n2, n3], ring3), 120, "the three-node ring", interval=0.5)
     announced = n3.log_time(r"mDNS discovery of node n3 started")
     for n in (n1, n2):
         joined = n.log_time(r"peer n3 at \S+ joined")
         assert announced and joined and joined - announced <= 3.0, (n.node_id, announced, joined)
         logger.info("n3 admitted by %s %.2f s after announcing itself", n.node_id, joined - announced)
-    # n2 went from 19-29 to 13-25: it read layers 13-18 and kept 19-25
-    assert n2.topology()["last_load"]["loaded_layers"] == [13, 14, 15, 16, 17, 18]
+    # n2 grew from 15-29 to 10-19: it read layers 10-14 and kept 15-19
+    assert n2.topology()["last_load"]["loaded_layers"] == [10, 11, 12, 13, 14]
 
     # the uninterrupted answer
     ref = read_stream(lab.popen(1, sys.executable, "-c", CLIENT, "chat", n1.address, chat_body(),
@@ -352,14 +351,14 @@ def test_three_nodes_join_fail_over_leave_and_keep_foreigners_out(lab: Lab, tmp_
 
     # the killed node is removed by health checks within 10 s; the others re-partition and each
     # loads only the layers it lacked
-    ring2 = [("n1", 0, 18), ("n3", 19, 29)]
+    ring2 = [("n1", 0, 14), ("n3", 15, 29)]
     wait_until(lambda: settled([n1, n3], ring2), 60, "the two-node ring after the kill", interval=0.5)
     for n in (n1, n3):
         removed = n.log_time(r"peer n2 at \S+ removed after")
         assert removed and removed - killed_at[0] <= 10.0, (n.node_id, killed_at[0], removed)
         logger.info("SIGKILLed n2 removed by %s after %.2f s", n.node_id, removed - killed_at[0])
-    assert n1.topology()["last_load"]["loaded_layers"] == [13, 14, 15, 16, 17, 18]
-    assert n3.topology()["last_load"]["loaded_layers"] == [19, 20, 21, 22, 23, 24, 25]
+    assert n1.topology()["last_load"]["loaded_layers"] == [10, 11, 12, 13, 14]
+    assert n3.topology()["last_load"]["loaded_layers"] == [15, 16, 17, 18, 19]
     assert "re-partitioned (epoch 1)" in n1.log.read_text()
 
     # a clean shutdown is seen within 3 s

@@ -30,8 +30,7 @@ async def test_each_node_holds_part_of_the_layers(two_node_cluster):
     for n in two_node_cluster:
         await wait_for(lambda n=n: n.node.engine.shard is not None, timeout=30)
     shards = sorted((n.node.engine.shard for n in two_node_cluster), key=lambda s: s.start_layer)
-    # equal shares of 30 layers + the output head (8 layers' work), which the second node runs
-    assert shards == [Shard(MODEL, 0, 18, 30), Shard(MODEL, 19, 29, 30)]
+    assert shards == [Shard(MODEL, 0, 14, 30), Shard(MODEL, 15, 29, 30)]
 
 
 async def test_two_node_ring_decodes_exactly_like_one_node(two_node_cluster, single_node_api):
@@ -78,7 +77,7 @@ async def test_topology_lists_both_nodes_and_their_layers(two_node_cluster):
             topo = await r.json()
     assert set(topo["nodes"]) == {n.node.id for n in two_node_cluster}
     layers = {p["node_id"]: (p["start_layer"], p["end_layer"]) for p in topo["partitions"][MODEL]}
-    assert sorted(layers.values()) == [(0, 18), (19, 29)]
+    assert sorted(layers.values()) == [(0, 14), (15, 29)]
 
 
 async def test_a_decode_step_the_next_node_refuses_ends_the_request_with_its_error(two_node_cluster):
