@@ -141,7 +141,7 @@ async def _followup_ttft(node, tag: int) -> dict:
 async def _prefill_gap(node, streams: int, tag: int) -> dict:
     """While ``streams`` streams decode, a 2000-token prompt is prefilled: the streams' longest
     gap between two tokens while it is (from sending it to its first token), against their
-    median gap over the whole run, and its time to first token."""
+    median gap over the whole run and before the prompt came, and its time to first token."""
     ids = prompts()["short"]
     long = _distinct(_prompt_of(1999), tag + streams)  # before the streams start: it loads a tokenizer
     stamps: list[list[float]] = [[] for _ in range(streams)]
@@ -168,9 +168,14 @@ async def _prefill_gap(node, streams: int, tag: int) -> dict:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     gaps = [(a, b - a) for s in stamps for a, b in zip(s, s[1:])]
-    during = [g for a, g in gaps if t0 <= a + g and a <= t1]
+    during = sorted(g for a, g in gaps if t0 <= a + g and a <= t1)
+    before = [g for a, g in gaps if a + g < t0]
     return {"streams": streams, "ttft_s": ttft, "median_gap_s": statistics.median(g for _, g in gaps),
-            "max_gap_during_s": max(during) if during else None}
+            "median_gap_before_s": statistics.median(before) if before else None,
+            "max_gap_during_s": during[-1] if during else None,
+            "gaps_during_s": {"p50": during[len(during) // 2], "p90": during[int(len(during) * 0.9)],
+                              "top": during[-5:]} if during else None,
+            "max_gap_at_s": next((a - t0 for a, g in gaps if during and g == during[-1]), None)}
 
 
 async def drive(args) -> dict:

@@ -92,9 +92,10 @@ def tables(rings: dict[int, dict], streams: list[int]) -> list[Table]:
         g = r.get("prefill_gap")
         if g and g.get("max_gap_during_s"):
             v = g["max_gap_during_s"] / g["median_gap_s"]
+            before = g.get("median_gap_before_s")
             add(f"{n} node(s): {g['streams']} streams' longest gap while a 2000-token prompt is prefilled / median gap",
                 f"{g['max_gap_during_s'] * 1000:.0f} / {g['median_gap_s'] * 1000:.0f} ms = {v:.2f}x "
-                f"(its TTFT {g['ttft_s']:.1f} s)", "< 3x", v < 3)
+                f"(median {before * 1000:.0f} ms before it; its TTFT {g['ttft_s']:.1f} s)", "< 3x", v < 3)
     return [results, Table("Targets (issue 22; one core per node, ratios against the 1-node ring of this run)",
                            ["target", "measured", "goal", "status"], out)]
 

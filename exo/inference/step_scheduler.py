@@ -219,7 +219,8 @@ class StepScheduler:
         plan, budget, long_piece = [], SHORT_BUDGET, False
         for job in runnable:
             remaining = job.n_tokens - job.done
-            if job.whole or (remaining <= SHORT_PROMPT and remaining <= budget):
+            short = job.n_tokens <= SHORT_PROMPT  # a short prompt, not the tail of a long one
+            if job.whole or (short and remaining <= budget):
                 plan.append((job, remaining))
                 budget -= remaining
             elif not long_piece:
