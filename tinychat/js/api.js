@@ -122,7 +122,7 @@ export async function fetchModels(signal) {
  * `POST path` with a JSON body, asking for a streamed answer (`accept`): the reader of its body.
  * Throws FriendlyError (node unreachable, an API error status, no stream) or the AbortError of `signal`.
  */
-async function postStream(path, payload, accept, signal) {
+export async function postStream(path, payload, accept, signal) {
   const r = await apiFetch(path, {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: accept },
@@ -242,9 +242,34 @@ export async function* streamChat({ model, messages, temperature, maxTokens }, s
   if (Number.isFinite(temperature)) payload.temperature = temperature;
   if (Number.isFinite(maxTokens) && maxTokens > 0) payload.max_tokens = maxTokens;
   const reader = await postStream("/v1/chat/completions", payload, "text/event-stream", signal);
+  let sawDone = false;
+  for await (const data of sseData(reader, signal, "The connection to the node broke in the middle of the answer.")) {
+    if (data === "[DONE]") { sawDone = true; continue; }
+    let obj;
+    try { obj = JSON.parse(data); } catch { continue; }
+    if (obj.error) {
+      const msg = obj.error.message || String(obj.error);
+      throw new FriendlyError(`The answer stopped because of an error on the cluster: ${msg}`, { detail: obj.error });
+    }
+    const choice = obj.choices && obj.choices[0];
+    if (choice) {
+      const text = choice.delta && choice.delta.content;
+      if (text) yield { type: "delta", text };
+      if (choice.finish_reason) yield { type: "finish", reason: choice.finish_reason };
+    }
+    if (obj.usage) yield { type: "usage", usage: obj.usage };
+  }
+  if (!sawDone) throw new FriendlyError("The node closed the stream before the answer was complete.");
+}
+
+/**
+ * The `data` of each Server-Sent Event that `reader` (a response body's reader) delivers, its
+ * lines joined; empty ones are skipped. The connection closes when the caller stops early.
+ * Throws FriendlyError(`broken`) when the connection breaks, or the AbortError of `signal`.
+ */
+export async function* sseData(reader, signal, broken) {
   const decoder = new TextDecoder();
   let buf = "";
-  let sawDone = false;
   try {
     for (;;) {
       let chunk;
@@ -252,7 +277,7 @@ export async function* streamChat({ model, messages, temperature, maxTokens }, s
         chunk = await reader.read();
       } catch (e) {
         if (e.name === "AbortError" || (signal && signal.aborted)) throw e;
-        throw new FriendlyError("The connection to the node broke in the middle of the answer.");
+        throw new FriendlyError(broken);
       }
       if (chunk.done) break;
       buf += decoder.decode(chunk.value, { stream: true });
@@ -265,25 +290,10 @@ export async function* streamChat({ model, messages, temperature, maxTokens }, s
           .filter((l) => l.startsWith("data:"))
           .map((l) => l.slice(5).replace(/^ /, ""))
           .join("\n");
-        if (!data) continue;
-        if (data === "[DONE]") { sawDone = true; continue; }
-        let obj;
-        try { obj = JSON.parse(data); } catch { continue; }
-        if (obj.error) {
-          const msg = obj.error.message || String(obj.error);
-          throw new FriendlyError(`The answer stopped because of an error on the cluster: ${msg}`, { detail: obj.error });
-        }
-        const choice = obj.choices && obj.choices[0];
-        if (choice) {
-          const text = choice.delta && choice.delta.content;
-          if (text) yield { type: "delta", text };
-          if (choice.finish_reason) yield { type: "finish", reason: choice.finish_reason };
-        }
-        if (obj.usage) yield { type: "usage", usage: obj.usage };
+        if (data) yield data;
       }
     }
   } finally {
     reader.cancel().catch(() => {});  // closes the connection when we leave early
   }
-  if (!sawDone) throw new FriendlyError("The node closed the stream before the answer was complete.");
 }

@@ -422,17 +422,7 @@ async function send(text) {
     clearInterval(waitTimer);
     const tokens = usageTokens ?? chunks;
     msg.stats = first === null ? null : { ...liveStats(t0, first, last, tokens), finish: msg.stopped ? "stopped" : finish };
-    store.touch(conv);
-    store.save();
-    const el = ui.live.el;
-    ui.live = null;
-    if (el && el.isConnected) {
-      el.classList.remove("streaming");
-      updateAssistant(el, msg, true);
-    }
-    setGenerating(false);
-    renderSidebar();
-    refreshModels();  // the model may have loaded for this answer
+    endLiveAnswer(conv, msg);
   }
 }
 
@@ -461,18 +451,24 @@ async function sendImage(conv, model, prompt) {
     }
     if (!msg.image.src) msg.image = null;
   } finally {
-    store.touch(conv);
-    store.save();  // a picture too large for this browser's storage stays on the page only
-    const el = ui.live.el;
-    ui.live = null;
-    if (el && el.isConnected) {
-      el.classList.remove("streaming");
-      updateAssistant(el, msg, true);
-    }
-    setGenerating(false);
-    renderSidebar();
-    refreshModels();
+    endLiveAnswer(conv, msg);  // a picture too large for this browser's storage stays on the page only
   }
+}
+
+/** After an answer (text or picture) ends: save the conversation, show the answer's final
+ * state, give the composer back, and refresh the models (one may have loaded for it). */
+function endLiveAnswer(conv, msg) {
+  store.touch(conv);
+  store.save();
+  const el = ui.live.el;
+  ui.live = null;
+  if (el && el.isConnected) {
+    el.classList.remove("streaming");
+    updateAssistant(el, msg, true);
+  }
+  setGenerating(false);
+  renderSidebar();
+  refreshModels();
 }
 
 /** TTFT (s) from the request to the first token; tokens/s over decoding (after the first token). */

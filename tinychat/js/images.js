@@ -3,7 +3,7 @@
 // Server-Sent Events: "image_generation.progress" {index, step, total_steps} per denoising step,
 // then "image_generation.completed" {b64_json, seed, size}; an "error" event ends it early.
 
-import { FriendlyError, apiFetch, describeApiError } from "./api.js";
+import { FriendlyError, postStream, sseData } from "./api.js";
 import { h } from "./topology.js";
 
 /** Whether model object `m` of GET /v1/models is an image model. */
@@ -17,49 +17,21 @@ export function isImageModel(m) {
  * Throws FriendlyError (API or network failure) or the AbortError of `signal`.
  */
 export async function* streamImage({ model, prompt }, signal) {
-  const r = await apiFetch("/v1/images/generations", {
-    method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-    body: JSON.stringify({ model, prompt, n: 1, stream: true, response_format: "b64_json" }),
-    signal,
-  });
-  if (!r.ok) throw describeApiError(r.status, await r.json().catch(() => null));
-  if (!r.body) throw new FriendlyError("The node answered without a stream.");
-  const reader = r.body.getReader();
-  const decoder = new TextDecoder();
-  let buf = "";
+  const payload = { model, prompt, n: 1, stream: true, response_format: "b64_json" };
+  const reader = await postStream("/v1/images/generations", payload, "text/event-stream", signal);
   let done = false;
-  try {
-    for (;;) {
-      let chunk;
-      try {
-        chunk = await reader.read();
-      } catch (e) {
-        if (e.name === "AbortError" || (signal && signal.aborted)) throw e;
-        throw new FriendlyError("The connection to the node broke while the image was drawn.");
-      }
-      if (chunk.done) break;
-      buf += decoder.decode(chunk.value, { stream: true });
-      let cut;
-      while ((cut = buf.search(/\r?\n\r?\n/)) >= 0) {
-        const event = buf.slice(0, cut);
-        buf = buf.slice(cut).replace(/^\r?\n\r?\n/, "");
-        const data = event.split(/\r?\n/).filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
-        let obj;
-        try { obj = JSON.parse(data); } catch { continue; }
-        if (obj.type === "error" || obj.error) {
-          const msg = (obj.error && obj.error.message) || "unknown error";
-          throw new FriendlyError(`The image was not drawn because of an error on the cluster: ${msg}`, { detail: obj.error });
-        }
-        if (obj.type && obj.type.endsWith(".progress")) yield { type: "progress", step: obj.step, total: obj.total_steps };
-        if (obj.type && obj.type.endsWith(".completed")) {
-          done = true;
-          yield { type: "image", src: `data:image/png;base64,${obj.b64_json}`, seed: obj.seed, size: obj.size };
-        }
-      }
+  for await (const data of sseData(reader, signal, "The connection to the node broke while the image was drawn.")) {
+    let obj;
+    try { obj = JSON.parse(data); } catch { continue; }
+    if (obj.type === "error" || obj.error) {
+      const msg = (obj.error && obj.error.message) || "unknown error";
+      throw new FriendlyError(`The image was not drawn because of an error on the cluster: ${msg}`, { detail: obj.error });
     }
-  } finally {
-    reader.cancel().catch(() => {});
+    if (obj.type && obj.type.endsWith(".progress")) yield { type: "progress", step: obj.step, total: obj.total_steps };
+    if (obj.type && obj.type.endsWith(".completed")) {
+      done = true;
+      yield { type: "image", src: `data:image/png;base64,${obj.b64_json}`, seed: obj.seed, size: obj.size };
+    }
   }
   if (!done) throw new FriendlyError("The node closed the stream before the image was done.");
 }
