@@ -176,7 +176,9 @@ class Worker:
             if engine is None:
                 raise PromptCacheMiss(f"node {self.id} holds no shard of {ctx.model_id}")
             engine.continue_from_prefix(rid, ctx.prefix_entry, ctx.prefix_tokens)  # the first piece of the prefill
-        if position > 0 and (engine is None or rid not in engine.cached_request_ids()):
+        # a later piece of a prefill may come before the engine queued the first: the request is
+        # known here once a message of its epoch was scheduled
+        if position > 0 and latest != ctx.epoch and (engine is None or rid not in engine.cached_request_ids()):
             raise KeyError(f"unknown request {rid}: node {self.id} has no KV cache to continue it at position {position}")
         if latest is None or ctx.epoch > latest:
             self._registry.entry(rid).epoch = ctx.epoch
