@@ -263,3 +263,27 @@ async def test_a_named_hub_model_is_listed_not_downloaded(dummy_api, hub):
     assert m["state"] == "not downloaded" and m["source"] == "hub" and m["size"] > 0 and m["download"] is None
     assert hub.server.bytes_served(GGUF_FILE, repo="exotest/named-llama-GGUF") < hub.gguf.stat().st_size / 2
     assert (await listed(dummy_api, name))["state"] == "not downloaded"
+
+
+async def test_an_image_model_named_by_its_hub_repo_is_fetched_and_draws_as_its_directory(
+        dummy_api, hub, tiny_sd_pipeline, cleanup):
+    """Issue 20: a diffusers repo on the hub, named by its repo id, is fetched through
+    ``huggingface_hub`` (every component's config and weights) and draws the same PNG bytes as
+    the directory it was published from, for the same seed."""
+    import base64
+
+    from hub_server import make_repo
+
+    repo = "image-tests/tiny-sd"
+    make_repo(hub.root, repo, {str(p.relative_to(tiny_sd_pipeline)): p
+                               for p in sorted(tiny_sd_pipeline.rglob("*")) if p.is_file()})
+    cleanup.append(repo)
+    body = {"prompt": "a red cat", "size": "32x32", "seed": 3, "num_inference_steps": 2, "guidance_scale": 1.0,
+            "response_format": "b64_json"}
+    async with aiohttp.ClientSession() as s:
+        pngs = []
+        for model in (repo, str(tiny_sd_pipeline)):
+            async with s.post(f"{dummy_api.base_url}/images/generations", json={"model": model, **body}) as r:
+                assert r.status == 200, await r.text()
+                pngs.append(base64.b64decode((await r.json())["data"][0]["b64_json"]))
+    assert pngs[0][:8] == b"\x89PNG\r\n\x1a\n" and pngs[0] == pngs[1]
