@@ -72,7 +72,6 @@ class PrefillJob:
     request_id: str
     x: np.ndarray
     position: int
-    whole: bool
     future: asyncio.Future
     done: int = 0
     outputs: list = field(default_factory=list)
@@ -101,6 +100,7 @@ class StepScheduler:
         #: Nodes of the ring this engine's requests run on (set by the node for each step).
         self.pipeline_depth = 1
         self.batch_sizes: list[int] = []  # sizes of the last decode batches (most recent last), for benchmarks
+        self.piece_sizes: list[int] = []  # tokens of the last prefill pieces (most recent last), for tests
         self._pending: list[DecodeStep] = []
         self._prefills: list[PrefillJob] = []
         self._decoding: dict[str, float] = {}  # request -> monotonic time of its last decode step
@@ -115,11 +115,10 @@ class StepScheduler:
         self._wake()
         return await step.future
 
-    async def prefill(self, request_id: str, x: np.ndarray, position: int, whole: bool = False) -> Any:
+    async def prefill(self, request_id: str, x: np.ndarray, position: int) -> Any:
         """Queue a prefill of ``x`` at ``position``; its output (see ``prefill_piece``: the last
-        piece's logits, or every piece's hidden states joined). ``whole``: never in pieces.
-        Raises what a piece raised."""
-        job = PrefillJob(request_id, x, position, whole, asyncio.get_running_loop().create_future())
+        piece's logits, or every piece's hidden states joined). Raises what a piece raised."""
+        job = PrefillJob(request_id, x, position, asyncio.get_running_loop().create_future())
         self._prefills.append(job)
         self._wake()
         return await job.future
@@ -220,7 +219,7 @@ class StepScheduler:
         for job in runnable:
             remaining = job.n_tokens - job.done
             short = job.n_tokens <= SHORT_PROMPT  # a short prompt, not the tail of a long one
-            if job.whole or (short and remaining <= budget):
+            if short and remaining <= budget:
                 plan.append((job, remaining))
                 budget -= remaining
             elif not long_piece:
@@ -254,6 +253,7 @@ class StepScheduler:
         self._prefill_rate = rate if self._prefill_rate is None else 0.5 * (self._prefill_rate + rate)
         job.done += n
         job.outputs.append(out)
+        self.piece_sizes = (self.piece_sizes + [n])[-1000:]
         if job.done < job.n_tokens and not job.future.done():
             return
         self._prefills.remove(job)

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from exo.inference.shard import Shard
-from exo.inference.torch.engine import TorchInferenceEngine, _DecodeStep, _RequestState
+from exo.inference.step_scheduler import DecodeStep
+from exo.inference.torch.engine import TorchInferenceEngine, _RequestState
 from exo.inference.torch.kernels import gguf_kernels_error, load_emulated_kernels
 
 MODEL = "smollm2-135m"
@@ -67,7 +68,7 @@ def _decode(engine: TorchInferenceEngine, caches: dict[str, list], rows: list[in
     for i in rows:
         rid = f"inv-{i}"
         engine._requests[rid] = _RequestState(copy.deepcopy(caches[rid]))
-        steps.append(_DecodeStep(rid, np.array([[7 + i]], dtype=np.int64), len(PROMPTS[i]), None))
+        steps.append(DecodeStep(rid, np.array([[7 + i]], dtype=np.int64), len(PROMPTS[i]), None))
     out = engine._decode_batch(steps)  # on this thread: no step of the engine's own runs meanwhile
     for r in out:
         if isinstance(r, Exception):
