@@ -246,10 +246,11 @@ class TorchInferenceEngine(InferenceEngine):
         state = self._requests.pop(request_id, None)
         if state is None or not state.offset or self.prompt_cache.budget_bytes == 0:
             return
-        n = min(state.offset, len(token_ids))
-        if n < state.offset:  # the origin's tokens end before what this node holds: keep only theirs
-            for c in state.caches:
-                c.offset = n
+        # what every layer holds (a step that failed part-way leaves later layers shorter), and
+        # no more than the origin's tokens
+        n = min(min(c.offset for c in state.caches), len(token_ids))
+        for c in state.caches:
+            c.offset = min(c.offset, n)
         self.prompt_cache.add(request_id, token_ids[:n], state.caches, sum(c.nbytes() for c in state.caches))
 
     def _validate_input(self, shard: Shard, x: np.ndarray) -> None:
