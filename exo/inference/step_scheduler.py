@@ -48,10 +48,12 @@ GATHER_MAX_WAIT = 0.004
 DECODING_WINDOW = 1.0
 #: Fewest tokens in a piece of a long prefill while requests are decoding.
 MIN_PIECE = 16
-#: A prefill of at most this many tokens runs whole even while requests are decoding ...
-SHORT_PROMPT = 64
-#: ... as long as the short prefills between two decode batches stay within this many tokens.
-SHORT_BUDGET = 256
+#: A prefill of at most this many tokens runs whole even while requests are decoding (below a
+#: ring's ``PREFILL_CHUNK``, whose pieces a later node must not run whole) ...
+SHORT_PROMPT = 192
+#: ... as long as the short prefills between two decode batches stay within this many tokens
+#: (as vLLM's token budget per step takes many short prefills at once).
+SHORT_BUDGET = 512
 
 
 @dataclass

@@ -307,7 +307,8 @@ def test_build_chunk_with_usage_and_logprobs():
                          {"token": "Yo", "logprob": -1.5, "bytes": [89, 111]}],
     }]
     u = build_chunk(meta, [], usage=Usage.of(5, 2))
-    assert u["choices"] == [] and u["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert u["choices"] == [] and u["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_build_completion_chunk():
