@@ -117,7 +117,6 @@ class TorchInferenceEngine(InferenceEngine):
         self.request_ttl = request_ttl
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.max_batch = max_batch
         self.batch_invariant = bool(batch_invariant)
         self._scheduler = StepScheduler(self._on_worker, self._decode_batch, self._prefill_piece, max_batch)
         self.prompt_cache = PromptCache(prompt_cache_bytes)
