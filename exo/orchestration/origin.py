@@ -235,6 +235,14 @@ class Origin:
             req.retried_live_ring = True
         await self._failover(req, card, dead, error)
 
+    @staticmethod
+    def _next_epoch(req: OriginRequest, **changes) -> np.ndarray:
+        """Move ``req`` to its next epoch for a replay (its context with ``changes``, and the
+        tokens generated so far); returns the replay prefill's token ids, (1, prompt +
+        generated) in the wire's dtype."""
+        req.ctx = replace(req.ctx, epoch=req.ctx.epoch + 1, generated_tokens=tuple(req.generated), **changes)
+        return np.asarray([req.prompt_ids + req.generated], dtype=WIRE_TOKEN_DTYPE)
+
     async def _replay_without_prompt_cache(self, req: OriginRequest, error: str) -> None:
         """A node of the ring lacked the prompt cache entry the first node chose (evicted,
         dropped with a shard change, or a node that joined since): replay the prefill on the
@@ -244,8 +252,7 @@ class Origin:
             GenerationError: the replay could not be sent.
         """
         logger.info("request %s: %s; prefilling it without the prompt cache", req.ctx.request_id, error)
-        req.ctx = replace(req.ctx, epoch=req.ctx.epoch + 1, generated_tokens=tuple(req.generated), prompt_cache=False)
-        tokens = np.asarray([req.prompt_ids + req.generated], dtype=WIRE_TOKEN_DTYPE)
+        tokens = self._next_epoch(req, prompt_cache=False)
         try:
             await self._worker.send_prompt(req.ctx, tokens, 0)
         except Exception as e:
@@ -269,12 +276,11 @@ class Origin:
                 ring = self._membership.partition(card, req.excluded)
             except NoNodeAvailableError as e:
                 raise GenerationError(f"request {rid}: no ring of live nodes after {reason}: {e}") from None
-            req.ctx = replace(req.ctx, ring=tuple(ring), epoch=req.ctx.epoch + 1, generated_tokens=tuple(req.generated))
+            tokens = self._next_epoch(req, ring=tuple(ring))
             req.members.update({p.node_id: p for p in ring})
             logger.warning("request %s: %s; re-partitioned (epoch %d) over %s, replaying %d prompt + %d generated tokens",
                            rid, reason, req.ctx.epoch, [(p.node_id, p.start_layer, p.end_layer) for p in ring],
                            len(req.prompt_ids), len(req.generated))
-            tokens = np.asarray([req.prompt_ids + req.generated], dtype=WIRE_TOKEN_DTYPE)
             try:
                 await self._worker.send_prompt(req.ctx, tokens, 0)
                 return
