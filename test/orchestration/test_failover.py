@@ -33,20 +33,22 @@ PROMPT = [40, 41, 42, 43, 44]
 
 @contextlib.asynccontextmanager
 async def cluster(memories: dict[str, int], token_delay: float = 0.01, health_check_interval: float = 0.3,
-                  **engine_options) -> AsyncIterator[dict]:
-    """Dummy-engine nodes named by ``memories`` (short name -> bytes), found over mDNS on
-    loopback; yields short name -> RunningNode once every node sees the same ring of them all.
-    ``engine_options`` go to every node's DummyInferenceEngine (e.g. ``vocab_size``)."""
+                  engine: str = "dummy", **engine_options) -> AsyncIterator[dict]:
+    """Nodes of ``engine`` (the dummy by default) named by ``memories`` (short name -> bytes),
+    found over mDNS on loopback; yields short name -> RunningNode once every node sees the same
+    ring of them all. ``engine_options`` go to every node's engine (e.g. the dummy's
+    ``vocab_size``; the dummy also gets ``token_delay``)."""
     from helpers import loopback_config
 
     from exo.orchestration.launcher import start_node
 
     secret, tag = uuid.uuid4().hex, uuid.uuid4().hex[:6]
+    options = {"token_delay": token_delay, **engine_options} if engine == "dummy" else engine_options
     started: dict = {}
     try:
         results = await asyncio.gather(*(
             start_node(loopback_config(node_id=f"fo{tag}-{name}", discovery_module="mdns", cluster_secret=secret,
-                                       inference_engine="dummy", inference_engine_options={"token_delay": token_delay, **engine_options},
+                                       inference_engine=engine, inference_engine_options=options,
                                        memory=mem, serve_api=False, health_check_interval=health_check_interval))
             for name, mem in memories.items()), return_exceptions=True)
         for name, r in zip(memories, results):

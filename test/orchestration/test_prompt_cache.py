@@ -8,22 +8,16 @@ Real nodes: torch engine, SmolLM2-135M, gRPC and mDNS on loopback.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import uuid
-
 import aiohttp
 import anthropic
 import numpy as np
 import ollama
 import openai
 import pytest
-from helpers import loopback_config, wait_for
 
 from exo.inference.generation import GenerationOptions
 from exo.inference.prompt_cache import PromptCacheMiss
 from exo.inference.shard import Shard
-from exo.models.sources import STORE
 from exo.orchestration.worker import PREFILL_CHUNK
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -124,28 +118,11 @@ async def test_the_cache_stays_within_its_budget_and_a_shard_change_drops_it():
         await engine.close()
 
 
-@contextlib.asynccontextmanager
-async def _torch_cluster(memories: dict[str, int]):
-    from exo.orchestration.launcher import start_node
-
-    secret, tag = uuid.uuid4().hex, uuid.uuid4().hex[:6]
-    started = {}
-    try:
-        for name, mem in memories.items():
-            started[name] = await start_node(loopback_config(node_id=f"pc{tag}-{name}", cluster_secret=secret, memory=mem,
-                                                             serve_api=False, health_check_interval=0.3))
-        card = STORE.card(MODEL)
-        await wait_for(lambda: all(len(r.node.partition(card)) == len(started) for r in started.values()), timeout=20)
-        yield started
-    finally:
-        await asyncio.gather(*(r.stop() for r in started.values()), return_exceptions=True)
-
-
 async def test_after_a_failover_the_answers_equal_one_node_s_and_the_new_ring_caches_again(single_node_api):
-    from test_failover import kill
+    from test_failover import cluster, kill
 
     reference = single_node_api.node
-    async with _torch_cluster({"a": 3 * GiB, "b": 2 * GiB, "c": 1 * GiB}) as nodes:
+    async with cluster({"a": 3 * GiB, "b": 2 * GiB, "c": 1 * GiB}, engine="torch") as nodes:
         a = nodes["a"].node
         first = await _first_turn(a, 2)
         answer, _ = await _run(a, first, 6)
